@@ -1,0 +1,36 @@
+// The plain, threaded fp32 reference backend.
+#pragma once
+#include "backend/backend.hpp"
+#include "util/thread_pool.hpp"
+
+namespace kscope {
+
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(ThreadPool& pool = ThreadPool::global()) : pool_(pool) {}
+  const char* name() const override { return "cpu"; }
+  void embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) override;
+  void rmsnorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* out) override;
+  void linear(const Linear& w, const float* x, int64_t n, float* y) override;
+  void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
+            const int64_t* pos, const std::vector<double>& inv_freq, double attn_factor, bool interleaved) override;
+  void mla_attention(const ModelConfig& cfg, const AttentionWeights& w, const float* q, const std::vector<AttnSeq>& seqs,
+                     float scale, float* out) override;
+  void route(const ModelConfig& cfg, const float* logits, const std::vector<float>& bias, int64_t n, int32_t* idx,
+             float* weight) override;
+  void moe_experts(const MoeWeights& w, const float* x, int64_t n, int64_t k, const int32_t* idx, const float* weight,
+                   float* out) override;
+  void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;
+  void add(float* y, const float* x, int64_t n) override;
+
+  ThreadPool& pool() { return pool_; }
+
+ private:
+  ThreadPool& pool_;
+};
+
+// fp32 dot product with 8 independent accumulators: a fixed summation order, so a row's result never
+// depends on which other rows share the batch.
+float dot_f32(const float* a, const float* b, int64_t n);
+
+}  // namespace kscope

@@ -1,0 +1,33 @@
+// Writes random-weight checkpoints of a chosen shape, format and seed, exactly as HF checkpoints ship
+// (config.json in the hub dialect + safetensors shards + index), streaming tensor by tensor.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+namespace kscope {
+
+enum class StoredFormat { bf16, fp8, int4 };
+StoredFormat parse_stored_format(const std::string& s);
+
+struct MakeModelSpec {
+  std::string preset = "tiny";  // tiny | dsv3-tiny | mid | kimi-k2-slice | dsv3-slice
+  StoredFormat format = StoredFormat::bf16;
+  uint64_t seed = 0;
+  int64_t layers = 0;        // override num_hidden_layers (0 = preset's)
+  int64_t experts = 0;       // override n_routed_experts
+  int64_t vocab = 0;         // override vocab_size
+  uint64_t shard_bytes = 2ull << 30;
+};
+
+// The hub-dialect config.json of a preset (with overrides applied); throws Error(input) on an unknown preset.
+nlohmann::json preset_config(const MakeModelSpec& spec);
+const std::vector<std::string>& preset_names();
+
+// progress(done_bytes, total_bytes)
+void make_model(const std::string& out_dir, const MakeModelSpec& spec,
+                const std::function<void(uint64_t, uint64_t)>& progress = nullptr);
+
+}  // namespace kscope

@@ -1,0 +1,179 @@
+#include "model/model.hpp"
+
+#include <algorithm>
+
+#include "backend/cpu/cpu_backend.hpp"
+#include "util/error.hpp"
+
+namespace kscope {
+
+size_t KvCache::bytes() const {
+  size_t n = 0;
+  for (auto& v : latent) n += v.size() * sizeof(float);
+  for (auto& v : k_rope) n += v.size() * sizeof(float);
+  return n;
+}
+
+std::string Site::str() const {
+  static const char* names[] = {"embed", "resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "final_norm", "logits"};
+  const char* n = names[static_cast<int>(kind)];
+  return layer < 0 ? std::string(n) : std::to_string(layer) + "." + n;
+}
+
+Model::Model(ModelConfig cfg, ModelWeights weights, std::shared_ptr<Backend> backend)
+    : cfg_(std::move(cfg)), w_(std::move(weights)), backend_(std::move(backend)) {
+  if (!backend_) backend_ = std::make_shared<CpuBackend>();
+  inv_freq_ = cfg_.rope_inv_freq();
+  attn_factor_ = cfg_.rope_attention_factor();
+  attn_scale_ = static_cast<float>(cfg_.attention_scale());
+}
+
+std::unique_ptr<Model> Model::load(const std::string& path, std::shared_ptr<Backend> backend) {
+  ModelConfig cfg = load_config(path);
+  ModelWeights w = ModelWeights::load(cfg, path);
+  return std::make_unique<Model>(std::move(cfg), std::move(w), std::move(backend));
+}
+
+KvCache Model::new_cache() const {
+  KvCache c;
+  c.latent.resize(cfg_.num_hidden_layers);
+  c.k_rope.resize(cfg_.num_hidden_layers);
+  return c;
+}
+
+void Model::emit(Observer* obs, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
+                 const float* data, int64_t width) {
+  if (!obs || !obs->wants(site)) return;
+  for (size_t i = 0; i < items.size(); ++i) obs->on(site, static_cast<int64_t>(i), data + row0[i] * width, items[i].n, width);
+}
+
+void Model::attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items,
+                      const std::vector<int64_t>& row0, const std::vector<int64_t>& pos, float* out) {
+  Backend& be = *backend_;
+  const auto& a = w_.layers[layer].attn;
+  const int64_t N = pos.size(), H = cfg_.hidden_size, nh = cfg_.num_attention_heads;
+  const int64_t dq = cfg_.qk_head_dim(), dr = cfg_.qk_rope_head_dim, C = cfg_.kv_lora_rank;
+  (void)H;
+  // queries [N, heads, nope + rope]
+  std::vector<float> q(N * nh * dq);
+  if (a.q_proj) {
+    be.linear(*a.q_proj, x, N, q.data());
+  } else {
+    std::vector<float> qa(N * a.q_a_proj->out);
+    be.linear(*a.q_a_proj, x, N, qa.data());
+    be.rmsnorm(qa.data(), a.q_a_norm.data(), N, a.q_a_proj->out, static_cast<float>(cfg_.rms_norm_eps), qa.data());
+    be.linear(*a.q_b_proj, qa.data(), N, q.data());
+  }
+  be.rope(q.data(), N, nh, nh * dq, dq, cfg_.qk_nope_head_dim, dr, pos.data(), inv_freq_, attn_factor_, cfg_.rope.interleave);
+  // compressed kv [N, kv_lora + rope]: normed latent + shared rope key, appended to each sequence's cache
+  std::vector<float> ckv(N * (C + dr));
+  be.linear(a.kv_a_proj, x, N, ckv.data());
+  std::vector<float> lat(N * C);
+  for (int64_t t = 0; t < N; ++t) std::copy(ckv.begin() + t * (C + dr), ckv.begin() + t * (C + dr) + C, lat.begin() + t * C);
+  be.rmsnorm(lat.data(), a.kv_a_norm.data(), N, C, static_cast<float>(cfg_.rms_norm_eps), lat.data());
+  be.rope(ckv.data(), N, 1, C + dr, 0, C, dr, pos.data(), inv_freq_, attn_factor_, cfg_.rope.interleave);
+  std::vector<AttnSeq> seqs(items.size());
+  for (size_t i = 0; i < items.size(); ++i) {
+    KvCache& kc = *items[i].cache;
+    auto& L = kc.latent[layer];
+    auto& R = kc.k_rope[layer];
+    const int64_t past = static_cast<int64_t>(L.size()) / C;
+    for (int64_t t = row0[i]; t < row0[i] + items[i].n; ++t) {
+      L.insert(L.end(), lat.begin() + t * C, lat.begin() + (t + 1) * C);
+      R.insert(R.end(), ckv.begin() + t * (C + dr) + C, ckv.begin() + (t + 1) * (C + dr));
+    }
+    AttnSeq& s = seqs[i];
+    s.row0 = row0[i];
+    s.n_new = items[i].n;
+    s.past = past;
+    s.latent = L.data();
+    s.k_rope = R.data();
+    s.absorbed = mla_mode == MlaMode::absorbed || (mla_mode == MlaMode::automatic && items[i].n == 1);
+  }
+  std::vector<float> o(N * nh * cfg_.v_head_dim);
+  be.mla_attention(cfg_, a, q.data(), seqs, attn_scale_, o.data());
+  be.linear(a.o_proj, o.data(), N, out);
+}
+
+void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Observer* obs) {
+  Backend& be = *backend_;
+  const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
+  std::vector<int64_t> row0(items.size());
+  int64_t N = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    KSCOPE_CHECK(items[i].n > 0, input, "forward", "sequence {} has no new tokens", i);
+    KSCOPE_CHECK(items[i].cache && static_cast<int64_t>(items[i].cache->latent.size()) == cfg_.num_hidden_layers, input,
+                 "forward", "sequence {} has no cache for this model", i);
+    KSCOPE_CHECK(items[i].cache->length + items[i].n <= cfg_.max_position_embeddings, input, "forward",
+                 "sequence {} would reach {} tokens, past max_position_embeddings {}", i,
+                 items[i].cache->length + items[i].n, cfg_.max_position_embeddings);
+    row0[i] = N;
+    N += items[i].n;
+  }
+  std::vector<int32_t> ids(N);
+  std::vector<int64_t> pos(N);
+  for (size_t i = 0; i < items.size(); ++i)
+    for (int64_t t = 0; t < items[i].n; ++t) {
+      ids[row0[i] + t] = items[i].tokens[t];
+      pos[row0[i] + t] = items[i].cache->length + t;
+    }
+
+  std::vector<float> h(N * H), x(N * H), y(N * H);  // residual [N, H], normed input, sublayer output
+  be.embed(*w_.embed, ids.data(), N, h.data());
+  emit(obs, {SiteKind::embed, -1}, items, row0, h.data(), H);
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+    const auto& lw = w_.layers[l];
+    emit(obs, {SiteKind::resid_pre, l}, items, row0, h.data(), H);
+    be.rmsnorm(h.data(), lw.input_norm.data(), N, H, eps, x.data());
+    attention(l, x.data(), items, row0, pos, y.data());
+    emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), H);
+    be.add(h.data(), y.data(), N * H);
+    emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), H);
+    be.rmsnorm(h.data(), lw.post_attention_norm.data(), N, H, eps, x.data());
+    if (lw.moe) {
+      const auto& m = *lw.moe;
+      const int64_t E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
+      std::vector<float> rl(N * E), wt(N * K);
+      std::vector<int32_t> idx(N * K);
+      be.linear(m.router, x.data(), N, rl.data());
+      be.route(cfg_, rl.data(), m.score_bias, N, idx.data(), wt.data());
+      be.moe_experts(m, x.data(), N, K, idx.data(), wt.data(), y.data());
+      if (m.shared) {
+        std::vector<float> sh(N * H);
+        be.mlp(*m.shared, x.data(), N, sh.data());
+        be.add(y.data(), sh.data(), N * H);
+      }
+    } else {
+      be.mlp(*lw.mlp, x.data(), N, y.data());
+    }
+    emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), H);
+    be.add(h.data(), y.data(), N * H);
+    emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), H);
+  }
+  for (auto& it : items) it.cache->length += it.n;
+
+  be.rmsnorm(h.data(), w_.final_norm.data(), N, H, eps, x.data());
+  emit(obs, {SiteKind::final_norm, -1}, items, row0, x.data(), H);
+  // lm_head only on the rows whose logits are wanted
+  std::vector<int64_t> rows;
+  for (size_t i = 0; i < items.size(); ++i) {
+    if (items[i].all_logits)
+      for (int64_t t = 0; t < items[i].n; ++t) rows.push_back(row0[i] + t);
+    else
+      rows.push_back(row0[i] + items[i].n - 1);
+  }
+  std::vector<float> xs(rows.size() * H), lg(rows.size() * V);
+  for (size_t r = 0; r < rows.size(); ++r) std::copy(x.begin() + rows[r] * H, x.begin() + (rows[r] + 1) * H, xs.begin() + r * H);
+  be.linear(w_.lm_head, xs.data(), static_cast<int64_t>(rows.size()), lg.data());
+  logits.assign(items.size(), {});
+  size_t r = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const int64_t nr = items[i].all_logits ? items[i].n : 1;
+    logits[i].assign(lg.begin() + r * V, lg.begin() + (r + nr) * V);
+    if (obs && obs->wants({SiteKind::logits, -1})) obs->on({SiteKind::logits, -1}, i, logits[i].data(), nr, V);
+    r += nr;
+  }
+}
+
+}  // namespace kscope
