@@ -82,8 +82,10 @@ int cmd_info(const std::string& path, int gpus, int64_t context, int64_t batch, 
              cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.rope.type, cfg.rope.theta, cfg.rope.factor,
              cfg.rope.interleave ? " (interleaved)" : "");
   if (cfg.n_routed_experts)
-    fmt::print("  MoE: {} routed experts top-{} ({} groups, top {} groups), {} shared, intermediate {}, {} scores, scale {}\n",
-               cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group, cfg.n_shared_experts,
+    fmt::print("  MoE: {} routed experts top-{} ({}), {} shared, intermediate {}, {} scores, scale {}\n",
+               cfg.n_routed_experts, cfg.num_experts_per_tok,
+               cfg.n_group > 1 ? fmt::format("{} groups, best {} kept", cfg.n_group, cfg.topk_group) : std::string("ungrouped"),
+               cfg.n_shared_experts,
                cfg.moe_intermediate_size, cfg.scoring_func == ScoringFunc::sigmoid ? "sigmoid" : "softmax",
                cfg.routed_scaling_factor);
   fmt::print("\n  {:<16} {:>12} {:>12}\n", "parameters", "count", "bytes");
@@ -220,6 +222,7 @@ int cmd_generate(const std::string& path, const GenArgs& a) {
     std::cout << j.dump() << "\n";
     n_tok += res[i].tokens.size() + (res[i].stop_token >= 0);
   }
+  std::cout.flush();
   std::cerr << fmt::format("{} sequences, {} new tokens in {:.2f} s ({:.1f} tok/s); model opened in {:.2f} s\n",
                            res.size(), n_tok, gen_s, n_tok / std::max(gen_s, 1e-9), load_s);
   return 0;

@@ -25,6 +25,7 @@ Run on the device:  python3 scripts/reference/make_fixtures.py --out DIR
 It also writes DIR/hf_source.txt with the transformers sources it ran (the semantics we match).
 """
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -273,7 +274,7 @@ def load_hf(config_dict, deq, workdir):
     d = os.path.join(workdir, "hf_fp32")
     shutil.rmtree(d, ignore_errors=True)
     os.makedirs(d)
-    cfg = dict(config_dict)
+    cfg = copy.deepcopy(config_dict)
     cfg.pop("quantization_config", None)
     cfg["model_type"] = "deepseek_v3"
     cfg["torch_dtype"] = "float32"
@@ -405,7 +406,7 @@ def main():
     archs = {}
     # Kimi-shaped, hub dialect
     kimi_hub = kimi_config_hub()
-    archs["kimi"] = (kimi_hub, DeepseekV3Config.from_dict(dict(kimi_hub)), 2,
+    archs["kimi"] = (kimi_hub, DeepseekV3Config.from_dict(copy.deepcopy(kimi_hub)), 2,
                      lambda n: torch.float16 if n == "model.embed_tokens.weight" else torch.bfloat16)
     # DeepSeek-shaped, transformers-5 dialect as save_pretrained writes it
     ds_cfg = DeepseekV3Config(**dsv3_config_kwargs())
@@ -426,11 +427,11 @@ def main():
                 sd.update(load_file(os.path.join(tmp, fn)))
         gen = torch.Generator().manual_seed(42 + ai)
         sd = randomize(sd, gen)
-        ship_cfg = dict(hub_dict) if hub_dict is not None else saved_cfg
+        ship_cfg = copy.deepcopy(hub_dict) if hub_dict is not None else saved_cfg
         for fmt, (stored, deq, qcfg) in make_variants(sd, dtypes).items():
             name = f"{arch}_{fmt}"
             print(f"-- {name}: {len(stored)} tensors", flush=True)
-            c = dict(ship_cfg)
+            c = copy.deepcopy(ship_cfg)
             if qcfg is not None:
                 c["quantization_config"] = qcfg
             model = load_hf(c, deq, work)

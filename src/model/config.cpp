@@ -105,11 +105,18 @@ RopeConfig parse_rope(const json& j, const Reader& r) {
     }
   }
   if (p) {
-    std::string type = "default";
-    if (p->contains("rope_type") && (*p)["rope_type"].is_string()) type = (*p)["rope_type"].get<std::string>();
-    else if (p->contains("type") && (*p)["type"].is_string()) type = (*p)["type"].get<std::string>();
+    std::string type = "default", type_key = "rope_type";
+    for (const char* k : {"type", "rope_type"}) {  // "type" is the old name of "rope_type"
+      if (!p->contains(k) || (*p)[k].is_null()) continue;
+      if (!(*p)[k].is_string()) r.bad(pname + "." + k, "expected a string");
+      const std::string t = (*p)[k].get<std::string>();
+      if (std::string(k) == "rope_type" && p->contains("type") && (*p)["type"].is_string() && (*p)["type"] != t)
+        r.bad(pname + ".rope_type", fmt::format("'{}' contradicts {}.type = {}", t, pname, (*p)["type"].dump()));
+      type = t;
+      type_key = k;
+    }
     if (type != "default" && type != "yarn")
-      r.bad(pname + ".rope_type", "'" + type + "' is not supported (expected default or yarn)");
+      r.bad(pname + "." + type_key, "'" + type + "' is not supported (expected default or yarn)");
     rc.type = type;
     auto num = [&](const char* k, std::optional<double> def) -> std::optional<double> {
       if (!p->contains(k) || (*p)[k].is_null()) return def;
