@@ -1,0 +1,27 @@
+# The two commands of the README, over CMake.
+#   make demo   build, write the embedded default model, inspect it and generate from it
+#   make test   build and run every test (ctest)
+BUILD ?= build
+JOBS ?= $(shell nproc)
+KSCOPE_CUDA ?= AUTO
+DEMO ?= out/demo
+
+.PHONY: build demo test bench clean
+
+build:
+	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DKSCOPE_CUDA=$(KSCOPE_CUDA) >/dev/null
+	cmake --build $(BUILD) -j $(JOBS)
+
+demo: build
+	$(BUILD)/kscope make-model $(DEMO) --preset tiny --seed 0 --force
+	$(BUILD)/kscope info $(DEMO)
+	$(BUILD)/kscope generate $(DEMO) --ids 1,17,33,65 --ids 2,4 --ids 7,7,7,7,7,7,7,7 --max-new-tokens 12 --temperature 0.8 --seed 1
+
+test: build
+	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
+
+bench: build
+	$(BUILD)/bench/bench_cpu
+
+clean:
+	rm -rf $(BUILD) out
