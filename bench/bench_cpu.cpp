@@ -42,9 +42,24 @@ int main(int argc, char** argv) {
       }
     }
   }
-  fmt::print("| format | weights | open+validate s | prefill tok/s (1x{}) | ", prompt);
+  // Host memory bandwidth: a 1 GiB copy, bytes read + written, best of 3 (the decode floor's denominator).
+  double bw = 0;
+  {
+    std::vector<char> a(1 << 30, 1), b(1 << 30, 2);
+    for (int r = 0; r < 3; ++r) {
+      auto t = clk::now();
+      ThreadPool::global().parallel_for(64, 1, [&](int64_t s, int64_t e) {
+        for (int64_t i = s; i < e; ++i) std::memcpy(b.data() + (i << 24), a.data() + (i << 24), 1 << 24);
+      });
+      bw = std::max(bw, 2.0 * (1 << 30) / secs(t));
+    }
+  }
+  fmt::print("host copy bandwidth {:.1f} GB/s (read + write)\n\n", bw / 1e9);
+  fmt::print("| format | weights | weight bytes / decode token | open+validate s | prefill tok/s (1x{}) | ", prompt);
   for (int b : batches) fmt::print("decode tok/s b={} | ", b);
-  fmt::print("\n|---|---|---|---|{}\n", std::string(batches.size() * 4, '-') + "|");
+  fmt::print("b=1 weight GB/s (of {:.1f}) |\n|", bw / 1e9);
+  for (size_t i = 0; i < batches.size() + 6; ++i) fmt::print("---|");
+  fmt::print("\n");
   for (std::string fmtname : {"bf16", "fp8", "int4"}) {
     const std::string path = dir + "/" + preset + "-" + fmtname;
     if (!fs::exists(path + "/config.json")) {
@@ -57,6 +72,14 @@ int main(int argc, char** argv) {
     auto model = Model::load(path);
     const double open_s = secs(t0);
     const ModelInfo mi = model_info(model->config(), model->weights());
+    // bytes a batch-1 decode step must read: everything but the embedding table and the routed experts,
+    // plus top-k experts in each MoE layer
+    const auto& cfgm = model->config();
+    int64_t n_moe = 0;
+    for (int64_t l = 0; l < cfgm.num_hidden_layers; ++l) n_moe += cfgm.is_moe_layer(l);
+    const uint64_t expert_bytes = n_moe ? mi.bytes_by_kind.at("routed_experts") / (n_moe * cfgm.n_routed_experts) : 0;
+    const uint64_t step_bytes = mi.total_bytes - mi.bytes_by_kind.at("embedding") -
+                                (n_moe ? mi.bytes_by_kind.at("routed_experts") : 0) + n_moe * cfgm.num_experts_per_tok * expert_bytes;
     const int64_t V = model->config().vocab_size;
     // prefill one prompt
     std::vector<int32_t> ids(prompt);
@@ -70,7 +93,8 @@ int main(int argc, char** argv) {
     t0 = clk::now();
     model->forward(items, logits);
     const double prefill = prompt / secs(t0);
-    fmt::print("| {} | {} | {:.3f} | {:.0f} | ", fmtname, human_bytes(mi.total_bytes), open_s, prefill);
+    fmt::print("| {} | {} | {} | {:.3f} | {:.0f} | ", fmtname, human_bytes(mi.total_bytes), human_bytes(step_bytes), open_s, prefill);
+    double b1 = 0;
     for (int b : batches) {
       std::vector<KvCache> caches;
       for (int i = 0; i < b; ++i) caches.push_back(model->new_cache());
@@ -88,9 +112,11 @@ int main(int argc, char** argv) {
         }
         model->forward(it, logits);
       }
-      fmt::print("{:.1f} | ", steps * b / secs(t0));
+      const double tps = steps * b / secs(t0);
+      if (b == 1) b1 = tps;
+      fmt::print("{:.1f} | ", tps);
     }
-    fmt::print("\n");
+    fmt::print("{:.1f} ({:.0f}%) |\n", b1 * step_bytes / 1e9, 100 * b1 * step_bytes / bw);
     std::fflush(stdout);
   }
   fmt::print("\n{} threads; preset {}; decode after an 8-token prompt, {} greedy steps\n", ThreadPool::global().size(), preset, steps);

@@ -7,12 +7,15 @@
 namespace kscope {
 
 float dot_f32(const float* a, const float* b, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  // 32 independent lanes hide the FMA latency (4 vector accumulators); the reduction order is fixed.
+  float acc[32] = {};
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
-  for (; i < n; ++i) acc[i & 7] += a[i] * b[i];
-  return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+  for (; i + 32 <= n; i += 32)
+    for (int k = 0; k < 32; ++k) acc[k] += a[i + k] * b[i + k];
+  for (; i < n; ++i) acc[i & 31] += a[i] * b[i];
+  for (int w = 16; w >= 1; w /= 2)
+    for (int k = 0; k < w; ++k) acc[k] += acc[k + w];
+  return acc[0];
 }
 
 void CpuBackend::embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) {
