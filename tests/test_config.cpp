@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "model/config.hpp"
+#include "model/make_model.hpp"
 #include "testutil.hpp"
 #include "util/error.hpp"
 
@@ -185,6 +186,41 @@ TEST(Config, unsupported_or_contradictory_values_name_the_field) {
   j["quantization_config"]["config_groups"]["group_0"]["weights"]["symmetric"] = false;
   expect_field_error(j, "quantization_config.config_groups.group_0.weights.symmetric");
   EXPECT_THROW(parse_config("{not json", "x"), Error);
+}
+
+}  // namespace
+
+namespace {
+
+TEST(Config, make_model_presets_have_the_published_dimensions) {
+  kscope::MakeModelSpec s;
+  s.preset = "kimi-k2-slice";
+  s.layers = 3;
+  auto c = parse_config(kscope::preset_config(s).dump(), "k2");
+  EXPECT_EQ(c.hidden_size, 7168);
+  EXPECT_EQ(c.moe_intermediate_size, 2048);
+  EXPECT_EQ(c.n_routed_experts, 384);
+  EXPECT_EQ(c.num_experts_per_tok, 8);
+  EXPECT_EQ(c.num_attention_heads, 64);
+  EXPECT_EQ(*c.q_lora_rank, 1536);
+  EXPECT_EQ(c.kv_lora_rank, 512);
+  EXPECT_EQ(c.qk_head_dim(), 192);
+  EXPECT_EQ(c.vocab_size, 163840);
+  EXPECT_EQ(c.num_hidden_layers, 3);
+  EXPECT_FALSE(c.is_moe_layer(0));
+  EXPECT_TRUE(c.is_moe_layer(1));
+  s.preset = "dsv3-slice";
+  s.layers = 0;
+  c = parse_config(kscope::preset_config(s).dump(), "dsv3");
+  EXPECT_EQ(c.n_routed_experts, 256);
+  EXPECT_EQ(c.n_group, 8);
+  EXPECT_EQ(c.topk_group, 4);
+  EXPECT_EQ(c.num_attention_heads, 128);
+  EXPECT_EQ(c.first_k_dense_replace, 3);
+  s.format = kscope::StoredFormat::int4;
+  c = parse_config(kscope::preset_config(s).dump(), "dsv3");
+  EXPECT_EQ(c.quant.method, QuantMethod::int4_pack);
+  EXPECT_TRUE(c.quant.ignored("model.layers.5.self_attn.kv_b_proj"));
 }
 
 }  // namespace

@@ -197,7 +197,7 @@ QuantConfig parse_quant(const json& j, const Reader& r) {
         const auto s = e.get<std::string>();
         if (s.rfind("re:", 0) == 0) {
           try {
-            std::regex re(s.substr(3));
+            q.ignore_re.emplace_back(s.substr(3));
           } catch (const std::regex_error&) {
             r.bad("quantization_config.ignore", "invalid regex '" + s + "'");
           }
@@ -214,13 +214,10 @@ QuantConfig parse_quant(const json& j, const Reader& r) {
 }  // namespace
 
 bool QuantConfig::ignored(const std::string& module) const {
-  for (auto& s : ignore) {
-    if (s.rfind("re:", 0) == 0) {
-      if (std::regex_match(module, std::regex(s.substr(3)))) return true;
-    } else if (s == module) {
-      return true;
-    }
-  }
+  for (auto& s : ignore)
+    if (s == module) return true;
+  for (auto& re : ignore_re)
+    if (std::regex_match(module, re)) return true;
   return false;
 }
 

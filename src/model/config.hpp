@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 #include <optional>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -28,6 +29,7 @@ struct QuantConfig {
   int block_out = 128, block_in = 128;  // fp8 weight_block_size
   int group_size = 32;                  // int4
   std::vector<std::string> ignore;      // compressed-tensors ignore list ("re:" prefix = regex)
+  std::vector<std::regex> ignore_re;    // the "re:" entries, compiled once
   bool ignored(const std::string& module_name) const;
 };
 
