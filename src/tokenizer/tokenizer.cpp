@@ -80,7 +80,29 @@ std::unique_ptr<Tokenizer> Tokenizer::from_tiktoken(const std::string& path, Pre
   std::unique_ptr<Tokenizer> t(new Tokenizer);
   t->kind_ = Kind::tiktoken;
   t->pre_ = pre;
-  const std::string text = read_all(path);
+  std::string text = read_all(path);
+  if (!text.empty() && text[0] == '{') {
+    // tiktoken's npm encoder JSON: bpe_ranks lines "<first> <offset> b64 b64 ..." hold ranks offset, offset+1, ...
+    json j;
+    try {
+      j = json::parse(text);
+    } catch (const json::exception& e) {
+      fail(ErrorKind::format, path, "not valid JSON: {}", e.what());
+    }
+    if (!j.contains("bpe_ranks") || !j["bpe_ranks"].is_string())
+      fail(ErrorKind::format, path, "expected tiktoken's encoder JSON with a 'bpe_ranks' string");
+    std::string conv;
+    std::istringstream rl(j["bpe_ranks"].get<std::string>());
+    std::string l;
+    while (std::getline(rl, l)) {
+      std::istringstream ws(l);
+      std::string first, off, b64;
+      if (!(ws >> first >> off)) continue;
+      long r = std::stol(off);
+      while (ws >> b64) conv += b64 + " " + std::to_string(r++) + "\n";
+    }
+    text = std::move(conv);
+  }
   std::istringstream in(text);
   std::string line, tok;
   int ln = 0;
