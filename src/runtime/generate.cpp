@@ -88,6 +88,7 @@ std::vector<GenerateResult> generate(Model& model, const std::vector<GenerateReq
         continue;
       }
       out.tokens.push_back(tok);
+      if (opts.on_token) opts.on_token(i, tok);
       if (static_cast<int64_t>(out.tokens.size()) >= r.max_new_tokens) {
         out.finish = FinishReason::length;
         continue;

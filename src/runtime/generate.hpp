@@ -33,6 +33,8 @@ struct GenerateOptions {
   Observer* observer = nullptr;
   // called after every step with (step, active sequences); for progress bars and streaming
   std::function<void(int64_t, int64_t)> on_step;
+  // called for every token a sequence keeps (not its stop token), in order: (request index, token)
+  std::function<void(int64_t, int32_t)> on_token;
 };
 
 std::vector<GenerateResult> generate(Model& model, const std::vector<GenerateRequest>& requests,

@@ -1,5 +1,7 @@
 #include "tokenizer/chat.hpp"
 
+#include <fstream>
+
 #include "util/error.hpp"
 
 namespace kscope {
@@ -19,6 +21,21 @@ ChatFormat parse_chat_format(const std::string& s) {
   if (s == "kimi-k2-thinking") return ChatFormat::kimi_k2_thinking;
   if (s == "deepseek-v3") return ChatFormat::deepseek_v3;
   fail(ErrorKind::input, "--chat-format", "'{}' is not a chat format (expected kimi-k2, kimi-k2-thinking or deepseek-v3)", s);
+}
+
+ChatFormat default_chat_format(const Tokenizer& tok, const std::string& dir) {
+  std::ifstream f(dir + "/tokenizer_config.json");
+  if (f) {
+    json c = json::parse(f, nullptr, false);
+    if (c.is_object()) {
+      if (c.contains("kscope_chat_format") && c["kscope_chat_format"].is_string())
+        return parse_chat_format(c["kscope_chat_format"].get<std::string>());
+      if (tok.kind() == Tokenizer::Kind::tiktoken && c.contains("chat_template") && c["chat_template"].is_string() &&
+          c["chat_template"].get<std::string>().find("<think>") != std::string::npos)
+        return ChatFormat::kimi_k2_thinking;
+    }
+  }
+  return tok.kind() == Tokenizer::Kind::tiktoken ? ChatFormat::kimi_k2 : ChatFormat::deepseek_v3;
 }
 
 std::vector<ChatMessage> parse_messages(const json& j) {

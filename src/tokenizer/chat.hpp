@@ -55,6 +55,11 @@ struct RenderedChat {
 // naming the message index and field.
 std::vector<ChatMessage> parse_messages(const nlohmann::json& j);
 
+// The format a checkpoint's tokenizer speaks: tokenizer_config.json's "kscope_chat_format" when present, else
+// Kimi-K2 for tiktoken-style tokenizers (K2-Thinking when the chat template mentions <think>) and DeepSeek-V3
+// for tokenizer.json ones.
+ChatFormat default_chat_format(const Tokenizer& tok, const std::string& dir);
+
 RenderedChat render_chat(const Tokenizer& tok, ChatFormat fmt, const std::vector<ChatMessage>& messages,
                          const ChatOptions& opts = {});
 
