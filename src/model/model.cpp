@@ -14,10 +14,53 @@ size_t KvCache::bytes() const {
   return n;
 }
 
+namespace {
+const char* kSiteNames[] = {"embed", "resid_pre", "attn_out", "resid_mid", "mlp_out", "router", "resid_post", "final_norm", "logits"};
+}
+
 std::string Site::str() const {
-  static const char* names[] = {"embed", "resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post", "final_norm", "logits"};
-  const char* n = names[static_cast<int>(kind)];
+  const char* n = kSiteNames[static_cast<int>(kind)];
   return layer < 0 ? std::string(n) : std::to_string(layer) + "." + n;
+}
+
+Site parse_site(const std::string& s, int64_t n_layers) {
+  const auto dot = s.find('.');
+  std::string name = dot == std::string::npos ? s : s.substr(dot + 1);
+  int64_t layer = -1;
+  if (dot != std::string::npos) {
+    const std::string l = s.substr(0, dot);
+    if (l.empty() || l.find_first_not_of("0123456789") != std::string::npos)
+      fail(ErrorKind::input, "site '" + s + "'", "expected LAYER.NAME (e.g. 20.resid_post) or embed, final_norm, logits");
+    layer = std::stoll(l);
+    if (layer >= n_layers) fail(ErrorKind::input, "site '" + s + "'", "layer {} is outside [0, {})", layer, n_layers);
+  } else if (s.find_first_not_of("0123456789") == std::string::npos) {
+    fail(ErrorKind::input, "site '" + s + "'", "a bare layer number is ambiguous: name the site (e.g. {}.resid_post)", s);
+  }
+  for (int k = 0; k < 9; ++k) {
+    if (name != kSiteNames[k]) continue;
+    const auto kind = static_cast<SiteKind>(k);
+    const bool global = kind == SiteKind::embed || kind == SiteKind::final_norm || kind == SiteKind::logits;
+    if (global && layer >= 0) fail(ErrorKind::input, "site '" + s + "'", "'{}' is model-wide: no layer", name);
+    if (!global && layer < 0) fail(ErrorKind::input, "site '" + s + "'", "'{}' needs a layer (e.g. 3.{})", name, name);
+    return {kind, layer};
+  }
+  fail(ErrorKind::input, "site '" + s + "'",
+       "unknown site '{}' (expected resid_pre, attn_out, resid_mid, mlp_out, router, resid_post, embed, final_norm, logits)", name);
+}
+
+bool HookList::wants(const Site& s) const {
+  for (auto* h : hooks)
+    if (h->wants(s)) return true;
+  return false;
+}
+void HookList::on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) {
+  for (auto* h : hooks)
+    if (h->wants(s)) h->on(s, seq, d, n, w, pos0);
+}
+void HookList::on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight,
+                         int64_t n, int64_t e, int64_t k, int64_t pos0) {
+  for (auto* h : hooks)
+    if (h->wants({SiteKind::router, layer})) h->on_router(layer, seq, logits, idx, weight, n, e, k, pos0);
 }
 
 Model::Model(ModelConfig cfg, ModelWeights weights, std::shared_ptr<Backend> backend)
@@ -41,10 +84,11 @@ KvCache Model::new_cache() const {
   return c;
 }
 
-void Model::emit(Observer* obs, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
-                 const float* data, int64_t width) {
-  if (!obs || !obs->wants(site)) return;
-  for (size_t i = 0; i < items.size(); ++i) obs->on(site, static_cast<int64_t>(i), data + row0[i] * width, items[i].n, width);
+void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
+                 float* data, int64_t width) {
+  if (!hook || !hook->wants(site)) return;
+  for (size_t i = 0; i < items.size(); ++i)
+    hook->on(site, static_cast<int64_t>(i), data + row0[i] * width, items[i].n, width, items[i].cache->length);
 }
 
 void Model::attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items,
@@ -95,7 +139,7 @@ void Model::attention(int64_t layer, const float* x, const std::vector<ForwardIt
   be.linear(a.o_proj, o.data(), N, out);
 }
 
-void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Observer* obs) {
+void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* obs) {
   Backend& be = *backend_;
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
@@ -138,6 +182,10 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
       std::vector<int32_t> idx(N * K);
       be.linear(m.router, x.data(), N, rl.data());
       be.route(cfg_, rl.data(), m.score_bias, N, idx.data(), wt.data());
+      if (obs && obs->wants({SiteKind::router, l}))
+        for (size_t i = 0; i < items.size(); ++i)
+          obs->on_router(l, static_cast<int64_t>(i), rl.data() + row0[i] * E, idx.data() + row0[i] * K,
+                         wt.data() + row0[i] * K, items[i].n, E, K, items[i].cache->length);
       be.moe_experts(m, x.data(), N, K, idx.data(), wt.data(), y.data());
       if (m.shared) {
         std::vector<float> sh(N * H);
@@ -151,8 +199,6 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
     be.add(h.data(), y.data(), N * H);
     emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), H);
   }
-  for (auto& it : items) it.cache->length += it.n;
-
   be.rmsnorm(h.data(), w_.final_norm.data(), N, H, eps, x.data());
   emit(obs, {SiteKind::final_norm, -1}, items, row0, x.data(), H);
   // lm_head only on the rows whose logits are wanted
@@ -171,9 +217,11 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
   for (size_t i = 0; i < items.size(); ++i) {
     const int64_t nr = items[i].all_logits ? items[i].n : 1;
     logits[i].assign(lg.begin() + r * V, lg.begin() + (r + nr) * V);
-    if (obs && obs->wants({SiteKind::logits, -1})) obs->on({SiteKind::logits, -1}, i, logits[i].data(), nr, V);
+    if (obs && obs->wants({SiteKind::logits, -1}))
+      obs->on({SiteKind::logits, -1}, i, logits[i].data(), nr, V, items[i].cache->length + items[i].n - nr);
     r += nr;
   }
+  for (auto& it : items) it.cache->length += it.n;
 }
 
 }  // namespace kscope

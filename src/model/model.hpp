@@ -21,23 +21,63 @@ struct KvCache {
   size_t bytes() const;
 };
 
-// Hook sites (ARCHITECTURE.md): per layer L resid_pre, attn_out, resid_mid, mlp_out, resid_post; model-wide embed,
-// final_norm, logits. `layer` is -1 for model-wide sites.
-enum class SiteKind { embed, resid_pre, attn_out, resid_mid, mlp_out, resid_post, final_norm, logits };
+// Hook sites (ARCHITECTURE.md): per layer L resid_pre, attn_out, resid_mid, mlp_out, router, resid_post;
+// model-wide embed, final_norm, logits. `layer` is -1 for model-wide sites.
+enum class SiteKind { embed, resid_pre, attn_out, resid_mid, mlp_out, router, resid_post, final_norm, logits };
 struct Site {
   SiteKind kind;
   int64_t layer;
   std::string str() const;  // "12.resid_post", "final_norm"
+  bool operator==(const Site& o) const { return kind == o.kind && layer == o.layer; }
+  bool operator<(const Site& o) const { return layer != o.layer ? layer < o.layer : kind < o.kind; }
+};
+// "12.resid_post", "embed", ...; throws Error(input) naming the text for an unknown name or a layer outside
+// [0, n_layers). A bare layer number is refused: every site is named.
+Site parse_site(const std::string& s, int64_t n_layers);
+
+// Sees, and may change, the rows of one sequence at a site as the forward pass makes them. Rows are that
+// sequence's new tokens at positions pos0, pos0+1, ...; data [n_rows, width]. Changes flow on into the rest of
+// the pass (a hook at `L.attn_out` changes what is added to the residual). Only sites some hook wants are
+// materialised; a site nobody asked for costs nothing.
+class Hook {
+ public:
+  virtual ~Hook() = default;
+  virtual bool wants(const Site& site) const = 0;
+  virtual void on(const Site& site, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) = 0;
+  // L.router: router logits [n_rows, E] and the chosen experts idx/weight [n_rows, k] (read-only)
+  virtual void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight,
+                         int64_t n_rows, int64_t n_experts, int64_t k, int64_t pos0) {}
 };
 
-// Receives the rows of one sequence at a site: data [n_rows, width], rows are that sequence's new tokens.
-// Only sites the observer wants are materialised; a site nobody asked for costs nothing.
-class Observer {
+// Several hooks in order (interventions before captures, so a capture sees what flows on).
+class HookList : public Hook {
  public:
-  virtual ~Observer() = default;
-  virtual bool wants(const Site& site) const = 0;
-  virtual void on(const Site& site, int64_t seq, const float* data, int64_t n_rows, int64_t width) = 0;
+  std::vector<Hook*> hooks;
+  bool wants(const Site& s) const override;
+  void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override;
+  void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight,
+                 int64_t n, int64_t e, int64_t k, int64_t pos0) override;
 };
+
+// Forwards to `inner` with batch item j renamed to sequence (*index)[j] (a sub-batch of a larger request list).
+class RemapHook : public Hook {
+ public:
+  RemapHook(Hook* inner, const std::vector<int64_t>* index) : inner_(inner), index_(index) {}
+  bool wants(const Site& s) const override { return inner_->wants(s); }
+  void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
+    inner_->on(s, (*index_)[seq], d, n, w, pos0);
+  }
+  void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight, int64_t n,
+                 int64_t e, int64_t k, int64_t pos0) override {
+    inner_->on_router(layer, (*index_)[seq], logits, idx, weight, n, e, k, pos0);
+  }
+
+ private:
+  Hook* inner_;
+  const std::vector<int64_t>* index_;
+};
+
+using Observer = Hook;  // read-only use of the same interface
 
 enum class MlaMode { automatic, expanded, absorbed };
 
@@ -60,15 +100,15 @@ class Model {
   KvCache new_cache() const;
   // Runs the new tokens of every item through the model in one ragged batch. logits[i] holds [rows, vocab]
   // with rows = n (all_logits) or 1.
-  void forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Observer* obs = nullptr);
+  void forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* hook = nullptr);
 
   MlaMode mla_mode = MlaMode::automatic;  // automatic: absorbed for single-token steps, expanded otherwise
 
  private:
   void attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
                  const std::vector<int64_t>& pos, float* out);
-  void emit(Observer* obs, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
-            const float* data, int64_t width);
+  void emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
+            float* data, int64_t width);
 
   ModelConfig cfg_;
   ModelWeights w_;

@@ -60,15 +60,7 @@ std::vector<GenerateResult> generate(Model& model, const std::vector<GenerateReq
       }
       items.push_back(it);
     }
-    // Observer rows are per item; map them back to request indices.
-    struct Remap : Observer {
-      Observer* inner;
-      const std::vector<int64_t>* act;
-      bool wants(const Site& s) const override { return inner->wants(s); }
-      void on(const Site& s, int64_t seq, const float* d, int64_t r, int64_t w) override { inner->on(s, (*act)[seq], d, r, w); }
-    } remap;
-    remap.inner = opts.observer;
-    remap.act = &active;
+    RemapHook remap(opts.observer, &active);  // batch items -> request indices
     std::vector<std::vector<float>> logits;
     model.forward(items, logits, opts.observer ? &remap : nullptr);
     prefill = false;
@@ -104,6 +96,28 @@ std::vector<GenerateResult> generate(Model& model, const std::vector<GenerateReq
     if (opts.on_step) opts.on_step(step, static_cast<int64_t>(active.size()));
     ++step;
   }
+  if (opts.feed_last) {
+    // sequences that stopped on length still hold an unfed last token (a stop token's predecessor was fed)
+    std::vector<ForwardItem> items;
+    std::vector<int64_t> which;
+    for (int64_t i = 0; i < n; ++i) {
+      const auto& t = res[i].tokens;
+      if (t.empty() || res[i].finish == FinishReason::stop) continue;
+      if (caches[i].length + 1 > cfg.max_position_embeddings) continue;
+      ForwardItem it;
+      it.cache = &caches[i];
+      it.tokens = &t.back();
+      it.n = 1;
+      items.push_back(it);
+      which.push_back(i);
+    }
+    if (!items.empty()) {
+      RemapHook remap(opts.observer, &which);
+      std::vector<std::vector<float>> logits;
+      model.forward(items, logits, opts.observer ? &remap : nullptr);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) res[i].states = caches[i].length;
   return res;
 }
 

@@ -27,12 +27,16 @@ struct GenerateResult {
   std::vector<float> logprobs;    // log p of each generated token (and of the stop token, last, if stopped)
   FinishReason finish = FinishReason::length;
   int32_t stop_token = -1;        // the stop id that ended it, when finish == stop
+  int64_t states = 0;             // tokens of the sequence (prompt + kept) whose states went through the model
 };
 
 struct GenerateOptions {
-  Observer* observer = nullptr;
+  Hook* observer = nullptr;  // hooks (captures, interventions); sequence indices are request indices
   // called after every step with (step, active sequences); for progress bars and streaming
   std::function<void(int64_t, int64_t)> on_step;
+  // feed each sequence's last kept token through the model once more at the end, so hooks see the states of
+  // every kept token (captures of generated text need this)
+  bool feed_last = false;
   // called for every token a sequence keeps (not its stop token), in order: (request index, token)
   std::function<void(int64_t, int32_t)> on_token;
 };
