@@ -211,3 +211,134 @@ TEST_F(CliText, text_without_a_tokenizer_is_a_clear_error) {
 }
 
 }  // namespace
+
+#include <fmt/format.h>
+
+#include "interp/vectors.hpp"
+#include "model/config.hpp"
+#include "store/activation_store.hpp"
+
+namespace {
+
+class CliInterp : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    dir_ = new kscope::test::TempDir;
+    std::string out;
+    ASSERT_EQ(run(kBin + " make-model " + dir_->str() + "/m --preset dsv3-tiny --seed 5 --tokenizer " + kDsTok, &out), 0) << out;
+    // a vector file for this model: a fixed direction at two sites
+    const auto cfg = kscope::load_config(dir_->str() + "/m");
+    kscope::VectorFile v;
+    std::vector<float> d(192);
+    for (int i = 0; i < 192; ++i) d[i] = std::sin(0.37f * i);
+    v.vectors["1.resid_post"] = d;
+    v.vectors["2.resid_post"] = d;
+    v.meta["model_identity"] = cfg.identity_hash();
+    v.save(dir_->str() + "/v.safetensors");
+    std::string lines;
+    for (int i = 0; i < 40; ++i) lines += "{\"text\": \"Sample number " + std::to_string(i) + " of the corpus.\"}\n";
+    kscope::test::write_file(dir_->str() + "/p.jsonl", lines);
+  }
+  static void TearDownTestSuite() { delete dir_; }
+  static std::string m() { return dir_->str() + "/m"; }
+  static kscope::test::TempDir* dir_;
+};
+kscope::test::TempDir* CliInterp::dir_ = nullptr;
+
+TEST_F(CliInterp, capture_writes_a_store_the_reader_opens) {
+  std::string out;
+  ASSERT_EQ(run(kBin + " capture " + m() + " --prompts " + dir_->str() + "/p.jsonl --sites 1.resid_post,3.router,final_norm"
+                    " --positions 'prompt[-2:],response' --generate 3 --out " + dir_->str() + "/acts --shard-sequences 16", &out), 0) << out;
+  const auto s = kscope::ActivationStore::open(dir_->str() + "/acts");
+  EXPECT_EQ(s.n_sequences(), 40);
+  EXPECT_EQ(s.n_shards(), 3);
+  EXPECT_TRUE(s.manifest()["complete"].get<bool>());
+  const auto& seq0 = s.manifest()["sequences"][0];
+  EXPECT_EQ(seq0["positions"].size(), 2u + 3u);
+  int64_t w = 0;
+  EXPECT_EQ(s.sequence_rows("1.resid_post", 0, &w).size(), 5u * 192);
+  const auto ids = s.sequence_ids("3.router", 0);
+  EXPECT_EQ(ids.size(), 5u * 4);
+  for (int32_t id : ids) EXPECT_TRUE(id >= 0 && id < 16);
+  EXPECT_EQ(s.sequence_rows("3.router.weights", 0, &w).size(), 5u * 4);
+  // rerunning the finished command changes nothing
+  const std::string before = kscope::test::read_file(dir_->str() + "/acts/shard-00001.safetensors");
+  ASSERT_EQ(run(kBin + " capture " + m() + " --prompts " + dir_->str() + "/p.jsonl --sites 1.resid_post,3.router,final_norm"
+                    " --positions 'prompt[-2:],response' --generate 3 --out " + dir_->str() + "/acts --shard-sequences 16", &out), 0) << out;
+  EXPECT_NE(out.find("already complete"), std::string::npos) << out;
+  EXPECT_EQ(kscope::test::read_file(dir_->str() + "/acts/shard-00001.safetensors"), before);
+}
+
+TEST_F(CliInterp, a_killed_capture_resumes_to_identical_shards) {
+  std::string lines;
+  for (int i = 0; i < 400; ++i) lines += "{\"text\": \"Line " + std::to_string(i) + " of a long job, with more words.\"}\n";
+  kscope::test::write_file(dir_->str() + "/long.jsonl", lines);
+  const std::string args = " --prompts " + dir_->str() + "/long.jsonl --sites 2.resid_post --positions all --generate 6"
+                           " --shard-sequences 8 --batch 4 --out ";
+  std::string out;
+  ASSERT_EQ(run(kBin + " capture " + m() + args + dir_->str() + "/ref", &out), 0) << out;
+  // start the same job, kill it once a few shards exist, resume it
+  ASSERT_EQ(run("(" + kBin + " capture " + m() + args + dir_->str() + "/cut >/dev/null 2>&1 & echo $! > " + dir_->str() +
+                    "/pid; for i in $(seq 1 400); do n=$(ls " + dir_->str() + "/cut 2>/dev/null | grep -c 'shard-.*safetensors$'); "
+                    "[ \"$n\" -ge 3 ] && break; sleep 0.02; done; kill -9 $(cat " + dir_->str() + "/pid) 2>/dev/null; sleep 0.2)", &out), 0) << out;
+  const auto partial = kscope::ActivationStore::open(dir_->str() + "/cut");
+  EXPECT_FALSE(partial.manifest()["complete"].get<bool>()) << "the job finished before it was killed";
+  ASSERT_EQ(run(kBin + " capture " + m() + args + dir_->str() + "/cut", &out), 0) << out;
+  EXPECT_NE(out.find("resuming after sequence"), std::string::npos) << out;
+  const auto a = kscope::ActivationStore::open(dir_->str() + "/ref"), b = kscope::ActivationStore::open(dir_->str() + "/cut");
+  ASSERT_EQ(a.n_shards(), 50);
+  ASSERT_EQ(b.n_shards(), 50);
+  for (int s = 0; s < 50; ++s) {
+    const std::string n = fmt::format("/shard-{:05d}.safetensors", s);
+    ASSERT_EQ(kscope::test::read_file(dir_->str() + "/ref" + n), kscope::test::read_file(dir_->str() + "/cut" + n)) << n;
+  }
+}
+
+TEST_F(CliInterp, generate_steers_per_row_and_refuses_bad_vectors) {
+  std::string out;
+  const std::string v = dir_->str() + "/v.safetensors";
+  ASSERT_EQ(run(kBin + " calibrate " + m() + " --prompts " + dir_->str() + "/p.jsonl --sites '*.resid_post' --out " + dir_->str() + "/norms.json", &out), 0) << out;
+  const auto norms = json::parse(kscope::test::read_file(dir_->str() + "/norms.json"));
+  EXPECT_EQ(norms["mean_norm"].size(), 4u);
+  EXPECT_GT(norms["mean_norm"]["1.resid_post"].get<double>(), 0);
+  const std::string base = kBin + " generate " + m() + " --prompt 'The river' --max-new-tokens 8 --ignore-eos";
+  ASSERT_EQ(run("(" + base + " 2>/dev/null)", &out), 0) << out;
+  const auto plain = json_lines(out)[0];
+  ASSERT_EQ(run("(" + base + " --steer " + v + "@1.resid_post*0 2>/dev/null)", &out), 0) << out;
+  EXPECT_EQ(json_lines(out)[0]["logprobs"], plain["logprobs"]);  // zero coefficient: bit-identical
+  ASSERT_EQ(run("(" + base + " --steer " + v + "@1.resid_post*3n:response --norms " + dir_->str() + "/norms.json 2>/dev/null)", &out), 0) << out;
+  EXPECT_NE(json_lines(out)[0]["logprobs"], plain["logprobs"]);
+  // per-row interventions from a prompts file: row 0 steered, row 1 not -> row 1 equals the plain run
+  kscope::test::write_file(dir_->str() + "/rows.jsonl",
+                           "{\"text\": \"The river\", \"interventions\": [{\"vector\": \"" + v + "\", \"site\": \"2.resid_post\", \"coef\": 6}]}\n"
+                           "{\"text\": \"The river\"}\n{\"text\": \"The river\", \"interventions\": [{\"vector\": \"" + v +
+                               "\", \"site\": \"1.resid_post\", \"op\": \"ablate\"}]}\n");
+  ASSERT_EQ(run("(" + kBin + " generate " + m() + " --prompts " + dir_->str() + "/rows.jsonl --max-new-tokens 8 --ignore-eos 2>/dev/null)", &out), 0) << out;
+  const auto rows = json_lines(out);
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_EQ(rows[1]["logprobs"], plain["logprobs"]);
+  EXPECT_NE(rows[0]["logprobs"], plain["logprobs"]);
+  EXPECT_NE(rows[2]["logprobs"], plain["logprobs"]);
+  // refusals: another model's vector, a site the file lacks, relative without norms, a bad position
+  ASSERT_EQ(run(kBin + " make-model " + dir_->str() + "/other --preset dsv3-tiny --layers 3", &out), 0) << out;
+  EXPECT_EQ(run(kBin + " generate " + dir_->str() + "/other --ids 1,2 --steer " + v + "@1.resid_post*1", &out), 2);
+  EXPECT_NE(out.find("model identity"), std::string::npos) << out;
+  EXPECT_EQ(run(base + " --steer " + v + "@3.resid_post*1", &out), 2);
+  EXPECT_NE(out.find("no vector for site '3.resid_post'"), std::string::npos) << out;
+  EXPECT_EQ(run(base + " --steer " + v + "@1.resid_post*1n", &out), 2);
+  EXPECT_NE(out.find("mean norm"), std::string::npos) << out;
+  EXPECT_EQ(run(base + " --steer " + v + "@1.resid_post*1:response[-1]", &out), 2);
+  EXPECT_NE(out.find("final length"), std::string::npos) << out;
+}
+
+TEST_F(CliInterp, control_vectors_export_and_import_as_gguf) {
+  std::string out;
+  ASSERT_EQ(run(kBin + " vectors export-gguf " + dir_->str() + "/v.safetensors " + dir_->str() + "/v.gguf", &out), 0) << out;
+  ASSERT_EQ(run(kBin + " vectors import-gguf " + dir_->str() + "/v.gguf " + dir_->str() + "/back.safetensors --model " + m(), &out), 0) << out;
+  const auto a = kscope::VectorFile::load(dir_->str() + "/v.safetensors"), b = kscope::VectorFile::load(dir_->str() + "/back.safetensors");
+  EXPECT_EQ(a.vectors, b.vectors);
+  ASSERT_EQ(run(kBin + " vectors info " + dir_->str() + "/back.safetensors", &out), 0) << out;
+  EXPECT_NE(out.find("1.resid_post"), std::string::npos);
+}
+
+}  // namespace

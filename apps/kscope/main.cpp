@@ -1,66 +1,24 @@
 // kscope: interpretability engine for DeepSeek-V3 / Kimi-K2 checkpoints. `kscope --help` lists the commands.
-#include <unistd.h>
-
 #include <CLI/CLI.hpp>
 #include <chrono>
 #include <filesystem>
-#include <fstream>
 #include <iostream>
-#include <nlohmann/json.hpp>
-#include <sstream>
 
+#include "cli.hpp"
+#include "commands.hpp"
 #include "model/info.hpp"
 #include "model/make_model.hpp"
-#include "model/model.hpp"
-#include "runtime/generate.hpp"
-#include "tokenizer/chat.hpp"
 #include "tokenizer/kimi.hpp"
-#include "tokenizer/tokenizer.hpp"
 #include "util/error.hpp"
 #ifdef KSCOPE_HAVE_CUDA
 #include "backend/cuda/device.hpp"
 #endif
 
 using namespace kscope;
-using json = nlohmann::json;
+using namespace kscope::cli;
 namespace fs = std::filesystem;
 
 namespace {
-
-// A one-line progress bar on stderr (only when stderr is a terminal, or KSCOPE_PROGRESS=1).
-struct Progress {
-  std::string label;
-  bool on = isatty(2) || std::getenv("KSCOPE_PROGRESS");
-  std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
-  void update(double frac, const std::string& extra = "") {
-    if (!on) return;
-    const int w = 30, k = static_cast<int>(frac * w);
-    std::cerr << "\r" << label << " [" << std::string(k, '#') << std::string(w - k, '.') << "] "
-              << fmt::format("{:5.1f}% {}", 100 * frac, extra) << std::flush;
-  }
-  void done() {
-    if (on) std::cerr << "\n";
-  }
-};
-
-std::vector<int32_t> parse_ids(const std::string& s, const std::string& where) {
-  std::vector<int32_t> v;
-  std::stringstream ss(s);
-  std::string tok;
-  while (std::getline(ss, tok, ',')) {
-    if (tok.empty()) continue;
-    try {
-      size_t pos = 0;
-      const long long x = std::stoll(tok, &pos);
-      if (pos != tok.size() || x < 0 || x > INT32_MAX) throw std::invalid_argument("");
-      v.push_back(static_cast<int32_t>(x));
-    } catch (const std::exception&) {
-      fail(ErrorKind::input, where, "'{}' is not a token id (expected comma-separated non-negative integers)", tok);
-    }
-  }
-  if (v.empty()) fail(ErrorKind::input, where, "no token ids");
-  return v;
-}
 
 int cmd_info(const std::string& path, int gpus, int64_t context, int64_t batch, bool as_json) {
   const auto t0 = std::chrono::steady_clock::now();
@@ -88,8 +46,7 @@ int cmd_info(const std::string& path, int gpus, int64_t context, int64_t batch, 
     fmt::print("  MoE: {} routed experts top-{} ({}), {} shared, intermediate {}, {} scores, scale {}\n",
                cfg.n_routed_experts, cfg.num_experts_per_tok,
                cfg.n_group > 1 ? fmt::format("{} groups, best {} kept", cfg.n_group, cfg.topk_group) : std::string("ungrouped"),
-               cfg.n_shared_experts,
-               cfg.moe_intermediate_size, cfg.scoring_func == ScoringFunc::sigmoid ? "sigmoid" : "softmax",
+               cfg.n_shared_experts, cfg.moe_intermediate_size, cfg.scoring_func == ScoringFunc::sigmoid ? "sigmoid" : "softmax",
                cfg.routed_scaling_factor);
   fmt::print("\n  {:<16} {:>12} {:>12}\n", "parameters", "count", "bytes");
   for (auto& [k, v] : mi.params_by_kind) fmt::print("  {:<16} {:>12} {:>12}\n", k, human_count(v), human_bytes(mi.bytes_by_kind.at(k)));
@@ -115,13 +72,12 @@ int cmd_make_model(const std::string& out, MakeModelSpec spec, const std::string
     if (!force) fail(ErrorKind::input, out, "directory is not empty (use --force to replace its checkpoint)");
     for (auto& e : fs::directory_iterator(out)) {
       const auto n = e.path().filename().string();
-      if (n == "config.json" || n.rfind("model", 0) == 0) fs::remove(e.path());
+      if (n == "config.json" || n.rfind("model", 0) == 0 || n.rfind("tokenizer", 0) == 0 || n == "tiktoken.model")
+        fs::remove(e.path());
     }
   }
   Progress bar{"writing"};
-  make_model(out, spec, [&](uint64_t done, uint64_t total) {
-    bar.update(static_cast<double>(done) / total, human_bytes(done));
-  });
+  make_model(out, spec, [&](uint64_t done, uint64_t total) { bar.update(static_cast<double>(done) / total, human_bytes(done)); });
   bar.done();
   const ModelConfig cfg = load_config(out);
   const ModelWeights w = ModelWeights::load(cfg, out);  // what we wrote must load
@@ -129,49 +85,6 @@ int cmd_make_model(const std::string& out, MakeModelSpec spec, const std::string
   fmt::print("wrote {} ({} preset, {}, seed {}): {} parameters, {}\n", out, spec.preset, format, spec.seed,
              human_count(mi.total_params), human_bytes(mi.total_bytes));
   return 0;
-}
-
-json read_json_file(const std::string& path) {
-  std::ifstream f(path);
-  if (!f) fail(ErrorKind::io, path, "cannot open");
-  try {
-    return json::parse(f);
-  } catch (const json::exception& e) {
-    fail(ErrorKind::input, path, "not valid JSON: {}", e.what());
-  }
-}
-
-std::string read_text_file(const std::string& path) {
-  std::ifstream f(path, std::ios::binary);
-  if (!f) fail(ErrorKind::io, path, "cannot open");
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-// A chat file: a list of messages, or {messages, tools?}.
-RenderedChat render_chat_file(const Tokenizer& tok, ChatFormat fmt, const json& j, bool gen_prompt,
-                              const std::string& where) {
-  ChatOptions o;
-  o.add_generation_prompt = gen_prompt;
-  json msgs = j;
-  if (j.is_object()) {
-    if (!j.contains("messages")) fail(ErrorKind::input, where, "expected a list of messages or {{messages, tools}}");
-    msgs = j["messages"];
-    if (j.contains("tools")) o.tools = j["tools"];
-  }
-  return render_chat(tok, fmt, parse_messages(msgs), o);
-}
-
-json turns_json(const RenderedChat& r) {
-  json t = json::array();
-  for (const Turn& x : r.turns) {
-    json o = {{"role", x.role}, {"start", x.start}, {"end", x.end}, {"content_start", x.content_start},
-              {"content_end", x.content_end}};
-    if (x.think_start >= 0) o["think"] = {x.think_start, x.think_end};
-    t.push_back(o);
-  }
-  return t;
 }
 
 struct TokArgs {
@@ -185,10 +98,10 @@ int cmd_tokenize(const std::string& dir, const TokArgs& a) {
   std::vector<int32_t> ids;
   if (!a.chat.empty()) {
     const ChatFormat f = a.chat_format.empty() ? default_chat_format(*tok, dir) : parse_chat_format(a.chat_format);
-    const auto r = render_chat_file(*tok, f, read_json_file(a.chat), !a.no_gen_prompt, a.chat);
+    const auto r = render_chat_json(*tok, f, read_json_file(a.chat), !a.no_gen_prompt, a.chat);
     ids = r.ids;
     out["chat_format"] = chat_format_name(f);
-    out["turns"] = turns_json(r);
+    out["turns"] = turns_json(r.turns);
   } else {
     const std::string text = !a.file.empty() ? read_text_file(a.file) : a.text;
     ids = tok->encode(text, a.parse_special);
@@ -219,150 +132,97 @@ int cmd_detokenize(const std::string& dir, const std::vector<std::string>& id_li
 }
 
 struct GenArgs {
-  std::vector<std::string> ids, prompts;
-  std::string chat, chat_format;
-  bool stream = false;
-  std::string prompts_file;
-  int64_t max_new_tokens = 32;
+  std::vector<std::string> ids, prompts, steer;
+  std::string prompts_file, chat, chat_format, norms;
+  bool stream = false, ignore_eos = false;
+  int64_t max_new_tokens = 32, top_k = 0;
   double temperature = 0, top_p = 1;
-  int64_t top_k = 0;
   uint64_t seed = 0;
   std::vector<int32_t> stop;
-  bool ignore_eos = false;
 };
 
 int cmd_generate(const std::string& path, const GenArgs& a) {
+  const ModelConfig cfg0 = load_config(path);
+  TextIO io(path, cfg0.vocab_size, a.chat_format);
+  const auto prompts = load_prompts(io, a.prompts, a.chat, a.ids, a.prompts_file);
+  if (prompts.empty()) fail(ErrorKind::input, "generate", "no prompts: give --prompt, --chat, --ids or --prompts");
+  if (a.stream && prompts.size() != 1) fail(ErrorKind::input, "--stream", "streams one prompt; {} were given", prompts.size());
+  if (a.stream) io.need("--stream");
   std::vector<GenerateRequest> reqs;
-  std::unique_ptr<Tokenizer> tok;
-  ChatFormat chat_fmt = ChatFormat::kimi_k2;
-  const bool has_tok = std::filesystem::exists(path + "/tokenizer.json") || std::filesystem::exists(path + "/tiktoken.model");
-  if (has_tok) {
-    tok = Tokenizer::load(path);
-    tok->limit_ids(static_cast<int32_t>(load_config(path).vocab_size));
-    chat_fmt = a.chat_format.empty() ? default_chat_format(*tok, path) : parse_chat_format(a.chat_format);
-  }
-  auto need_tok = [&](const std::string& what) {
-    if (!tok) fail(ErrorKind::input, path, "{} needs a tokenizer, and this checkpoint has none (give --ids, or make it with make-model --tokenizer)", what);
-  };
-  auto add = [&](std::vector<int32_t> prompt, const json* j) {
+  for (size_t i = 0; i < prompts.size(); ++i) {
     GenerateRequest r;
-    r.prompt = std::move(prompt);
+    r.prompt = prompts[i].prompt;
     r.max_new_tokens = a.max_new_tokens;
-    r.sampling = {a.temperature, a.top_k, a.top_p, a.seed + reqs.size()};
+    r.sampling = {a.temperature, a.top_k, a.top_p, a.seed + i};
     r.stop_tokens = a.stop;
     r.ignore_eos = a.ignore_eos;
-    if (j) {  // per-line overrides
-      const std::string where = fmt::format("{}: line {}", a.prompts_file, reqs.size() + 1);
-      auto num = [&](const char* k, auto& dst) {
-        if (j->contains(k)) {
-          if (!(*j)[k].is_number()) fail(ErrorKind::input, where, "field '{}' must be a number", k);
-          dst = (*j)[k].get<std::decay_t<decltype(dst)>>();
-        }
-      };
-      num("max_new_tokens", r.max_new_tokens);
-      num("temperature", r.sampling.temperature);
-      num("top_p", r.sampling.top_p);
-      num("top_k", r.sampling.top_k);
-      num("seed", r.sampling.seed);
-      if (j->contains("stop")) {
-        if (!(*j)["stop"].is_array()) fail(ErrorKind::input, where, "field 'stop' must be a list of token ids");
-        for (auto& s : (*j)["stop"]) {
-          if (!s.is_number_integer()) fail(ErrorKind::input, where, "field 'stop' must be a list of token ids");
-          r.stop_tokens.push_back(s.get<int32_t>());
-        }
+    const json& j = prompts[i].line;
+    auto num = [&](const char* k, auto& dst) {
+      if (!j.contains(k)) return;
+      if (!j[k].is_number()) fail(ErrorKind::input, prompts[i].where, "field '{}' must be a number", k);
+      dst = j[k].get<std::decay_t<decltype(dst)>>();
+    };
+    num("max_new_tokens", r.max_new_tokens);
+    num("temperature", r.sampling.temperature);
+    num("top_p", r.sampling.top_p);
+    num("top_k", r.sampling.top_k);
+    num("seed", r.sampling.seed);
+    if (j.contains("stop")) {
+      if (!j["stop"].is_array()) fail(ErrorKind::input, prompts[i].where, "field 'stop' must be a list of token ids");
+      for (auto& s : j["stop"]) {
+        if (!s.is_number_integer()) fail(ErrorKind::input, prompts[i].where, "field 'stop' must be a list of token ids");
+        r.stop_tokens.push_back(s.get<int32_t>());
       }
     }
     reqs.push_back(std::move(r));
-  };
-  for (auto& s : a.ids) add(parse_ids(s, "--ids"), nullptr);
-  for (auto& p : a.prompts) {
-    need_tok("--prompt");
-    add(tok->encode(p), nullptr);
   }
-  if (!a.chat.empty()) {
-    need_tok("--chat");
-    const json j = read_json_file(a.chat);
-    // one conversation (a list of messages or {messages, tools}) or a list of conversations
-    const bool many = j.is_array() && !j.empty() && (j[0].is_array() || (j[0].is_object() && j[0].contains("messages")));
-    for (const json& c : many ? j : json::array({j})) add(render_chat_file(*tok, chat_fmt, c, true, a.chat).ids, nullptr);
-  }
-  if (!a.prompts_file.empty()) {
-    std::ifstream f(a.prompts_file);
-    if (!f) fail(ErrorKind::io, a.prompts_file, "cannot open");
-    std::string line;
-    int ln = 0;
-    while (std::getline(f, line)) {
-      ++ln;
-      if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-      const std::string where = fmt::format("{}: line {}", a.prompts_file, ln);
-      json j;
-      try {
-        j = json::parse(line);
-      } catch (const json::exception& e) {
-        fail(ErrorKind::input, where, "not valid JSON: {}", e.what());
-      }
-      if (j.is_object() && j.contains("text")) {
-        need_tok("a prompt with 'text'");
-        if (!j["text"].is_string()) fail(ErrorKind::input, where, "field 'text' must be a string");
-        add(tok->encode(j["text"].get<std::string>()), &j);
-        continue;
-      }
-      if (j.is_object() && j.contains("messages")) {
-        need_tok("a prompt with 'messages'");
-        add(render_chat_file(*tok, chat_fmt, j, true, where).ids, &j);
-        continue;
-      }
-      if (!j.is_object() || !j.contains("ids") || !j["ids"].is_array() || j["ids"].empty())
-        fail(ErrorKind::input, where, "expected an object with 'ids' (a non-empty list), 'text' or 'messages'");
-      std::vector<int32_t> ids;
-      for (auto& x : j["ids"]) {
-        if (!x.is_number_integer() || x.get<int64_t>() < 0 || x.get<int64_t>() > INT32_MAX)
-          fail(ErrorKind::input, where, "field 'ids' must hold non-negative integers");
-        ids.push_back(x.get<int32_t>());
-      }
-      add(std::move(ids), &j);
-    }
-  }
-  if (reqs.empty()) fail(ErrorKind::input, "generate", "no prompts: give --prompt, --chat, --ids or --prompts");
-  if (a.stream && reqs.size() != 1) fail(ErrorKind::input, "--stream", "streams one prompt; {} were given", reqs.size());
-  if (a.stream) need_tok("--stream");
   const auto t0 = std::chrono::steady_clock::now();
   auto model = Model::load(path);
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // per-row interventions: --steer/--ablate/--clamp for every row, plus each JSONL line's own
+  VectorCache vc(model->config());
+  load_norms(vc, a.norms);
+  auto ivs = load_interventions(prompts, a.steer, model->config(), vc);
+  std::vector<SeqLayout> layouts;
+  bool any = false;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    layouts.push_back({static_cast<int64_t>(prompts[i].prompt.size()), -1, prompts[i].turns});
+    any |= !ivs[i].empty();
+  }
+  SteeringHook steer(std::move(ivs), layouts);
+  steer.validate(model->config());
+
   Progress bar{"generating"};
   int64_t max_steps = 0;
   for (auto& r : reqs) max_steps = std::max(max_steps, r.max_new_tokens);
-  const auto t1 = std::chrono::steady_clock::now();
   GenerateOptions opts;
+  if (any) opts.observer = &steer;
   std::unique_ptr<StreamDecoder> sd;
   if (a.stream) {
-    sd = std::make_unique<StreamDecoder>(*tok);
+    sd = std::make_unique<StreamDecoder>(*io.tok);
     bar.on = false;
     opts.on_token = [&](int64_t, int32_t t) { std::cout << sd->push(t) << std::flush; };
   }
   opts.on_step = [&](int64_t step, int64_t active) {
-    bar.update(std::min(1.0, static_cast<double>(step + 1) / std::max<int64_t>(1, max_steps)),
-               fmt::format("{} active", active));
+    bar.update(static_cast<double>(step + 1) / std::max<int64_t>(1, max_steps), fmt::format("{} active", active));
   };
+  const auto t1 = std::chrono::steady_clock::now();
   const auto res = generate(*model, reqs, opts);
   bar.done();
-  if (sd) {
-    std::cout << sd->finish() << "\n";
-    std::cout.flush();
-  }
+  if (sd) std::cout << sd->finish() << "\n";
   const double gen_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t1).count();
   int64_t n_tok = 0;
   for (size_t i = 0; i < res.size(); ++i) {
     json j = {{"index", i}, {"prompt", reqs[i].prompt}, {"tokens", res[i].tokens}, {"logprobs", res[i].logprobs},
               {"finish_reason", finish_reason_name(res[i].finish)}};
     if (res[i].stop_token >= 0) j["stop_token"] = res[i].stop_token;
-    if (tok) j["text"] = tok->decode(res[i].tokens);
+    if (io.tok) j["text"] = io.tok->decode(res[i].tokens);
     if (!a.stream) std::cout << j.dump() << "\n";
     n_tok += res[i].tokens.size() + (res[i].stop_token >= 0);
   }
   std::cout.flush();
-  std::cerr << fmt::format("{} sequences, {} new tokens in {:.2f} s ({:.1f} tok/s); model opened in {:.2f} s\n",
-                           res.size(), n_tok, gen_s, n_tok / std::max(gen_s, 1e-9), load_s);
+  std::cerr << fmt::format("{} sequences, {} new tokens in {:.2f} s ({:.1f} tok/s); model opened in {:.2f} s\n", res.size(),
+                           n_tok, gen_s, n_tok / std::max(gen_s, 1e-9), load_s);
   return 0;
 }
 
@@ -370,14 +230,15 @@ int cmd_generate(const std::string& path, const GenArgs& a) {
 
 int main(int argc, char** argv) {
   CLI::App app{
-      "kscope: load DeepSeek-V3 / Kimi-K2 checkpoints as they ship (BF16, FP8 block, INT4 pack-quantized),\n"
-      "run them exactly, and generate in ragged batches.\n\n"
+      "kscope: load DeepSeek-V3 / Kimi-K2 checkpoints as they ship (BF16, FP8 block, INT4 pack-quantized), run them\n"
+      "exactly, generate in ragged batches, and read and write the residual stream while doing it.\n\n"
       "Start here:\n"
       "  kscope make-model out/tiny --preset tiny          # a small random checkpoint in the real format\n"
       "  kscope info out/tiny                              # what it holds, memory it needs\n"
       "  kscope generate out/tiny --ids 1,17,33 --max-new-tokens 8\n"
       "  kscope tokenize out/demo --text \"Hello\"                # with a tokenizer (make-model --tokenizer DIR)\n"
-      "  kscope generate out/demo --prompt \"Once upon\" --stream"};
+      "  kscope generate out/demo --prompt \"Once upon\" --steer v.safetensors@2.resid_post*4:response\n"
+      "  kscope capture out/demo --prompts p.jsonl --sites '*.resid_post' --positions response --generate 32 --out acts/"};
   app.require_subcommand(1);
 
   std::string path;
@@ -409,8 +270,7 @@ int main(int argc, char** argv) {
   mk->add_option("--vocab", spec.vocab, "override the vocabulary size");
   mk->add_option("--shard-size", spec.shard_bytes, "bytes per safetensors shard")->capture_default_str();
   mk->add_flag("--force", force, "replace a checkpoint already in OUT");
-  mk->add_option("--tokenizer", spec.tokenizer_dir,
-                 "copy this tokenizer into the checkpoint; the vocabulary and bos/eos/pad ids follow it");
+  mk->add_option("--tokenizer", spec.tokenizer_dir, "copy this tokenizer into the checkpoint; the vocabulary and bos/eos/pad ids follow it");
   mk->footer("Example: kscope make-model out/k2-slice --preset kimi-k2-slice --layers 3 --format int4");
 
   TokArgs ta;
@@ -441,16 +301,20 @@ int main(int argc, char** argv) {
                 "other ranks. Example: kscope make-tokenizer out/kimi-tok --ranks node_modules/tiktoken/encoders/o200k_base.json");
 
   GenArgs ga;
-  auto* gen = app.add_subcommand("generate", "Generate from text, chats or token ids in one ragged batch (JSON lines out)");
+  auto* gen = app.add_subcommand("generate", "Generate from text, chats or token ids in one ragged batch, steered per row (JSON lines out)");
   gen->add_option("MODEL", path, "checkpoint directory")->required();
   gen->add_option("--prompt", ga.prompts, "a text prompt; repeat for a batch (needs the checkpoint's tokenizer)");
   gen->add_option("--chat", ga.chat, "a chat JSON file: one conversation (messages or {messages, tools}) or a list of them");
   gen->add_option("--chat-format", ga.chat_format, "kimi-k2 | kimi-k2-thinking | deepseek-v3 (default: from the tokenizer)");
-  gen->add_flag("--stream", ga.stream, "print one prompt's text as it is generated");
   gen->add_option("--ids", ga.ids, "a prompt as comma-separated token ids; repeat for a batch");
   gen->add_option("--prompts", ga.prompts_file,
-                  "JSONL file, one prompt a line: {\"ids\": [...]} or {\"text\": \"...\"} or {\"messages\": [...]}, optional "
-                  "max_new_tokens, temperature, top_k, top_p, seed, stop");
+                  "JSONL, one prompt a line: {\"ids\"|\"text\"|\"messages\": ..., optional max_new_tokens, temperature, "
+                  "top_k, top_p, seed, stop, interventions: [{vector, site, op, coef, relative, positions}]}");
+  gen->add_option("--steer", ga.steer,
+                  "intervention on every row (repeatable): FILE@SITE*COEF[:POSITIONS] adds COEF*v (COEF ending in n: units "
+                  "of the site's mean norm); FILE@SITE!ablate[:POSITIONS]; FILE@SITE=VALUE[:POSITIONS] clamps the projection");
+  gen->add_option("--norms", ga.norms, "mean norms per site from kscope calibrate (for relative coefficients)");
+  gen->add_flag("--stream", ga.stream, "print one prompt's text as it is generated");
   gen->add_option("--max-new-tokens", ga.max_new_tokens, "tokens to generate per sequence")->capture_default_str();
   gen->add_option("--temperature", ga.temperature, "0 = greedy")->capture_default_str();
   gen->add_option("--top-k", ga.top_k, "keep the k most likely tokens (0 = off)")->capture_default_str();
@@ -460,9 +324,16 @@ int main(int argc, char** argv) {
   gen->add_flag("--ignore-eos", ga.ignore_eos, "do not stop at the config's eos ids");
   gen->footer(
       "Each output line: {index, prompt, tokens, text (with a tokenizer), logprobs, finish_reason (stop|length|context),\n"
-      "stop_token?}. Chats are rendered with the model's chat format; the generation continues the assistant turn.\n"
-      "Sequences of different lengths share every forward pass with no padding: a sequence's tokens are the\n"
-      "same alone or batched. Example: kscope generate out/tiny --ids 1,2,3 --ids 5,6 --temperature 0.8 --seed 7");
+      "stop_token?}. Sequences of different lengths and different interventions share every forward pass with no\n"
+      "padding: a row's tokens are the same alone or batched. Sites: L.resid_pre, L.attn_out, L.resid_mid,\n"
+      "L.mlp_out, L.resid_post, embed, final_norm, logits. Positions: all, prompt, response, prompt[-1],\n"
+      "response[:5], turn[assistant], think, [a:b], unions with ','.\n"
+      "Examples:\n"
+      "  kscope generate M --prompt 'The weather' --steer french.safetensors@2.resid_post*0.8n:response --norms norms.json\n"
+      "  kscope generate M --chat chat.json --steer refusal.safetensors@10.resid_post!ablate --stream");
+
+  std::vector<std::function<int()>> runners;
+  add_interp_commands(app, runners);
 
   try {
     app.parse(argc, argv);
@@ -476,6 +347,8 @@ int main(int argc, char** argv) {
       fmt::print("wrote {}: {} base ranks + 258 special ids (Kimi-K2 layout, Kimi's pre-tokenizer)\n", out, base);
       return 0;
     }
+    for (auto& r : runners)
+      if (int rc = r(); rc >= 0) return rc;
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   } catch (const Error& e) {

@@ -1,6 +1,7 @@
 #include "store/activation_store.hpp"
 
 #include <filesystem>
+#include <cstring>
 #include <fstream>
 
 #include "util/error.hpp"
@@ -209,6 +210,19 @@ std::vector<float> ActivationStore::read(const std::string& site, int64_t shard,
   if (it == f.tensors().end()) fail(ErrorKind::input, f.path(), "no site '{}' in this store", site);
   if (width) *width = it->second.shape.size() > 1 ? it->second.shape[1] : 1;
   return to_f32(it->second);
+}
+
+std::vector<int32_t> ActivationStore::sequence_ids(const std::string& router_site, int64_t seq) const {
+  if (seq < 0 || seq >= n_sequences()) fail(ErrorKind::input, dir_, "no sequence {}", seq);
+  const json& s = manifest_["sequences"][seq];
+  SafetensorsFile f(dir_ + "/" + manifest_["shards"][s["shard"].get<int64_t>()]["file"].get<std::string>());
+  const std::string name = router_site + ".ids";
+  auto it = f.tensors().find(name);
+  if (it == f.tensors().end() || it->second.dtype != DType::I32) fail(ErrorKind::input, f.path(), "no router ids '{}'", name);
+  const int64_t k = it->second.shape[1], r0 = s["row"], n = s["rows"];
+  std::vector<int32_t> out(n * k);
+  std::memcpy(out.data(), it->second.data + r0 * k * 4, out.size() * 4);
+  return out;
 }
 
 std::vector<float> ActivationStore::sequence_rows(const std::string& site, int64_t seq, int64_t* width) const {

@@ -68,6 +68,8 @@ class ActivationStore {
   int64_t n_shards() const;
   // Rows of `site` in shard s, as fp32 [rows, width]; width returned through *width.
   std::vector<float> read(const std::string& site, int64_t shard, int64_t* width = nullptr) const;
+  // Router expert ids ("<L>.router.ids") of one sequence, [n, k].
+  std::vector<int32_t> sequence_ids(const std::string& router_site, int64_t seq) const;
   // Rows of `site` for one sequence, fp32 [n, width].
   std::vector<float> sequence_rows(const std::string& site, int64_t seq, int64_t* width = nullptr) const;
 
