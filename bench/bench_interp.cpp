@@ -1,0 +1,85 @@
+// Interpretability overhead (not a test): plain batched decode against the same decode with (a) capture of 9
+// sites on every token, (b) a different steering vector and coefficient on every row, (c) both.
+//   bench_interp [MODEL_DIR] [--batch 16] [--steps 32]
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "interp/capture.hpp"
+#include "model/make_model.hpp"
+#include "util/thread_pool.hpp"
+
+using namespace kscope;
+using clk = std::chrono::steady_clock;
+
+int main(int argc, char** argv) {
+  std::string dir = (std::filesystem::temp_directory_path() / "kscope-bench/mid-bf16").string();
+  int64_t batch = 16, steps = 32;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--batch" && i + 1 < argc) batch = std::stoll(argv[++i]);
+    else if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
+    else dir = a;
+  }
+  if (!std::filesystem::exists(dir + "/config.json")) {
+    MakeModelSpec s;
+    s.preset = "mid";
+    make_model(dir, s);
+  }
+  auto model = Model::load(dir);
+  const auto& cfg = model->config();
+  const int64_t H = cfg.hidden_size, L = cfg.num_hidden_layers;
+  std::vector<GenerateRequest> reqs(batch);
+  for (int64_t i = 0; i < batch; ++i) {
+    for (int t = 0; t < 8 + i % 5; ++t) reqs[i].prompt.push_back(static_cast<int32_t>((i * 131 + t * 17) % cfg.vocab_size));
+    reqs[i].max_new_tokens = steps;
+    reqs[i].ignore_eos = true;
+  }
+  CaptureSpec cs;
+  for (int64_t l = 0; l < L; ++l) cs.sites.push_back({SiteKind::resid_post, l});
+  cs.sites.push_back({SiteKind::final_norm, -1});
+  std::vector<std::vector<Intervention>> ivs(batch);
+  std::vector<SeqLayout> layouts(batch);
+  for (int64_t i = 0; i < batch; ++i) {
+    Intervention iv;
+    iv.site = {SiteKind::resid_post, L / 2};
+    iv.vector.resize(H);
+    for (int64_t d = 0; d < H; ++d) iv.vector[d] = std::sin(0.01f * (d + 1) * (i + 1));
+    iv.coef = 0.5 + 0.1 * i;
+    iv.positions = PositionSpec::parse("response");
+    ivs[i] = {iv};
+    layouts[i].prompt_len = static_cast<int64_t>(reqs[i].prompt.size());
+  }
+  auto run = [&](Hook* h) {
+    GenerateOptions o;
+    o.observer = h;
+    double best = 1e30;
+    for (int rep = 0; rep < 3; ++rep) {
+      const auto t0 = clk::now();
+      generate(*model, reqs, o);
+      best = std::min(best, std::chrono::duration<double>(clk::now() - t0).count());
+    }
+    return batch * steps / best;
+  };
+  const double plain = run(nullptr);
+  CaptureHook cap(cs, batch);
+  const double with_capture = run(&cap);
+  SteeringHook steer(ivs, layouts);
+  const double with_steer = run(&steer);
+  CaptureHook cap2(cs, batch);
+  HookList both;
+  both.hooks = {&steer, &cap2};
+  const double with_both = run(&both);
+  fmt::print("| run | tok/s | vs plain |\n|---|---|---|\n");
+  fmt::print("| plain decode | {:.1f} | 1.00 |\n", plain);
+  fmt::print("| capture {} sites, every token | {:.1f} | {:.3f} |\n", cs.sites.size(), with_capture, with_capture / plain);
+  fmt::print("| {} rows, each its own steering vector and coefficient | {:.1f} | {:.3f} |\n", batch, with_steer, with_steer / plain);
+  fmt::print("| both | {:.1f} | {:.3f} |\n", with_both, with_both / plain);
+  fmt::print("\nmodel {} ({} layers, hidden {}), batch {}, {} new tokens per row (prefill included), {} threads, best of 3\n",
+             dir, L, H, batch, steps, ThreadPool::global().size());
+  return 0;
+}
