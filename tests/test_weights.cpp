@@ -287,3 +287,34 @@ TEST(Weights, sharded_make_model_output_has_an_index_and_loads) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Quantize, kscope_quantize_reproduces_the_reference_quantizers_tensor_for_tensor) {
+  // The fp8/int4 fixtures were quantized from the bf16 ones by scripts/reference/make_fixtures.py (the values HF's
+  // golden outputs were computed from); kscope quantize must write exactly the same tensors.
+  test::TempDir d;
+  for (std::string arch : {"kimi", "dsv3"})
+    for (std::string fmt : {"fp8", "int4"}) {
+      const std::string out = d.str() + "/" + arch + "_" + fmt;
+      quantize_checkpoint(test::fixtures() + "/reference/" + arch + "_bf16", out, parse_stored_format(fmt));
+      const auto ours = TensorStore::open(out), ref = TensorStore::open(test::fixtures() + "/reference/" + arch + "_" + fmt);
+      ASSERT_EQ(ours.all().size(), ref.all().size()) << arch << " " << fmt;
+      int quantized = 0;
+      for (auto& [name, t] : ref.all()) {
+        const TensorInfo* o = ours.find(name);
+        ASSERT_NE(o, nullptr) << name;
+        EXPECT_EQ(o->dtype, t->dtype) << name;
+        EXPECT_EQ(o->shape, t->shape) << name;
+        ASSERT_EQ(o->nbytes, t->nbytes) << name;
+        EXPECT_EQ(std::memcmp(o->data, t->data, t->nbytes), 0) << arch << " " << fmt << ": " << name;
+        quantized += t->dtype == DType::F8_E4M3 || t->dtype == DType::I32;
+      }
+      EXPECT_GT(quantized, 10);
+      // and it loads with the config's quantization_config
+      EXPECT_NO_THROW(Model::load(out));
+    }
+  EXPECT_THROW(quantize_checkpoint(test::fixtures() + "/reference/kimi_fp8", d.str() + "/again", StoredFormat::int4), Error);
+}
+
+}  // namespace

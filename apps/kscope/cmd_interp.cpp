@@ -7,6 +7,7 @@
 #include "cli.hpp"
 #include "commands.hpp"
 #include "interp/capture.hpp"
+#include "interp/extract.hpp"
 #include "interp/vectors.hpp"
 #include "store/activation_store.hpp"
 #include "util/error.hpp"
@@ -202,12 +203,21 @@ void add_interp_commands(CLI::App& app, std::vector<std::function<int()>>& runne
   ve->add_option("FILE", vin, "vector file")->required();
   ve->add_option("OUT", vout, "output .gguf")->required();
   ve->add_option("--model-hint", vhint, "controlvector.model_hint")->capture_default_str();
+  static std::string vpos, vneg, vsites, vtrait;
+  auto* vd = v->add_subcommand("mean-diff", "A vector per site: mean of a positive store's rows minus a negative store's");
+  vd->add_option("--pos", vpos, "activation store of the positive examples (e.g. French text)")->required();
+  vd->add_option("--neg", vneg, "activation store of the negative examples (e.g. English text)")->required();
+  vd->add_option("--sites", vsites, "sites (default: every non-router site of the stores)");
+  vd->add_option("--trait", vtrait, "trait name for the metadata");
+  vd->add_option("OUT", vout, "output vector file (.safetensors)")->required();
+  vd->footer("The file also holds each site's mean activation norm (for relative coefficients, *Cn).\n"
+             "Example: kscope vectors mean-diff --pos acts/fr --neg acts/en --trait french french.safetensors");
   auto* vm = v->add_subcommand("import-gguf", "Read a control vector (direction.L -> L.resid_post) for a model");
   vm->add_option("FILE", vin, "control vector .gguf")->required();
   vm->add_option("OUT", vout, "output vector file (.safetensors)")->required();
   vm->add_option("--model", vmodel, "the checkpoint it is for (its identity goes into the file)")->required();
   v->footer("direction.N is added to the output of block N by llama.cpp (and repeng's layer N): kscope's N.resid_post.");
-  runners.push_back([v, vi, ve, vm] {
+  runners.push_back([v, vi, ve, vm, vd] {
     if (!*v) return -1;
     if (*vi) {
       const auto f = VectorFile::load(vin);
@@ -222,6 +232,14 @@ void add_interp_commands(CLI::App& app, std::vector<std::function<int()>>& runne
     } else if (*ve) {
       export_control_vector_gguf(VectorFile::load(vin), vout, vhint.empty() ? "kscope" : vhint);
       fmt::print("wrote {}\n", vout);
+    } else if (*vd) {
+      const auto p = ActivationStore::open(vpos), n = ActivationStore::open(vneg);
+      std::vector<std::string> sites = split_list(vsites);
+      if (sites.empty())
+        for (auto& s : p.manifest()["config"]["sites"])
+          if (s.get<std::string>().find("router") == std::string::npos) sites.push_back(s.get<std::string>());
+      mean_difference(p, n, sites, vtrait).save(vout);
+      fmt::print("wrote {}: {} sites\n", vout, sites.size());
     } else if (*vm) {
       const ModelConfig cfg = load_config(vmodel);
       import_control_vector_gguf(vin, cfg).save(vout);

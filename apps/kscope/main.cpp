@@ -293,6 +293,15 @@ int main(int argc, char** argv) {
   detok->add_option("--ids", detok_ids, "comma-separated ids; repeat for several lines")->required();
   detok->add_flag("--tokens", per_token, "JSON with each token's string and whether it is special");
 
+  std::string qin, qformat;
+  auto* quant = app.add_subcommand("quantize", "Convert an unquantized checkpoint to DeepSeek-V3 FP8 or compressed-tensors INT4");
+  quant->add_option("MODEL", qin, "unquantized checkpoint (BF16/F16/F32)")->required();
+  quant->add_option("OUT", out, "output directory")->required();
+  quant->add_option("--format", qformat, "fp8 (every decoder projection, 128x128 blocks) | int4 (routed experts, groups of 32)")->required();
+  quant->footer("Writes exactly the formats the loader reads (and the hub ships): e4m3 weight + fp32 weight_scale_inv per\n"
+                "block; weight_packed/weight_scale/weight_shape with Kimi-K2-Thinking's ignore list. Tokenizer files are copied.\n"
+                "Example: kscope quantize models/demo out/demo-int4 --format int4");
+
   std::string ranks;
   auto* mktok = app.add_subcommand("make-tokenizer", "Write a Kimi-K2-format tokenizer (tiktoken.model + tokenizer_config.json)");
   mktok->add_option("OUT", out, "output directory")->required();
@@ -341,6 +350,14 @@ int main(int argc, char** argv) {
     if (*mk) return cmd_make_model(out, spec, format, force);
     if (*gen) return cmd_generate(path, ga);
     if (*tokc) return cmd_tokenize(path, ta);
+    if (*quant) {
+      Progress bar{"quantizing"};
+      quantize_checkpoint(qin, out, parse_stored_format(qformat),
+                          [&](uint64_t d, uint64_t t) { bar.update(static_cast<double>(d) / t); });
+      bar.done();
+      fmt::print("wrote {} ({})\n", out, qformat);
+      return 0;
+    }
     if (*detok) return cmd_detokenize(path, detok_ids, per_token);
     if (*mktok) {
       const int base = write_kimi_tokenizer(out, ranks);

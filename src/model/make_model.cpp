@@ -8,6 +8,7 @@
 
 #include "io/safetensors.hpp"
 #include "model/config.hpp"
+#include "model/weights.hpp"
 #include "model/quantize.hpp"
 #include "tokenizer/tokenizer.hpp"
 #include "util/error.hpp"
@@ -27,6 +28,32 @@ StoredFormat parse_stored_format(const std::string& s) {
 const std::vector<std::string>& preset_names() {
   static const std::vector<std::string> n = {"tiny", "dsv3-tiny", "mid", "kimi-k2-slice", "dsv3-slice"};
   return n;
+}
+
+json quantization_config_json(StoredFormat f) {
+  if (f == StoredFormat::fp8)
+    return {{"activation_scheme", "dynamic"}, {"fmt", "e4m3"}, {"quant_method", "fp8"}, {"weight_block_size", {128, 128}}};
+  if (f == StoredFormat::int4)
+    return {{"config_groups",
+             {{"group_0",
+               {{"input_activations", nullptr}, {"output_activations", nullptr}, {"targets", {"Linear"}},
+                {"weights", {{"actorder", nullptr}, {"block_structure", nullptr}, {"dynamic", false}, {"group_size", 32},
+                             {"num_bits", 4}, {"observer", "minmax"}, {"observer_kwargs", json::object()},
+                             {"strategy", "group"}, {"symmetric", true}, {"type", "int"}}}}}}},
+            {"format", "pack-quantized"},
+            {"ignore", {"lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"}},
+            {"kv_cache_scheme", nullptr},
+            {"quant_method", "compressed-tensors"},
+            {"quantization_status", "compressed"}};
+  return nullptr;
+}
+
+bool stored_quantized(const std::string& n, StoredFormat f) {
+  const bool proj = n.rfind("model.layers.", 0) == 0 && n.size() > 7 && n.substr(n.size() - 7) == ".weight" &&
+                    n.find("_proj.") != std::string::npos;
+  if (f == StoredFormat::fp8) return proj;
+  if (f == StoredFormat::int4) return proj && n.find(".mlp.experts.") != std::string::npos;
+  return false;
 }
 
 json preset_config(const MakeModelSpec& spec) {
@@ -126,23 +153,7 @@ json preset_config(const MakeModelSpec& spec) {
     if (spec.experts % g) fail(ErrorKind::input, "--experts", "{} is not a multiple of n_group {}", spec.experts, g);
   }
   if (spec.vocab > 0) c["vocab_size"] = spec.vocab;
-  if (spec.format == StoredFormat::fp8) {
-    c["quantization_config"] = {{"activation_scheme", "dynamic"}, {"fmt", "e4m3"}, {"quant_method", "fp8"},
-                                {"weight_block_size", {128, 128}}};
-  } else if (spec.format == StoredFormat::int4) {
-    c["quantization_config"] = {
-        {"config_groups",
-         {{"group_0",
-           {{"input_activations", nullptr}, {"output_activations", nullptr}, {"targets", {"Linear"}},
-            {"weights", {{"actorder", nullptr}, {"block_structure", nullptr}, {"dynamic", false}, {"group_size", 32},
-                         {"num_bits", 4}, {"observer", "minmax"}, {"observer_kwargs", json::object()},
-                         {"strategy", "group"}, {"symmetric", true}, {"type", "int"}}}}}}},
-        {"format", "pack-quantized"},
-        {"ignore", {"lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"}},
-        {"kv_cache_scheme", nullptr},
-        {"quant_method", "compressed-tensors"},
-        {"quantization_status", "compressed"}};
-  }
+  if (spec.format != StoredFormat::bf16) c["quantization_config"] = quantization_config_json(spec.format);
   return c;
 }
 
@@ -355,6 +366,90 @@ void make_model(const std::string& out_dir, const MakeModelSpec& spec,
     f.close();
     fs::rename(ip + ".tmp", ip);
   }
+}
+
+}  // namespace kscope
+
+namespace kscope {
+
+void quantize_checkpoint(const std::string& in_dir, const std::string& out_dir, StoredFormat f,
+                         const std::function<void(uint64_t, uint64_t)>& progress) {
+  if (f == StoredFormat::bf16) fail(ErrorKind::input, "--format", "quantize writes fp8 or int4");
+  const ModelConfig cfg = load_config(in_dir);
+  if (cfg.quant.method != QuantMethod::none)
+    fail(ErrorKind::input, in_dir, "is already quantized: quantize an unquantized (BF16/F16/F32) checkpoint");
+  ModelWeights::load(cfg, in_dir);  // the source must be a valid checkpoint
+  const TensorStore st = TensorStore::open(in_dir);
+  if (fs::exists(out_dir) && !fs::is_empty(out_dir))
+    fail(ErrorKind::input, out_dir, "directory is not empty");
+  fs::create_directories(out_dir);
+  // config: the source's, plus the quantization_config
+  json cj = json::parse(std::ifstream(fs::path(in_dir) / "config.json"));
+  cj["quantization_config"] = quantization_config_json(f);
+  {
+    std::ofstream o(fs::path(out_dir) / "config.json");
+    o << cj.dump(2) << "\n";
+  }
+  for (const char* t : {"tokenizer.json", "tokenizer_config.json", "tiktoken.model", "generation_config.json"})
+    if (fs::exists(fs::path(in_dir) / t)) fs::copy_file(fs::path(in_dir) / t, fs::path(out_dir) / t);
+  // one shard per source shard, same tensor order
+  uint64_t total = 0, done = 0;
+  for (auto& [n, t] : st.all()) total += t->nbytes;
+  json weight_map = json::object();
+  const bool sharded = st.files().size() > 1;
+  for (const auto& file : st.files()) {
+    const std::string fname = fs::path(file->path()).filename().string();
+    SafetensorsWriter w((fs::path(out_dir) / fname).string(), {{"format", "pt"}});
+    for (auto& [name, t] : file->tensors()) {
+      const std::string stem = name.substr(0, name.size() - 7);
+      if (!stored_quantized(name, f)) {
+        w.declare(name, t.dtype, t.shape);
+        weight_map[name] = fname;
+      } else if (f == StoredFormat::fp8) {
+        w.declare(name, DType::F8_E4M3, t.shape);
+        w.declare(stem + ".weight_scale_inv", DType::F32, {(t.shape[0] + 127) / 128, (t.shape[1] + 127) / 128});
+        weight_map[name] = weight_map[stem + ".weight_scale_inv"] = fname;
+      } else {
+        if (t.shape[1] % 32) fail(ErrorKind::input, t.file + ": tensor '" + name + "'", "input dim {} is not a multiple of the group size 32", t.shape[1]);
+        w.declare(stem + ".weight_packed", DType::I32, {t.shape[0], (t.shape[1] + 7) / 8});
+        w.declare(stem + ".weight_scale", DType::BF16, {t.shape[0], (t.shape[1] + 31) / 32});
+        w.declare(stem + ".weight_shape", DType::I32, {2});
+        weight_map[stem + ".weight_packed"] = weight_map[stem + ".weight_scale"] = weight_map[stem + ".weight_shape"] = fname;
+      }
+    }
+    for (auto& [name, t] : file->tensors()) {
+      if (!stored_quantized(name, f)) {
+        w.write(t.data, t.nbytes);
+      } else {
+        const std::vector<float> v = to_f32(t);
+        const int64_t out = t.shape[0], in = t.shape[1];
+        if (f == StoredFormat::fp8) {
+          std::vector<uint8_t> q;
+          std::vector<float> s;
+          quantize_fp8_block(v.data(), out, in, 128, 128, q, s);
+          w.write(q.data(), q.size());
+          w.write(s.data(), s.size() * 4);
+        } else {
+          std::vector<int32_t> q;
+          std::vector<uint16_t> s;
+          quantize_int4_group(v.data(), out, in, 32, q, s);
+          const int32_t shape[2] = {static_cast<int32_t>(out), static_cast<int32_t>(in)};
+          w.write(q.data(), q.size() * 4);
+          w.write(s.data(), s.size() * 2);
+          w.write(shape, 8);
+        }
+      }
+      done += t.nbytes;
+      if (progress) progress(done, total);
+    }
+    w.finish();
+  }
+  if (sharded) {
+    std::ofstream o(fs::path(out_dir) / "model.safetensors.index.json");
+    o << json({{"metadata", {{"total_size", total}}}, {"weight_map", weight_map}}).dump(2) << "\n";
+  }
+  const ModelConfig qc = load_config(out_dir);
+  ModelWeights::load(qc, out_dir);  // what we wrote must load
 }
 
 }  // namespace kscope

@@ -31,6 +31,18 @@ struct MakeModelSpec {
 nlohmann::json preset_config(const MakeModelSpec& spec);
 const std::vector<std::string>& preset_names();
 
+// The quantization_config a format writes into config.json (null for bf16).
+nlohmann::json quantization_config_json(StoredFormat f);
+// Whether a tensor is stored quantized in a format: fp8 every decoder-layer projection (the router stays bf16, as
+// in DeepSeek-V3); int4 the routed experts only (Kimi-K2-Thinking's ignore list keeps attention, shared experts
+// and dense MLPs in bf16).
+bool stored_quantized(const std::string& tensor_name, StoredFormat f);
+
+// Converts an unquantized checkpoint to fp8 or int4, tensor by tensor, copying everything else (tokenizer
+// files included) and adding the quantization_config.
+void quantize_checkpoint(const std::string& in_dir, const std::string& out_dir, StoredFormat f,
+                         const std::function<void(uint64_t, uint64_t)>& progress = nullptr);
+
 // progress(done_bytes, total_bytes)
 void make_model(const std::string& out_dir, const MakeModelSpec& spec,
                 const std::function<void(uint64_t, uint64_t)>& progress = nullptr);
