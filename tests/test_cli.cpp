@@ -342,3 +342,34 @@ TEST_F(CliInterp, control_vectors_export_and_import_as_gguf) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(CliDemo, quantize_round_trips_through_the_loader_and_the_sweep_reports_a_table) {
+  kscope::test::TempDir d;
+  const std::string demo = std::string(KSCOPE_SOURCE_DIR) + "/models/demo";
+  std::string out;
+  for (const char* f : {"fp8", "int4"}) {
+    ASSERT_EQ(run(kBin + " quantize " + demo + " " + d.str() + "/" + f + " --format " + f, &out), 0) << out;
+    ASSERT_EQ(run(kBin + " info " + d.str() + "/" + f + " --json", &out), 0) << out;
+    EXPECT_NE(out.find(std::string(f) == "fp8" ? "fp8-block" : "int4-group"), std::string::npos) << out;
+    ASSERT_EQ(run("(" + kBin + " generate " + d.str() + "/" + f + " --prompt 'The file' --max-new-tokens 4 2>/dev/null)", &out), 0) << out;
+    EXPECT_EQ(json_lines(out).size(), 1u);
+  }
+  EXPECT_EQ(run(kBin + " quantize " + d.str() + "/fp8 " + d.str() + "/again --format int4", &out), 2);
+  EXPECT_NE(out.find("already quantized"), std::string::npos) << out;
+  // the README's loop, end to end
+  const std::string ex = std::string(KSCOPE_SOURCE_DIR) + "/examples/french";
+  ASSERT_EQ(run(kBin + " capture " + demo + " --prompts " + ex + "/french.jsonl --sites '*.resid_post' --reduction mean --out " + d.str() + "/fr", &out), 0) << out;
+  ASSERT_EQ(run(kBin + " capture " + demo + " --prompts " + ex + "/english.jsonl --sites '*.resid_post' --reduction mean --out " + d.str() + "/en", &out), 0) << out;
+  ASSERT_EQ(run(kBin + " vectors mean-diff --pos " + d.str() + "/fr --neg " + d.str() + "/en --trait french " + d.str() + "/fr.safetensors", &out), 0) << out;
+  ASSERT_EQ(run(kBin + " steer-sweep " + demo + " --vector " + d.str() + "/fr.safetensors --sites 2.resid_post,3.resid_post --coefs 0.25,0.5,4 --prompts " +
+                    ex + "/questions.jsonl --out " + d.str() + "/sweep", &out), 0) << out;
+  EXPECT_NE(out.find("| Baseline | Best site | Delta | Coherence | Coef |"), std::string::npos) << out;
+  const auto summary = json::parse(kscope::test::read_file(d.str() + "/sweep/summary.json"));
+  EXPECT_GT(summary["delta"].get<double>(), 20.0);  // French words up by more than 20 points on a 0-100 scale
+  EXPECT_NE(summary["best_coef"].get<double>(), 4.0);  // the incoherent coefficient is never the best
+  EXPECT_NE(kscope::test::read_file(d.str() + "/sweep/plot.svg").find("<polyline"), std::string::npos);
+}
+
+}  // namespace

@@ -8,6 +8,7 @@
 #include "commands.hpp"
 #include "interp/capture.hpp"
 #include "interp/extract.hpp"
+#include "interp/sweep.hpp"
 #include "interp/vectors.hpp"
 #include "store/activation_store.hpp"
 #include "util/error.hpp"
@@ -193,6 +194,79 @@ void add_interp_commands(CLI::App& app, std::vector<std::function<int()>>& runne
   k->add_option("--out", cal.out, "output JSON {mean_norm: {site: value}}")->required();
   k->footer("Example: kscope calibrate M --prompts neutral.jsonl --sites '*.resid_post' --out norms.json");
   runners.push_back([k] { return *k ? run_calibrate(cal) : -1; });
+
+  static std::string sw_model, sw_vec, sw_sites, sw_coefs = "0.25,0.5,1,2,4", sw_prompts, sw_scorer = "french",
+                     sw_out, sw_norms, sw_positions = "response";
+  static std::vector<std::string> sw_texts;
+  static int64_t sw_max_new = 24;
+  static double sw_drop = 1.5;
+  static bool sw_absolute = false;
+  auto* sw = app.add_subcommand("steer-sweep",
+                                "Steer with a vector at every (site, coefficient) in one batch; score, check coherence, report the best");
+  sw->add_option("MODEL", sw_model, "checkpoint directory (with a tokenizer)")->required();
+  sw->add_option("--vector", sw_vec, "vector file (e.g. from kscope vectors mean-diff)")->required();
+  sw->add_option("--sites", sw_sites, "sites to try (default: every site in the vector file)");
+  sw->add_option("--coefs", sw_coefs, "coefficients to try")->capture_default_str();
+  sw->add_flag("--absolute", sw_absolute, "coefficients are absolute (default: units of the site's mean norm)");
+  sw->add_option("--norms", sw_norms, "mean norms per site (default: the vector file's)");
+  sw->add_option("--prompts", sw_prompts, "JSONL of prompts ({\"text\"|\"ids\"|\"messages\"}) to steer");
+  sw->add_option("--prompt", sw_texts, "a prompt (repeatable)");
+  sw->add_option("--positions", sw_positions, "where to steer")->capture_default_str();
+  sw->add_option("--max-new-tokens", sw_max_new, "tokens generated per row (greedy)")->capture_default_str();
+  sw->add_option("--scorer", sw_scorer, "french: 100 x the fraction of French function words")->capture_default_str();
+  sw->add_option("--coherence-drop", sw_drop,
+                 "a candidate counts while its log-likelihood per token (under the unsteered model) is within this of the baseline's")
+      ->capture_default_str();
+  sw->add_option("--out", sw_out, "write results.jsonl, summary.json, table.md and plot.svg here");
+  sw->footer("Example: kscope steer-sweep models/demo --vector french.safetensors --prompts examples/french/questions.jsonl --out out/sweep");
+  runners.push_back([sw] {
+    if (!*sw) return -1;
+    auto model = Model::load(sw_model);
+    TextIO io(sw_model, model->config().vocab_size, "");
+    const auto prompts = load_prompts(io, sw_texts, "", {}, sw_prompts);
+    VectorCache vc(model->config());
+    load_norms(vc, sw_norms);
+    const VectorFile& vf = vc.get(sw_vec);
+    SweepSpec spec;
+    for (auto& p : prompts) spec.prompts.push_back(p.prompt);
+    std::vector<std::string> sites = split_list(sw_sites);
+    if (sites.empty())
+      for (auto& [k, x] : vf.vectors) sites.push_back(k);
+    for (auto& s : sites) {
+      spec.sites.push_back(parse_site(s, model->config().num_hidden_layers));
+      spec.vectors[s] = vf.at(s, sw_vec);
+      const double n = vc.norms_override.count(s) ? vc.norms_override.at(s) : vf.norms.count(s) ? vf.norms.at(s) : 0.0;
+      if (!sw_absolute && !(n > 0)) fail(ErrorKind::input, sw_vec, "no mean norm for site '{}': give --norms or --absolute", s);
+      spec.mean_norms[s] = n;
+    }
+    for (auto& c : split_list(sw_coefs)) spec.coefs.push_back(std::stod(c));
+    spec.relative = !sw_absolute;
+    spec.positions = sw_positions;
+    spec.max_new_tokens = sw_max_new;
+    spec.coherence_drop = sw_drop;
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto r = run_sweep(*model, io.need("steer-sweep"), spec, make_scorer(sw_scorer),
+                             [](const std::string& m) { std::cerr << m << "\n"; });
+    const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::cout << r.table();
+    const auto& best = r.best;
+    for (const auto& row : r.rows)
+      if (row.site == best.site && row.coef == best.coef && row.prompt < 2)
+        std::cout << fmt::format("\n  {} ->{}", json(io.tok->decode(prompts[row.prompt].prompt)).dump(), json(row.text).dump());
+    std::cout << fmt::format("\n\n{} rows in {:.1f} s\n", r.rows.size(), secs);
+    if (!sw_out.empty()) {
+      std::filesystem::create_directories(sw_out);
+      std::ofstream rows(sw_out + "/results.jsonl");
+      for (const auto& row : r.rows)
+        rows << json({{"site", row.site}, {"coef", row.coef}, {"prompt", row.prompt}, {"text", row.text}, {"score", row.score},
+                      {"loglik", row.loglik}}).dump() << "\n";
+      std::ofstream(sw_out + "/summary.json") << r.summary().dump(2) << "\n";
+      std::ofstream(sw_out + "/table.md") << r.table();
+      std::ofstream(sw_out + "/plot.svg") << r.svg(fmt::format("steering with {} (scorer: {})", std::filesystem::path(sw_vec).filename().string(), sw_scorer));
+      std::cout << fmt::format("wrote {}/results.jsonl, summary.json, table.md, plot.svg\n", sw_out);
+    }
+    return 0;
+  });
 
   static std::string vin, vout, vmodel, vhint;
   auto* v = app.add_subcommand("vectors", "Inspect vector files; import and export llama.cpp/repeng control-vector GGUF");

@@ -93,6 +93,7 @@ def main():
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--vocab", type=int, default=8192)
     ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--max-seconds", type=float, default=0, help="stop training early past this (safety net; recorded)")
     ap.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free balancing step for the router bias")
     args = ap.parse_args()
     os.makedirs(os.path.join(args.out, "golden"), exist_ok=True)
@@ -156,7 +157,12 @@ def main():
 
     log = []
     t0 = time.time()
+    steps_run = 0
     for step in range(args.steps):
+        if args.max_seconds and time.time() - t0 > args.max_seconds:
+            print(f"time budget reached at step {step}", flush=True)
+            break
+        steps_run = step + 1
         x = batch_from(data)
         with torch.autocast(device_type="cuda" if dev == "cuda" else "cpu", dtype=torch.bfloat16):
             out = model(input_ids=x, labels=x, use_cache=False)  # transformers shifts the labels itself
@@ -171,7 +177,7 @@ def main():
                 if i in loads:
                     l = loads[i]
                     gate.e_score_correction_bias += args.bias_rate * torch.sign(l.mean() - l).to(gate.e_score_correction_bias.device)
-        if step % 25 == 0 or step == args.steps - 1:
+        if step % 50 == 0 or step == args.steps - 1:
             imb = max((loads[i].max() / loads[i].mean()).item() for i in loads) if loads else 0
             log.append({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0], "max_load_ratio": imb,
                         "seconds": time.time() - t0})
@@ -223,7 +229,7 @@ def main():
     except Exception as e:  # noqa: BLE001
         print("no plot:", e)
     with open(os.path.join(args.out, "train.json"), "w") as f:
-        json.dump({"steps": args.steps, "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
+        json.dump({"steps": args.steps, "steps_run": steps_run, "batch": args.batch, "seq": args.seq, "lr": args.lr, "seed": args.seed,
                    "bias_rate": args.bias_rate, "params": n_params, "tokens": tokens, "train_seconds": train_s,
                    "final_loss": log[-1]["loss"], "validation_loss": vl, "device": torch.cuda.get_device_name(0) if dev == "cuda" else "cpu",
                    "torch": torch.__version__, "transformers": __import__("transformers").__version__,
@@ -269,7 +275,7 @@ def main():
             golden[f"seq{i}.prompt"] = p.to(torch.int32)
             golden[f"seq{i}.greedy"] = full[len(p):].to(torch.int32)
             golden[f"seq{i}.ids"] = full.to(torch.int32)
-            golden[f"seq{i}.logits"] = logits.contiguous()
+            golden[f"seq{i}.logits"] = logits[len(p) - 1:].contiguous()  # rows predicting the greedy tokens
         save_file(golden, os.path.join(args.out, "golden", f"{fmt}.safetensors"), metadata={"format": "kscope-golden"})
         for fn in os.listdir(tmp):
             os.remove(os.path.join(tmp, fn))
