@@ -2,6 +2,7 @@
 // different steering in one batch matching each alone, inline capture matching a capture run, every error path.
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
 #include <httplib.h>
 
 #include <future>
@@ -311,6 +312,101 @@ TEST(ServerLimits, a_client_that_disconnects_cancels_its_generation) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   ADD_FAILURE() << "the generation was not cancelled after the client left";
+}
+
+}  // namespace
+
+namespace {
+
+TEST_F(Server, vectors_upload_list_use_and_delete) {
+  auto c = srv_->client();
+  auto& cc = const_cast<httplib::Client&>(c);
+  std::vector<float> d(256, 0.0f);
+  d[7] = 1.0f;
+  int status = 0;
+  json r = post(c, "/vectors", {{"name", "unit7"}, {"vectors", {{"2.resid_post", d}}}, {"norms", {{"2.resid_post", 9.0}}}}, &status);
+  EXPECT_EQ(status, 201) << r.dump();
+  const json list = json::parse(cc.Get("/vectors")->body);
+  bool found = false;
+  for (auto& v : list["vectors"]) found |= v["name"] == "unit7";
+  EXPECT_TRUE(found);
+  r = post(c, "/v1/completions", {{"prompt", "The"}, {"max_tokens", 4}, {"temperature", 0},
+                                  {"kscope", {{"interventions", {{{"vector", "unit7"}, {"site", "2.resid_post"}, {"coef", 1.0}, {"relative", true}}}}}}}, &status);
+  EXPECT_EQ(status, 200) << r.dump();
+  post(c, "/vectors", {{"name", "bad"}, {"vectors", {{"2.resid_post", {1, 2}}}}}, &status);
+  EXPECT_EQ(status, 400);
+  post(c, "/vectors", {{"name", "../x"}, {"vectors", {{"2.resid_post", d}}}}, &status);
+  EXPECT_EQ(status, 400);
+  EXPECT_EQ(cc.Delete("/vectors/unit7")->status, 200);
+  EXPECT_EQ(cc.Delete("/vectors/unit7")->status, 404);
+}
+
+TEST_F(Server, capture_over_given_text_equals_the_cli_capture) {
+  const json r = post(srv_->client(), "/capture", {{"sequences", {"The file is created.", {{"text", "Le fichier"}, {"response", " est créé."}}}},
+                                                   {"sites", {"1.resid_post"}}, {"positions", "all"}});
+  ASSERT_EQ(r["sequences"].size(), 2u) << r.dump();
+  auto model = Model::load(kDemo);
+  auto tok = Tokenizer::load(kDemo);
+  CaptureRequest a;
+  a.prompt = tok->encode("The file is created.");
+  CaptureSpec spec;
+  spec.sites = {{SiteKind::resid_post, 1}};
+  const auto ref = run_capture(*model, {a}, spec)[0];
+  const auto& rows = r["sequences"][0]["sites"]["1.resid_post"];
+  ASSERT_EQ(rows.size(), ref.positions.size());
+  for (size_t i = 0; i < rows.size(); ++i)
+    EXPECT_EQ(rows[i].get<std::vector<float>>(), std::vector<float>(ref.rows.at("1.resid_post").begin() + i * 256, ref.rows.at("1.resid_post").begin() + (i + 1) * 256));
+  EXPECT_EQ(r["sequences"][1]["tokens"].size(), r["sequences"][1]["positions"].size());
+  int status = 0;
+  post(srv_->client(), "/capture", {{"sequences", {"x"}}, {"sites", {"1.resid_post"}}, {"store", "s1"}}, &status);
+  EXPECT_EQ(status, 400);  // no --stores directory on this server
+}
+
+}  // namespace
+
+namespace {
+
+TEST(ServerLoad, sixty_four_clients_are_all_answered_and_the_server_keeps_its_counts) {
+  ServerOptions o;
+  o.max_batch = 64;
+  o.max_queue = 256;
+  Running s(o);
+  const int clients = 64, per_client = 3, max_tokens = 8;
+  std::vector<double> lat;
+  std::mutex mu;
+  int ok = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::vector<std::thread> ts;
+  for (int c = 0; c < clients; ++c)
+    ts.emplace_back([&, c] {
+      httplib::Client cl("127.0.0.1", s.port);
+      cl.set_read_timeout(120, 0);
+      for (int k = 0; k < per_client; ++k) {
+        const auto a = std::chrono::steady_clock::now();
+        auto r = cl.Post("/v1/completions",
+                         json({{"prompt", "Request " + std::to_string(c * 10 + k)}, {"max_tokens", max_tokens}, {"seed", c}, {"ignore_eos", true}}).dump(),
+                         "application/json");
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count();
+        std::lock_guard<std::mutex> lk(mu);
+        lat.push_back(ms);
+        const bool good = r && r->status == 200 && json::parse(r->body)["usage"]["completion_tokens"] == max_tokens;
+        ok += good;
+        if (!good) ADD_FAILURE() << "client " << c << " request " << k << ": " << (r ? std::to_string(r->status) + " " + r->body : "no response (" + httplib::to_string(r.error()) + ")");
+      }
+    });
+  for (auto& t : ts) t.join();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  EXPECT_EQ(ok, clients * per_client);
+  std::sort(lat.begin(), lat.end());
+  auto pct = [&](double p) { return lat[static_cast<size_t>(p * (lat.size() - 1))]; };
+  std::printf("    load: %d clients x %d requests x %d tokens in %.2f s: %.1f requests/s, %.0f tokens/s; latency p50 %.0f ms, p95 %.0f ms, p99 %.0f ms\n",
+              clients, per_client, max_tokens, secs, clients * per_client / secs, clients * per_client * max_tokens / secs, pct(0.5),
+              pct(0.95), pct(0.99));
+  httplib::Client cl("127.0.0.1", s.port);
+  const std::string m = cl.Get("/metrics")->body;
+  EXPECT_NE(m.find(fmt::format("kscope_generations_completed_total {}", clients * per_client)), std::string::npos) << m;
+  EXPECT_NE(m.find("kscope_queue_length 0"), std::string::npos);
+  EXPECT_NE(m.find("kscope_batch_size 0"), std::string::npos);
 }
 
 }  // namespace

@@ -27,6 +27,7 @@ void add_serve_command(CLI::App& app, std::vector<std::function<int()>>& runners
   s->add_option("--name", o.model_name, "model name clients send in 'model'")->capture_default_str();
   s->add_option("--api-key", o.api_key, "require 'Authorization: Bearer KEY' (also KSCOPE_API_KEY)");
   s->add_option("--vectors", o.vectors_dir, "directory of vector files requests may name (\"vector\": \"french\")");
+  s->add_option("--stores", o.stores_dir, "directory POST /capture may write activation stores into (\"store\": \"name\")");
   s->add_option("--max-batch", o.max_batch, "sequences in the running batch")->capture_default_str();
   s->add_option("--max-queue", o.max_queue, "requests waiting for a slot before 429")->capture_default_str();
   s->add_option("--max-body", o.max_body_bytes, "largest request body in bytes (413 past it)")->capture_default_str();
@@ -34,7 +35,7 @@ void add_serve_command(CLI::App& app, std::vector<std::function<int()>>& runners
   s->add_option("--threads", o.threads, "HTTP worker threads")->capture_default_str();
   s->footer(
       "Endpoints: POST /v1/chat/completions, /v1/completions (stream, logprobs, top_logprobs, stop, seed, usage), GET /v1/models,\n"
-      "POST /tokenize, /detokenize, /apply-template, GET /health, /metrics (Prometheus). A request's \"kscope\" field adds\n"
+      "POST /tokenize, /detokenize, /apply-template, /capture; GET/POST /vectors, DELETE /vectors/NAME; GET /health, /metrics. A request's \"kscope\" field adds\n"
       "{\"interventions\": [{\"vector\": name or [floats], \"site\", \"op\", \"coef\", \"relative\", \"positions\"}],\n"
       " \"capture\": {\"sites\": [...], \"positions\": \"response\", \"reduction\": \"mean\"}}; requests with different\n"
       "interventions share the running batch. Example:\n"

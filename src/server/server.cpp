@@ -2,6 +2,10 @@
 
 #include <httplib.h>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+
 #include <chrono>
 #include <condition_variable>
 #include <deque>
@@ -11,7 +15,10 @@
 #include <random>
 #include <regex>
 
+#include "interp/capture.hpp"
 #include "interp/steer_spec.hpp"
+#include "interp/vectors.hpp"
+#include "store/activation_store.hpp"
 #include "util/error.hpp"
 
 namespace kscope {
@@ -82,9 +89,35 @@ KscopeServer::KscopeServer(std::unique_ptr<Model> model, ServerOptions opts)
 
 KscopeServer::~KscopeServer() { stop(); }
 
+namespace {
+// Debian's cpp-httplib is compiled with a listen backlog of 5, so a burst of connections (64 clients at once)
+// overflows the accept queue and clients see reset connections. Linux lets listen() be called again on a
+// listening socket to change its backlog: find ours by its bound port and raise it.
+void raise_backlog(int port) {
+  for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
+    int fd = -1;
+    try {
+      fd = std::stoi(e.path().filename().string());
+    } catch (const std::exception&) {
+      continue;
+    }
+    int listening = 0;
+    socklen_t len = sizeof listening;
+    if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
+    sockaddr_storage ss{};
+    socklen_t sl = sizeof ss;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &sl) != 0) continue;
+    const int p = ss.ss_family == AF_INET ? ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port)
+                  : ss.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port) : -1;
+    if (p == port) ::listen(fd, SOMAXCONN);
+  }
+}
+}  // namespace
+
 int KscopeServer::bind(const std::string& host, int port) {
-  if (port == 0) return http_->bind_to_any_port(host);
-  return http_->bind_to_port(host, port) ? port : -1;
+  const int bound = port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
+  if (bound > 0) raise_backlog(bound);
+  return bound;
 }
 void KscopeServer::serve() { http_->listen_after_bind(); }
 void KscopeServer::stop() {
@@ -221,6 +254,167 @@ void KscopeServer::routes() {
     const auto r = render_chat(need_tok(), chat_, parse_messages(j["messages"]), o);
     res.set_content(json({{"text", need_tok().decode(r.ids)}, {"ids", r.ids}, {"chat_format", chat_format_name(chat_)}}).dump(),
                     "application/json");
+  });
+
+  // ------------------------------------------------------------------------------------ vectors
+  auto check_name = [](const std::string& n, const char* field) {
+    if (!std::regex_match(n, std::regex("[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")) || n.find("..") != std::string::npos)
+      bad(field, "a name is 1-128 letters, digits, '_', '-' and '.'");
+  };
+  auto vec_dir = [this]() -> const std::string& {
+    if (opts_.vectors_dir.empty()) throw HttpError(400, "", "this server has no vector directory (start it with --vectors DIR)");
+    return opts_.vectors_dir;
+  };
+  S.Get("/vectors", [vec_dir](const httplib::Request&, httplib::Response& res) {
+    json list = json::array();
+    for (auto& e : fs::directory_iterator(vec_dir())) {
+      if (e.path().extension() != ".safetensors") continue;
+      try {
+        const auto v = VectorFile::load(e.path().string());
+        json sites = json::array();
+        for (auto& [k, x] : v.vectors) sites.push_back(k);
+        list.push_back({{"name", e.path().stem().string()}, {"sites", sites}, {"metadata", v.meta}});
+      } catch (const Error&) {
+        // not a vector file: not listed
+      }
+    }
+    std::sort(list.begin(), list.end(), [](const json& a, const json& b) { return a["name"] < b["name"]; });
+    res.set_content(json({{"vectors", list}}).dump(), "application/json");
+  });
+  S.Post("/vectors", [&cfg, body, check_name, vec_dir](const httplib::Request& req, httplib::Response& res) {
+    const json j = body(req);
+    if (!j.contains("name") || !j["name"].is_string()) bad("name", "required string");
+    const std::string name = j["name"].get<std::string>();
+    check_name(name, "name");
+    if (!j.contains("vectors") || !j["vectors"].is_object() || j["vectors"].empty()) bad("vectors", "expected {site: [numbers]}");
+    VectorFile v;
+    for (auto it = j["vectors"].begin(); it != j["vectors"].end(); ++it) {
+      const Site site = parse_site(it.key(), cfg.num_hidden_layers);
+      const int64_t width = site.kind == SiteKind::logits ? cfg.vocab_size : cfg.hidden_size;
+      if (!it->is_array() || static_cast<int64_t>(it->size()) != width)
+        bad("vectors." + it.key(), fmt::format("expected {} numbers (the width of {})", width, site.str()));
+      std::vector<float> f;
+      for (auto& x : *it) {
+        if (!x.is_number() || !std::isfinite(x.get<double>())) bad("vectors." + it.key(), "expected finite numbers");
+        f.push_back(x.get<float>());
+      }
+      v.vectors[site.str()] = std::move(f);
+    }
+    if (j.contains("norms")) {
+      if (!j["norms"].is_object()) bad("norms", "expected {site: mean norm}");
+      for (auto& [k, x] : j["norms"].items()) {
+        if (!x.is_number() || !(x.get<double>() > 0)) bad("norms." + k, "expected a positive number");
+        v.norms[k] = x.get<double>();
+      }
+    }
+    if (j.contains("metadata")) {
+      if (!j["metadata"].is_object()) bad("metadata", "expected {key: string}");
+      for (auto& [k, x] : j["metadata"].items()) {
+        if (!x.is_string()) bad("metadata." + k, "expected a string");
+        v.meta[k] = x.get<std::string>();
+      }
+    }
+    v.meta["model_identity"] = cfg.identity_hash();
+    const std::string path = vec_dir() + "/" + name + ".safetensors";
+    const bool existed = fs::exists(path);
+    v.save(path);
+    res.status = existed ? 200 : 201;
+    res.set_content(json({{"name", name}, {"sites", v.vectors.size()}, {"replaced", existed}}).dump(), "application/json");
+  });
+  S.Delete(R"(/vectors/([^/]+))", [check_name, vec_dir](const httplib::Request& req, httplib::Response& res) {
+    const std::string name = req.matches[1];
+    check_name(name, "name");
+    const std::string path = vec_dir() + "/" + name + ".safetensors";
+    if (!fs::exists(path)) throw HttpError(404, "name", "no vector named '" + name + "'");
+    fs::remove(path);
+    res.set_content(json({{"deleted", name}}).dump(), "application/json");
+  });
+
+  // ------------------------------------------------------------------------------------ capture
+  // Replays given sequences (text, ids or messages, with an optional response) and returns the activations
+  // inline, or writes them to an activation store under --stores.
+  S.Post("/capture", [this, &cfg, body, check_name, need_tok](const httplib::Request& req, httplib::Response& res) {
+    const json j = body(req);
+    for (auto it = j.begin(); it != j.end(); ++it)
+      if (it.key() != "sequences" && it.key() != "sites" && it.key() != "positions" && it.key() != "reduction" && it.key() != "store" && it.key() != "dtype")
+        bad(it.key(), "unknown field (expected sequences, sites, positions, reduction, store, dtype)");
+    if (!j.contains("sequences") || !j["sequences"].is_array() || j["sequences"].empty()) bad("sequences", "expected a non-empty list");
+    if (!j.contains("sites") || !j["sites"].is_array() || j["sites"].empty()) bad("sites", "expected a list of sites");
+    CaptureSpec spec;
+    for (auto& s : j["sites"]) {
+      if (!s.is_string()) bad("sites", "expected site names");
+      spec.sites.push_back(parse_site(s.get<std::string>(), cfg.num_hidden_layers));
+    }
+    spec.positions = PositionSpec::parse(j.value("positions", "all"));
+    spec.reduction = parse_reduction(j.value("reduction", "none"));
+    std::vector<CaptureRequest> reqs;
+    for (size_t i = 0; i < j["sequences"].size(); ++i) {
+      const json& q = j["sequences"][i];
+      const std::string w = fmt::format("sequences[{}]", i);
+      CaptureRequest r;
+      auto ids_of = [&](const json& x, const std::string& field) {
+        std::vector<int32_t> ids;
+        if (x.is_string()) return need_tok().encode(x.get<std::string>());
+        if (!x.is_array()) bad(w + "." + field, "expected text or token ids");
+        for (auto& t : x) {
+          if (!t.is_number_integer()) bad(w + "." + field, "expected integers");
+          ids.push_back(t.get<int32_t>());
+        }
+        return ids;
+      };
+      if (q.is_string()) r.prompt = need_tok().encode(q.get<std::string>());
+      else if (q.is_object() && q.contains("messages")) {
+        ChatOptions o;
+        o.add_generation_prompt = !q.contains("response");
+        const auto rc = render_chat(need_tok(), chat_, parse_messages(q["messages"]), o);
+        r.prompt = rc.ids;
+        r.turns = rc.turns;
+      } else if (q.is_object() && q.contains("text")) r.prompt = ids_of(q["text"], "text");
+      else if (q.is_object() && q.contains("ids")) r.prompt = ids_of(q["ids"], "ids");
+      else bad(w, "expected text, {text|ids|messages, response?}");
+      if (q.is_object() && q.contains("response")) r.response = ids_of(q["response"], "response");
+      if (r.prompt.empty()) bad(w, "empty");
+      reqs.push_back(std::move(r));
+    }
+    std::lock_guard<std::mutex> lk(capture_mu_);
+    if (j.contains("store")) {
+      if (opts_.stores_dir.empty()) bad("store", "this server has no store directory (start it with --stores DIR)");
+      const std::string name = j["store"].get<std::string>();
+      check_name(name, "store");
+      StoreConfig sc;
+      sc.model_identity = cfg.identity_hash();
+      sc.model_type = cfg.model_type;
+      sc.model_path = opts_.model_dir;
+      for (auto& s : spec.sites) sc.sites.push_back(s.str());
+      sc.positions = spec.positions.text();
+      sc.reduction = j.value("reduction", "none");
+      sc.dtype = j.value("dtype", "float32");
+      sc.d_model = cfg.hidden_size;
+      sc.source = "POST /capture";
+      sc.source_hash = fmt::format("{:016x}", fnv1a64(req.body.data(), req.body.size()));
+      StoreWriter w(opts_.stores_dir + "/" + name, sc);
+      capture_to_store(*model_, reqs, spec, w, 16);
+      res.set_content(json({{"store", name}, {"sequences", reqs.size()}, {"shards", w.manifest()["shards"].size()}}).dump(), "application/json");
+      return;
+    }
+    int64_t values = 0;
+    for (auto& r : reqs) values += static_cast<int64_t>(r.prompt.size() + r.response.size()) * cfg.hidden_size * spec.sites.size();
+    if (values > (16 << 20)) bad("sequences", "too large to return inline: name a 'store' (and start the server with --stores)");
+    const auto caps = run_capture(*model_, reqs, spec);
+    json out = json::array();
+    for (const auto& c : caps) {
+      json sites = json::object();
+      for (auto& [site, rows] : c.rows) {
+        const int64_t w = c.width.at(site);
+        json m = json::array();
+        for (size_t i = 0; i * w < rows.size(); ++i) m.push_back(std::vector<float>(rows.begin() + i * w, rows.begin() + (i + 1) * w));
+        sites[site] = m;
+      }
+      json o = {{"positions", c.positions}, {"tokens", c.tokens}, {"sites", sites}};
+      for (auto& [site, ids] : c.router_ids) o["router"][site] = {{"experts", ids}, {"weights", c.router_weights.at(site)}};
+      out.push_back(o);
+    }
+    res.set_content(json({{"sequences", out}}).dump(), "application/json");
   });
 
   // ---------------------------------------------------------------------------------- generation

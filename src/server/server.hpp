@@ -20,7 +20,8 @@ namespace kscope {
 struct ServerOptions {
   std::string model_dir, model_name = "kscope";
   std::string api_key;              // bearer token; empty: no auth
-  std::string vectors_dir;          // vector files by name ("vector": "french" -> DIR/french.safetensors)
+  std::string vectors_dir;          // vector files by name ("vector": "french" -> DIR/french.safetensors); /vectors
+  std::string stores_dir;           // activation stores /capture may write ("store": "name" -> DIR/name)
   int64_t max_batch = 64, max_queue = 256;
   size_t max_body_bytes = 8u << 20;
   double request_timeout_s = 600;
@@ -45,6 +46,7 @@ class KscopeServer {
   std::unique_ptr<Engine> engine_;
   std::unique_ptr<httplib::Server> http_;
   std::atomic<int64_t> requests_{0}, errors_{0};
+  std::mutex capture_mu_;  // one /capture at a time (it runs beside the engine)
 };
 
 }  // namespace kscope
