@@ -66,15 +66,30 @@ std::vector<CaptureRequest> build_requests(const CaptureArgs& a, const ModelConf
   return reqs;
 }
 
-int run_capture_cmd(const CaptureArgs& a) {
-  auto model = Model::load(a.model);
-  const auto& cfg = model->config();
-  TextIO io(a.model, cfg.vocab_size, "");
+// What capture and calibrate share: the model, the capture spec and the requests.
+struct Job {
+  std::unique_ptr<Model> model;
   CaptureSpec spec;
-  spec.sites = parse_sites(a.sites, cfg);
-  spec.positions = PositionSpec::parse(a.positions);
-  spec.reduction = parse_reduction(a.reduction);
-  const auto reqs = build_requests(a, cfg, io);
+  std::vector<CaptureRequest> reqs;
+};
+Job prepare(const CaptureArgs& a) {
+  Job j;
+  j.model = Model::load(a.model);
+  const auto& cfg = j.model->config();
+  TextIO io(a.model, cfg.vocab_size, "");
+  j.spec.sites = parse_sites(a.sites, cfg);
+  j.spec.positions = PositionSpec::parse(a.positions);
+  j.spec.reduction = parse_reduction(a.reduction);
+  j.reqs = build_requests(a, cfg, io);
+  return j;
+}
+
+int run_capture_cmd(const CaptureArgs& a) {
+  Job job = prepare(a);
+  auto& model = job.model;
+  const auto& cfg = model->config();
+  const auto& spec = job.spec;
+  const auto& reqs = job.reqs;
   StoreConfig sc;
   sc.model_identity = cfg.identity_hash();
   sc.model_type = cfg.model_type;
@@ -110,13 +125,11 @@ int run_capture_cmd(const CaptureArgs& a) {
 }
 
 int run_calibrate(const CaptureArgs& a) {
-  auto model = Model::load(a.model);
+  Job job = prepare(a);  // (calibrate's reduction is "none": it needs every row's norm)
+  auto& model = job.model;
   const auto& cfg = model->config();
-  TextIO io(a.model, cfg.vocab_size, "");
-  CaptureSpec spec;
-  spec.sites = parse_sites(a.sites, cfg);
-  spec.positions = PositionSpec::parse(a.positions);
-  const auto reqs = build_requests(a, cfg, io);
+  const auto& spec = job.spec;
+  const auto& reqs = job.reqs;
   std::map<std::string, double> sum;
   std::map<std::string, int64_t> count;
   Progress bar{"calibrating"};
