@@ -3,6 +3,7 @@
 
 #include <nlohmann/json.hpp>
 #include <sstream>
+#include <thread>
 
 #include "testutil.hpp"
 #include <filesystem>
@@ -370,6 +371,38 @@ TEST(CliDemo, quantize_round_trips_through_the_loader_and_the_sweep_reports_a_ta
   EXPECT_GT(summary["delta"].get<double>(), 20.0);  // French words up by more than 20 points on a 0-100 scale
   EXPECT_NE(summary["best_coef"].get<double>(), 4.0);  // the incoherent coefficient is never the best
   EXPECT_NE(kscope::test::read_file(d.str() + "/sweep/plot.svg").find("<polyline"), std::string::npos);
+}
+
+}  // namespace
+
+#include <httplib.h>
+
+namespace {
+
+TEST(CliServe, the_serve_command_answers_over_http_and_stops_on_sigterm) {
+  kscope::test::TempDir d;
+  const std::string demo = std::string(KSCOPE_SOURCE_DIR) + "/models/demo";
+  std::string out;
+  ASSERT_EQ(run("(" + kBin + " serve " + demo + " --port 0 > " + d.str() + "/log 2>&1 & echo $! > " + d.str() + "/pid)", &out), 0) << out;
+  int port = 0;
+  for (int i = 0; i < 100 && port == 0; ++i) {
+    const std::string log = kscope::test::read_file(d.str() + "/log");
+    const auto at = log.find("http://127.0.0.1:");
+    if (at != std::string::npos && log.find('\n', at) != std::string::npos) port = std::stoi(log.substr(at + 17));
+    else std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  ASSERT_GT(port, 0) << kscope::test::read_file(d.str() + "/log");
+  httplib::Client c("127.0.0.1", port);
+  auto r = c.Post("/v1/completions", R"({"prompt": "The file", "max_tokens": 4, "temperature": 0})", "application/json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 200);
+  EXPECT_EQ(json::parse(r->body)["usage"]["completion_tokens"], 4);
+  EXPECT_EQ(run("kill -TERM $(cat " + d.str() + "/pid)", &out), 0);
+  for (int i = 0; i < 50; ++i) {
+    if (kscope::test::read_file(d.str() + "/log").find("kscope: stopped") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_NE(kscope::test::read_file(d.str() + "/log").find("kscope: stopped"), std::string::npos);
 }
 
 }  // namespace
