@@ -226,22 +226,19 @@ void render_deepseek(Builder& b, const std::vector<ChatMessage>& msgs, const Cha
         if (!is_first) {
           b.special("<｜Assistant｜>");
           b.special("<｜tool▁calls▁begin｜>");
-          b.special("<｜tool▁call▁begin｜>");
-          b.text(tc.type);
-          b.special("<｜tool▁sep｜>");
-          b.text(tc.name + "\n```json\n" + tc.arguments + "\n```");
-          b.special("<｜tool▁call▁end｜>");
-          is_first = true;
         } else {
           b.text("\n");
-          b.special("<｜tool▁call▁begin｜>");
-          b.text(tc.type);
-          b.special("<｜tool▁sep｜>");
-          b.text(tc.name + "\n```json\n" + tc.arguments + "\n```");
-          b.special("<｜tool▁call▁end｜>");
+        }
+        b.special("<｜tool▁call▁begin｜>");
+        b.text(tc.type);
+        b.special("<｜tool▁sep｜>");
+        b.text(tc.name + "\n```json\n" + tc.arguments + "\n```");
+        b.special("<｜tool▁call▁end｜>");
+        if (is_first) {  // (the template closes the section after every later call, never after the first)
           b.special("<｜tool▁calls▁end｜>");
           b.special("<｜end▁of▁sentence｜>");
         }
+        is_first = true;
       }
     }
     if (m.role == "assistant" && m.content) {

@@ -59,33 +59,28 @@ struct Scanner {
     return i;
   }
 
+  // Tries `rest` after an optional [^\r\n\p{L}\p{N}] at i, first with it (greedy), then without.
+  template <typename Rest>
+  uint32_t with_optional_lead(uint32_t i, Rest rest) const {
+    if (i < n && lead(i))
+      if (const uint32_t e = rest(i + 1); e != kFail) return e;
+    return rest(i);
+  }
   // [^\r\n\p{L}\p{N}]?[UP]*[LO]+(contraction)?
   uint32_t letters_lower_tail(uint32_t i, uint16_t up, uint16_t lo) const {
-    for (int opt = 1; opt >= 0; --opt) {
-      uint32_t s = i;
-      if (opt) {
-        if (s < n && lead(s)) ++s;
-        else continue;
-      }
+    return with_optional_lead(i, [&](uint32_t s) -> uint32_t {
       const uint32_t a = run(s, up);
-      for (uint32_t k = a + 1; k-- > s;) {  // backtrack the greedy [UP]* until [LO]+ can start
+      for (uint32_t k = a + 1; k-- > s;)  // backtrack the greedy [UP]* until [LO]+ can start
         if (k < n && is(k, lo)) return contraction(run(k, lo));
-      }
-    }
-    return kFail;
+      return kFail;
+    });
   }
   // [^\r\n\p{L}\p{N}]?[UP]+[LO]*(contraction)?
   uint32_t letters_upper_head(uint32_t i, uint16_t up, uint16_t lo) const {
-    for (int opt = 1; opt >= 0; --opt) {
-      uint32_t s = i;
-      if (opt) {
-        if (s < n && lead(s)) ++s;
-        else continue;
-      }
+    return with_optional_lead(i, [&](uint32_t s) -> uint32_t {
       const uint32_t a = run(s, up);
-      if (a > s) return contraction(run(a, lo));
-    }
-    return kFail;
+      return a > s ? contraction(run(a, lo)) : kFail;
+    });
   }
   // \p{N}{1,3}
   uint32_t digits(uint32_t i) const {
