@@ -31,6 +31,7 @@ std::vector<std::string> fixture_names() {
 struct Recorder : Observer {
   std::map<std::string, std::vector<float>> rows;  // site -> [rows, width], appended across calls
   bool wants(const Site&) const override { return true; }
+  bool writes(const Site&) const override { return false; }
   void on(const Site& s, int64_t, float* d, int64_t n, int64_t w, int64_t) override {
     auto& v = rows[s.str()];
     v.insert(v.end(), d, d + n * w);

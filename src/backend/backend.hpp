@@ -1,7 +1,11 @@
 // The operations one DeepSeek-V3 / Kimi-K2 layer is written in. model/ calls only these; backend/cpu is the
-// threaded fp32 reference, backend/cuda (later) the fast one. Buffers are backend-resident float arrays.
+// threaded fp32 reference, backend/cuda the GPU one. Every float/int pointer an op takes is *backend memory*
+// (host memory for the CPU backend, device memory for CUDA), allocated with alloc() or through Buf<T>.
+// Weights are passed as the host-side descriptors of model/weights.hpp; a device backend finds its own copy
+// of them (uploaded once by prepare()).
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "model/config.hpp"
@@ -9,25 +13,53 @@
 
 namespace kscope {
 
+// One sequence's compressed MLA cache (per layer: normed latent [len, kv_lora] and rotated rope key [len, rope]),
+// owned by the backend that made it.
+class KvState {
+ public:
+  virtual ~KvState() = default;
+  virtual size_t bytes() const = 0;
+};
+
 // One sequence's view of the attention inputs for one layer.
 struct AttnSeq {
   int64_t row0 = 0;    // first row of this sequence's new tokens in the batch
   int64_t n_new = 0;   // new tokens (their latents are already appended to the cache)
   int64_t past = 0;    // cached tokens before them; new token i sits at position past + i
-  const float* latent = nullptr;  // [past + n_new, kv_lora]   normed compressed kv
-  const float* k_rope = nullptr;  // [past + n_new, rope]      rotated shared rope key
-  bool absorbed = false;          // decode form: attend in latent space (no per-token keys/values)
+  KvState* kv = nullptr;
+  int64_t layer = 0;
+  bool absorbed = false;  // decode form: attend in latent space (no per-token keys/values)
 };
 
 class Backend {
  public:
   virtual ~Backend() = default;
   virtual const char* name() const = 0;
+  // true when backend memory is ordinary host memory (hooks then see it in place)
+  virtual bool host_memory() const { return true; }
+  // Called once per model with its weights, before any op; a device backend uploads them here.
+  virtual void prepare(const ModelConfig& cfg, const ModelWeights& w) {}
 
-  // out[n, H] = table[ids]
+  // ---- memory
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void release(void* p) = 0;
+  virtual void upload(void* dst, const void* host, size_t bytes) = 0;
+  virtual void download(void* host, const void* src, size_t bytes) = 0;  // complete when it returns
+  virtual void fill(float* p, float value, int64_t n) = 0;
+
+  // ---- KV cache
+  virtual std::unique_ptr<KvState> new_kv(const ModelConfig& cfg) = 0;
+  // Appends rows [row0, row0 + n) to layer `layer`: latent rows from latent [*, C], rope keys from
+  // ckv [*, C + dr] at column C.
+  virtual void kv_append(KvState& kv, int64_t layer, const float* latent, const float* ckv, int64_t row0, int64_t n,
+                         int64_t C, int64_t dr) = 0;
+
+  // ---- ops
+  // out[n, H] = table[ids]   (ids already checked against the vocabulary)
   virtual void embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) = 0;
-  // out[n, d] = x / rms(x) * w  (out may alias x)
-  virtual void rmsnorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* out) = 0;
+  // out[n, d] = x / rms(x) * w  (out may alias x; x rows are `ld` apart, out rows d apart)
+  virtual void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
+                       int64_t ld = 0) = 0;
   // y[n, out] = x[n, in] · Wᵀ, W dequantized tile by tile in its stored format
   virtual void linear(const Linear& w, const float* x, int64_t n, float* y) = 0;
   // Rotates the rope part of rows in place. Row r, head h: x + r*row_stride + h*head_stride + offset, `dim` values,
@@ -49,6 +81,48 @@ class Backend {
   virtual void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) = 0;
   // y += x
   virtual void add(float* y, const float* x, int64_t n) = 0;
+  // dst[i, :] = src[rows[i], :]   (rows: backend memory, n entries)
+  virtual void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) = 0;
 };
+
+// An array in backend memory, freed with the Buf.
+template <class T>
+class Buf {
+ public:
+  Buf() = default;
+  Buf(Backend& be, int64_t n) : be_(&be), n_(n) { p_ = n > 0 ? static_cast<T*>(be.alloc(n * sizeof(T))) : nullptr; }
+  Buf(Backend& be, const std::vector<T>& host) : Buf(be, static_cast<int64_t>(host.size())) {
+    if (n_ > 0) be.upload(p_, host.data(), n_ * sizeof(T));
+  }
+  Buf(const Buf&) = delete;
+  Buf& operator=(const Buf&) = delete;
+  Buf(Buf&& o) noexcept : be_(o.be_), p_(o.p_), n_(o.n_) { o.p_ = nullptr; o.n_ = 0; }
+  Buf& operator=(Buf&& o) noexcept {
+    if (this != &o) { reset(); be_ = o.be_; p_ = o.p_; n_ = o.n_; o.p_ = nullptr; o.n_ = 0; }
+    return *this;
+  }
+  ~Buf() { reset(); }
+  void reset() {
+    if (p_) be_->release(p_);
+    p_ = nullptr;
+    n_ = 0;
+  }
+  T* data() const { return p_; }
+  int64_t size() const { return n_; }
+  std::vector<T> host() const {
+    std::vector<T> v(n_);
+    if (n_ > 0) be_->download(v.data(), p_, n_ * sizeof(T));
+    return v;
+  }
+
+ private:
+  Backend* be_ = nullptr;
+  T* p_ = nullptr;
+  int64_t n_ = 0;
+};
+
+// "cpu" or "cuda" / "cuda:N"; throws Error(input) for an unknown name or Error(unsupported) when this build or
+// machine has no CUDA device.
+std::shared_ptr<Backend> make_backend(const std::string& name);
 
 }  // namespace kscope

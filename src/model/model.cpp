@@ -7,13 +7,6 @@
 
 namespace kscope {
 
-size_t KvCache::bytes() const {
-  size_t n = 0;
-  for (auto& v : latent) n += v.size() * sizeof(float);
-  for (auto& v : k_rope) n += v.size() * sizeof(float);
-  return n;
-}
-
 namespace {
 const char* kSiteNames[] = {"embed", "resid_pre", "attn_out", "resid_mid", "mlp_out", "router", "resid_post", "final_norm", "logits"};
 }
@@ -53,6 +46,11 @@ bool HookList::wants(const Site& s) const {
     if (h->wants(s)) return true;
   return false;
 }
+bool HookList::writes(const Site& s) const {
+  for (auto* h : hooks)
+    if (h->wants(s) && h->writes(s)) return true;
+  return false;
+}
 void HookList::on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) {
   for (auto* h : hooks)
     if (h->wants(s)) h->on(s, seq, d, n, w, pos0);
@@ -69,6 +67,7 @@ Model::Model(ModelConfig cfg, ModelWeights weights, std::shared_ptr<Backend> bac
   inv_freq_ = cfg_.rope_inv_freq();
   attn_factor_ = cfg_.rope_attention_factor();
   attn_scale_ = static_cast<float>(cfg_.attention_scale());
+  backend_->prepare(cfg_, w_);
 }
 
 std::unique_ptr<Model> Model::load(const std::string& path, std::shared_ptr<Backend> backend) {
@@ -79,62 +78,64 @@ std::unique_ptr<Model> Model::load(const std::string& path, std::shared_ptr<Back
 
 KvCache Model::new_cache() const {
   KvCache c;
-  c.latent.resize(cfg_.num_hidden_layers);
-  c.k_rope.resize(cfg_.num_hidden_layers);
+  c.state = backend_->new_kv(cfg_);
   return c;
 }
 
+// Hooks see host rows. On a host-memory backend that is the buffer itself; on a device the batch's rows are
+// copied out once per site (and back only when some hook may have written).
 void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
-                 float* data, int64_t width) {
+                 float* data, int64_t N, int64_t width) {
   if (!hook || !hook->wants(site)) return;
+  Backend& be = *backend_;
+  float* host = data;
+  std::vector<float> copy;
+  if (!be.host_memory()) {
+    copy.resize(N * width);
+    be.download(copy.data(), data, copy.size() * sizeof(float));
+    host = copy.data();
+  }
   for (size_t i = 0; i < items.size(); ++i)
-    hook->on(site, static_cast<int64_t>(i), data + row0[i] * width, items[i].n, width, items[i].cache->length);
+    hook->on(site, static_cast<int64_t>(i), host + row0[i] * width, items[i].n, width, items[i].cache->length);
+  if (!be.host_memory() && hook->writes(site)) be.upload(data, copy.data(), copy.size() * sizeof(float));
 }
 
 void Model::attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items,
-                      const std::vector<int64_t>& row0, const std::vector<int64_t>& pos, float* out) {
+                      const std::vector<int64_t>& row0, const int64_t* pos, int64_t N, float* out) {
   Backend& be = *backend_;
   const auto& a = w_.layers[layer].attn;
-  const int64_t N = pos.size(), H = cfg_.hidden_size, nh = cfg_.num_attention_heads;
+  const int64_t nh = cfg_.num_attention_heads;
   const int64_t dq = cfg_.qk_head_dim(), dr = cfg_.qk_rope_head_dim, C = cfg_.kv_lora_rank;
-  (void)H;
+  const float eps = static_cast<float>(cfg_.rms_norm_eps);
   // queries [N, heads, nope + rope]
-  std::vector<float> q(N * nh * dq);
+  Buf<float> q(be, N * nh * dq);
   if (a.q_proj) {
     be.linear(*a.q_proj, x, N, q.data());
   } else {
-    std::vector<float> qa(N * a.q_a_proj->out);
+    Buf<float> qa(be, N * a.q_a_proj->out);
     be.linear(*a.q_a_proj, x, N, qa.data());
-    be.rmsnorm(qa.data(), a.q_a_norm.data(), N, a.q_a_proj->out, static_cast<float>(cfg_.rms_norm_eps), qa.data());
+    be.rmsnorm(qa.data(), a.q_a_norm, N, a.q_a_proj->out, eps, qa.data());
     be.linear(*a.q_b_proj, qa.data(), N, q.data());
   }
-  be.rope(q.data(), N, nh, nh * dq, dq, cfg_.qk_nope_head_dim, dr, pos.data(), inv_freq_, attn_factor_, cfg_.rope.interleave);
+  be.rope(q.data(), N, nh, nh * dq, dq, cfg_.qk_nope_head_dim, dr, pos, inv_freq_, attn_factor_, cfg_.rope.interleave);
   // compressed kv [N, kv_lora + rope]: normed latent + shared rope key, appended to each sequence's cache
-  std::vector<float> ckv(N * (C + dr));
+  Buf<float> ckv(be, N * (C + dr)), lat(be, N * C);
   be.linear(a.kv_a_proj, x, N, ckv.data());
-  std::vector<float> lat(N * C);
-  for (int64_t t = 0; t < N; ++t) std::copy(ckv.begin() + t * (C + dr), ckv.begin() + t * (C + dr) + C, lat.begin() + t * C);
-  be.rmsnorm(lat.data(), a.kv_a_norm.data(), N, C, static_cast<float>(cfg_.rms_norm_eps), lat.data());
-  be.rope(ckv.data(), N, 1, C + dr, 0, C, dr, pos.data(), inv_freq_, attn_factor_, cfg_.rope.interleave);
+  be.rmsnorm(ckv.data(), a.kv_a_norm, N, C, eps, lat.data(), C + dr);
+  be.rope(ckv.data(), N, 1, C + dr, 0, C, dr, pos, inv_freq_, attn_factor_, cfg_.rope.interleave);
   std::vector<AttnSeq> seqs(items.size());
   for (size_t i = 0; i < items.size(); ++i) {
     KvCache& kc = *items[i].cache;
-    auto& L = kc.latent[layer];
-    auto& R = kc.k_rope[layer];
-    const int64_t past = static_cast<int64_t>(L.size()) / C;
-    for (int64_t t = row0[i]; t < row0[i] + items[i].n; ++t) {
-      L.insert(L.end(), lat.begin() + t * C, lat.begin() + (t + 1) * C);
-      R.insert(R.end(), ckv.begin() + t * (C + dr) + C, ckv.begin() + (t + 1) * (C + dr));
-    }
+    be.kv_append(*kc.state, layer, lat.data(), ckv.data(), row0[i], items[i].n, C, dr);
     AttnSeq& s = seqs[i];
     s.row0 = row0[i];
     s.n_new = items[i].n;
-    s.past = past;
-    s.latent = L.data();
-    s.k_rope = R.data();
+    s.past = kc.length;
+    s.kv = kc.state.get();
+    s.layer = layer;
     s.absorbed = mla_mode == MlaMode::absorbed || (mla_mode == MlaMode::automatic && items[i].n == 1);
   }
-  std::vector<float> o(N * nh * cfg_.v_head_dim);
+  Buf<float> o(be, N * nh * cfg_.v_head_dim);
   be.mla_attention(cfg_, a, q.data(), seqs, attn_scale_, o.data());
   be.linear(a.o_proj, o.data(), N, out);
 }
@@ -147,8 +148,7 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
   int64_t N = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     KSCOPE_CHECK(items[i].n > 0, input, "forward", "sequence {} has no new tokens", i);
-    KSCOPE_CHECK(items[i].cache && static_cast<int64_t>(items[i].cache->latent.size()) == cfg_.num_hidden_layers, input,
-                 "forward", "sequence {} has no cache for this model", i);
+    KSCOPE_CHECK(items[i].cache && items[i].cache->state, input, "forward", "sequence {} has no cache for this model", i);
     KSCOPE_CHECK(items[i].cache->length + items[i].n <= cfg_.max_position_embeddings, input, "forward",
                  "sequence {} would reach {} tokens, past max_position_embeddings {}", i,
                  items[i].cache->length + items[i].n, cfg_.max_position_embeddings);
@@ -159,48 +159,55 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
   std::vector<int64_t> pos(N);
   for (size_t i = 0; i < items.size(); ++i)
     for (int64_t t = 0; t < items[i].n; ++t) {
-      ids[row0[i] + t] = items[i].tokens[t];
+      const int32_t id = items[i].tokens[t];
+      KSCOPE_CHECK(id >= 0 && id < V, input, "embed", "token id {} is outside the vocabulary [0, {})", id, V);
+      ids[row0[i] + t] = id;
       pos[row0[i] + t] = items[i].cache->length + t;
     }
 
-  std::vector<float> h(N * H), x(N * H), y(N * H);  // residual [N, H], normed input, sublayer output
-  be.embed(*w_.embed, ids.data(), N, h.data());
-  emit(obs, {SiteKind::embed, -1}, items, row0, h.data(), H);
+  Buf<int32_t> ids_b(be, ids);
+  Buf<int64_t> pos_b(be, pos);
+  Buf<float> h(be, N * H), x(be, N * H), y(be, N * H);  // residual [N, H], normed input, sublayer output
+  be.embed(*w_.embed, ids_b.data(), N, h.data());
+  emit(obs, {SiteKind::embed, -1}, items, row0, h.data(), N, H);
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     const auto& lw = w_.layers[l];
-    emit(obs, {SiteKind::resid_pre, l}, items, row0, h.data(), H);
-    be.rmsnorm(h.data(), lw.input_norm.data(), N, H, eps, x.data());
-    attention(l, x.data(), items, row0, pos, y.data());
-    emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), H);
+    emit(obs, {SiteKind::resid_pre, l}, items, row0, h.data(), N, H);
+    be.rmsnorm(h.data(), lw.input_norm, N, H, eps, x.data());
+    attention(l, x.data(), items, row0, pos_b.data(), N, y.data());
+    emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), N, H);
     be.add(h.data(), y.data(), N * H);
-    emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), H);
-    be.rmsnorm(h.data(), lw.post_attention_norm.data(), N, H, eps, x.data());
+    emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H);
+    be.rmsnorm(h.data(), lw.post_attention_norm, N, H, eps, x.data());
     if (lw.moe) {
       const auto& m = *lw.moe;
       const int64_t E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
-      std::vector<float> rl(N * E), wt(N * K);
-      std::vector<int32_t> idx(N * K);
+      Buf<float> rl(be, N * E), wt(be, N * K);
+      Buf<int32_t> idx(be, N * K);
       be.linear(m.router, x.data(), N, rl.data());
       be.route(cfg_, rl.data(), m.score_bias, N, idx.data(), wt.data());
-      if (obs && obs->wants({SiteKind::router, l}))
+      if (obs && obs->wants({SiteKind::router, l})) {
+        const auto rlh = rl.host(), wth = wt.host();
+        const auto idxh = idx.host();
         for (size_t i = 0; i < items.size(); ++i)
-          obs->on_router(l, static_cast<int64_t>(i), rl.data() + row0[i] * E, idx.data() + row0[i] * K,
-                         wt.data() + row0[i] * K, items[i].n, E, K, items[i].cache->length);
+          obs->on_router(l, static_cast<int64_t>(i), rlh.data() + row0[i] * E, idxh.data() + row0[i] * K,
+                         wth.data() + row0[i] * K, items[i].n, E, K, items[i].cache->length);
+      }
       be.moe_experts(m, x.data(), N, K, idx.data(), wt.data(), y.data());
       if (m.shared) {
-        std::vector<float> sh(N * H);
+        Buf<float> sh(be, N * H);
         be.mlp(*m.shared, x.data(), N, sh.data());
         be.add(y.data(), sh.data(), N * H);
       }
     } else {
       be.mlp(*lw.mlp, x.data(), N, y.data());
     }
-    emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), H);
+    emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), N, H);
     be.add(h.data(), y.data(), N * H);
-    emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), H);
+    emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), N, H);
   }
-  be.rmsnorm(h.data(), w_.final_norm.data(), N, H, eps, x.data());
-  emit(obs, {SiteKind::final_norm, -1}, items, row0, x.data(), H);
+  be.rmsnorm(h.data(), w_.final_norm, N, H, eps, x.data());
+  emit(obs, {SiteKind::final_norm, -1}, items, row0, x.data(), N, H);
   // lm_head only on the rows whose logits are wanted
   std::vector<int64_t> rows;
   for (size_t i = 0; i < items.size(); ++i) {
@@ -209,14 +216,17 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
     else
       rows.push_back(row0[i] + items[i].n - 1);
   }
-  std::vector<float> xs(rows.size() * H), lg(rows.size() * V);
-  for (size_t r = 0; r < rows.size(); ++r) std::copy(x.begin() + rows[r] * H, x.begin() + (rows[r] + 1) * H, xs.begin() + r * H);
-  be.linear(w_.lm_head, xs.data(), static_cast<int64_t>(rows.size()), lg.data());
+  const int64_t R = static_cast<int64_t>(rows.size());
+  Buf<int64_t> rows_b(be, rows);
+  Buf<float> xs(be, R * H), lg(be, R * V);
+  be.gather_rows(x.data(), rows_b.data(), R, H, xs.data());
+  be.linear(w_.lm_head, xs.data(), R, lg.data());
+  std::vector<float> lgh = lg.host();
   logits.assign(items.size(), {});
   size_t r = 0;
   for (size_t i = 0; i < items.size(); ++i) {
     const int64_t nr = items[i].all_logits ? items[i].n : 1;
-    logits[i].assign(lg.begin() + r * V, lg.begin() + (r + nr) * V);
+    logits[i].assign(lgh.begin() + r * V, lgh.begin() + (r + nr) * V);
     if (obs && obs->wants({SiteKind::logits, -1}))
       obs->on({SiteKind::logits, -1}, i, logits[i].data(), nr, V, items[i].cache->length + items[i].n - nr);
     r += nr;

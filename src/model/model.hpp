@@ -13,12 +13,12 @@
 
 namespace kscope {
 
-// The compressed MLA cache of one sequence: per layer, the normed latent and the rotated rope key per token.
+// The compressed MLA cache of one sequence: per layer, the normed latent and the rotated rope key per token,
+// held by the model's backend (host memory on CPU, device memory on CUDA).
 struct KvCache {
-  std::vector<std::vector<float>> latent;  // [layer][pos * kv_lora]
-  std::vector<std::vector<float>> k_rope;  // [layer][pos * rope]
+  std::unique_ptr<KvState> state;
   int64_t length = 0;
-  size_t bytes() const;
+  size_t bytes() const { return state ? state->bytes() : 0; }
 };
 
 // Hook sites (ARCHITECTURE.md): per layer L resid_pre, attn_out, resid_mid, mlp_out, router, resid_post;
@@ -43,6 +43,8 @@ class Hook {
  public:
   virtual ~Hook() = default;
   virtual bool wants(const Site& site) const = 0;
+  // false when the hook only reads at this site (a device backend then need not copy the rows back)
+  virtual bool writes(const Site& site) const { return true; }
   virtual void on(const Site& site, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) = 0;
   // L.router: router logits [n_rows, E] and the chosen experts idx/weight [n_rows, k] (read-only)
   virtual void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight,
@@ -54,6 +56,7 @@ class HookList : public Hook {
  public:
   std::vector<Hook*> hooks;
   bool wants(const Site& s) const override;
+  bool writes(const Site& s) const override;
   void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override;
   void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight,
                  int64_t n, int64_t e, int64_t k, int64_t pos0) override;
@@ -64,6 +67,7 @@ class RemapHook : public Hook {
  public:
   RemapHook(Hook* inner, const std::vector<int64_t>* index) : inner_(inner), index_(index) {}
   bool wants(const Site& s) const override { return inner_->wants(s); }
+  bool writes(const Site& s) const override { return inner_->writes(s); }
   void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
     inner_->on(s, (*index_)[seq], d, n, w, pos0);
   }
@@ -106,9 +110,9 @@ class Model {
 
  private:
   void attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
-                 const std::vector<int64_t>& pos, float* out);
+                 const int64_t* pos, int64_t N, float* out);
   void emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
-            float* data, int64_t width);
+            float* data, int64_t N, int64_t width);
 
   ModelConfig cfg_;
   ModelWeights w_;

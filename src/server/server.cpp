@@ -148,7 +148,7 @@ void KscopeServer::routes() {
     } catch (const QueueFull& e) {
       send_error(res, 429, "", e.what());
     } catch (const Error& e) {
-      send_error(res, e.kind() == ErrorKind::internal ? 500 : 400, e.where(), e.what());
+      send_error(res, e.kind() == ErrorKind::internal ? 500 : e.kind() == ErrorKind::resource ? 503 : 400, e.where(), e.what());
     } catch (const json::exception& e) {
       send_error(res, 400, "", std::string("malformed JSON: ") + e.what());
     } catch (const std::exception& e) {

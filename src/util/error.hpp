@@ -7,7 +7,7 @@
 
 namespace kscope {
 
-enum class ErrorKind { io, format, config, weights, input, unsupported, internal };
+enum class ErrorKind { io, format, config, weights, input, unsupported, resource, internal };
 
 class Error : public std::runtime_error {
  public:

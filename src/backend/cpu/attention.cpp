@@ -3,6 +3,7 @@
 #include <vector>
 
 #include "backend/cpu/cpu_backend.hpp"
+#include "util/error.hpp"
 
 namespace kscope {
 
@@ -26,9 +27,14 @@ void CpuBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& w
   const int64_t dv = cfg.v_head_dim, C = cfg.kv_lora_rank, dq = dn + dr, dkv = dn + dv;
   for (const AttnSeq& s : seqs) {
     const int64_t T = s.past + s.n_new;
+    auto* cache = dynamic_cast<CpuKv*>(s.kv);
+    KSCOPE_CHECK(cache && s.layer < static_cast<int64_t>(cache->latent.size()), input, "cpu", "KV cache from another backend or model");
+    KSCOPE_CHECK(static_cast<int64_t>(cache->latent[s.layer].size()) == T * C, internal, "cpu", "KV cache length mismatch");
+    const float* latent = cache->latent[s.layer].data();
+    const float* k_rope = cache->k_rope[s.layer].data();
     if (!s.absorbed) {
       std::vector<float> kv(T * nh * dkv);  // [T, heads, nope + v]
-      linear(w.kv_b_proj, s.latent, T, kv.data());
+      linear(w.kv_b_proj, latent, T, kv.data());
       pool_.parallel_for(nh * s.n_new, 1, [&](int64_t b, int64_t e) {
         std::vector<float> sc(T);
         for (int64_t job = b; job < e; ++job) {
@@ -36,7 +42,7 @@ void CpuBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& w
           const float* qi = q + (s.row0 + i) * nh * dq + h * dq;
           const int64_t len = s.past + i + 1;  // causal
           for (int64_t j = 0; j < len; ++j)
-            sc[j] = (dot_f32(qi, kv.data() + (j * nh + h) * dkv, dn) + dot_f32(qi + dn, s.k_rope + j * dr, dr)) * scale;
+            sc[j] = (dot_f32(qi, kv.data() + (j * nh + h) * dkv, dn) + dot_f32(qi + dn, k_rope + j * dr, dr)) * scale;
           softmax_inplace(sc.data(), len);
           float* o = out + (s.row0 + i) * nh * dv + h * dv;
           std::fill(o, o + dv, 0.0f);
@@ -64,11 +70,11 @@ void CpuBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& w
             const float* qi = q + (s.row0 + i) * nh * dq + h * dq;
             const int64_t len = s.past + i + 1;
             for (int64_t j = 0; j < len; ++j)
-              sc[j] = (dot_f32(qlat.data() + i * C, s.latent + j * C, C) + dot_f32(qi + dn, s.k_rope + j * dr, dr)) * scale;
+              sc[j] = (dot_f32(qlat.data() + i * C, latent + j * C, C) + dot_f32(qi + dn, k_rope + j * dr, dr)) * scale;
             softmax_inplace(sc.data(), len);
             std::fill(olat.begin(), olat.end(), 0.0f);
             for (int64_t j = 0; j < len; ++j) {
-              const float* lj = s.latent + j * C;
+              const float* lj = latent + j * C;
               for (int64_t c = 0; c < C; ++c) olat[c] += sc[j] * lj[c];
             }
             // out = W_UV[h] · o_lat   (W_UV[h] = kv_b_proj rows h*dkv+dn .. h*dkv+dn+dv)

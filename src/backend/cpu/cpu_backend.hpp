@@ -1,16 +1,33 @@
-// The plain, threaded fp32 reference backend.
+// The plain, threaded fp32 reference backend: backend memory is host memory.
 #pragma once
 #include "backend/backend.hpp"
 #include "util/thread_pool.hpp"
 
 namespace kscope {
 
+// The CPU cache: fp32 latents and rope keys per layer.
+class CpuKv final : public KvState {
+ public:
+  std::vector<std::vector<float>> latent;  // [layer][pos * kv_lora]
+  std::vector<std::vector<float>> k_rope;  // [layer][pos * rope]
+  size_t bytes() const override;
+};
+
 class CpuBackend final : public Backend {
  public:
   explicit CpuBackend(ThreadPool& pool = ThreadPool::global()) : pool_(pool) {}
   const char* name() const override { return "cpu"; }
+  void* alloc(size_t bytes) override;
+  void release(void* p) override;
+  void upload(void* dst, const void* host, size_t bytes) override;
+  void download(void* host, const void* src, size_t bytes) override;
+  void fill(float* p, float value, int64_t n) override;
+  std::unique_ptr<KvState> new_kv(const ModelConfig& cfg) override;
+  void kv_append(KvState& kv, int64_t layer, const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C,
+                 int64_t dr) override;
   void embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) override;
-  void rmsnorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* out) override;
+  void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
+               int64_t ld = 0) override;
   void linear(const Linear& w, const float* x, int64_t n, float* y) override;
   void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
             const int64_t* pos, const std::vector<double>& inv_freq, double attn_factor, bool interleaved) override;
@@ -22,6 +39,7 @@ class CpuBackend final : public Backend {
                    float* out) override;
   void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;
   void add(float* y, const float* x, int64_t n) override;
+  void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) override;
 
   ThreadPool& pool() { return pool_; }
 

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 
 #include "backend/cpu/cpu_backend.hpp"
@@ -18,6 +19,44 @@ float dot_f32(const float* a, const float* b, int64_t n) {
   return acc[0];
 }
 
+size_t CpuKv::bytes() const {
+  size_t n = 0;
+  for (auto& v : latent) n += v.size() * sizeof(float);
+  for (auto& v : k_rope) n += v.size() * sizeof(float);
+  return n;
+}
+
+void* CpuBackend::alloc(size_t bytes) {
+  void* p = std::malloc(bytes == 0 ? 1 : bytes);
+  if (!p) fail(ErrorKind::resource, "cpu", "out of host memory allocating {} bytes", bytes);
+  return p;
+}
+void CpuBackend::release(void* p) { std::free(p); }
+void CpuBackend::upload(void* dst, const void* host, size_t bytes) { std::memcpy(dst, host, bytes); }
+void CpuBackend::download(void* host, const void* src, size_t bytes) { std::memcpy(host, src, bytes); }
+void CpuBackend::fill(float* p, float value, int64_t n) { std::fill(p, p + n, value); }
+
+std::unique_ptr<KvState> CpuBackend::new_kv(const ModelConfig& cfg) {
+  auto kv = std::make_unique<CpuKv>();
+  kv->latent.resize(cfg.num_hidden_layers);
+  kv->k_rope.resize(cfg.num_hidden_layers);
+  return kv;
+}
+
+void CpuBackend::kv_append(KvState& state, int64_t layer, const float* latent, const float* ckv, int64_t row0,
+                           int64_t n, int64_t C, int64_t dr) {
+  auto* kv = dynamic_cast<CpuKv*>(&state);
+  KSCOPE_CHECK(kv && layer < static_cast<int64_t>(kv->latent.size()), input, "cpu", "KV cache from another backend or model");
+  auto& L = kv->latent[layer];
+  auto& R = kv->k_rope[layer];
+  L.insert(L.end(), latent + row0 * C, latent + (row0 + n) * C);
+  for (int64_t t = row0; t < row0 + n; ++t) R.insert(R.end(), ckv + t * (C + dr) + C, ckv + (t + 1) * (C + dr));
+}
+
+void CpuBackend::gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) {
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * width, src + rows[i] * width, width * sizeof(float));
+}
+
 void CpuBackend::embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) {
   const int64_t V = table.shape[0], H = table.shape[1];
   Linear view;  // reuse the dense row decoder
@@ -26,15 +65,18 @@ void CpuBackend::embed(const TensorInfo& table, const int32_t* ids, int64_t n, f
   view.in = H;
   view.weight = &table;
   for (int64_t t = 0; t < n; ++t) {
-    if (ids[t] < 0 || ids[t] >= V) fail(ErrorKind::input, "embed", "token id {} is outside the vocabulary [0, {})", ids[t], V);
+    KSCOPE_CHECK(ids[t] >= 0 && ids[t] < V, input, "embed", "token id {} is outside the vocabulary [0, {})", ids[t], V);
     view.dequant_row(ids[t], out + t * H);
   }
 }
 
-void CpuBackend::rmsnorm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* out) {
+void CpuBackend::rmsnorm(const float* x, const std::vector<float>& wv, int64_t n, int64_t d, float eps, float* out,
+                         int64_t ld) {
+  if (ld == 0) ld = d;
+  const float* w = wv.data();
   pool_.parallel_for(n, 16, [&](int64_t b, int64_t e) {
     for (int64_t t = b; t < e; ++t) {
-      const float* xr = x + t * d;
+      const float* xr = x + t * ld;
       float* o = out + t * d;
       const float ms = dot_f32(xr, xr, d) / static_cast<float>(d);
       const float r = 1.0f / std::sqrt(ms + eps);

@@ -1,0 +1,682 @@
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <type_traits>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "backend/cuda/cuda_backend.hpp"
+#include "backend/cuda/kernels.cuh"
+#include "util/error.hpp"
+#include "util/numeric.hpp"
+#include "util/thread_pool.hpp"
+
+namespace kscope {
+
+using cuda::bf16;
+using cuda::DLin;
+
+namespace {
+
+#define CK(call)                                                                                   \
+  do {                                                                                             \
+    const cudaError_t e_ = (call);                                                                 \
+    if (e_ != cudaSuccess) ::kscope::cuda_fail(e_, #call);                                         \
+  } while (0)
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+[[noreturn]] void cuda_fail(cudaError_t e, const char* what) {
+  cudaGetLastError();
+  if (e == cudaErrorMemoryAllocation)
+    fail(ErrorKind::resource, "cuda", "out of device memory ({})", what);
+  fail(ErrorKind::internal, "cuda", "{} failed: {}", what, cudaGetErrorString(e));
+}
+
+// A sequence's cache on the device: bf16 latents and rope keys per layer, grown by doubling within the plan's
+// KV budget.
+struct CudaKv final : KvState {
+  std::shared_ptr<CudaBackend::Impl> owner;
+  int64_t C = 0, dr = 0;
+  std::vector<bf16*> lat, rope;
+  std::vector<int64_t> len, cap;
+  size_t bytes() const override {
+    size_t n = 0;
+    for (auto c : cap) n += static_cast<size_t>(c) * (C + dr) * sizeof(bf16);
+    return n;
+  }
+  ~CudaKv() override;
+};
+
+struct CudaBackend::Impl {
+  int device = 0;
+  cudaStream_t stream = nullptr;
+  std::unordered_map<const Linear*, DLin> lin;
+  std::unordered_set<const Linear*> fp32_input;  // routers: fp32 activations, as the reference computes them
+  struct DMoe { DLin gate, up, down; };
+  std::unordered_map<const MoeWeights*, DMoe> moe;
+  struct DAttn { bf16* w_uk = nullptr; bf16* w_uvt = nullptr; };
+  std::unordered_map<const AttentionWeights*, DAttn> attn;
+  std::unordered_map<const TensorInfo*, void*> tensors;  // uploaded tensors (shared by tied embeddings)
+  std::unordered_map<const void*, float*> params;        // norm weights and biases by host address
+  std::map<std::vector<float>, float*> inv_freqs;         // rope frequency tables by value
+  std::vector<void*> owned;
+  CudaPlan plan;
+  uint64_t kv_bytes = 0;
+  uint64_t kv_budget = UINT64_MAX;
+  std::mutex mu;
+  // pinned staging for uploads
+  static constexpr size_t kStage = 32u << 20;
+  void* stage[2] = {nullptr, nullptr};
+  cudaEvent_t stage_ev[2] = {nullptr, nullptr};
+  int stage_next = 0;
+  uint64_t load_total = 0, load_done = 0;
+  std::function<void(uint64_t, uint64_t)>* progress = nullptr;
+
+  ~Impl() {
+    if (stream) cudaStreamSynchronize(stream);
+    for (void* p : owned) cudaFree(p);
+    for (int i = 0; i < 2; ++i) {
+      if (stage[i]) cudaFreeHost(stage[i]);
+      if (stage_ev[i]) cudaEventDestroy(stage_ev[i]);
+    }
+    if (stream) cudaStreamDestroy(stream);
+  }
+
+  void* dmalloc(size_t bytes, const std::string& what) {
+    void* p = nullptr;
+    const cudaError_t e = cudaMalloc(&p, std::max<size_t>(bytes, 256));
+    if (e != cudaSuccess) {
+      cudaGetLastError();
+      size_t fr = 0, tot = 0;
+      cudaMemGetInfo(&fr, &tot);
+      fail(ErrorKind::resource, "cuda", "out of device memory for {}: {} bytes wanted, {} free of {}", what, bytes, fr, tot);
+    }
+    owned.push_back(p);
+    return p;
+  }
+
+  // Streams `bytes` produced by `fill(dst_host, offset, n)` to dst through two pinned buffers: the host fills one
+  // while the other is in flight.
+  template <class F>
+  void stream_in(uint8_t* dst, size_t bytes, F&& fill_chunk) {
+    for (int i = 0; i < 2; ++i)
+      if (!stage[i]) {
+        CK(cudaMallocHost(&stage[i], kStage));
+        CK(cudaEventCreateWithFlags(&stage_ev[i], cudaEventDisableTiming));
+      }
+    for (size_t off = 0; off < bytes; off += kStage) {
+      const size_t n = std::min(kStage, bytes - off);
+      const int b = stage_next;
+      stage_next ^= 1;
+      CK(cudaEventSynchronize(stage_ev[b]));
+      fill_chunk(static_cast<uint8_t*>(stage[b]), off, n);
+      CK(cudaMemcpyAsync(dst + off, stage[b], n, cudaMemcpyHostToDevice, stream));
+      CK(cudaEventRecord(stage_ev[b], stream));
+      load_done += n;
+      if (progress && *progress) (*progress)(load_done, load_total);
+    }
+  }
+
+  // Raw bytes of a tensor.
+  void put_raw(const TensorInfo& t, uint8_t* dst) {
+    plan.load_bytes += t.nbytes;
+    stream_in(dst, t.nbytes, [&](uint8_t* h, size_t off, size_t n) { std::memcpy(h, t.data + off, n); });
+  }
+  // A float tensor (F32/F16/BF16) converted to bf16 or f32 on the way.
+  template <class Out>
+  void put_converted(const TensorInfo& t, Out* dst) {
+    const int64_t n_el = t.numel();
+    plan.load_bytes += t.nbytes;
+    stream_in(reinterpret_cast<uint8_t*>(dst), n_el * sizeof(Out), [&](uint8_t* h, size_t off, size_t n) {
+      const int64_t e0 = off / sizeof(Out), ne = n / sizeof(Out);
+      Out* o = reinterpret_cast<Out*>(h);
+      for (int64_t i = 0; i < ne; ++i) {
+        float f;
+        const int64_t j = e0 + i;
+        switch (t.dtype) {
+          case DType::F32: std::memcpy(&f, t.data + 4 * j, 4); break;
+          case DType::BF16: { uint16_t v; std::memcpy(&v, t.data + 2 * j, 2); f = bf16_to_f32(v); break; }
+          case DType::F16: { uint16_t v; std::memcpy(&v, t.data + 2 * j, 2); f = f16_to_f32(v); break; }
+          default: fail(ErrorKind::weights, t.file + ": tensor '" + t.name + "'", "expected a float dtype");
+        }
+        if constexpr (std::is_same_v<Out, float>) o[i] = f;
+        else { const uint16_t b = f32_to_bf16(f); std::memcpy(o + i, &b, 2); }
+      }
+    });
+  }
+
+  static size_t weight_bytes(const Linear& l) {
+    switch (l.format) {
+      case WeightFormat::fp8_block: return static_cast<size_t>(l.out) * l.in;
+      case WeightFormat::int4_group: return static_cast<size_t>(l.out) * cdiv(l.in, 8) * 4;
+      default: return static_cast<size_t>(l.out) * l.in * 2;
+    }
+  }
+  static size_t scale_count(const Linear& l) {
+    switch (l.format) {
+      case WeightFormat::fp8_block: return cdiv(l.out, l.block_out) * cdiv(l.in, l.block_in);
+      case WeightFormat::int4_group: return l.out * cdiv(l.in, l.group);
+      default: return 0;
+    }
+  }
+  static DLin describe(const Linear& l) {
+    DLin d;
+    d.N = static_cast<int>(l.out);
+    d.K = static_cast<int>(l.in);
+    switch (l.format) {
+      case WeightFormat::fp8_block:
+        d.fmt = cuda::kFp8;
+        d.bo = l.block_out;
+        d.bi = l.block_in;
+        d.s_cols = static_cast<int>(cdiv(l.in, l.block_in));
+        d.w_ld = l.in;
+        break;
+      case WeightFormat::int4_group:
+        d.fmt = cuda::kInt4;
+        d.g = l.group;
+        d.s_cols = static_cast<int>(cdiv(l.in, l.group));
+        d.w_ld = cdiv(l.in, 8) * 4;
+        break;
+      default:
+        d.fmt = cuda::kBf16;
+        d.w_ld = l.in * 2;
+    }
+    return d;
+  }
+  // Uploads linear l into (w, s) at the given offsets.
+  void put_linear(const Linear& l, uint8_t* w, float* s) {
+    if (l.format == WeightFormat::dense) {
+      if (l.weight->dtype == DType::BF16) put_raw(*l.weight, w);
+      else put_converted<uint16_t>(*l.weight, reinterpret_cast<uint16_t*>(w));
+    } else {
+      put_raw(*l.weight, w);
+      put_converted<float>(*l.scale, s);
+    }
+  }
+
+  const float* param(const std::vector<float>& v) {
+    auto it = params.find(v.data());
+    if (it != params.end()) return it->second;
+    return nullptr;
+  }
+};
+
+CudaKv::~CudaKv() {
+  for (size_t l = 0; l < lat.size(); ++l) {
+    if (lat[l]) cudaFreeAsync(lat[l], owner->stream);
+    if (rope[l]) cudaFreeAsync(rope[l], owner->stream);
+  }
+  std::lock_guard<std::mutex> g(owner->mu);
+  owner->kv_bytes -= bytes();
+}
+
+CudaBackend::CudaBackend(int device) : impl_(std::make_shared<Impl>()) {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    cudaGetLastError();
+    fail(ErrorKind::unsupported, "cuda", "no CUDA device is visible to this process");
+  }
+  KSCOPE_CHECK(device >= 0 && device < n, input, "cuda", "device {} does not exist ({} visible)", device, n);
+  impl_->device = device;
+  CK(cudaSetDevice(device));
+  CK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking));
+  // keep freed workspace in the stream-ordered pool instead of returning it to the driver every step
+  cudaMemPool_t pool;
+  CK(cudaDeviceGetDefaultMemPool(&pool, device));
+  uint64_t threshold = UINT64_MAX;
+  CK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+  cudaDeviceProp p{};
+  CK(cudaGetDeviceProperties(&p, device));
+  impl_->plan.device = p.name;
+  impl_->plan.total_bytes = p.totalGlobalMem;
+}
+
+CudaBackend::~CudaBackend() = default;
+
+const CudaPlan& CudaBackend::plan() const { return impl_->plan; }
+uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
+void CudaBackend::synchronize() { CK(cudaStreamSynchronize(impl_->stream)); }
+
+void CudaBackend::prepare_embed(const TensorInfo& t) {
+  Impl& m = *impl_;
+  if (m.tensors.count(&t)) return;
+  KSCOPE_CHECK(t.shape.size() == 2, weights, t.name, "embedding must be 2-D");
+  auto* d = static_cast<uint16_t*>(m.dmalloc(t.numel() * 2, t.name));
+  if (t.dtype == DType::BF16) m.put_raw(t, reinterpret_cast<uint8_t*>(d));
+  else m.put_converted<uint16_t>(t, d);
+  m.tensors[&t] = d;
+}
+
+void CudaBackend::prepare_linear(const Linear& l) {
+  Impl& m = *impl_;
+  if (m.lin.count(&l)) return;
+  DLin d = Impl::describe(l);
+  auto it = m.tensors.find(l.weight);  // tied lm_head: the embedding is already there
+  if (it != m.tensors.end() && l.format == WeightFormat::dense) {
+    d.w = static_cast<const uint8_t*>(it->second);
+  } else {
+    auto* w = static_cast<uint8_t*>(m.dmalloc(Impl::weight_bytes(l), l.name));
+    float* s = l.format == WeightFormat::dense ? nullptr : static_cast<float*>(m.dmalloc(Impl::scale_count(l) * 4, l.name + " scales"));
+    m.put_linear(l, w, s);
+    d.w = w;
+    d.s = s;
+    m.tensors[l.weight] = w;
+  }
+  m.lin[&l] = d;
+}
+
+void CudaBackend::prepare_moe(const MoeWeights& mw) {
+  Impl& m = *impl_;
+  if (m.moe.count(&mw)) return;
+  KSCOPE_CHECK(!mw.experts.empty(), weights, mw.router.name, "MoE layer without experts");
+  const int64_t E = static_cast<int64_t>(mw.experts.size());
+  auto stack = [&](auto get) {
+    const Linear& l0 = get(mw.experts[0]);
+    DLin d = Impl::describe(l0);
+    const size_t wb = Impl::weight_bytes(l0), sc = Impl::scale_count(l0);
+    auto* w = static_cast<uint8_t*>(m.dmalloc(wb * E, l0.name + " (all experts)"));
+    float* s = sc ? static_cast<float*>(m.dmalloc(sc * E * 4, l0.name + " scales (all experts)")) : nullptr;
+    for (int64_t e = 0; e < E; ++e) {
+      const Linear& l = get(mw.experts[e]);
+      KSCOPE_CHECK(l.format == l0.format && l.out == l0.out && l.in == l0.in && l.block_out == l0.block_out &&
+                       l.block_in == l0.block_in && l.group == l0.group,
+                   weights, l.name, "experts of one layer must share format and shape ({} vs {})", format_name(l.format),
+                   format_name(l0.format));
+      m.put_linear(l, w + e * wb, s ? s + e * sc : nullptr);
+    }
+    d.w = w;
+    d.s = s;
+    d.w_stride = static_cast<int64_t>(wb);
+    d.s_stride = static_cast<int64_t>(sc);
+    return d;
+  };
+  Impl::DMoe dm;
+  dm.gate = stack([](const MlpWeights& x) -> const Linear& { return x.gate; });
+  dm.up = stack([](const MlpWeights& x) -> const Linear& { return x.up; });
+  dm.down = stack([](const MlpWeights& x) -> const Linear& { return x.down; });
+  m.moe[&mw] = dm;
+  prepare_linear(mw.router);
+  m.fp32_input.insert(&mw.router);
+  if (!mw.score_bias.empty()) {
+    auto* b = static_cast<float*>(m.dmalloc(mw.score_bias.size() * 4, mw.router.name + " bias"));
+    CK(cudaMemcpy(b, mw.score_bias.data(), mw.score_bias.size() * 4, cudaMemcpyHostToDevice));
+    m.params[mw.score_bias.data()] = b;
+  }
+  if (mw.shared) {
+    prepare_linear(mw.shared->gate);
+    prepare_linear(mw.shared->up);
+    prepare_linear(mw.shared->down);
+  }
+}
+
+void CudaBackend::prepare_attention(const ModelConfig& cfg, const AttentionWeights& a) {
+  Impl& m = *impl_;
+  if (m.attn.count(&a)) return;
+  for (const Linear* l : {a.q_proj ? &*a.q_proj : nullptr, a.q_a_proj ? &*a.q_a_proj : nullptr,
+                          a.q_b_proj ? &*a.q_b_proj : nullptr, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
+    if (l) prepare_linear(*l);
+  for (const std::vector<float>* v : {&a.q_a_norm, &a.kv_a_norm})
+    if (!v->empty() && !m.params.count(v->data())) {
+      auto* d = static_cast<float*>(m.dmalloc(v->size() * 4, "norm"));
+      CK(cudaMemcpy(d, v->data(), v->size() * 4, cudaMemcpyHostToDevice));
+      m.params[v->data()] = d;
+    }
+  // The absorbed decode form needs kv_b_proj split per head and laid out for the two contractions:
+  // W_UK [heads, nope, C] and W_UVᵀ [heads, C, v] in bf16 (the same rounding the matmul applies).
+  const int64_t nh = cfg.num_attention_heads, dn = cfg.qk_nope_head_dim, dv = cfg.v_head_dim, C = cfg.kv_lora_rank;
+  const int64_t dkv = dn + dv;
+  std::vector<uint16_t> uk(nh * dn * C), uvt(nh * C * dv);
+  ThreadPool::global().parallel_for(nh, 1, [&](int64_t b, int64_t e) {
+    std::vector<float> row(C);
+    for (int64_t h = b; h < e; ++h) {
+      for (int64_t d = 0; d < dn; ++d) {
+        a.kv_b_proj.dequant_row(h * dkv + d, row.data());
+        for (int64_t c = 0; c < C; ++c) uk[(h * dn + d) * C + c] = f32_to_bf16(row[c]);
+      }
+      for (int64_t d = 0; d < dv; ++d) {
+        a.kv_b_proj.dequant_row(h * dkv + dn + d, row.data());
+        for (int64_t c = 0; c < C; ++c) uvt[(h * C + c) * dv + d] = f32_to_bf16(row[c]);
+      }
+    }
+  });
+  Impl::DAttn da;
+  da.w_uk = static_cast<bf16*>(m.dmalloc(uk.size() * 2, a.kv_b_proj.name + " W_UK"));
+  da.w_uvt = static_cast<bf16*>(m.dmalloc(uvt.size() * 2, a.kv_b_proj.name + " W_UV"));
+  CK(cudaMemcpy(da.w_uk, uk.data(), uk.size() * 2, cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(da.w_uvt, uvt.data(), uvt.size() * 2, cudaMemcpyHostToDevice));
+  m.attn[&a] = da;
+}
+
+void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
+  Impl& m = *impl_;
+  const auto t0 = std::chrono::steady_clock::now();
+  size_t free0 = 0, total = 0;
+  CK(cudaMemGetInfo(&free0, &total));
+  // progress denominator: every tensor the model runs
+  m.load_total = w.embed->nbytes;
+  for (const auto& l : w.layers) {
+    auto add_lin = [&](const Linear& x) { m.load_total += x.bytes(); };
+    for (const Linear* x : {l.attn.q_proj ? &*l.attn.q_proj : nullptr, l.attn.q_a_proj ? &*l.attn.q_a_proj : nullptr,
+                            l.attn.q_b_proj ? &*l.attn.q_b_proj : nullptr, &l.attn.kv_a_proj, &l.attn.kv_b_proj,
+                            &l.attn.o_proj})
+      if (x) add_lin(*x);
+    if (l.mlp) { add_lin(l.mlp->gate); add_lin(l.mlp->up); add_lin(l.mlp->down); }
+    if (l.moe) {
+      add_lin(l.moe->router);
+      for (const auto& e : l.moe->experts) { add_lin(e.gate); add_lin(e.up); add_lin(e.down); }
+      if (l.moe->shared) { add_lin(l.moe->shared->gate); add_lin(l.moe->shared->up); add_lin(l.moe->shared->down); }
+    }
+  }
+  if (w.lm_head.weight != w.embed) m.load_total += w.lm_head.bytes();
+  m.load_done = 0;
+  m.progress = &on_load_progress;
+  m.plan.load_bytes = 0;
+
+  prepare_embed(*w.embed);
+  auto put_param = [&](const std::vector<float>& v) {
+    if (v.empty() || m.params.count(v.data())) return;
+    auto* d = static_cast<float*>(m.dmalloc(v.size() * 4, "norm"));
+    CK(cudaMemcpy(d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    m.params[v.data()] = d;
+  };
+  for (const auto& l : w.layers) {
+    put_param(l.input_norm);
+    put_param(l.post_attention_norm);
+    prepare_attention(cfg, l.attn);
+    if (l.mlp) { prepare_linear(l.mlp->gate); prepare_linear(l.mlp->up); prepare_linear(l.mlp->down); }
+    if (l.moe) prepare_moe(*l.moe);
+  }
+  put_param(w.final_norm);
+  prepare_linear(w.lm_head);
+  CK(cudaStreamSynchronize(m.stream));
+  m.progress = nullptr;
+  const auto t1 = std::chrono::steady_clock::now();
+
+  // Memory plan: what is left after the weights is split between a workspace for one forward pass and the KV
+  // cache. Workspace per token (bytes) of the largest live set of one layer (the MoE block: gate/up fp32,
+  // activations bf16, expert outputs fp32 for every routed slot), plus residual buffers.
+  size_t free1 = 0;
+  CK(cudaMemGetInfo(&free1, &total));
+  CudaPlan& p = m.plan;
+  p.total_bytes = total;
+  p.weight_bytes = free0 > free1 ? free0 - free1 : 0;
+  p.free_after_load = free1;
+  p.load_seconds = std::chrono::duration<double>(t1 - t0).count();
+  const int64_t H = cfg.hidden_size, K = std::max<int64_t>(1, cfg.num_experts_per_tok);
+  const int64_t I = std::max(cfg.intermediate_size, cfg.moe_intermediate_size * std::max<int64_t>(1, cfg.n_shared_experts));
+  const int64_t nh = cfg.num_attention_heads;
+  const uint64_t per_token = 4 * (4 * H + nh * (cfg.qk_head_dim() + cfg.v_head_dim) + cfg.kv_lora_rank * 2 +
+                                  std::max<int64_t>(1, cfg.n_routed_experts) + cfg.vocab_size) +
+                             K * (2 * H + 4 * 2 * cfg.moe_intermediate_size + 2 * cfg.moe_intermediate_size + 4 * H) +
+                             4 * 3 * I;
+  p.kv_bytes_per_token = static_cast<uint64_t>(cfg.num_hidden_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2;
+  const uint64_t reserve = 512ull << 20;  // CUDA context growth, cuBLAS-free kernels, fragmentation
+  const uint64_t usable = free1 > reserve ? free1 - reserve : 0;
+  p.workspace_bytes = std::min<uint64_t>(usable / 4, std::max<uint64_t>(per_token * 16384, 1ull << 30));
+  p.workspace_bytes = std::min(p.workspace_bytes, usable);
+  p.max_batch_tokens = static_cast<int64_t>(p.workspace_bytes / std::max<uint64_t>(per_token, 1));
+  p.kv_budget_bytes = usable - p.workspace_bytes;
+  p.kv_capacity_tokens = static_cast<int64_t>(p.kv_budget_bytes / std::max<uint64_t>(p.kv_bytes_per_token, 1));
+  m.kv_budget = p.kv_budget_bytes;
+}
+
+void* CudaBackend::alloc(size_t bytes) {
+  void* p = nullptr;
+  const cudaError_t e = cudaMallocAsync(&p, std::max<size_t>(bytes, 16), impl_->stream);
+  if (e != cudaSuccess) {
+    cudaGetLastError();
+    fail(ErrorKind::resource, "cuda", "out of device memory for a {}-byte workspace buffer (batch too large for the "
+                                      "memory left after weights and KV cache)", bytes);
+  }
+  return p;
+}
+void CudaBackend::release(void* p) { cudaFreeAsync(p, impl_->stream); }
+void CudaBackend::upload(void* dst, const void* host, size_t bytes) {
+  CK(cudaMemcpyAsync(dst, host, bytes, cudaMemcpyHostToDevice, impl_->stream));
+}
+void CudaBackend::download(void* host, const void* src, size_t bytes) {
+  CK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, impl_->stream));
+  CK(cudaStreamSynchronize(impl_->stream));
+}
+void CudaBackend::fill(float* p, float value, int64_t n) { cuda::fill(p, value, n, impl_->stream); }
+
+// ---- KV cache
+
+std::unique_ptr<KvState> CudaBackend::new_kv(const ModelConfig& cfg) {
+  auto kv = std::make_unique<CudaKv>();
+  kv->owner = impl_;  // a cache keeps the device state it lives in alive
+  kv->C = cfg.kv_lora_rank;
+  kv->dr = cfg.qk_rope_head_dim;
+  kv->lat.assign(cfg.num_hidden_layers, nullptr);
+  kv->rope.assign(cfg.num_hidden_layers, nullptr);
+  kv->len.assign(cfg.num_hidden_layers, 0);
+  kv->cap.assign(cfg.num_hidden_layers, 0);
+  return kv;
+}
+
+void CudaBackend::kv_append(KvState& state, int64_t layer, const float* latent, const float* ckv, int64_t row0,
+                            int64_t n, int64_t C, int64_t dr) {
+  auto* kv = dynamic_cast<CudaKv*>(&state);
+  KSCOPE_CHECK(kv && kv->owner.get() == impl_.get() && layer < static_cast<int64_t>(kv->lat.size()) && kv->C == C &&
+                   kv->dr == dr,
+               input, "cuda", "KV cache from another backend or model");
+  Impl& m = *impl_;
+  if (kv->len[layer] + n > kv->cap[layer]) {
+    const int64_t cap = std::max<int64_t>({16, 2 * kv->cap[layer], kv->len[layer] + n});
+    const uint64_t grow = static_cast<uint64_t>(cap - kv->cap[layer]) * (C + dr) * 2;
+    {
+      std::lock_guard<std::mutex> g(m.mu);
+      if (m.kv_bytes + grow > m.kv_budget)
+        fail(ErrorKind::resource, "KV cache",
+             "full: {} tokens more would exceed the budget of {} bytes ({} tokens across all sequences); "
+             "lower the batch or the context",
+             cap - kv->cap[layer], m.kv_budget, m.plan.kv_capacity_tokens);
+      m.kv_bytes += grow;
+    }
+    bf16 *nl = nullptr, *nr = nullptr;
+    if (cudaMallocAsync(reinterpret_cast<void**>(&nl), cap * C * 2, m.stream) != cudaSuccess ||
+        cudaMallocAsync(reinterpret_cast<void**>(&nr), cap * dr * 2, m.stream) != cudaSuccess) {
+      cudaGetLastError();
+      if (nl) cudaFreeAsync(nl, m.stream);
+      std::lock_guard<std::mutex> g(m.mu);
+      m.kv_bytes -= grow;
+      fail(ErrorKind::resource, "KV cache", "out of device memory growing a sequence to {} tokens", cap);
+    }
+    if (kv->len[layer] > 0) {
+      CK(cudaMemcpyAsync(nl, kv->lat[layer], kv->len[layer] * C * 2, cudaMemcpyDeviceToDevice, m.stream));
+      CK(cudaMemcpyAsync(nr, kv->rope[layer], kv->len[layer] * dr * 2, cudaMemcpyDeviceToDevice, m.stream));
+    }
+    if (kv->lat[layer]) cudaFreeAsync(kv->lat[layer], m.stream);
+    if (kv->rope[layer]) cudaFreeAsync(kv->rope[layer], m.stream);
+    kv->lat[layer] = nl;
+    kv->rope[layer] = nr;
+    kv->cap[layer] = cap;
+  }
+  cuda::kv_append(latent, ckv, row0, n, C, dr, kv->lat[layer] + kv->len[layer] * C, kv->rope[layer] + kv->len[layer] * dr,
+                  m.stream);
+  kv->len[layer] += n;
+}
+
+// ---- ops
+
+void CudaBackend::embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) {
+  auto it = impl_->tensors.find(&table);
+  KSCOPE_CHECK(it != impl_->tensors.end(), internal, "cuda", "embedding '{}' was not prepared", table.name);
+  cuda::embed(static_cast<const bf16*>(it->second), table.shape[0], table.shape[1], ids, n, out, impl_->stream);
+}
+
+void CudaBackend::rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
+                          int64_t ld) {
+  if (ld == 0) ld = d;
+  const float* dw = impl_->param(w);
+  Buf<float> tmp;
+  if (!dw) {  // a vector the model did not register (tests): upload for this call
+    tmp = Buf<float>(*this, w);
+    dw = tmp.data();
+  }
+  cuda::rmsnorm(x, ld, dw, n, d, eps, out, impl_->stream);
+}
+
+void CudaBackend::linear(const Linear& w, const float* x, int64_t n, float* y) {
+  auto it = impl_->lin.find(&w);
+  KSCOPE_CHECK(it != impl_->lin.end(), internal, "cuda", "linear '{}' was not prepared", w.name);
+  if (impl_->fp32_input.count(&w)) {
+    cuda::gemm_f32(x, static_cast<int>(n), y, it->second, impl_->stream);
+    return;
+  }
+  Buf<bf16> xb(*this, n * w.in);
+  cuda::f32_to_bf16(x, xb.data(), n * w.in, impl_->stream);
+  KSCOPE_CHECK(cdiv(n, cuda::kBM) <= 65535, resource, "cuda", "{} rows in one matmul exceed the grid limit", n);
+  cuda::gemm(xb.data(), static_cast<int>(n), y, it->second, {}, static_cast<int>(cdiv(n, cuda::kBM)), impl_->stream);
+}
+
+void CudaBackend::rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset,
+                       int64_t dim, const int64_t* pos, const std::vector<double>& inv_freq, double attn_factor,
+                       bool interleaved) {
+  KSCOPE_CHECK(dim % 2 == 0 && dim <= 512 && static_cast<int64_t>(inv_freq.size()) >= dim / 2, input, "rope",
+               "rope dimension {} unsupported", dim);
+  Impl& m = *impl_;
+  std::vector<float> key(inv_freq.begin(), inv_freq.begin() + dim / 2);
+  float*& f = m.inv_freqs[key];
+  if (!f) {
+    f = static_cast<float*>(m.dmalloc(key.size() * 4, "rope frequencies"));
+    CK(cudaMemcpy(f, key.data(), key.size() * 4, cudaMemcpyHostToDevice));
+  }
+  cuda::rope(x, n, n_heads, row_stride, head_stride, offset, dim, pos, f, static_cast<float>(attn_factor), interleaved,
+             m.stream);
+}
+
+void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& w, const float* q,
+                                const std::vector<AttnSeq>& seqs, float scale, float* out) {
+  Impl& m = *impl_;
+  cuda::AttnDims d;
+  d.nh = static_cast<int>(cfg.num_attention_heads);
+  d.dn = static_cast<int>(cfg.qk_nope_head_dim);
+  d.dr = static_cast<int>(cfg.qk_rope_head_dim);
+  d.dv = static_cast<int>(cfg.v_head_dim);
+  d.C = static_cast<int>(cfg.kv_lora_rank);
+  d.scale = scale;
+  KSCOPE_CHECK(d.dr <= 128 && d.dn <= 256 && d.dv <= 256 && d.C <= 1024, unsupported, "cuda",
+               "MLA dimensions beyond the kernels' limits (rope 128, nope/v 256, kv_lora 1024)");
+  auto lit = m.lin.find(&w.kv_b_proj);
+  auto ait = m.attn.find(&w);
+  KSCOPE_CHECK(lit != m.lin.end() && ait != m.attn.end(), internal, "cuda", "attention weights were not prepared");
+  std::vector<cuda::AttnRow> exp_rows, abs_rows;
+  std::vector<Buf<float>> kvx;  // expanded keys/values per sequence, alive until the kernel has run
+  for (const AttnSeq& s : seqs) {
+    auto* kv = dynamic_cast<CudaKv*>(s.kv);
+    KSCOPE_CHECK(kv && kv->owner.get() == impl_.get(), input, "cuda", "KV cache from another backend or model");
+    const int64_t T = s.past + s.n_new;
+    KSCOPE_CHECK(kv->len[s.layer] == T, internal, "cuda", "KV cache length mismatch");
+    const float* kvx_p = nullptr;
+    if (!s.absorbed) {
+      kvx.emplace_back(*this, T * cfg.num_attention_heads * (d.dn + d.dv));
+      cuda::gemm(kv->lat[s.layer], static_cast<int>(T), kvx.back().data(), lit->second, {}, static_cast<int>(cdiv(T, cuda::kBM)),
+                 m.stream);
+      kvx_p = kvx.back().data();
+    }
+    for (int64_t i = 0; i < s.n_new; ++i) {
+      cuda::AttnRow r{kv->lat[s.layer], kv->rope[s.layer], kvx_p, static_cast<int>(s.past + i + 1),
+                      static_cast<int>(s.row0 + i)};
+      (s.absorbed ? abs_rows : exp_rows).push_back(r);
+    }
+  }
+  auto run = [&](std::vector<cuda::AttnRow>& rows, bool absorbed) {
+    if (rows.empty()) return;
+    Buf<uint8_t> dev(*this, static_cast<int64_t>(rows.size() * sizeof(cuda::AttnRow)));
+    upload(dev.data(), rows.data(), rows.size() * sizeof(cuda::AttnRow));
+    const auto* r = reinterpret_cast<const cuda::AttnRow*>(dev.data());
+    if (absorbed) cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, static_cast<int>(rows.size()), out, m.stream);
+    else cuda::attention_expanded(d, q, r, static_cast<int>(rows.size()), out, m.stream);
+  };
+  run(exp_rows, false);
+  run(abs_rows, true);
+}
+
+void CudaBackend::route(const ModelConfig& cfg, const float* logits, const std::vector<float>& bias, int64_t n,
+                        int32_t* idx, float* weight) {
+  cuda::RouteArgs a;
+  a.E = static_cast<int>(cfg.n_routed_experts);
+  a.K = static_cast<int>(cfg.num_experts_per_tok);
+  a.G = static_cast<int>(std::max<int64_t>(1, cfg.n_group));
+  a.topk_group = static_cast<int>(cfg.topk_group);
+  a.sigmoid = cfg.scoring_func == ScoringFunc::sigmoid;
+  a.method = cfg.topk_method == TopkMethod::greedy ? 0 : cfg.topk_method == TopkMethod::noaux_tc ? 2 : 1;
+  a.norm_topk = cfg.norm_topk_prob;
+  a.scaling = static_cast<float>(cfg.routed_scaling_factor);
+  KSCOPE_CHECK(a.K <= 64 && a.G <= 64 && a.K <= a.E, unsupported, "cuda", "router with top-{} of {} experts in {} groups unsupported",
+               a.K, a.E, a.G);
+  const float* b = nullptr;
+  Buf<float> tmp;
+  if (!bias.empty()) {
+    b = impl_->param(bias);
+    if (!b) {
+      tmp = Buf<float>(*this, bias);
+      b = tmp.data();
+    }
+  }
+  cuda::route(a, logits, b, n, idx, weight, impl_->stream);
+}
+
+void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, int64_t k, const int32_t* idx,
+                              const float* weight, float* out) {
+  Impl& m = *impl_;
+  auto it = m.moe.find(&w);
+  KSCOPE_CHECK(it != m.moe.end(), internal, "cuda", "MoE weights '{}' were not prepared", w.router.name);
+  const auto& dm = it->second;
+  const int E = static_cast<int>(w.experts.size());
+  const int64_t H = dm.down.N, I = dm.gate.N, M = n * k;
+  KSCOPE_CHECK(k <= 64, unsupported, "cuda", "top-{} routing unsupported", k);
+  if (n == 0) return;
+  Buf<int> counts(*this, E), row_off(*this, E + 1), tile_off(*this, E + 1), cursor(*this, E), perm(*this, M), slot_pos(*this, M);
+  cuda::moe_permute(idx, M, E, counts.data(), row_off.data(), tile_off.data(), cursor.data(), perm.data(), slot_pos.data(),
+                    m.stream);
+  Buf<bf16> xp(*this, M * H);
+  cuda::moe_gather(x, perm.data(), M, static_cast<int>(k), H, xp.data(), m.stream);
+  const cuda::Groups g{row_off.data(), tile_off.data(), E};
+  const int tiles = static_cast<int>(cdiv(M, cuda::kBM) + std::min<int64_t>(E, M));
+  KSCOPE_CHECK(tiles <= 65535, resource, "cuda", "{} routed rows in one MoE call exceed the grid limit", M);
+  Buf<float> gt(*this, M * I), up(*this, M * I);
+  cuda::gemm(xp.data(), static_cast<int>(M), gt.data(), dm.gate, g, tiles, m.stream);
+  cuda::gemm(xp.data(), static_cast<int>(M), up.data(), dm.up, g, tiles, m.stream);
+  Buf<bf16> act(*this, M * I);
+  cuda::silu_mul(gt.data(), up.data(), M * I, act.data(), m.stream);
+  Buf<float> dn(*this, M * H);
+  cuda::gemm(act.data(), static_cast<int>(M), dn.data(), dm.down, g, tiles, m.stream);
+  cuda::moe_combine(dn.data(), slot_pos.data(), idx, weight, n, static_cast<int>(k), H, out, m.stream);
+}
+
+void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out) {
+  Impl& m = *impl_;
+  auto gi = m.lin.find(&w.gate), ui = m.lin.find(&w.up), di = m.lin.find(&w.down);
+  KSCOPE_CHECK(gi != m.lin.end() && ui != m.lin.end() && di != m.lin.end(), internal, "cuda", "MLP '{}' was not prepared",
+               w.gate.name);
+  const int64_t H = w.gate.in, I = w.gate.out;
+  if (n == 0) return;
+  Buf<bf16> xb(*this, n * H);
+  cuda::f32_to_bf16(x, xb.data(), n * H, m.stream);
+  const int tiles = static_cast<int>(cdiv(n, cuda::kBM));
+  Buf<float> g(*this, n * I), u(*this, n * I);
+  cuda::gemm(xb.data(), static_cast<int>(n), g.data(), gi->second, {}, tiles, m.stream);
+  cuda::gemm(xb.data(), static_cast<int>(n), u.data(), ui->second, {}, tiles, m.stream);
+  Buf<bf16> act(*this, n * I);
+  cuda::silu_mul(g.data(), u.data(), n * I, act.data(), m.stream);
+  cuda::gemm(act.data(), static_cast<int>(n), out, di->second, {}, tiles, m.stream);
+}
+
+void CudaBackend::add(float* y, const float* x, int64_t n) { cuda::add(y, x, n, impl_->stream); }
+
+void CudaBackend::gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) {
+  cuda::gather_rows(src, rows, n, width, dst, impl_->stream);
+}
+
+std::shared_ptr<Backend> make_cuda_backend(int device) { return std::make_shared<CudaBackend>(device); }
+
+}  // namespace kscope

@@ -1,0 +1,82 @@
+// The CUDA backend: BF16 activations at every matmul input with fp32 accumulation, an fp32 residual stream,
+// weights on the device exactly as stored (BF16, FP8 128x128 block-scaled, INT4 groups of 32) and dequantized in
+// registers inside the matmul. Plain C++ interface: no CUDA types leak out of backend/cuda.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "backend/backend.hpp"
+
+namespace kscope {
+
+// What prepare() found and decided: weights on the device, KV cache budget, workspace.
+struct CudaPlan {
+  std::string device;
+  uint64_t total_bytes = 0;       // device memory
+  uint64_t weight_bytes = 0;      // device memory taken by the weights (as stored, plus the absorbed-MLA copies)
+  uint64_t free_after_load = 0;   // free device memory once weights are in
+  uint64_t workspace_bytes = 0;   // kept back for activations of one forward pass
+  uint64_t kv_bytes_per_token = 0;
+  uint64_t kv_budget_bytes = 0;   // the KV cache may grow to this, then requests fail with Error(resource)
+  int64_t kv_capacity_tokens = 0;
+  int64_t max_batch_tokens = 0;   // tokens one forward pass may carry within the workspace
+  double load_seconds = 0;
+  uint64_t load_bytes = 0;        // bytes read from the checkpoint
+};
+
+class CudaBackend final : public Backend {
+ public:
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+  const char* name() const override { return "cuda"; }
+  bool host_memory() const override { return false; }
+  void prepare(const ModelConfig& cfg, const ModelWeights& w) override;
+
+  // Single pieces, for tests and benchmarks that build weights by hand (prepare() calls these).
+  void prepare_linear(const Linear& l);
+  void prepare_moe(const MoeWeights& m);
+  void prepare_attention(const ModelConfig& cfg, const AttentionWeights& a);
+  void prepare_embed(const TensorInfo& t);
+
+  void* alloc(size_t bytes) override;
+  void release(void* p) override;
+  void upload(void* dst, const void* host, size_t bytes) override;
+  void download(void* host, const void* src, size_t bytes) override;
+  void fill(float* p, float value, int64_t n) override;
+  std::unique_ptr<KvState> new_kv(const ModelConfig& cfg) override;
+  void kv_append(KvState& kv, int64_t layer, const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C,
+                 int64_t dr) override;
+  void embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) override;
+  void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
+               int64_t ld = 0) override;
+  void linear(const Linear& w, const float* x, int64_t n, float* y) override;
+  void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
+            const int64_t* pos, const std::vector<double>& inv_freq, double attn_factor, bool interleaved) override;
+  void mla_attention(const ModelConfig& cfg, const AttentionWeights& w, const float* q, const std::vector<AttnSeq>& seqs,
+                     float scale, float* out) override;
+  void route(const ModelConfig& cfg, const float* logits, const std::vector<float>& bias, int64_t n, int32_t* idx,
+             float* weight) override;
+  void moe_experts(const MoeWeights& w, const float* x, int64_t n, int64_t k, const int32_t* idx, const float* weight,
+                   float* out) override;
+  void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;
+  void add(float* y, const float* x, int64_t n) override;
+  void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) override;
+
+  void synchronize();
+  const CudaPlan& plan() const;
+  // Called during prepare() with (bytes done, bytes total) as weights stream to the device.
+  std::function<void(uint64_t, uint64_t)> on_load_progress;
+  // Bytes of device memory currently held by KV caches.
+  uint64_t kv_bytes() const;
+
+  struct Impl;
+
+ private:
+  std::shared_ptr<Impl> impl_;
+};
+
+std::shared_ptr<Backend> make_cuda_backend(int device);
+
+}  // namespace kscope

@@ -1,0 +1,579 @@
+#include <mma.h>
+
+#include <cfloat>
+
+#include "backend/cuda/kernels.cuh"
+
+namespace kscope::cuda {
+
+namespace {
+
+__device__ __forceinline__ float bf(bf16 v) { return __bfloat162float(v); }
+
+__device__ __forceinline__ float fp8(uint8_t b) {
+  __nv_fp8_e4m3 f;
+  f.__x = b;
+  return static_cast<float>(f);
+}
+
+// Sum over a warp; every lane ends with the identical value (the butterfly adds the same pairs on both sides).
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+  return v;
+}
+
+int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// One weight element, dequantized (reference path of gemm_f32).
+__device__ __forceinline__ float weight_at(const DLin& W, int64_t n, int64_t k) {
+  switch (W.fmt) {
+    case kFp8:
+      return fp8(W.w[n * W.w_ld + k]) * W.s[(n / W.bo) * W.s_cols + k / W.bi];
+    case kInt4: {
+      const uint32_t word = reinterpret_cast<const uint32_t*>(W.w + n * W.w_ld)[k / 8];
+      return static_cast<float>(static_cast<int>((word >> (4 * (k % 8))) & 15u) - 8) * W.s[n * W.s_cols + k / W.g];
+    }
+    default:
+      return bf(reinterpret_cast<const bf16*>(W.w + n * W.w_ld)[k]);
+  }
+}
+
+using namespace nvcuda;
+constexpr int kLds = kBK + 8;  // padded smem row (bf16 elements)
+
+// Loads the W tile [kBN rows, kBK cols] starting at (n0, k0) into ws, dequantized to bf16. Thread t handles
+// row t/2, 32 consecutive columns. Rows past N and columns past K are zero.
+template <int FMT>
+__device__ __forceinline__ void load_w_tile(const DLin& W, const uint8_t* wb, const float* sb, int n0, int k0,
+                                            bf16 (*ws)[kLds]) {
+  const int r = threadIdx.x >> 1, c0 = (threadIdx.x & 1) * 32;
+  const int n = n0 + r, kseg = k0 + c0;
+  bf16* dst = &ws[r][c0];
+  if (n >= W.N || kseg >= W.K) {
+    for (int i = 0; i < 32; ++i) dst[i] = __float2bfloat16(0.0f);
+    return;
+  }
+  const bool full = kseg + 32 <= W.K;
+  if constexpr (FMT == kBf16) {
+    const bf16* src = reinterpret_cast<const bf16*>(wb + n * W.w_ld) + kseg;
+    if (full && (W.K & 7) == 0) {
+      const uint4* s4 = reinterpret_cast<const uint4*>(src);
+      uint4* d4 = reinterpret_cast<uint4*>(dst);
+      for (int i = 0; i < 4; ++i) d4[i] = s4[i];
+    } else {
+      for (int i = 0; i < 32; ++i) dst[i] = kseg + i < W.K ? src[i] : __float2bfloat16(0.0f);
+    }
+  } else if constexpr (FMT == kFp8) {
+    const uint8_t* src = wb + n * W.w_ld + kseg;
+    const float* srow = sb + (n / W.bo) * W.s_cols;
+    if (full && (W.K & 15) == 0 && W.bi % 32 == 0) {
+      const float sc = srow[kseg / W.bi];
+      const uint4* s4 = reinterpret_cast<const uint4*>(src);
+      for (int v = 0; v < 2; ++v) {
+        const uint4 q = s4[v];
+        const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+        for (int j = 0; j < 16; ++j)
+          dst[v * 16 + j] = __float2bfloat16(fp8((words[j >> 2] >> (8 * (j & 3))) & 255u) * sc);
+      }
+    } else {
+      for (int i = 0; i < 32; ++i) {
+        const int k = kseg + i;
+        dst[i] = __float2bfloat16(k < W.K ? fp8(src[i]) * srow[k / W.bi] : 0.0f);
+      }
+    }
+  } else {  // kInt4
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(wb + n * W.w_ld) + kseg / 8;
+    const float* srow = sb + n * W.s_cols;
+    uint32_t wv[4];
+    if (full && W.w_ld % 16 == 0) {
+      const uint4 q = *reinterpret_cast<const uint4*>(words);
+      wv[0] = q.x; wv[1] = q.y; wv[2] = q.z; wv[3] = q.w;
+    } else {
+      const int nw = (W.K + 7) / 8;
+      for (int j = 0; j < 4; ++j) wv[j] = kseg / 8 + j < nw ? words[j] : 0u;
+    }
+    if (full && W.g % 32 == 0) {
+      const float sc = srow[kseg / W.g];
+      for (int i = 0; i < 32; ++i)
+        dst[i] = __float2bfloat16(static_cast<float>(static_cast<int>((wv[i >> 3] >> (4 * (i & 7))) & 15u) - 8) * sc);
+    } else {
+      for (int i = 0; i < 32; ++i) {
+        const int k = kseg + i;
+        dst[i] = __float2bfloat16(
+            k < W.K ? static_cast<float>(static_cast<int>((wv[i >> 3] >> (4 * (i & 7))) & 15u) - 8) * srow[k / W.g] : 0.0f);
+      }
+    }
+  }
+}
+
+template <int FMT>
+__global__ void __launch_bounds__(128) k_gemm(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
+                                              Groups gr) {
+  __shared__ __align__(128) bf16 xs[kBM][kLds];
+  __shared__ __align__(128) bf16 ws[kBN][kLds];
+  __shared__ __align__(128) float cs[kBM][kBN + 4];
+  const int n0 = blockIdx.x * kBN;
+  const int t = blockIdx.y;
+  int g = 0, r0, r1;
+  if (gr.row_off) {
+    if (t >= gr.tile_off[gr.G]) return;
+    int lo = 0, hi = gr.G - 1;  // the last group whose first tile is <= t (empty groups are skipped over)
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (gr.tile_off[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    g = lo;
+    r0 = gr.row_off[g] + (t - gr.tile_off[g]) * kBM;
+    r1 = min(r0 + kBM, gr.row_off[g + 1]);
+  } else {
+    r0 = t * kBM;
+    r1 = min(r0 + kBM, M);
+  }
+  if (r0 >= r1) return;
+  const uint8_t* wb = W.w + g * W.w_stride;
+  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  const int warp = threadIdx.x >> 5;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+  const int xr = threadIdx.x >> 2, xc = (threadIdx.x & 3) * 16;
+  for (int k0 = 0; k0 < W.K; k0 += kBK) {
+    {  // X tile: thread loads row xr, 16 columns at xc
+      const int row = r0 + xr, k = k0 + xc;
+      bf16* dst = &xs[xr][xc];
+      if (row < r1 && (W.K & 7) == 0) {
+        const bf16* src = X + static_cast<int64_t>(row) * W.K + k;
+        for (int h = 0; h < 2; ++h)
+          reinterpret_cast<uint4*>(dst)[h] = k + 8 * h < W.K ? reinterpret_cast<const uint4*>(src)[h] : make_uint4(0, 0, 0, 0);
+      } else {
+        for (int i = 0; i < 16; ++i)
+          dst[i] = row < r1 && k + i < W.K ? X[static_cast<int64_t>(row) * W.K + k + i] : __float2bfloat16(0.0f);
+      }
+    }
+    load_w_tile<FMT>(W, wb, sb, n0, k0, ws);
+    __syncthreads();
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
+      wmma::load_matrix_sync(b, &ws[warp * 16][kk], kLds);
+      for (int mi = 0; mi < 2; ++mi) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+        wmma::load_matrix_sync(a, &xs[mi * 16][kk], kLds);
+        wmma::mma_sync(acc[mi], a, b, acc[mi]);
+      }
+    }
+    __syncthreads();
+  }
+  for (int mi = 0; mi < 2; ++mi) wmma::store_matrix_sync(&cs[mi * 16][warp * 16], acc[mi], kBN + 4, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kBM * kBN; i += blockDim.x) {
+    const int r = i / kBN, c = i % kBN;
+    if (r0 + r < r1 && n0 + c < W.N) Y[static_cast<int64_t>(r0 + r) * W.N + n0 + c] = cs[r][c];
+  }
+}
+
+// One warp per output element, fp32 inputs: exact dequantized weights times fp32 activations.
+__global__ void k_gemm_f32(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * 4 + warp, m = blockIdx.y;
+  if (n >= W.N) return;
+  const float* x = X + static_cast<int64_t>(m) * W.K;
+  float acc = 0;
+  for (int k = lane; k < W.K; k += 32) acc += x[k] * weight_at(W, n, k);
+  acc = warp_sum(acc);
+  if (lane == 0) Y[static_cast<int64_t>(m) * W.N + n] = acc;
+}
+
+__global__ void k_f32_to_bf16(const float* x, bf16* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    y[i] = __float2bfloat16(x[i]);
+}
+__global__ void k_fill(float* p, float v, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) p[i] = v;
+}
+__global__ void k_add(float* y, const float* x, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) y[i] += x[i];
+}
+__global__ void k_embed(const bf16* table, int64_t H, const int32_t* ids, float* out) {
+  const int64_t t = blockIdx.x;
+  const bf16* row = table + static_cast<int64_t>(ids[t]) * H;
+  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) out[t * H + c] = bf(row[c]);
+}
+__global__ void k_gather_rows(const float* src, const int64_t* rows, int64_t width, float* dst) {
+  const int64_t i = blockIdx.x;
+  for (int64_t c = threadIdx.x; c < width; c += blockDim.x) dst[i * width + c] = src[rows[i] * width + c];
+}
+__global__ void k_silu_mul(const float* g, const float* u, int64_t n, bf16* out) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const float a = g[i];
+    out[i] = __float2bfloat16(a / (1.0f + expf(-a)) * u[i]);
+  }
+}
+
+__global__ void k_rmsnorm(const float* x, int64_t ld, const float* w, int64_t d, float eps, float* out) {
+  __shared__ float part[32];
+  const int64_t t = blockIdx.x;
+  const float* xr = x + t * ld;
+  float ss = 0;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+    v = warp_sum(v);
+    if (threadIdx.x == 0) part[0] = v;
+  }
+  __syncthreads();
+  const float r = 1.0f / sqrtf(part[0] / static_cast<float>(d) + eps);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (xr[i] * r);
+}
+
+__global__ void k_rope(float* x, int64_t row_stride, int64_t head_stride, int64_t offset, int dim, const int64_t* pos,
+                       const float* inv_freq, float attn_factor, bool interleaved) {
+  const int64_t r = blockIdx.x, h = blockIdx.y;
+  float* v = x + r * row_stride + h * head_stride + offset;
+  const int half = dim / 2;
+  float out0[2], out1[2];
+  int n_mine = 0;
+  for (int i = threadIdx.x; i < half; i += blockDim.x, ++n_mine) {
+    const float f = inv_freq[i] * static_cast<float>(pos[r]);
+    const float cs = cosf(f) * attn_factor, sn = sinf(f) * attn_factor;
+    const float a = interleaved ? v[2 * i] : v[i];
+    const float c = interleaved ? v[2 * i + 1] : v[i + half];
+    out0[n_mine] = a * cs - c * sn;
+    out1[n_mine] = c * cs + a * sn;
+  }
+  __syncthreads();  // every pair read before any is written
+  n_mine = 0;
+  for (int i = threadIdx.x; i < half; i += blockDim.x, ++n_mine) {
+    v[i] = out0[n_mine];
+    v[i + half] = out1[n_mine];
+  }
+}
+
+__global__ void k_route(RouteArgs a, const float* logits, const float* bias, int32_t* idx, float* weight) {
+  extern __shared__ float sm[];
+  float* scores = sm;
+  float* choice = sm + a.E;
+  float* gscore = sm + 2 * a.E;  // [G]
+  char* taken = reinterpret_cast<char*>(sm + 2 * a.E + a.G);
+  const int64_t t = blockIdx.x;
+  const float* l = logits + t * a.E;
+  if (a.sigmoid) {
+    for (int i = threadIdx.x; i < a.E; i += blockDim.x) scores[i] = 1.0f / (1.0f + expf(-l[i]));
+  } else {
+    if (threadIdx.x == 0) {
+      float mx = -INFINITY;
+      for (int i = 0; i < a.E; ++i) mx = fmaxf(mx, l[i]);
+      float s = 0;
+      for (int i = 0; i < a.E; ++i) s += (scores[i] = expf(l[i] - mx));
+      for (int i = 0; i < a.E; ++i) scores[i] /= s;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.E; i += blockDim.x) {
+    choice[i] = scores[i] + (bias ? bias[i] : 0.0f);
+    taken[i] = 0;
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  if (a.method != 0 && a.G > 1) {
+    const int per = a.E / a.G;
+    for (int g = 0; g < a.G; ++g) {
+      const float* c = (a.method == 2 ? choice : scores) + g * per;
+      if (a.method == 2) {  // sum of the group's two best
+        float x = -INFINITY, y = -INFINITY;
+        for (int i = 0; i < per; ++i) {
+          if (c[i] > x) { y = x; x = c[i]; } else if (c[i] > y) y = c[i];
+        }
+        gscore[g] = x + y;
+      } else {
+        float x = -INFINITY;
+        for (int i = 0; i < per; ++i) x = fmaxf(x, c[i]);
+        gscore[g] = x;
+      }
+    }
+    // keep the topk_group best groups (ties to the lower index), mask the rest
+    unsigned long long keep = 0;
+    for (int s = 0; s < a.topk_group; ++s) {
+      int best = -1;
+      for (int g = 0; g < a.G; ++g)
+        if (!((keep >> g) & 1ull) && (best < 0 || gscore[g] > gscore[best])) best = g;
+      keep |= 1ull << best;
+    }
+    for (int i = 0; i < a.E; ++i)
+      if (!((keep >> (i / per)) & 1ull)) choice[i] = -INFINITY;
+  }
+  float sum = 0;
+  int sel[64];
+  for (int s = 0; s < a.K; ++s) {
+    int best = -1;
+    for (int i = 0; i < a.E; ++i)
+      if (!taken[i] && (best < 0 || choice[i] > choice[best])) best = i;
+    taken[best] = 1;
+    sel[s] = best;
+    sum += scores[best];
+  }
+  for (int s = 0; s < a.K; ++s) {
+    float w = scores[sel[s]];
+    if (a.norm_topk) w /= (sum + 1e-20f);
+    idx[t * a.K + s] = sel[s];
+    weight[t * a.K + s] = w * a.scaling;
+  }
+}
+
+__global__ void k_moe_count(const int32_t* idx, int64_t n, int* counts) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    atomicAdd(&counts[idx[i]], 1);
+}
+__global__ void k_moe_scan(const int* counts, int E, int* row_off, int* tile_off, int* cursor) {
+  if (threadIdx.x != 0) return;
+  int r = 0, t = 0;
+  for (int e = 0; e < E; ++e) {
+    row_off[e] = r;
+    tile_off[e] = t;
+    cursor[e] = r;
+    r += counts[e];
+    t += (counts[e] + kBM - 1) / kBM;
+  }
+  row_off[E] = r;
+  tile_off[E] = t;
+}
+__global__ void k_moe_scatter(const int32_t* idx, int64_t n, int* cursor, int* perm, int* slot_pos) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int p = atomicAdd(&cursor[idx[i]], 1);
+    perm[p] = static_cast<int>(i);
+    slot_pos[i] = p;
+  }
+}
+__global__ void k_moe_gather(const float* x, const int* perm, int k, int64_t H, bf16* xp) {
+  const int64_t p = blockIdx.x;
+  const float* src = x + static_cast<int64_t>(perm[p] / k) * H;
+  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) xp[p * H + c] = __float2bfloat16(src[c]);
+}
+__global__ void k_moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int k,
+                              int64_t H, float* out) {
+  __shared__ int order[64];
+  const int64_t t = blockIdx.x;
+  if (threadIdx.x == 0) {  // slots in ascending expert id (insertion sort, k is small)
+    for (int s = 0; s < k; ++s) {
+      int j = s;
+      while (j > 0 && idx[t * k + order[j - 1]] > idx[t * k + s]) {
+        order[j] = order[j - 1];
+        --j;
+      }
+      order[j] = s;
+    }
+  }
+  __syncthreads();
+  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
+    float acc = 0;
+    for (int s = 0; s < k; ++s) {
+      const int slot = static_cast<int>(t * k + order[s]);
+      acc += D[static_cast<int64_t>(slot_pos[slot]) * H + c] * weight[slot];
+    }
+    out[t * H + c] = acc;
+  }
+}
+
+__global__ void k_kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr,
+                            bf16* lat_dst, bf16* rope_dst) {
+  const int64_t w = C + dr;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * w; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / w, c = i % w;
+    if (c < C) lat_dst[r * C + c] = __float2bfloat16(latent[(row0 + r) * C + c]);
+    else rope_dst[r * dr + (c - C)] = __float2bfloat16(ckv[(row0 + r) * w + c]);
+  }
+}
+
+// Online-softmax state of one warp merged across the block's warps; writes o / l.
+template <int NW, int VM>
+__device__ void merge_warps(float mx, float l, const float (&o)[VM], int width, float* sm_m, float* sm_l, float* sm_o,
+                            float* dst) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  if (lane == 0) { sm_m[warp] = mx; sm_l[warp] = l; }
+  for (int m = 0; m < VM; ++m)
+    if (lane + 32 * m < width) sm_o[warp * VM * 32 + lane + 32 * m] = o[m];
+  __syncthreads();
+  float M = -INFINITY;
+  for (int w = 0; w < NW; ++w) M = fmaxf(M, sm_m[w]);
+  float L = 0;
+  for (int w = 0; w < NW; ++w) L += sm_m[w] == -INFINITY ? 0.0f : sm_l[w] * expf(sm_m[w] - M);
+  for (int d = threadIdx.x; d < width; d += blockDim.x) {
+    float acc = 0;
+    for (int w = 0; w < NW; ++w)
+      if (sm_m[w] != -INFINITY) acc += sm_o[w * VM * 32 + d] * expf(sm_m[w] - M);
+    dst[d] = acc / L;
+  }
+}
+
+constexpr int kNW = 4;
+
+template <int DM>  // dn, dv <= 32*DM; dr <= 128
+__global__ void __launch_bounds__(128) k_attn_expanded(AttnDims d, const float* q, const AttnRow* rows, float* out) {
+  __shared__ float sm_m[kNW], sm_l[kNW], sm_o[kNW * DM * 32];
+  const AttnRow r = rows[blockIdx.x];
+  const int h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int dq = d.dn + d.dr, dkv = d.dn + d.dv;
+  const float* qh = q + static_cast<int64_t>(r.q_row) * d.nh * dq + h * dq;
+  float qn[DM], qr[4], o[DM];
+  for (int m = 0; m < DM; ++m) { qn[m] = lane + 32 * m < d.dn ? qh[lane + 32 * m] : 0.0f; o[m] = 0.0f; }
+  for (int m = 0; m < 4; ++m) qr[m] = lane + 32 * m < d.dr ? qh[d.dn + lane + 32 * m] : 0.0f;
+  float mx = -INFINITY, l = 0;
+  for (int j = warp; j < r.len; j += kNW) {
+    const float* kj = r.kvx + (static_cast<int64_t>(j) * d.nh + h) * dkv;
+    const bf16* rj = r.k_rope + static_cast<int64_t>(j) * d.dr;
+    float s = 0;
+    for (int m = 0; m < DM; ++m)
+      if (lane + 32 * m < d.dn) s += qn[m] * kj[lane + 32 * m];
+    for (int m = 0; m < 4; ++m)
+      if (lane + 32 * m < d.dr) s += qr[m] * bf(rj[lane + 32 * m]);
+    s = warp_sum(s) * d.scale;
+    const float mn = fmaxf(mx, s), corr = expf(mx - mn), p = expf(s - mn);
+    l = l * corr + p;
+    for (int m = 0; m < DM; ++m)
+      if (lane + 32 * m < d.dv) o[m] = o[m] * corr + p * kj[d.dn + lane + 32 * m];
+    mx = mn;
+  }
+  merge_warps<kNW, DM>(mx, l, o, d.dv, sm_m, sm_l, sm_o,
+                       out + static_cast<int64_t>(r.q_row) * d.nh * d.dv + h * d.dv);
+}
+
+template <int CM>  // C <= 32*CM, dn <= 256, dr <= 128
+__global__ void __launch_bounds__(128) k_attn_absorbed(AttnDims d, const float* q, const bf16* w_uk, const bf16* w_uvt,
+                                                       const AttnRow* rows, float* out) {
+  __shared__ float sm_m[kNW], sm_l[kNW], sm_o[kNW * CM * 32];
+  __shared__ float qn_s[256], qlat[CM * 32], olat[CM * 32];
+  const AttnRow r = rows[blockIdx.x];
+  const int h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int dq = d.dn + d.dr;
+  const float* qh = q + static_cast<int64_t>(r.q_row) * d.nh * dq + h * dq;
+  for (int i = threadIdx.x; i < d.dn; i += blockDim.x) qn_s[i] = qh[i];
+  __syncthreads();
+  // q_lat = W_UK[h]ᵀ q_nope
+  for (int c = threadIdx.x; c < d.C; c += blockDim.x) {
+    float acc = 0;
+    const bf16* wk = w_uk + static_cast<int64_t>(h) * d.dn * d.C + c;
+    for (int i = 0; i < d.dn; ++i) acc += qn_s[i] * bf(wk[static_cast<int64_t>(i) * d.C]);
+    qlat[c] = acc;
+  }
+  __syncthreads();
+  float ql[CM], qr[4], o[CM];
+  for (int m = 0; m < CM; ++m) { ql[m] = lane + 32 * m < d.C ? qlat[lane + 32 * m] : 0.0f; o[m] = 0.0f; }
+  for (int m = 0; m < 4; ++m) qr[m] = lane + 32 * m < d.dr ? qh[d.dn + lane + 32 * m] : 0.0f;
+  float mx = -INFINITY, l = 0;
+  for (int j = warp; j < r.len; j += kNW) {
+    const bf16* lj = r.latent + static_cast<int64_t>(j) * d.C;
+    const bf16* rj = r.k_rope + static_cast<int64_t>(j) * d.dr;
+    float lv[CM];
+    float s = 0;
+    for (int m = 0; m < CM; ++m) {
+      lv[m] = lane + 32 * m < d.C ? bf(lj[lane + 32 * m]) : 0.0f;
+      s += ql[m] * lv[m];
+    }
+    for (int m = 0; m < 4; ++m)
+      if (lane + 32 * m < d.dr) s += qr[m] * bf(rj[lane + 32 * m]);
+    s = warp_sum(s) * d.scale;
+    const float mn = fmaxf(mx, s), corr = expf(mx - mn), p = expf(s - mn);
+    l = l * corr + p;
+    for (int m = 0; m < CM; ++m) o[m] = o[m] * corr + p * lv[m];
+    mx = mn;
+  }
+  merge_warps<kNW, CM>(mx, l, o, d.C, sm_m, sm_l, sm_o, olat);
+  __syncthreads();
+  // out = W_UV[h] · o_lat
+  for (int v = threadIdx.x; v < d.dv; v += blockDim.x) {
+    float acc = 0;
+    const bf16* wv = w_uvt + static_cast<int64_t>(h) * d.C * d.dv + v;
+    for (int c = 0; c < d.C; ++c) acc += bf(wv[static_cast<int64_t>(c) * d.dv]) * olat[c];
+    out[static_cast<int64_t>(r.q_row) * d.nh * d.dv + h * d.dv + v] = acc;
+  }
+}
+
+int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int64_t>(cdiv(n, block), 65535 * 8)); }
+
+}  // namespace
+
+void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s) {
+  if (M == 0 || max_row_tiles == 0) return;
+  const dim3 grid(static_cast<unsigned>(cdiv(W.N, kBN)), static_cast<unsigned>(max_row_tiles));
+  switch (W.fmt) {
+    case kFp8: k_gemm<kFp8><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
+    case kInt4: k_gemm<kInt4><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
+    default: k_gemm<kBf16><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
+  }
+}
+void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s) {
+  if (M == 0) return;
+  k_gemm_f32<<<dim3(static_cast<unsigned>(cdiv(W.N, 4)), M), 128, 0, s>>>(X, M, Y, W);
+}
+void f32_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t s) {
+  if (n) k_f32_to_bf16<<<grid_for(n), 256, 0, s>>>(x, y, n);
+}
+void fill(float* p, float v, int64_t n, cudaStream_t s) {
+  if (n) k_fill<<<grid_for(n), 256, 0, s>>>(p, v, n);
+}
+void add(float* y, const float* x, int64_t n, cudaStream_t s) {
+  if (n) k_add<<<grid_for(n), 256, 0, s>>>(y, x, n);
+}
+void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
+  if (n) k_embed<<<static_cast<unsigned>(n), 256, 0, s>>>(table, H, ids, out);
+}
+void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, cudaStream_t s) {
+  if (n) k_rmsnorm<<<static_cast<unsigned>(n), 256, 0, s>>>(x, ld, w, d, eps, out);
+}
+void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
+          const int64_t* pos, const float* inv_freq, float attn_factor, bool interleaved, cudaStream_t s) {
+  if (n == 0 || n_heads == 0) return;
+  const int block = static_cast<int>(std::min<int64_t>(128, std::max<int64_t>(32, cdiv(dim / 2, 32) * 32)));
+  k_rope<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(n_heads)), block, 0, s>>>(
+      x, row_stride, head_stride, offset, static_cast<int>(dim), pos, inv_freq, attn_factor, interleaved);
+}
+void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst, cudaStream_t s) {
+  if (n) k_gather_rows<<<static_cast<unsigned>(n), 256, 0, s>>>(src, rows, width, dst);
+}
+void silu_mul(const float* g, const float* u, int64_t n, bf16* out, cudaStream_t s) {
+  if (n) k_silu_mul<<<grid_for(n), 256, 0, s>>>(g, u, n, out);
+}
+void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n, int32_t* idx, float* weight,
+           cudaStream_t s) {
+  if (n == 0) return;
+  const size_t smem = (2 * a.E + a.G) * sizeof(float) + a.E;
+  k_route<<<static_cast<unsigned>(n), 128, smem, s>>>(a, logits, bias, idx, weight);
+}
+void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
+                 int* perm, int* slot_pos, cudaStream_t s) {
+  cudaMemsetAsync(counts, 0, E * sizeof(int), s);
+  if (n_slots) k_moe_count<<<grid_for(n_slots), 256, 0, s>>>(idx, n_slots, counts);
+  k_moe_scan<<<1, 32, 0, s>>>(counts, E, row_off, tile_off, cursor);
+  if (n_slots) k_moe_scatter<<<grid_for(n_slots), 256, 0, s>>>(idx, n_slots, cursor, perm, slot_pos);
+}
+void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s) {
+  if (n_slots) k_moe_gather<<<static_cast<unsigned>(n_slots), 256, 0, s>>>(x, perm, k, H, xp);
+}
+void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int64_t n, int k,
+                 int64_t H, float* out, cudaStream_t s) {
+  if (n) k_moe_combine<<<static_cast<unsigned>(n), 256, 0, s>>>(D, slot_pos, idx, weight, k, H, out);
+}
+void kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr, bf16* lat_dst,
+               bf16* rope_dst, cudaStream_t s) {
+  if (n) k_kv_append<<<grid_for(n * (C + dr)), 256, 0, s>>>(latent, ckv, row0, n, C, dr, lat_dst, rope_dst);
+}
+void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, int n_rows, float* out, cudaStream_t s) {
+  if (n_rows == 0) return;
+  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh));
+  const int w = std::max(d.dn, d.dv);
+  if (w <= 64) k_attn_expanded<2><<<grid, 128, 0, s>>>(d, q, rows, out);
+  else if (w <= 128) k_attn_expanded<4><<<grid, 128, 0, s>>>(d, q, rows, out);
+  else k_attn_expanded<8><<<grid, 128, 0, s>>>(d, q, rows, out);
+}
+void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
+                        int n_rows, float* out, cudaStream_t s) {
+  if (n_rows == 0) return;
+  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh));
+  if (d.C <= 128) k_attn_absorbed<4><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
+  else if (d.C <= 512) k_attn_absorbed<16><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
+  else k_attn_absorbed<32><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
+}
+
+}  // namespace kscope::cuda

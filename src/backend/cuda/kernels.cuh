@@ -1,0 +1,100 @@
+// Kernels of the CUDA backend. Each has its CPU reference in backend/cpu (tests/test_cuda_backend.cpp compares
+// them on random inputs).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace kscope::cuda {
+
+using bf16 = __nv_bfloat16;
+
+enum Fmt : int { kBf16 = 0, kFp8 = 1, kInt4 = 2 };
+
+// A linear layer (or a stack of E experts' layers) on the device, in its stored format.
+//   kBf16: w bf16 [N, K]
+//   kFp8 : w e4m3 [N, K], s f32 [ceil(N/bo), ceil(K/bi)]
+//   kInt4: w int32 [N, ceil(K/8)] (8 nibbles, element i at bits 4i, value q+8), s f32 [N, ceil(K/g)]
+// Expert e's weight starts at w + e*w_stride bytes, its scales at s + e*s_stride floats.
+struct DLin {
+  int fmt = kBf16;
+  int N = 0, K = 0;
+  const uint8_t* w = nullptr;
+  const float* s = nullptr;
+  int64_t w_stride = 0, s_stride = 0;
+  int bo = 0, bi = 0, g = 0;
+  int s_cols = 0;   // scale columns
+  int64_t w_ld = 0; // bytes per weight row
+};
+
+// Row groups of a grouped matmul: group e owns rows [row_off[e], row_off[e+1]) and row tiles
+// [tile_off[e], tile_off[e+1]). nullptr: one group of all M rows.
+struct Groups {
+  const int* row_off = nullptr;
+  const int* tile_off = nullptr;
+  int G = 1;
+};
+
+constexpr int kBM = 32, kBN = 64, kBK = 64;
+
+// Y[m, N] (fp32) = X[m, K] (bf16) · W_g[N, K]ᵀ for every row m of group g.
+void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s);
+// Y[m, N] (fp32) = X[m, K] (fp32) · W[N, K]ᵀ with fp32 inputs (router logits, as the reference computes them).
+void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s);
+
+void f32_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t s);
+void fill(float* p, float v, int64_t n, cudaStream_t s);
+void add(float* y, const float* x, int64_t n, cudaStream_t s);
+void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t n, float* out, cudaStream_t s);
+void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, cudaStream_t s);
+void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
+          const int64_t* pos, const float* inv_freq, float attn_factor, bool interleaved, cudaStream_t s);
+void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst, cudaStream_t s);
+// out bf16 [n, I] = silu(g) * u
+void silu_mul(const float* g, const float* u, int64_t n, bf16* out, cudaStream_t s);
+
+struct RouteArgs {
+  int E, K, G, topk_group;
+  int sigmoid;       // else softmax
+  int method;        // 0 greedy, 1 group_limited_greedy, 2 noaux_tc
+  int norm_topk;
+  float scaling;
+};
+void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n, int32_t* idx, float* weight,
+           cudaStream_t s);
+
+// MoE token permutation: counts -> offsets -> slots sorted by expert (order within an expert irrelevant: every
+// row is computed independently). Writes perm[pos] = slot, slot_pos[slot] = pos, row_off/tile_off [E+1].
+void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
+                 int* perm, int* slot_pos, cudaStream_t s);
+// Xp[pos] = bf16(x[perm[pos] / k])
+void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s);
+// out[t] = Σ over t's slots in ascending expert id: weight · D[slot_pos[slot]]
+void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int64_t n, int k,
+                 int64_t H, float* out, cudaStream_t s);
+
+// KV append: latent rows (fp32 [*, C]) and rope keys (fp32 ckv [*, C+dr] at column C) -> bf16 cache at `past`.
+void kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr, bf16* lat_dst,
+               bf16* rope_dst, cudaStream_t s);
+
+// One query row of attention: where its cache lies and how long it attends.
+struct AttnRow {
+  const bf16* latent;  // [len.., C]
+  const bf16* k_rope;  // [len.., dr]
+  const float* kvx;    // expanded form only: [T, heads, dn + dv]
+  int len;             // keys attended (causal): past + i + 1
+  int q_row;           // row in q / out
+};
+struct AttnDims {
+  int nh, dn, dr, dv, C;
+  float scale;
+};
+// Expanded form over per-token keys/values (kvx); absorbed form over the latent (W_UK [nh, dn, C],
+// W_UVt [nh, C, dv] in bf16).
+void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, int n_rows, float* out, cudaStream_t s);
+void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
+                        int n_rows, float* out, cudaStream_t s);
+
+}  // namespace kscope::cuda
