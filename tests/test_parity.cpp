@@ -5,8 +5,15 @@
 // Tolerances, from the precision: both sides compute in fp32 from identical (exactly dequantized) weights, so
 // only summation order differs; fp32 rounding (~6e-8) grown over a few layers and softmaxes stays near 1e-6.
 // We hold unquantized fixtures to a relative error of 1e-4 and quantized ones to 1e-3 (the bounds).
+//
+// KSCOPE_TEST_DEVICE=cuda runs the same tests on the CUDA backend (scripts/gpu/check.sh). There every matmul
+// rounds its inputs to bf16 (2^-9 relative each) and the latent cache is bf16: per layer about eight chained
+// roundings feed the residual, so we hold every hidden state and the logits to 2e-2 (five bf16 ulps at 1.0,
+// 5·2^-8), HF's own bf16-vs-fp32 spread on such models. Greedy tokens must still be identical, and batching must
+// not change a single bit.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
 #include <filesystem>
 #include <map>
 
@@ -42,9 +49,12 @@ class Parity : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
     dir_ = test::fixtures() + "/reference/" + GetParam();
-    model_ = Model::load(dir_);
+    const char* dev = std::getenv("KSCOPE_TEST_DEVICE");
+    device_ = dev && *dev ? dev : "cpu";
+    model_ = Model::load(dir_, make_backend(device_));
     golden_ = std::make_unique<TensorStore>(TensorStore::open(dir_ + "/golden.safetensors"));
     tol_ = GetParam().find("bf16") != std::string::npos ? 1e-4 : 1e-3;
+    if (device_ != "cpu") tol_ = 5.0 / 256;
     for (int i = 0;; ++i)
       if (golden_->has("seq" + std::to_string(i) + ".ids")) n_seq_ = i + 1;
       else break;
@@ -72,6 +82,7 @@ class Parity : public ::testing::TestWithParam<std::string> {
   }
 
   double worst_ = 0;
+  std::string device_;
   std::string dir_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<TensorStore> golden_;

@@ -4,6 +4,10 @@
 #include <fstream>
 #include <sstream>
 
+#include "backend/backend.hpp"
+#ifdef KSCOPE_HAVE_CUDA
+#include "backend/cuda/cuda_backend.hpp"
+#endif
 #include "model/config.hpp"
 #include "store/activation_store.hpp"
 #include "util/error.hpp"
@@ -19,6 +23,31 @@ void Progress::update(double frac, const std::string& extra) {
 }
 void Progress::done() {
   if (on) std::cerr << "\n";
+}
+
+std::string g_device = std::getenv("KSCOPE_DEVICE") ? std::getenv("KSCOPE_DEVICE") : "cpu";
+
+std::unique_ptr<Model> load_model(const std::string& path) {
+  auto backend = make_backend(g_device);
+#ifdef KSCOPE_HAVE_CUDA
+  if (auto* cb = dynamic_cast<CudaBackend*>(backend.get())) {
+    auto bar = std::make_shared<Progress>(Progress{"loading to " + g_device});
+    cb->on_load_progress = [bar](uint64_t done, uint64_t total) {
+      bar->update(static_cast<double>(done) / std::max<uint64_t>(total, 1), fmt::format("{:.2f} GB", done / 1e9));
+    };
+    auto model = Model::load(path, backend);
+    bar->done();
+    cb->on_load_progress = nullptr;
+    const CudaPlan& p = cb->plan();
+    std::cerr << fmt::format(
+        "kscope: {} | weights {:.2f} GB loaded in {:.1f} s ({:.2f} GB/s) | KV cache budget {:.2f} GB = {} tokens "
+        "({} B/token) | workspace {:.2f} GB = {} tokens per forward pass\n",
+        p.device, p.weight_bytes / 1e9, p.load_seconds, p.load_bytes / 1e9 / std::max(p.load_seconds, 1e-9),
+        p.kv_budget_bytes / 1e9, p.kv_capacity_tokens, p.kv_bytes_per_token, p.workspace_bytes / 1e9, p.max_batch_tokens);
+    return model;
+  }
+#endif
+  return Model::load(path, backend);
 }
 
 std::vector<int32_t> parse_ids(const std::string& s, const std::string& where) {

@@ -29,6 +29,11 @@ struct Progress {
   void done();
 };
 
+// --device (global): cpu | cuda | cuda:N; default from KSCOPE_DEVICE, else cpu.
+extern std::string g_device;
+// Loads a checkpoint onto --device; on a GPU with a progress bar for the upload and the memory plan on stderr.
+std::unique_ptr<Model> load_model(const std::string& path);
+
 std::vector<int32_t> parse_ids(const std::string& s, const std::string& where);
 json read_json_file(const std::string& path);
 std::string read_text_file(const std::string& path);

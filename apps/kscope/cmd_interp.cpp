@@ -74,7 +74,7 @@ struct Job {
 };
 Job prepare(const CaptureArgs& a) {
   Job j;
-  j.model = Model::load(a.model);
+  j.model = load_model(a.model);
   const auto& cfg = j.model->config();
   TextIO io(a.model, cfg.vocab_size, "");
   j.spec.sites = parse_sites(a.sites, cfg);
@@ -234,7 +234,7 @@ void add_interp_commands(CLI::App& app, std::vector<std::function<int()>>& runne
   sw->footer("Example: kscope steer-sweep models/demo --vector french.safetensors --prompts examples/french/questions.jsonl --out out/sweep");
   runners.push_back([sw] {
     if (!*sw) return -1;
-    auto model = Model::load(sw_model);
+    auto model = load_model(sw_model);
     TextIO io(sw_model, model->config().vocab_size, "");
     const auto prompts = load_prompts(io, sw_texts, "", {}, sw_prompts);
     VectorCache vc(model->config());

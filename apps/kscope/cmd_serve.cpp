@@ -3,6 +3,7 @@
 #include <csignal>
 #include <iostream>
 
+#include "cli.hpp"
 #include "commands.hpp"
 #include "server/server.hpp"
 #include "util/error.hpp"
@@ -46,7 +47,7 @@ void add_serve_command(CLI::App& app, std::vector<std::function<int()>>& runners
     if (!*s) return -1;
     if (o.api_key.empty())
       if (const char* k = std::getenv("KSCOPE_API_KEY")) o.api_key = k;
-    KscopeServer server(Model::load(o.model_dir), o);
+    KscopeServer server(cli::load_model(o.model_dir), o);
     g_server = &server;
     std::signal(SIGINT, on_signal);
     std::signal(SIGTERM, on_signal);

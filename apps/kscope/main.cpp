@@ -177,7 +177,7 @@ int cmd_generate(const std::string& path, const GenArgs& a) {
     reqs.push_back(std::move(r));
   }
   const auto t0 = std::chrono::steady_clock::now();
-  auto model = Model::load(path);
+  auto model = cli::load_model(path);
   const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   // per-row interventions: --steer/--ablate/--clamp for every row, plus each JSONL line's own
   VectorCache vc(model->config());
@@ -240,6 +240,10 @@ int main(int argc, char** argv) {
       "  kscope generate out/demo --prompt \"Once upon\" --steer v.safetensors@2.resid_post*4:response\n"
       "  kscope capture out/demo --prompts p.jsonl --sites '*.resid_post' --positions response --generate 32 --out acts/"};
   app.require_subcommand(1);
+  app.add_option("--device", cli::g_device,
+                 "where commands that run the model compute: cpu (fp32 reference) | cuda | cuda:N (BF16 activations, "
+                 "weights as stored; KSCOPE_DEVICE sets the default)")
+      ->capture_default_str();
 
   std::string path;
   int gpus = 1;
