@@ -1,9 +1,10 @@
-# Sourced by the scripts in scripts/gpu on the GPU machine: unpacks the carried Debian packages (.deps/, made by
-# fetch-deps.sh) into a private prefix and configures + builds the CUDA targets named in $@ under build-gpu/.
+# Sourced by the scripts in scripts/gpu on the GPU machine: unpacks the carried Debian packages
+# (.deps/prefix.tar.xz, made here by fetch-deps.sh) into a private prefix; gpu_build configures and builds the
+# targets named in its arguments under build-gpu/.
 P=/tmp/kscope-deps
-if [ -d .deps ] && [ ! -d $P/usr ]; then
+if [ -f .deps/prefix.tar.xz ] && [ ! -d $P/usr ]; then
   mkdir -p $P
-  for f in .deps/*.deb; do dpkg -x "$f" $P; done
+  tar -C $P -xJf .deps/prefix.tar.xz
 fi
 export CMAKE_PREFIX_PATH=$P/usr
 export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
