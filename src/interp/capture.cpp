@@ -25,7 +25,7 @@ void CaptureHook::on(const Site& s, int64_t seq, float* data, int64_t n, int64_t
   r.data.insert(r.data.end(), data, data + n * w);
 }
 
-void CaptureHook::on_router(int64_t layer, int64_t seq, const float*, const int32_t* idx, const float* weight, int64_t n,
+void CaptureHook::on_router(int64_t layer, int64_t seq, const float*, int32_t* idx, float* weight, int64_t n,
                             int64_t, int64_t k, int64_t pos0) {
   Rows& r = seqs_[seq][Site{SiteKind::router, layer}.str()];
   r.width = r.k = k;

@@ -40,7 +40,7 @@ class CaptureHook : public Hook {
   bool wants(const Site& s) const override;
   bool writes(const Site&) const override { return false; }
   void on(const Site& s, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) override;
-  void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight, int64_t n,
+  void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight, int64_t n,
                  int64_t e, int64_t k, int64_t pos0) override;
   // Selects and reduces sequence seq's rows for its final layout.
   CapturedSeq finish(int64_t seq, const SeqLayout& layout) const;

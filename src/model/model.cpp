@@ -55,7 +55,7 @@ void HookList::on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, in
   for (auto* h : hooks)
     if (h->wants(s)) h->on(s, seq, d, n, w, pos0);
 }
-void HookList::on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight,
+void HookList::on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight,
                          int64_t n, int64_t e, int64_t k, int64_t pos0) {
   for (auto* h : hooks)
     if (h->wants({SiteKind::router, layer})) h->on_router(layer, seq, logits, idx, weight, n, e, k, pos0);
@@ -187,11 +187,26 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
       be.linear(m.router, x.data(), N, rl.data());
       be.route(cfg_, rl.data(), m.score_bias, N, idx.data(), wt.data());
       if (obs && obs->wants({SiteKind::router, l})) {
-        const auto rlh = rl.host(), wth = wt.host();
-        const auto idxh = idx.host();
+        const bool host = be.host_memory();
+        std::vector<float> rlh, wth;
+        std::vector<int32_t> idxh;
+        if (!host) {
+          rlh = rl.host();
+          wth = wt.host();
+          idxh = idx.host();
+        }
+        float* rlp = host ? rl.data() : rlh.data();
+        float* wtp = host ? wt.data() : wth.data();
+        int32_t* idxp = host ? idx.data() : idxh.data();
         for (size_t i = 0; i < items.size(); ++i)
-          obs->on_router(l, static_cast<int64_t>(i), rlh.data() + row0[i] * E, idxh.data() + row0[i] * K,
-                         wth.data() + row0[i] * K, items[i].n, E, K, items[i].cache->length);
+          obs->on_router(l, static_cast<int64_t>(i), rlp + row0[i] * E, idxp + row0[i] * K, wtp + row0[i] * K,
+                         items[i].n, E, K, items[i].cache->length);
+        for (int64_t j = 0; j < N * K; ++j)
+          KSCOPE_CHECK(idxp[j] >= 0 && idxp[j] < E, input, "router hook", "layer {}: expert id {} outside [0, {})", l, idxp[j], E);
+        if (!host && obs->writes({SiteKind::router, l})) {
+          be.upload(idx.data(), idxh.data(), idxh.size() * sizeof(int32_t));
+          be.upload(wt.data(), wth.data(), wth.size() * sizeof(float));
+        }
       }
       be.moe_experts(m, x.data(), N, K, idx.data(), wt.data(), y.data());
       if (m.shared) {

@@ -46,8 +46,10 @@ class Hook {
   // false when the hook only reads at this site (a device backend then need not copy the rows back)
   virtual bool writes(const Site& site) const { return true; }
   virtual void on(const Site& site, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) = 0;
-  // L.router: router logits [n_rows, E] and the chosen experts idx/weight [n_rows, k] (read-only)
-  virtual void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight,
+  // L.router: router logits [n_rows, E] (read-only) and the chosen experts idx/weight [n_rows, k]. A hook whose
+  // writes({router, L}) is true may change idx/weight (force, ablate or reweight experts); the experts then run
+  // on what it left.
+  virtual void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight,
                          int64_t n_rows, int64_t n_experts, int64_t k, int64_t pos0) {}
 };
 
@@ -58,7 +60,7 @@ class HookList : public Hook {
   bool wants(const Site& s) const override;
   bool writes(const Site& s) const override;
   void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override;
-  void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight,
+  void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight,
                  int64_t n, int64_t e, int64_t k, int64_t pos0) override;
 };
 
@@ -71,7 +73,7 @@ class RemapHook : public Hook {
   void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
     inner_->on(s, (*index_)[seq], d, n, w, pos0);
   }
-  void on_router(int64_t layer, int64_t seq, const float* logits, const int32_t* idx, const float* weight, int64_t n,
+  void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight, int64_t n,
                  int64_t e, int64_t k, int64_t pos0) override {
     inner_->on_router(layer, (*index_)[seq], logits, idx, weight, n, e, k, pos0);
   }

@@ -175,11 +175,16 @@ void Engine::step(std::vector<std::shared_ptr<Live>>& active) {
         if (a->hooks.wants(s)) return true;
       return false;
     }
+    bool writes(const Site& s) const override {
+      for (auto& a : *act)
+        if (a->hooks.wants(s) && a->hooks.writes(s)) return true;
+      return false;
+    }
     void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
       auto& h = (*act)[seq]->hooks;
       if (h.wants(s)) h.on(s, 0, d, n, w, pos0);
     }
-    void on_router(int64_t l, int64_t seq, const float* lg, const int32_t* idx, const float* wt, int64_t n, int64_t e,
+    void on_router(int64_t l, int64_t seq, const float* lg, int32_t* idx, float* wt, int64_t n, int64_t e,
                    int64_t k, int64_t pos0) override {
       auto& h = (*act)[seq]->hooks;
       if (h.wants({SiteKind::router, l})) h.on_router(l, 0, lg, idx, wt, n, e, k, pos0);
