@@ -66,9 +66,11 @@ struct CudaBackend::Impl {
   std::unordered_map<const TensorInfo*, void*> tensors;  // uploaded tensors (shared by tied embeddings)
   // The host bytes each entry above was made from: a descriptor at a reused address (a new object where a freed
   // one lived) is not mistaken for the one prepared.
-  std::unordered_map<const void*, const void*> source;
-  bool current(const void* key, const void* data) const {
-    auto it = source.find(key);
+  // Keyed by kind too: a struct and its first member share an address.
+  enum Kind { kTensor, kLinear, kMoe, kAttn };
+  std::map<std::pair<int, const void*>, const void*> source;
+  bool current(Kind kind, const void* key, const void* data) const {
+    auto it = source.find({kind, key});
     return it != source.end() && it->second == data;
   }
   std::unordered_map<const void*, float*> params;        // norm weights and biases by host address
@@ -253,21 +255,21 @@ void CudaBackend::synchronize() { CK(cudaStreamSynchronize(impl_->stream)); }
 
 void CudaBackend::prepare_embed(const TensorInfo& t) {
   Impl& m = *impl_;
-  if (m.current(&t, t.data)) return;
+  if (m.current(Impl::kTensor, &t, t.data)) return;
   KSCOPE_CHECK(t.shape.size() == 2, weights, t.name, "embedding must be 2-D");
   auto* d = static_cast<uint16_t*>(m.dmalloc(t.numel() * 2, t.name));
   if (t.dtype == DType::BF16) m.put_raw(t, reinterpret_cast<uint8_t*>(d));
   else m.put_converted<uint16_t>(t, d);
   m.tensors[&t] = d;
-  m.source[&t] = t.data;
+  m.source[{Impl::kTensor, &t}] = t.data;
 }
 
 void CudaBackend::prepare_linear(const Linear& l) {
   Impl& m = *impl_;
-  if (m.current(&l, l.weight->data)) return;
+  if (m.current(Impl::kLinear, &l, l.weight->data)) return;
   DLin d = Impl::describe(l);
   auto it = m.tensors.find(l.weight);  // tied lm_head: the embedding is already there
-  if (it != m.tensors.end() && m.current(l.weight, l.weight->data) && l.format == WeightFormat::dense) {
+  if (it != m.tensors.end() && m.current(Impl::kTensor, l.weight, l.weight->data) && l.format == WeightFormat::dense) {
     d.w = static_cast<const uint8_t*>(it->second);
   } else {
     auto* w = static_cast<uint8_t*>(m.dmalloc(Impl::weight_bytes(l), l.name));
@@ -276,16 +278,16 @@ void CudaBackend::prepare_linear(const Linear& l) {
     d.w = w;
     d.s = s;
     m.tensors[l.weight] = w;
-    m.source[l.weight] = l.weight->data;
+    m.source[{Impl::kTensor, l.weight}] = l.weight->data;
   }
   m.lin[&l] = d;
-  m.source[&l] = l.weight->data;
+  m.source[{Impl::kLinear, &l}] = l.weight->data;
 }
 
 void CudaBackend::prepare_moe(const MoeWeights& mw) {
   Impl& m = *impl_;
   KSCOPE_CHECK(!mw.experts.empty() && mw.router.weight, weights, mw.router.name, "MoE layer without experts");
-  if (m.current(&mw, mw.experts[0].gate.weight->data)) return;
+  if (m.current(Impl::kMoe, &mw, mw.experts[0].gate.weight->data)) return;
   KSCOPE_CHECK(!mw.experts.empty(), weights, mw.router.name, "MoE layer without experts");
   const int64_t E = static_cast<int64_t>(mw.experts.size());
   auto stack = [&](auto get) {
@@ -313,7 +315,7 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
   dm.up = stack([](const MlpWeights& x) -> const Linear& { return x.up; });
   dm.down = stack([](const MlpWeights& x) -> const Linear& { return x.down; });
   m.moe[&mw] = dm;
-  m.source[&mw] = mw.experts[0].gate.weight->data;
+  m.source[{Impl::kMoe, &mw}] = mw.experts[0].gate.weight->data;
   prepare_linear(mw.router);
   m.fp32_input.insert(&mw.router);
   if (!mw.score_bias.empty()) {
@@ -330,7 +332,7 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
 
 void CudaBackend::prepare_attention(const ModelConfig& cfg, const AttentionWeights& a) {
   Impl& m = *impl_;
-  if (m.current(&a, a.kv_b_proj.weight->data)) return;
+  if (m.current(Impl::kAttn, &a, a.kv_b_proj.weight->data)) return;
   for (const Linear* l : {a.q_proj ? &*a.q_proj : nullptr, a.q_a_proj ? &*a.q_a_proj : nullptr,
                           a.q_b_proj ? &*a.q_b_proj : nullptr, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
     if (l) prepare_linear(*l);
@@ -364,7 +366,7 @@ void CudaBackend::prepare_attention(const ModelConfig& cfg, const AttentionWeigh
   CK(cudaMemcpy(da.w_uk, uk.data(), uk.size() * 2, cudaMemcpyHostToDevice));
   CK(cudaMemcpy(da.w_uvt, uvt.data(), uvt.size() * 2, cudaMemcpyHostToDevice));
   m.attn[&a] = da;
-  m.source[&a] = a.kv_b_proj.weight->data;
+  m.source[{Impl::kAttn, &a}] = a.kv_b_proj.weight->data;
 }
 
 void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
@@ -521,7 +523,7 @@ void CudaBackend::kv_append(KvState& state, int64_t layer, const float* latent, 
 
 void CudaBackend::embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) {
   auto it = impl_->tensors.find(&table);
-  KSCOPE_CHECK(it != impl_->tensors.end() && impl_->current(&table, table.data), internal, "cuda", "embedding '{}' was not prepared", table.name);
+  KSCOPE_CHECK(it != impl_->tensors.end() && impl_->current(Impl::kTensor, &table, table.data), internal, "cuda", "embedding '{}' was not prepared", table.name);
   cuda::embed(static_cast<const bf16*>(it->second), table.shape[0], table.shape[1], ids, n, out, impl_->stream);
 }
 
@@ -539,7 +541,7 @@ void CudaBackend::rmsnorm(const float* x, const std::vector<float>& w, int64_t n
 
 void CudaBackend::linear(const Linear& w, const float* x, int64_t n, float* y) {
   auto it = impl_->lin.find(&w);
-  KSCOPE_CHECK(it != impl_->lin.end() && impl_->current(&w, w.weight->data), internal, "cuda", "linear '{}' was not prepared", w.name);
+  KSCOPE_CHECK(it != impl_->lin.end() && impl_->current(Impl::kLinear, &w, w.weight->data), internal, "cuda", "linear '{}' was not prepared", w.name);
   if (impl_->fp32_input.count(&w)) {
     cuda::gemm_f32(x, static_cast<int>(n), y, it->second, impl_->stream);
     return;
@@ -580,7 +582,7 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
                "MLA dimensions beyond the kernels' limits (rope 128, nope/v 256, kv_lora 1024)");
   auto lit = m.lin.find(&w.kv_b_proj);
   auto ait = m.attn.find(&w);
-  KSCOPE_CHECK(lit != m.lin.end() && ait != m.attn.end() && m.current(&w, w.kv_b_proj.weight->data), internal, "cuda", "attention weights were not prepared");
+  KSCOPE_CHECK(lit != m.lin.end() && ait != m.attn.end() && m.current(Impl::kAttn, &w, w.kv_b_proj.weight->data), internal, "cuda", "attention weights were not prepared");
   std::vector<cuda::AttnRow> exp_rows, abs_rows;
   std::vector<Buf<float>> kvx;  // expanded keys/values per sequence, alive until the kernel has run
   for (const AttnSeq& s : seqs) {
@@ -642,7 +644,7 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
                               const float* weight, float* out) {
   Impl& m = *impl_;
   auto it = m.moe.find(&w);
-  KSCOPE_CHECK(it != m.moe.end() && !w.experts.empty() && m.current(&w, w.experts[0].gate.weight->data), internal, "cuda", "MoE weights '{}' were not prepared", w.router.name);
+  KSCOPE_CHECK(it != m.moe.end() && !w.experts.empty() && m.current(Impl::kMoe, &w, w.experts[0].gate.weight->data), internal, "cuda", "MoE weights '{}' were not prepared", w.router.name);
   const auto& dm = it->second;
   const int E = static_cast<int>(w.experts.size());
   const int64_t H = dm.down.N, I = dm.gate.N, M = n * k;
@@ -669,8 +671,8 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
 void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out) {
   Impl& m = *impl_;
   auto gi = m.lin.find(&w.gate), ui = m.lin.find(&w.up), di = m.lin.find(&w.down);
-  KSCOPE_CHECK(gi != m.lin.end() && ui != m.lin.end() && di != m.lin.end() && m.current(&w.gate, w.gate.weight->data) &&
-                   m.current(&w.up, w.up.weight->data) && m.current(&w.down, w.down.weight->data),
+  KSCOPE_CHECK(gi != m.lin.end() && ui != m.lin.end() && di != m.lin.end() && m.current(Impl::kLinear, &w.gate, w.gate.weight->data) &&
+                   m.current(Impl::kLinear, &w.up, w.up.weight->data) && m.current(Impl::kLinear, &w.down, w.down.weight->data),
                internal, "cuda", "MLP '{}' was not prepared",
                w.gate.name);
   const int64_t H = w.gate.in, I = w.gate.out;
