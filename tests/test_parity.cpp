@@ -100,11 +100,13 @@ struct RouteLog : Hook {
       std::copy(it->second.weight.begin(), it->second.weight.end(), wt);
     }
   }
-  // k-th minus (k+1)-th selection score (score + correction bias) of one token
+  // The margin of one token's decision: the smaller of the group decision's gap (topk_group-th minus next group
+  // score, grouped routing only) and the expert decision's gap among the kept groups (k-th minus (k+1)-th
+  // selection score, score + correction bias).
   float gap(int64_t layer, const float* l, int64_t E, int64_t K) const {
     const auto& cfg = model->config();
     const auto& bias = model->weights().layers[layer].moe->score_bias;
-    std::vector<float> s(E);
+    std::vector<float> s(E), c(E);
     if (cfg.scoring_func == ScoringFunc::sigmoid) {
       for (int64_t i = 0; i < E; ++i) s[i] = 1.0f / (1.0f + std::exp(-l[i]));
     } else {
@@ -113,9 +115,27 @@ struct RouteLog : Hook {
       for (int64_t i = 0; i < E; ++i) z += (s[i] = std::exp(l[i] - mx));
       for (auto& v : s) v /= z;
     }
-    for (int64_t i = 0; i < E && !bias.empty(); ++i) s[i] += bias[i];
-    std::sort(s.begin(), s.end(), std::greater<float>());
-    return K < E ? s[K - 1] - s[K] : 1.0f;
+    for (int64_t i = 0; i < E; ++i) c[i] = s[i] + (bias.empty() ? 0.0f : bias[i]);
+    float margin = 1.0f;
+    const int64_t G = cfg.n_group, per = E / std::max<int64_t>(G, 1);
+    if (G > 1 && cfg.topk_method != TopkMethod::greedy) {
+      std::vector<std::pair<float, int64_t>> gs(G);
+      for (int64_t g = 0; g < G; ++g) {
+        std::vector<float> m(cfg.topk_method == TopkMethod::noaux_tc ? c.begin() + g * per : s.begin() + g * per,
+                             cfg.topk_method == TopkMethod::noaux_tc ? c.begin() + (g + 1) * per : s.begin() + (g + 1) * per);
+        std::sort(m.begin(), m.end(), std::greater<float>());
+        gs[g] = {cfg.topk_method == TopkMethod::noaux_tc ? m[0] + m[1] : m[0], g};
+      }
+      std::sort(gs.begin(), gs.end(), std::greater<>());
+      if (cfg.topk_group < G) margin = gs[cfg.topk_group - 1].first - gs[cfg.topk_group].first;
+      std::vector<char> keep(G, 0);
+      for (int64_t i = 0; i < cfg.topk_group; ++i) keep[gs[i].second] = 1;
+      for (int64_t i = 0; i < E; ++i)
+        if (!keep[i / per]) c[i] = -INFINITY;
+    }
+    std::sort(c.begin(), c.end(), std::greater<float>());
+    if (K < E && std::isfinite(c[K])) margin = std::min(margin, c[K - 1] - c[K]);
+    return margin;
   }
 };
 
@@ -262,6 +282,10 @@ TEST_P(Parity, decode_steps_over_the_latent_cache_match_hf_logits) {
   }
 }
 
+// On the CPU: HF's greedy tokens exactly. On the device, where logits carry bf16 noise, a greedy choice can only
+// be held where it is a choice: tokens must be identical up to the first step where the fp32 run's top-two
+// logit margin is within that noise (8 x the 2e-2 tolerance x the logits' rms); there ours must be one of the
+// tied tokens, and the sequence is not compared further. Batching must not change a bit on either.
 TEST_P(Parity, greedy_tokens_equal_hf_alone_and_batched) {
   std::vector<GenerateRequest> reqs;
   for (int i = 0; i < n_seq_; ++i) {
@@ -279,7 +303,7 @@ TEST_P(Parity, greedy_tokens_equal_hf_alone_and_batched) {
   GenerateOptions opts;
   opts.observer = forced.get();
   const auto batched = generate(*model_, reqs, opts);
-  check_routing(forced.get());
+  int near_ties = 0;
   for (int i = 0; i < n_seq_; ++i) {
     const auto want = gi("seq" + std::to_string(i) + ".greedy");
     std::vector<int64_t> index = {i};
@@ -287,10 +311,40 @@ TEST_P(Parity, greedy_tokens_equal_hf_alone_and_batched) {
     GenerateOptions one;
     if (forced) one.observer = &remap;
     const auto alone = generate(*model_, {reqs[i]}, one);
-    EXPECT_EQ(alone[0].tokens, want) << "seq" << i << " alone";
-    EXPECT_EQ(batched[i].tokens, want) << "seq" << i << " batched";
+    EXPECT_EQ(batched[i].tokens, alone[0].tokens) << "seq" << i << ": batching changed the tokens";
     EXPECT_EQ(batched[i].logprobs, alone[0].logprobs) << "seq" << i << ": batching changed the numbers";
+    if (!cpu_model_) {
+      EXPECT_EQ(alone[0].tokens, want) << "seq" << i << " alone";
+      EXPECT_EQ(batched[i].tokens, want) << "seq" << i << " batched";
+      continue;
+    }
+    // fp32 reference logits along HF's greedy path
+    const int64_t V = model_->config().vocab_size;
+    KvCache cache = cpu_model_->new_cache();
+    std::vector<ForwardItem> items = {{&cache, reqs[i].prompt.data(), static_cast<int64_t>(reqs[i].prompt.size()), false}};
+    std::vector<std::vector<float>> lg;
+    for (size_t j = 0; j < want.size(); ++j) {
+      cpu_model_->forward(items, lg);
+      const auto& l = lg[0];
+      std::vector<float> sorted(l);
+      std::nth_element(sorted.begin(), sorted.begin() + 1, sorted.end(), std::greater<float>());
+      double ss = 0;
+      for (float v : l) ss += static_cast<double>(v) * v;
+      const float bound = static_cast<float>(8 * tol_ * std::sqrt(ss / V));
+      const float top = std::max(sorted[0], sorted[1]), second = std::min(sorted[0], sorted[1]);
+      ASSERT_EQ(std::max_element(l.begin(), l.end()) - l.begin(), want[j]) << "the fp32 run left HF's path";
+      ASSERT_LT(j, alone[0].tokens.size());
+      const int32_t got = alone[0].tokens[j];
+      if (got != want[j]) {
+        EXPECT_LE(top - second, bound) << "seq" << i << " step " << j << ": a decided token differs";
+        EXPECT_GE(l[got], top - bound) << "seq" << i << " step " << j << ": our token was not among the tied ones";
+        ++near_ties;
+        break;
+      }
+      items = {{&cache, &want[j], 1, false}};
+    }
   }
+  if (cpu_model_) std::printf("    greedy: %d of %d sequences left HF's path at a near-tie\n", near_ties, n_seq_);
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Parity, ::testing::ValuesIn(fixture_names()),
