@@ -13,6 +13,7 @@
 #include "tokenizer/tokenizer.hpp"
 #include "util/error.hpp"
 #include "util/numeric.hpp"
+#include "util/thread_pool.hpp"
 
 namespace kscope {
 namespace fs = std::filesystem;
@@ -322,8 +323,14 @@ void make_model(const std::string& out_dir, const MakeModelSpec& spec,
       }
       for (auto& n : names) weight_map[n] = fname;
     }
-    for (size_t i : shards[s]) {
-      const Planned& p = items[i];
+    // Tensors are made in parallel, a pool-sized batch at a time (each from its own name-seeded generator, so the
+    // bytes do not depend on the thread count), and written in order.
+    const auto make = [&](const Planned& p) {
+      std::vector<std::vector<uint8_t>> out;  // one part per declared tensor
+      auto put = [&out](const void* d, size_t n) {
+        out.emplace_back(n);
+        std::memcpy(out.back().data(), d, n);
+      };
       std::mt19937_64 rng(name_seed(spec.seed, p.name));
       std::normal_distribution<float> nd(0.0f, 1.0f);
       const int64_t numel = p.kind == Kind::linear || p.kind == Kind::embed ? p.out * p.in : p.out;
@@ -333,29 +340,43 @@ void make_model(const std::string& out_dir, const MakeModelSpec& spec,
       if (p.kind == Kind::norm)
         for (auto& x : f) x += 1.0f;
       if (p.kind == Kind::bias) {
-        w.write(f.data(), f.size() * 4);
+        put(f.data(), f.size() * 4);
       } else if (!p.quantized) {
         const auto b = bf16_bytes(f);
-        w.write(b.data(), b.size());
+        put(b.data(), b.size());
       } else if (spec.format == StoredFormat::fp8) {
         for (auto& x : f) x = bf16_to_f32(f32_to_bf16(x));  // quantize from the bf16 master, as checkpoints are made
         std::vector<uint8_t> q;
-        std::vector<float> s;
-        quantize_fp8_block(f.data(), p.out, p.in, 128, 128, q, s);
-        w.write(q.data(), q.size());
-        w.write(s.data(), s.size() * 4);
+        std::vector<float> sc;
+        quantize_fp8_block(f.data(), p.out, p.in, 128, 128, q, sc);
+        put(q.data(), q.size());
+        put(sc.data(), sc.size() * 4);
       } else {
         for (auto& x : f) x = bf16_to_f32(f32_to_bf16(x));
         std::vector<int32_t> q;
-        std::vector<uint16_t> s;
-        quantize_int4_group(f.data(), p.out, p.in, 32, q, s);
+        std::vector<uint16_t> sc;
+        quantize_int4_group(f.data(), p.out, p.in, 32, q, sc);
         const int32_t shape[2] = {static_cast<int32_t>(p.out), static_cast<int32_t>(p.in)};
-        w.write(q.data(), q.size() * 4);
-        w.write(s.data(), s.size() * 2);
-        w.write(shape, 8);
+        put(q.data(), q.size() * 4);
+        put(sc.data(), sc.size() * 2);
+        put(shape, 8);
       }
-      done += p.bytes;
-      if (progress) progress(done, total);
+      return out;
+    };
+    ThreadPool& pool = ThreadPool::global();
+    const size_t batch = std::max<size_t>(1, pool.size());
+    for (size_t b0 = 0; b0 < shards[s].size(); b0 += batch) {
+      const size_t nb = std::min(batch, shards[s].size() - b0);
+      std::vector<std::vector<std::vector<uint8_t>>> blobs(nb);
+      pool.parallel_for(static_cast<int64_t>(nb), 1, [&](int64_t lo, int64_t hi) {
+        for (int64_t j = lo; j < hi; ++j) blobs[j] = make(items[shards[s][b0 + j]]);
+      });
+      for (size_t j = 0; j < nb; ++j) {
+        for (auto& part : blobs[j]) w.write(part.data(), part.size());
+        blobs[j] = {};
+        done += items[shards[s][b0 + j]].bytes;
+        if (progress) progress(done, total);
+      }
     }
     w.finish();
   }
