@@ -1,0 +1,316 @@
+// GPU benchmark of the CUDA backend on a Kimi-K2-layer-shaped checkpoint (not a test; scripts/gpu/bench.sh runs it
+// next to HF transformers on the same checkpoint).
+//   bench_gpu make DIR --format bf16|fp8|int4 [--layers 2]     write the kimi-k2-slice checkpoint
+//   bench_gpu run DIR [--json FILE]                             measure
+// Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
+// large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
+// 1..2048 tokens, MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
+// 4 x 1024 tokens, and peak device memory.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <set>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include "backend/cuda/cuda_backend.hpp"
+#include "model/make_model.hpp"
+#include "model/model.hpp"
+
+using namespace kscope;
+using json = nlohmann::json;
+using clk = std::chrono::steady_clock;
+
+namespace {
+
+#define CU(x)                                                                          \
+  do {                                                                                 \
+    cudaError_t e_ = (x);                                                              \
+    if (e_ != cudaSuccess) throw std::runtime_error(std::string(#x) + ": " + cudaGetErrorString(e_)); \
+  } while (0)
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// Seconds per call of fn (device-synchronized), median of `reps` after `warm` warm-up calls.
+template <class F>
+double time_it(F&& fn, int reps, int warm = 3) {
+  for (int i = 0; i < warm; ++i) fn();
+  CU(cudaDeviceSynchronize());
+  std::vector<double> t;
+  for (int i = 0; i < reps; ++i) {
+    const auto t0 = clk::now();
+    fn();
+    CU(cudaDeviceSynchronize());
+    t.push_back(std::chrono::duration<double>(clk::now() - t0).count());
+  }
+  return median(t);
+}
+
+double hbm_bandwidth() {  // bytes read + written per second, device-to-device copy of 2 GiB
+  const size_t n = 2ull << 30;
+  void *a, *b;
+  CU(cudaMalloc(&a, n));
+  CU(cudaMalloc(&b, n));
+  CU(cudaMemset(a, 1, n));
+  const double s = time_it([&] { CU(cudaMemcpy(b, a, n, cudaMemcpyDeviceToDevice)); }, 10);
+  cudaFree(a);
+  cudaFree(b);
+  return 2.0 * n / s;
+}
+
+double bf16_tensor_rate() {  // FLOP/s of an 8192^3 BF16 cuBLAS matmul with fp32 accumulation
+  const int n = 8192;
+  void *a, *b, *c;
+  CU(cudaMalloc(&a, size_t(n) * n * 2));
+  CU(cudaMalloc(&b, size_t(n) * n * 2));
+  CU(cudaMalloc(&c, size_t(n) * n * 2));
+  CU(cudaMemset(a, 0x3c, size_t(n) * n * 2));  // ~1.2 in bf16: non-zero data
+  CU(cudaMemset(b, 0x3c, size_t(n) * n * 2));
+  cublasHandle_t h;
+  cublasCreate(&h);
+  const float one = 1, zero = 0;
+  const double s = time_it(
+      [&] {
+        cublasGemmEx(h, CUBLAS_OP_N, CUBLAS_OP_N, n, n, n, &one, a, CUDA_R_16BF, n, b, CUDA_R_16BF, n, &zero, c,
+                     CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      },
+      10);
+  cublasDestroy(h);
+  cudaFree(a);
+  cudaFree(b);
+  cudaFree(c);
+  return 2.0 * n * n * double(n) / s;
+}
+
+uint64_t used_bytes() {
+  size_t fr = 0, tot = 0;
+  cudaMemGetInfo(&fr, &tot);
+  return tot - fr;
+}
+
+std::vector<float> randn(int64_t n, uint64_t seed) {
+  std::mt19937_64 r(seed);
+  std::normal_distribution<float> d(0, 1);
+  std::vector<float> v(n);
+  for (auto& x : v) x = d(r);
+  return v;
+}
+
+int run(const std::string& dir, const std::string& json_path) {
+  json out;
+  cudaDeviceProp p{};
+  CU(cudaGetDeviceProperties(&p, 0));
+  out["device"] = p.name;
+  const double bw = hbm_bandwidth(), tc = bf16_tensor_rate();
+  out["hbm_bytes_per_s"] = bw;
+  out["bf16_flops"] = tc;
+  std::printf("device %s: HBM %.0f GB/s (copy, read+write), BF16 tensor cores %.0f TFLOP/s (cuBLAS 8192^3)\n", p.name,
+              bw / 1e9, tc / 1e12);
+
+  auto backend = std::make_shared<CudaBackend>(0);
+  const uint64_t base = used_bytes();
+  auto model = Model::load(dir, backend);
+  const CudaPlan& plan = backend->plan();
+  const auto& cfg = model->config();
+  out["load_seconds"] = plan.load_seconds;
+  out["load_bytes"] = plan.load_bytes;
+  out["weight_bytes"] = plan.weight_bytes;
+  std::printf("loaded %.2f GB in %.1f s (%.2f GB/s); weights on device %.2f GB; KV budget %lld tokens\n",
+              plan.load_bytes / 1e9, plan.load_seconds, plan.load_bytes / 1e9 / plan.load_seconds, plan.weight_bytes / 1e9,
+              static_cast<long long>(plan.kv_capacity_tokens));
+  Backend& be = model->backend();
+  const int64_t H = cfg.hidden_size, E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, I = cfg.moe_intermediate_size;
+  int64_t moe_layer = -1;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    if (model->weights().layers[l].moe) { moe_layer = l; break; }
+  const auto& mw = *model->weights().layers[moe_layer].moe;
+  const Linear& g0 = mw.experts[0].gate;
+  const double expert_bytes = 3.0 * (g0.bytes());  // gate, up, down are the same size
+  const double shared_bytes = mw.shared ? 3.0 * mw.shared->gate.bytes() : 0.0;
+  const double router_bytes = mw.router.bytes();
+  const int64_t Ish = mw.shared ? mw.shared->gate.out : 0;
+  out["format"] = format_name(g0.format);
+
+  // ---- MoE block latency
+  json moe = json::array();
+  std::printf("\nMoE block (layer %lld: router + top-%lld of %lld + shared), %s\n", static_cast<long long>(moe_layer),
+              static_cast<long long>(K), static_cast<long long>(E), format_name(g0.format));
+  std::printf("%7s %10s %9s %12s %12s %9s\n", "tokens", "time us", "experts", "bw floor us", "tc floor us", "of floor");
+  for (int64_t T : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}) {
+    Buf<float> x(be, randn(T * H, T)), rl(be, T * E), wt(be, T * K), y(be, T * H), sh(be, T * H);
+    Buf<int32_t> idx(be, T * K);
+    auto step = [&] {
+      be.linear(mw.router, x.data(), T, rl.data());
+      be.route(cfg, rl.data(), mw.score_bias, T, idx.data(), wt.data());
+      be.moe_experts(mw, x.data(), T, K, idx.data(), wt.data(), y.data());
+      if (mw.shared) {
+        be.mlp(*mw.shared, x.data(), T, sh.data());
+        be.add(y.data(), sh.data(), T * H);
+      }
+    };
+    const double s = time_it(step, T <= 256 ? 50 : 20);
+    const auto ih = idx.host();
+    const std::set<int32_t> distinct(ih.begin(), ih.end());
+    const double bytes = distinct.size() * expert_bytes + shared_bytes + router_bytes + 4.0 * T * H * 2;
+    const double flops = 2.0 * T * (K * 3.0 * H * I + 3.0 * H * Ish + E * H);
+    const double fb = bytes / bw, fc = flops / tc, floor = std::max(fb, fc);
+    std::printf("%7lld %10.1f %9zu %12.1f %12.1f %8.0f%%\n", static_cast<long long>(T), s * 1e6, distinct.size(), fb * 1e6,
+                fc * 1e6, 100 * floor / s);
+    moe.push_back({{"tokens", T}, {"seconds", s}, {"experts", distinct.size()}, {"bytes", bytes}, {"flops", flops},
+                   {"bw_floor", fb}, {"tc_floor", fc}});
+  }
+  out["moe"] = moe;
+
+  // ---- MLA absorbed decode attention, batch 64 x 4096 cached tokens
+  {
+    const int64_t B = 64, Tctx = 4096, C = cfg.kv_lora_rank, dr = cfg.qk_rope_head_dim, nh = cfg.num_attention_heads;
+    std::vector<KvCache> caches;
+    const auto lat = randn(Tctx * (C + dr), 7);
+    Buf<float> ckv(be, lat), latent(be, Tctx * C);
+    be.rmsnorm(ckv.data(), std::vector<float>(C, 1.0f), Tctx, C, 1e-6f, latent.data(), C + dr);
+    for (int64_t b = 0; b < B; ++b) {
+      caches.push_back(model->new_cache());
+      be.kv_append(*caches.back().state, moe_layer, latent.data(), ckv.data(), 0, Tctx, C, dr);
+    }
+    std::vector<AttnSeq> seqs;
+    for (int64_t b = 0; b < B; ++b) seqs.push_back({b, 1, Tctx - 1, caches[b].state.get(), moe_layer, true});
+    Buf<float> q(be, randn(B * nh * cfg.qk_head_dim(), 9)), o(be, B * nh * cfg.v_head_dim);
+    const auto& aw = model->weights().layers[moe_layer].attn;
+    const double s = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, 0.1f, o.data()); }, 20);
+    const double bytes = double(B) * Tctx * (C + dr) * 2;
+    std::printf("\nMLA absorbed decode attention, batch %lld x %lld context: %.1f us (bandwidth floor %.1f us, %.0f%%)\n",
+                static_cast<long long>(B), static_cast<long long>(Tctx), s * 1e6, bytes / bw * 1e6, 100 * bytes / bw / s);
+    out["mla_decode"] = {{"batch", B}, {"context", Tctx}, {"seconds", s}, {"bytes", bytes}};
+  }
+
+  // ---- decode steps and prefill
+  json dec = json::array();
+  std::printf("\n%7s %12s %12s\n", "batch", "step ms", "tokens/s");
+  uint64_t peak = used_bytes() - base;
+  for (int64_t B : {1, 16, 64, 128, 256}) {
+    try {
+      std::vector<KvCache> caches;
+      std::vector<std::vector<int32_t>> prompts(B);
+      for (int64_t b = 0; b < B; ++b) {
+        caches.push_back(model->new_cache());
+        for (int t = 0; t < 16; ++t) prompts[b].push_back(static_cast<int32_t>((b * 131 + t * 17 + 3) % cfg.vocab_size));
+      }
+      std::vector<ForwardItem> items;
+      for (int64_t b = 0; b < B; ++b) items.push_back({&caches[b], prompts[b].data(), 16, false});
+      std::vector<std::vector<float>> logits;
+      model->forward(items, logits);
+      std::vector<int32_t> next(B);
+      const int steps = 16;
+      std::vector<double> t;
+      for (int s = 0; s < steps; ++s) {
+        for (int64_t b = 0; b < B; ++b) {
+          next[b] = static_cast<int32_t>(std::max_element(logits[b].begin(), logits[b].end()) - logits[b].begin());
+          items[b] = {&caches[b], &next[b], 1, false};
+        }
+        const auto t0 = clk::now();
+        model->forward(items, logits);
+        t.push_back(std::chrono::duration<double>(clk::now() - t0).count());
+      }
+      const double st = median(t);
+      std::printf("%7lld %12.2f %12.1f\n", static_cast<long long>(B), st * 1e3, B / st);
+      dec.push_back({{"batch", B}, {"step_seconds", st}, {"tokens_per_s", B / st}});
+      peak = std::max<uint64_t>(peak, used_bytes() - base);
+    } catch (const std::exception& e) {
+      std::printf("%7lld  failed: %s\n", static_cast<long long>(B), e.what());
+      dec.push_back({{"batch", B}, {"error", e.what()}});
+    }
+  }
+  out["decode"] = dec;
+  {
+    const int64_t B = 4, T = 1024;
+    std::vector<std::vector<int32_t>> prompts(B);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = 0; t < T; ++t) prompts[b].push_back(static_cast<int32_t>((b * 7919 + t * 31 + 5) % cfg.vocab_size));
+    std::vector<double> ts;
+    for (int rep = 0; rep < 3; ++rep) {
+      std::vector<KvCache> caches;
+      std::vector<ForwardItem> items;
+      for (int64_t b = 0; b < B; ++b) caches.push_back(model->new_cache());
+      for (int64_t b = 0; b < B; ++b) items.push_back({&caches[b], prompts[b].data(), T, false});
+      std::vector<std::vector<float>> logits;
+      backend->synchronize();
+      const auto t0 = clk::now();
+      model->forward(items, logits);
+      ts.push_back(std::chrono::duration<double>(clk::now() - t0).count());
+      peak = std::max<uint64_t>(peak, used_bytes() - base);
+    }
+    const double s = *std::min_element(ts.begin() + 1, ts.end());
+    // FLOPs: 2 x the weights each token passes through (routed: top-k experts; kv_b_proj per cached token in the
+    // expanded form), plus causal attention scores and values; lm_head on the last token only.
+    double per_tok = 0;
+    const int64_t nh = cfg.num_attention_heads, dq = cfg.qk_head_dim(), dv = cfg.v_head_dim;
+    for (const auto& lw : model->weights().layers) {
+      const auto& a = lw.attn;
+      for (const Linear* l : {a.q_proj ? &*a.q_proj : nullptr, a.q_a_proj ? &*a.q_a_proj : nullptr,
+                              a.q_b_proj ? &*a.q_b_proj : nullptr, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
+        if (l) per_tok += 2.0 * l->out * l->in;
+      per_tok += 2.0 * nh * (dq + dv) * (T + 1) / 2.0;
+      if (lw.mlp) per_tok += 2.0 * 3 * lw.mlp->gate.out * lw.mlp->gate.in;
+      if (lw.moe) {
+        per_tok += 2.0 * (K * 3.0 * H * I + E * H);
+        if (lw.moe->shared) per_tok += 2.0 * 3 * lw.moe->shared->gate.out * H;
+      }
+    }
+    const double flops = per_tok * B * T;
+    std::printf("\nprefill %lld x %lld tokens: %.1f ms, %.0f tokens/s, %.0f TFLOP/s (%.0f%% of the BF16 tensor-core rate)\n",
+                static_cast<long long>(B), static_cast<long long>(T), s * 1e3, B * T / s, flops / s / 1e12,
+                100 * flops / s / tc);
+    out["prefill"] = {{"batch", B}, {"tokens", T}, {"seconds", s}, {"tokens_per_s", B * T / s}, {"flops", flops}};
+  }
+  out["peak_bytes"] = peak;
+  std::printf("peak device memory (process, incl. CUDA context and pools): %.2f GB\n", peak / 1e9);
+  if (!json_path.empty()) std::ofstream(json_path) << out.dump(1) << "\n";
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    if (argc >= 3 && std::string(argv[1]) == "make") {
+      MakeModelSpec s;
+      s.preset = "kimi-k2-slice";
+      s.seed = 1;
+      for (int i = 3; i < argc; ++i) {
+        const std::string a = argv[i];
+        if (a == "--format" && i + 1 < argc) s.format = parse_stored_format(argv[++i]);
+        else if (a == "--layers" && i + 1 < argc) s.layers = std::stoll(argv[++i]);
+      }
+      const auto t0 = clk::now();
+      make_model(argv[2], s, [](uint64_t d, uint64_t t) {
+        static int last = -1;
+        const int pct = static_cast<int>(100.0 * d / t);
+        if (pct / 10 != last) { last = pct / 10; std::fprintf(stderr, "  writing %d%%\n", pct); }
+      });
+      std::printf("wrote %s in %.1f s\n", argv[2], std::chrono::duration<double>(clk::now() - t0).count());
+      return 0;
+    }
+    if (argc >= 3 && std::string(argv[1]) == "run") {
+      std::string js;
+      for (int i = 3; i < argc; ++i)
+        if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
+      return run(argv[2], js);
+    }
+    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE]\n");
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_gpu: %s\n", e.what());
+    return 1;
+  }
+}

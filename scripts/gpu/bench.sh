@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# First GPU benchmark of the CUDA backend on a Kimi-K2-layer-shaped slice (true K2 dimensions: hidden 7168, 384
+# experts top-8, moe_intermediate 2048, 64 MLA heads; 1 dense + 1 MoE layer, vocabulary 163840), in each format
+# named in FORMATS (default: bf16 fp8 int4), side by side with HF transformers on the same checkpoint.
+#   FORMATS=bf16 bash scripts/gpu/bench.sh         (carry .deps; one format fits one 10-minute call)
+# Prints one markdown table per format (bench/gpu_report.py); JSON and logs under $OUT.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/gpu/env.sh
+FORMATS=${FORMATS:-bf16 fp8 int4}
+gpu_build bench_gpu || exit 1
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+for f in $FORMATS; do
+  d=/tmp/k2-slice-$f
+  [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $f --layers 2 2>&1 | tail -1
+  build-gpu/bench/bench_gpu run $d --json "$OUT/kscope-$f.json" 2>&1 | tee "$OUT/kscope-$f.txt" | tail -40
+  if [ "$f" != int4 ]; then
+    python3 bench/hf_bench.py $d "$OUT/hf-$f.json" > "$OUT/hf-$f.txt" 2>&1 || tail -5 "$OUT/hf-$f.txt"
+  else
+    echo '{"error": "HF transformers reads compressed-tensors INT4 only through the compressed-tensors package, which this image lacks"}' > "$OUT/hf-$f.json"
+  fi
+  rm -rf $d
+done
+python3 bench/gpu_report.py "$OUT" "$(date -u +%F)" "$commit"
