@@ -9,7 +9,7 @@ cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
 FORMATS=${FORMATS:-bf16 fp8 int4}
 gpu_build bench_gpu || exit 1
-commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 for f in $FORMATS; do
   d=/tmp/k2-slice-$f
   [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $f --layers 2 2>&1 | tail -1
