@@ -17,9 +17,15 @@
 
 #include <cstdlib>
 #include <deque>
+#include <condition_variable>
+#include <mutex>
 #include <random>
 
 #include "backend/cpu/cpu_backend.hpp"
+#include "interp/capture.hpp"
+#include "interp/intervention.hpp"
+#include "runtime/engine.hpp"
+#include "runtime/generate.hpp"
 #include "backend/cuda/cuda_backend.hpp"
 #include "backend/cuda/device.hpp"
 #include "model/quantize.hpp"
@@ -334,6 +340,183 @@ TEST_F(CudaOps, mla_attention_expanded_and_absorbed_over_the_latent_cache) {
       expect_close(od.host(), want, kChainTol, fmt::format("mla {} {}", format_name(wf), absorbed ? "absorbed" : "expanded"));
     }
   }
+}
+
+TEST_F(CudaOps, logits_top_and_normalizer_match_the_cpu_exactly) {
+  const int64_t R = 5, V = 10007;
+  auto l = randn(R * V, 3.0f);
+  for (int64_t r = 0; r < R; ++r) {  // ties at the top: the lower id must come first
+    l[r * V + 17] = l[r * V + 4000] = 20.0f + r;
+    l[r * V + 9000] = 20.0f + r;
+  }
+  auto ld = dev(l);
+  for (int64_t M : {1, 5, 64}) {
+    std::vector<float> mc(R), mg(R), vc(R * M), vg(R * M);
+    std::vector<double> sc(R), sg(R);
+    std::vector<int32_t> ic(R * M), ig(R * M);
+    cpu_.logits_top(l.data(), R, V, M, mc.data(), sc.data(), vc.data(), ic.data());
+    gpu_->logits_top(ld.data(), R, V, M, mg.data(), sg.data(), vg.data(), ig.data());
+    EXPECT_EQ(ig, ic) << "M=" << M;
+    EXPECT_EQ(vg, vc) << "M=" << M;
+    EXPECT_EQ(mg, mc);
+    for (int64_t r = 0; r < R; ++r) EXPECT_NEAR(sg[r], sc[r], 1e-12) << "log-sum, row " << r;
+  }
+}
+
+TEST_F(CudaOps, row_ops_add_ablate_clamp_match_the_cpu) {
+  const int64_t N = 9, W = 203;
+  const auto h = randn(N * W);
+  const auto v1 = randn(W), v2 = randn(W);
+  auto norm = [&](const std::vector<float>& v) {
+    double s = 0;
+    for (float x : v) s += double(x) * x;
+    return std::sqrt(s);
+  };
+  std::vector<RowOp> ops;
+  ops.push_back({3, RowOp::add, v1.data(), 0.7f, 0, norm(v1)});
+  ops.push_back({3, RowOp::project, v2.data(), 0, 0.0, norm(v2)});   // ablate after the add, same row
+  ops.push_back({0, RowOp::project, v1.data(), 0, 2.5, norm(v1)});   // clamp
+  ops.push_back({8, RowOp::add, v2.data(), -1.25f, 0, norm(v2)});
+  ops.push_back({3, RowOp::add, v2.data(), 0.1f, 0, norm(v2)});      // third op on row 3, in order
+  auto want = h;
+  cpu_.apply_row_ops(want.data(), W, ops);
+  auto hd = dev(h);
+  gpu_->apply_row_ops(hd.data(), W, ops);
+  expect_close(hd.host(), want, kF32Tol, "row ops");
+}
+
+// The fixture model on the device: steering applied as device row ops and captures delivered asynchronously
+// give exactly what the host round trip (every site copied out, hooks run on the host, copied back) gives.
+struct HostOnly : Hook {  // forwards to inner but refuses the device fast path
+  Hook* inner;
+  explicit HostOnly(Hook* h) : inner(h) {}
+  bool wants(const Site& s) const override { return inner->wants(s); }
+  bool writes(const Site& s) const override { return inner->writes(s); }
+  bool reads(const Site& s) const override { return inner->reads(s); }
+  void on(const Site& s, int64_t q, float* d, int64_t n, int64_t w, int64_t p) override { inner->on(s, q, d, n, w, p); }
+  bool row_ops(const Site&, int64_t, int64_t, int64_t, int64_t, std::vector<RowOp>&) override { return false; }
+};
+
+TEST_F(CudaOps, device_steering_and_async_capture_equal_the_host_round_trip) {
+  auto model = Model::load(test::fixtures() + "/reference/kimi_bf16", gpu_);
+  const auto& cfg = model->config();
+  std::vector<GenerateRequest> reqs(3);
+  std::vector<std::vector<Intervention>> lists(3);
+  std::vector<SeqLayout> layouts;
+  for (int i = 0; i < 3; ++i) {
+    for (int t = 0; t < 5 + 2 * i; ++t) reqs[i].prompt.push_back((i * 37 + t * 11 + 3) % cfg.vocab_size);
+    reqs[i].max_new_tokens = 6;
+    reqs[i].ignore_eos = true;
+    layouts.push_back({static_cast<int64_t>(reqs[i].prompt.size()), -1, {}});
+  }
+  Intervention a;
+  a.site = parse_site("1.resid_post", cfg.num_hidden_layers);
+  a.vector = randn(cfg.hidden_size);
+  a.coef = 3.0;
+  a.positions = PositionSpec::parse("response");
+  Intervention b = a;
+  b.site = parse_site("0.resid_mid", cfg.num_hidden_layers);
+  b.op = InterventionOp::ablate;
+  b.positions = PositionSpec::parse("all");
+  Intervention c = a;
+  c.op = InterventionOp::clamp;
+  c.coef = -1.5;
+  lists[0] = {a};
+  lists[1] = {b, c};
+  CaptureSpec spec;
+  for (const char* site : {"0.resid_mid", "1.resid_post", "2.resid_post", "final_norm"})
+    spec.sites.push_back(parse_site(site, cfg.num_hidden_layers));
+  spec.positions = PositionSpec::parse("all");
+  auto run = [&](bool host_only) {
+    SteeringHook steer(lists, layouts);
+    CaptureHook cap(spec, 3);
+    HookList both;
+    both.hooks = {&steer, &cap};
+    HostOnly wrapped(&both);
+    GenerateOptions o;
+    o.observer = host_only ? static_cast<Hook*>(&wrapped) : &both;
+    o.feed_last = true;
+    auto res = generate(*model, reqs, o);
+    std::vector<CapturedSeq> caps;
+    for (int i = 0; i < 3; ++i) {
+      SeqLayout l = layouts[i];
+      l.total_len = res[i].states;
+      caps.push_back(cap.finish(i, l));
+    }
+    return std::make_pair(res, caps);
+  };
+  const auto fast = run(false), slow = run(true);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(fast.first[i].tokens, slow.first[i].tokens) << "seq " << i;
+    EXPECT_EQ(fast.first[i].logprobs, slow.first[i].logprobs) << "seq " << i;
+    for (auto& [site, rows] : slow.second[i].rows) {
+      ASSERT_TRUE(fast.second[i].rows.count(site)) << site;
+      EXPECT_LE(test::rel_err(fast.second[i].rows.at(site), rows), 1e-6) << "seq " << i << " " << site;
+    }
+  }
+  // and the steering did something: row 0's tokens differ from an unsteered run
+  const auto plain = generate(*model, reqs);
+  EXPECT_NE(plain[0].tokens, fast.first[0].tokens);
+}
+
+TEST_F(CudaOps, sampling_from_device_summaries_equals_sampling_from_whole_rows) {
+  auto model = Model::load(test::fixtures() + "/reference/dsv3_int4", gpu_);
+  const int64_t V = model->config().vocab_size;
+  for (SamplingParams sp : {SamplingParams{0.0, 0, 1.0, 1}, SamplingParams{0.8, 40, 1.0, 7}, SamplingParams{1.1, 5, 0.9, 9}}) {
+    std::vector<int32_t> prompt = {5, 9, 13, 200, 7};
+    KvCache c1 = model->new_cache(), c2 = model->new_cache();
+    std::vector<ForwardItem> i1 = {{&c1, prompt.data(), 5, false}}, i2 = {{&c2, prompt.data(), 5, false}};
+    Sampler s1(sp), s2(sp);
+    for (int step = 0; step < 8; ++step) {
+      std::vector<std::vector<float>> full;
+      std::vector<LogitSummary> sum;
+      model->forward(i1, full);
+      model->forward(i2, {false}, sp.top_k > 0 ? sp.top_k : 1, sum);
+      float lp1 = 0, lp2 = 0;
+      const int32_t t1 = s1.sample(full[0].data(), V, &lp1), t2 = s2.sample(sum[0], V, &lp2);
+      ASSERT_EQ(t1, t2) << "temperature " << sp.temperature << " step " << step;
+      EXPECT_NEAR(lp1, lp2, 1e-6);
+      prompt.push_back(t1);
+      i1 = {{&c1, &prompt.back(), 1, false}};
+      i2 = {{&c2, &prompt.back(), 1, false}};
+    }
+  }
+}
+
+TEST_F(CudaOps, engine_admits_requests_by_kv_budget_waits_or_fails_clearly) {
+  auto model = Model::load(test::fixtures() + "/reference/kimi_bf16", gpu_);
+  const auto& cfg = model->config();
+  const uint64_t per_token = cfg.num_hidden_layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2;
+  gpu_->set_kv_budget(100 * per_token);  // 100 tokens in all
+  Engine engine(*model, 8, 16);
+  std::mutex mu;
+  std::condition_variable cv;
+  std::vector<EngineResult> done;
+  auto req = [&](int64_t max_new) {
+    EngineRequest r;
+    r.prompt = {1, 2, 3, 4, 5, 6, 7, 8, 9};
+    r.max_new_tokens = max_new;
+    r.ignore_eos = true;
+    r.on_done = [&](EngineResult res) {
+      std::lock_guard<std::mutex> g(mu);
+      done.push_back(std::move(res));
+      cv.notify_all();
+    };
+    return r;
+  };
+  engine.submit(req(200));  // 210 tokens: can never fit
+  engine.submit(req(50));   // 60 tokens each: the second must wait for the first
+  engine.submit(req(50));
+  std::unique_lock<std::mutex> lk(mu);
+  ASSERT_TRUE(cv.wait_for(lk, std::chrono::seconds(60), [&] { return done.size() == 3; }));
+  int errors = 0, full_length = 0;
+  for (auto& r : done) {
+    if (r.finish_reason.rfind("error: KV cache", 0) == 0) ++errors;
+    if (r.finish_reason == "length" && r.tokens.size() == 50) ++full_length;
+  }
+  EXPECT_EQ(errors, 1);
+  EXPECT_EQ(full_length, 2);
+  EXPECT_EQ(gpu_->kv_bytes(), 0u) << "finished requests return their cache";
 }
 
 }  // namespace

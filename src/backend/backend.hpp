@@ -31,6 +31,18 @@ struct AttnSeq {
   bool absorbed = false;  // decode form: attend in latent space (no per-token keys/values)
 };
 
+// One write of an intervention to one row, described for the backend to apply (a device backend does it without
+// copying the rows to the host). kind add: h += add_coef · v. kind project: h += ((target − h·v/‖v‖) / ‖v‖) · v,
+// computed in double (ablate: target 0; clamp: target c) — the arithmetic of interp's apply_intervention.
+struct RowOp {
+  enum Kind { add, project };
+  int64_t row = 0;             // row of the batch buffer
+  Kind kind = add;
+  const float* v = nullptr;    // host vector [width], alive until the op has been applied
+  float add_coef = 0;
+  double target = 0, vnorm = 1;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -53,6 +65,12 @@ class Backend {
   // ckv [*, C + dr] at column C.
   virtual void kv_append(KvState& kv, int64_t layer, const float* latent, const float* ckv, int64_t row0, int64_t n,
                          int64_t C, int64_t dr) = 0;
+
+  // Tokens of KV cache that can still be reserved across all sequences (unbounded on the host).
+  virtual int64_t kv_free_tokens(const ModelConfig& cfg) const { return INT64_MAX; }
+  // Makes room for `tokens` tokens in every layer at once (admission control reserves a request's whole need, so
+  // it cannot run out of cache mid-generation); throws Error(resource) when the budget does not hold them.
+  virtual void kv_reserve(KvState& kv, int64_t tokens) {}
 
   // ---- ops
   // out[n, H] = table[ids]   (ids already checked against the vocabulary)
@@ -83,6 +101,19 @@ class Backend {
   virtual void add(float* y, const float* x, int64_t n) = 0;
   // dst[i, :] = src[rows[i], :]   (rows: backend memory, n entries)
   virtual void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) = 0;
+  // Per row r of logits [R, V] (backend memory) into host arrays: the max, log Σ exp(l − max) (double), and the
+  // M largest logits with their ids (descending, ties to the lower id) in top_v/top_i [R, M].
+  virtual void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum,
+                          float* top_v, int32_t* top_i) = 0;
+  // Applies ops to rows of data [*, width] (backend memory), in order within each row.
+  virtual void apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) = 0;
+
+  // ---- asynchronous copies to the host (captures): stage_host gives host memory valid until stage_reset();
+  // download_async fills it in stream order; wait() returns once everything issued so far is complete.
+  virtual void* stage_host(size_t bytes) = 0;
+  virtual void download_async(void* host, const void* src, size_t bytes) { download(host, src, bytes); }
+  virtual void wait() {}
+  virtual void stage_reset() = 0;
 };
 
 // An array in backend memory, freed with the Buf.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "backend/cpu/cpu_backend.hpp"
 #include "util/error.hpp"
 
 namespace kscope {
@@ -23,24 +24,27 @@ InterventionOp parse_op(const std::string& s) {
   fail(ErrorKind::input, "op", "'{}' is not an operation (expected add, ablate or clamp)", s);
 }
 
-void apply_intervention(const Intervention& iv, float* h, int64_t width) {
+std::optional<RowOp> row_op(const Intervention& iv, int64_t row, int64_t width) {
   const float* v = iv.vector.data();
   double vv = 0;
   for (int64_t i = 0; i < width; ++i) vv += static_cast<double>(v[i]) * v[i];
-  const double vnorm = std::sqrt(vv);
+  RowOp op;
+  op.row = row;
+  op.v = v;
+  op.vnorm = std::sqrt(vv);
   if (iv.op == InterventionOp::add) {
-    if (iv.coef == 0.0) return;  // exactly a no-op
-    const double c = iv.relative ? iv.coef * iv.mean_norm / vnorm : iv.coef;
-    const float cf = static_cast<float>(c);
-    for (int64_t i = 0; i < width; ++i) h[i] += cf * v[i];
-    return;
+    if (iv.coef == 0.0) return std::nullopt;  // exactly a no-op
+    op.kind = RowOp::add;
+    op.add_coef = static_cast<float>(iv.relative ? iv.coef * iv.mean_norm / op.vnorm : iv.coef);
+    return op;
   }
-  double proj = 0;  // h · v̂
-  for (int64_t i = 0; i < width; ++i) proj += static_cast<double>(h[i]) * v[i];
-  proj /= vnorm;
-  const double target = iv.op == InterventionOp::ablate ? 0.0 : iv.coef;
-  const double s = (target - proj) / vnorm;
-  for (int64_t i = 0; i < width; ++i) h[i] = static_cast<float>(h[i] + s * v[i]);
+  op.kind = RowOp::project;
+  op.target = iv.op == InterventionOp::ablate ? 0.0 : iv.coef;
+  return op;
+}
+
+void apply_intervention(const Intervention& iv, float* h, int64_t width) {
+  if (auto op = row_op(iv, 0, width)) apply_row_op(*op, h, width);
 }
 
 SteeringHook::SteeringHook(std::vector<std::vector<Intervention>> lists, std::vector<SeqLayout> layouts)
@@ -73,6 +77,18 @@ void SteeringHook::validate(const ModelConfig& cfg) const {
       if (iv.positions.needs_total())
         fail(ErrorKind::input, where, "positions '{}' need the final length, unknown while generating", iv.positions.text());
     }
+}
+
+bool SteeringHook::row_ops(const Site& s, int64_t seq, int64_t n_rows, int64_t width, int64_t pos0,
+                           std::vector<RowOp>& ops) {
+  if (seq < 0 || seq >= static_cast<int64_t>(lists_.size())) return true;
+  for (const Intervention& iv : lists_[seq]) {
+    if (!(iv.site == s)) continue;
+    for (int64_t r = 0; r < n_rows; ++r)
+      if (iv.positions.contains(pos0 + r, layouts_[seq]))
+        if (auto op = row_op(iv, r, width)) ops.push_back(*op);
+  }
+  return true;
 }
 
 void SteeringHook::on(const Site& s, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) {

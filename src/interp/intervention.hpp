@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -36,6 +37,7 @@ class SteeringHook : public Hook {
   SteeringHook(std::vector<std::vector<Intervention>> lists, std::vector<SeqLayout> layouts);
   bool wants(const Site& s) const override;
   void on(const Site& s, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) override;
+  bool row_ops(const Site& s, int64_t seq, int64_t n_rows, int64_t width, int64_t pos0, std::vector<RowOp>& ops) override;
   // Checks every vector's width against the model and every spec against generation (no final length needed).
   void validate(const ModelConfig& cfg) const;
 
@@ -47,5 +49,7 @@ class SteeringHook : public Hook {
 
 // Applies one intervention to one row (the math, shared with tests and the GPU reference).
 void apply_intervention(const Intervention& iv, float* h, int64_t width);
+// The same intervention as a backend row op on row `row` (nothing for an add with coefficient 0).
+std::optional<RowOp> row_op(const Intervention& iv, int64_t row, int64_t width);
 
 }  // namespace kscope

@@ -51,6 +51,20 @@ bool HookList::writes(const Site& s) const {
     if (h->wants(s) && h->writes(s)) return true;
   return false;
 }
+bool HookList::reads(const Site& s) const {
+  for (auto* h : hooks)
+    if (h->wants(s) && h->reads(s)) return true;
+  return false;
+}
+bool HookList::row_ops(const Site& s, int64_t seq, int64_t n, int64_t w, int64_t pos0, std::vector<RowOp>& ops) {
+  for (auto* h : hooks)
+    if (h->wants(s) && h->writes(s) && !h->row_ops(s, seq, n, w, pos0, ops)) return false;
+  return true;
+}
+void HookList::on_read(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) {
+  for (auto* h : hooks)
+    if (h->wants(s) && h->reads(s)) h->on_read(s, seq, d, n, w, pos0);
+}
 void HookList::on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) {
   for (auto* h : hooks)
     if (h->wants(s)) h->on(s, seq, d, n, w, pos0);
@@ -82,22 +96,60 @@ KvCache Model::new_cache() const {
   return c;
 }
 
-// Hooks see host rows. On a host-memory backend that is the buffer itself; on a device the batch's rows are
-// copied out once per site (and back only when some hook may have written).
+struct Model::Deferred {
+  Site site;
+  int64_t seq;
+  float* host;
+  int64_t n, width, pos0;
+};
+
+// Hooks see host rows. On a host-memory backend that is the buffer itself. On a device, writes that hooks can
+// describe as row ops are applied there, and reads are copied out asynchronously and delivered after the pass;
+// a hook that can do neither gets the batch's rows copied out, and back when it may have written.
 void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
-                 float* data, int64_t N, int64_t width) {
+                 float* data, int64_t N, int64_t width, std::vector<Deferred>& later) {
   if (!hook || !hook->wants(site)) return;
   Backend& be = *backend_;
-  float* host = data;
-  std::vector<float> copy;
-  if (!be.host_memory()) {
-    copy.resize(N * width);
-    be.download(copy.data(), data, copy.size() * sizeof(float));
-    host = copy.data();
+  if (be.host_memory()) {
+    for (size_t i = 0; i < items.size(); ++i)
+      hook->on(site, static_cast<int64_t>(i), data + row0[i] * width, items[i].n, width, items[i].cache->length);
+    return;
   }
-  for (size_t i = 0; i < items.size(); ++i)
-    hook->on(site, static_cast<int64_t>(i), host + row0[i] * width, items[i].n, width, items[i].cache->length);
-  if (!be.host_memory() && hook->writes(site)) be.upload(data, copy.data(), copy.size() * sizeof(float));
+  std::vector<RowOp> ops;
+  bool described = true;
+  if (hook->writes(site)) {
+    for (size_t i = 0; i < items.size() && described; ++i) {
+      std::vector<RowOp> o;
+      described = hook->row_ops(site, static_cast<int64_t>(i), items[i].n, width, items[i].cache->length, o);
+      for (auto& x : o) {
+        KSCOPE_CHECK(x.row >= 0 && x.row < items[i].n, internal, "hook", "row op outside its sequence's rows");
+        x.row += row0[i];
+        ops.push_back(x);
+      }
+    }
+  }
+  if (!described) {
+    std::vector<float> copy(N * width);
+    be.download(copy.data(), data, copy.size() * sizeof(float));
+    for (size_t i = 0; i < items.size(); ++i)
+      hook->on(site, static_cast<int64_t>(i), copy.data() + row0[i] * width, items[i].n, width, items[i].cache->length);
+    be.upload(data, copy.data(), copy.size() * sizeof(float));
+    return;
+  }
+  if (!ops.empty()) be.apply_row_ops(data, width, ops);
+  if (hook->reads(site)) {
+    auto* host = static_cast<float*>(be.stage_host(N * width * sizeof(float)));
+    be.download_async(host, data, N * width * sizeof(float));
+    for (size_t i = 0; i < items.size(); ++i)
+      later.push_back({site, static_cast<int64_t>(i), host + row0[i] * width, items[i].n, width, items[i].cache->length});
+  }
+}
+
+void Model::deliver(Hook* hook, std::vector<Deferred>& later) {
+  backend_->wait();  // the staged copies (and uploads from staging) are complete
+  for (auto& d : later) hook->on_read(d.site, d.seq, d.host, d.n, d.width, d.pos0);
+  later.clear();
+  backend_->stage_reset();
 }
 
 void Model::attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items,
@@ -140,7 +192,7 @@ void Model::attention(int64_t layer, const float* x, const std::vector<ForwardIt
   be.linear(a.o_proj, o.data(), N, out);
 }
 
-void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* obs) {
+Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, std::vector<int64_t>& rows, std::vector<Deferred>& later) {
   Backend& be = *backend_;
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
@@ -169,15 +221,15 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
   Buf<int64_t> pos_b(be, pos);
   Buf<float> h(be, N * H), x(be, N * H), y(be, N * H);  // residual [N, H], normed input, sublayer output
   be.embed(*w_.embed, ids_b.data(), N, h.data());
-  emit(obs, {SiteKind::embed, -1}, items, row0, h.data(), N, H);
+  emit(obs, {SiteKind::embed, -1}, items, row0, h.data(), N, H, later);
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     const auto& lw = w_.layers[l];
-    emit(obs, {SiteKind::resid_pre, l}, items, row0, h.data(), N, H);
+    emit(obs, {SiteKind::resid_pre, l}, items, row0, h.data(), N, H, later);
     be.rmsnorm(h.data(), lw.input_norm, N, H, eps, x.data());
     attention(l, x.data(), items, row0, pos_b.data(), N, y.data());
-    emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), N, H);
+    emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), N, H, later);
     be.add(h.data(), y.data(), N * H);
-    emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H);
+    emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H, later);
     be.rmsnorm(h.data(), lw.post_attention_norm, N, H, eps, x.data());
     if (lw.moe) {
       const auto& m = *lw.moe;
@@ -217,14 +269,14 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
     } else {
       be.mlp(*lw.mlp, x.data(), N, y.data());
     }
-    emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), N, H);
+    emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), N, H, later);
     be.add(h.data(), y.data(), N * H);
-    emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), N, H);
+    emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), N, H, later);
   }
   be.rmsnorm(h.data(), w_.final_norm, N, H, eps, x.data());
-  emit(obs, {SiteKind::final_norm, -1}, items, row0, x.data(), N, H);
+  emit(obs, {SiteKind::final_norm, -1}, items, row0, x.data(), N, H, later);
   // lm_head only on the rows whose logits are wanted
-  std::vector<int64_t> rows;
+  rows.clear();
   for (size_t i = 0; i < items.size(); ++i) {
     if (items[i].all_logits)
       for (int64_t t = 0; t < items[i].n; ++t) rows.push_back(row0[i] + t);
@@ -236,7 +288,16 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
   Buf<float> xs(be, R * H), lg(be, R * V);
   be.gather_rows(x.data(), rows_b.data(), R, H, xs.data());
   be.linear(w_.lm_head, xs.data(), R, lg.data());
+  return lg;
+}
+
+void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* obs) {
+  const int64_t V = cfg_.vocab_size;
+  std::vector<int64_t> rows;
+  std::vector<Deferred> later;
+  Buf<float> lg = run(items, obs, rows, later);
   std::vector<float> lgh = lg.host();
+  deliver(obs, later);
   logits.assign(items.size(), {});
   size_t r = 0;
   for (size_t i = 0; i < items.size(); ++i) {
@@ -245,6 +306,47 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
     if (obs && obs->wants({SiteKind::logits, -1}))
       obs->on({SiteKind::logits, -1}, i, logits[i].data(), nr, V, items[i].cache->length + items[i].n - nr);
     r += nr;
+  }
+  for (auto& it : items) it.cache->length += it.n;
+}
+
+void Model::forward(std::vector<ForwardItem>& items, const std::vector<bool>& full_row, int64_t top,
+                    std::vector<LogitSummary>& out, Hook* obs) {
+  KSCOPE_CHECK(full_row.size() == items.size(), internal, "forward", "one full_row flag per item");
+  const int64_t V = cfg_.vocab_size, B = static_cast<int64_t>(items.size());
+  const int64_t M = std::clamp<int64_t>(top, 1, V);
+  for (auto& it : items) it.all_logits = false;
+  std::vector<int64_t> rows;
+  std::vector<Deferred> later;
+  Buf<float> lg = run(items, obs, rows, later);
+  Backend& be = *backend_;
+  std::vector<float> mx(B), tv(B * M);
+  std::vector<double> ls(B);
+  std::vector<int32_t> ti(B * M);
+  const bool hook_logits = obs && obs->wants({SiteKind::logits, -1});
+  std::vector<float> all;
+  if (!hook_logits) be.logits_top(lg.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
+  else all = lg.host();
+  deliver(obs, later);
+  if (hook_logits) {  // the hook may change the logits: reduce what it leaves
+    for (int64_t i = 0; i < B; ++i)
+      obs->on({SiteKind::logits, -1}, i, all.data() + i * V, 1, V, items[i].cache->length + items[i].n - 1);
+    CpuBackend().logits_top(all.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
+  }
+  out.assign(items.size(), {});
+  for (int64_t i = 0; i < B; ++i) {
+    LogitSummary& s = out[i];
+    s.max = mx[i];
+    s.log_sum = ls[i];
+    s.top_vals.assign(tv.begin() + i * M, tv.begin() + (i + 1) * M);
+    s.top_ids.assign(ti.begin() + i * M, ti.begin() + (i + 1) * M);
+    if (!full_row[i]) continue;
+    if (hook_logits) {
+      s.full.assign(all.begin() + i * V, all.begin() + (i + 1) * V);
+    } else {
+      s.full.resize(V);
+      be.download(s.full.data(), lg.data() + i * V, V * sizeof(float));
+    }
   }
   for (auto& it : items) it.cache->length += it.n;
 }

@@ -9,6 +9,7 @@
 
 #include "backend/backend.hpp"
 #include "model/config.hpp"
+#include "model/logits.hpp"
 #include "model/weights.hpp"
 
 namespace kscope {
@@ -45,7 +46,20 @@ class Hook {
   virtual bool wants(const Site& site) const = 0;
   // false when the hook only reads at this site (a device backend then need not copy the rows back)
   virtual bool writes(const Site& site) const { return true; }
+  // true when the hook (or, for a list, one of its members that does not write) reads the rows here
+  virtual bool reads(const Site& site) const { return !writes(site); }
   virtual void on(const Site& site, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) = 0;
+  // Device fast path, used only where writes(site): describe the writes on() would make as row ops (rows
+  // relative to this sequence's first row) and return true, or return false to have the rows copied out, on()
+  // called and the rows copied back. After the ops, on_read() shows the rows to the hook's readers (by default
+  // on()); a device backend delivers them asynchronously, before forward() returns.
+  virtual bool row_ops(const Site& site, int64_t seq, int64_t n_rows, int64_t width, int64_t pos0,
+                       std::vector<RowOp>& ops) {
+    return false;
+  }
+  virtual void on_read(const Site& site, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) {
+    on(site, seq, data, n_rows, width, pos0);
+  }
   // L.router: router logits [n_rows, E] (read-only) and the chosen experts idx/weight [n_rows, k]. A hook whose
   // writes({router, L}) is true may change idx/weight (force, ablate or reweight experts); the experts then run
   // on what it left.
@@ -59,7 +73,10 @@ class HookList : public Hook {
   std::vector<Hook*> hooks;
   bool wants(const Site& s) const override;
   bool writes(const Site& s) const override;
+  bool reads(const Site& s) const override;
   void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override;
+  bool row_ops(const Site& s, int64_t seq, int64_t n, int64_t w, int64_t pos0, std::vector<RowOp>& ops) override;
+  void on_read(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override;
   void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight,
                  int64_t n, int64_t e, int64_t k, int64_t pos0) override;
 };
@@ -70,8 +87,15 @@ class RemapHook : public Hook {
   RemapHook(Hook* inner, const std::vector<int64_t>* index) : inner_(inner), index_(index) {}
   bool wants(const Site& s) const override { return inner_->wants(s); }
   bool writes(const Site& s) const override { return inner_->writes(s); }
+  bool reads(const Site& s) const override { return inner_->reads(s); }
   void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
     inner_->on(s, (*index_)[seq], d, n, w, pos0);
+  }
+  bool row_ops(const Site& s, int64_t seq, int64_t n, int64_t w, int64_t pos0, std::vector<RowOp>& ops) override {
+    return inner_->row_ops(s, (*index_)[seq], n, w, pos0, ops);
+  }
+  void on_read(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
+    inner_->on_read(s, (*index_)[seq], d, n, w, pos0);
   }
   void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight, int64_t n,
                  int64_t e, int64_t k, int64_t pos0) override {
@@ -107,14 +131,23 @@ class Model {
   // Runs the new tokens of every item through the model in one ragged batch. logits[i] holds [rows, vocab]
   // with rows = n (all_logits) or 1.
   void forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* hook = nullptr);
+  // The same pass, returning each item's last-row logits reduced (LogitSummary): its top `top` logits, and the
+  // whole row only where full_row[i] (sampling that needs every logit). On a device this copies back a few
+  // bytes per sequence instead of the vocabulary. all_logits is ignored here.
+  void forward(std::vector<ForwardItem>& items, const std::vector<bool>& full_row, int64_t top,
+               std::vector<LogitSummary>& out, Hook* hook = nullptr);
 
   MlaMode mla_mode = MlaMode::automatic;  // automatic: absorbed for single-token steps, expanded otherwise
 
  private:
   void attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
                  const int64_t* pos, int64_t N, float* out);
+  struct Deferred;  // a read delivered after the pass (device backends)
   void emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
-            float* data, int64_t N, int64_t width);
+            float* data, int64_t N, int64_t width, std::vector<Deferred>& later);
+  // The pass up to the lm_head: logits [rows, V] in backend memory for `rows`; reads deferred into `later`.
+  Buf<float> run(std::vector<ForwardItem>& items, Hook* hook, std::vector<int64_t>& rows, std::vector<Deferred>& later);
+  void deliver(Hook* hook, std::vector<Deferred>& later);
 
   ModelConfig cfg_;
   ModelWeights w_;

@@ -104,18 +104,37 @@ void Engine::finish(Live& r, const std::string& reason) {
     r.result.capture->tokens = r.req.prompt;
     r.result.capture->tokens.insert(r.result.capture->tokens.end(), r.result.tokens.begin(), r.result.tokens.end());
   }
+  r.cache.state.reset();  // the KV cache goes back to the budget now, not when the last reference drops
   if (r.req.on_done) r.req.on_done(std::move(r.result));
 }
 
 void Engine::loop() {
   std::vector<std::shared_ptr<Live>> active;
   for (;;) {
+    std::vector<std::shared_ptr<Live>> rejected;
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_.wait(lk, [&] { return stop_ || !queue_.empty() || !active.empty(); });
       if (stop_) break;
+      // Admission: a request joins when the KV cache can hold its whole need (prompt + max_tokens); otherwise
+      // it waits for running requests to free theirs, or fails when even an idle engine could not hold it.
       while (!queue_.empty() && static_cast<int64_t>(active.size()) < max_batch_) {
-        active.push_back(queue_.front());
+        auto& q = queue_.front();
+        const auto& cfg = model_.config();
+        const int64_t need = std::min<int64_t>(static_cast<int64_t>(q->req.prompt.size()) + q->req.max_new_tokens + 1,
+                                               cfg.max_position_embeddings);
+        const int64_t free_tokens = model_.backend().kv_free_tokens(cfg);
+        if (free_tokens < need) {
+          if (!active.empty()) break;
+          q->pending_finish = fmt::format("error: KV cache: this request needs {} tokens of cache, the device holds {} "
+                                          "beside the weights; lower max_tokens or the prompt", need, free_tokens);
+          rejected.push_back(q);
+          queue_.pop_front();
+          --stats_.queued;
+          continue;
+        }
+        if (free_tokens != INT64_MAX) model_.backend().kv_reserve(*q->cache.state, need);
+        active.push_back(q);
         queue_.pop_front();
         --stats_.queued;
       }
@@ -125,6 +144,7 @@ void Engine::loop() {
           if (a->id == id && a->pending_finish.empty()) a->pending_finish = "cancelled";
       cancelled_.clear();
     }
+    for (auto& r : rejected) finish(*r, r->pending_finish);
     // cancelled requests leave before the step
     for (auto it = active.begin(); it != active.end();) {
       if ((*it)->pending_finish == "cancelled") {
@@ -180,9 +200,22 @@ void Engine::step(std::vector<std::shared_ptr<Live>>& active) {
         if (a->hooks.wants(s) && a->hooks.writes(s)) return true;
       return false;
     }
+    bool reads(const Site& s) const override {
+      for (auto& a : *act)
+        if (a->hooks.wants(s) && a->hooks.reads(s)) return true;
+      return false;
+    }
     void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
       auto& h = (*act)[seq]->hooks;
       if (h.wants(s)) h.on(s, 0, d, n, w, pos0);
+    }
+    bool row_ops(const Site& s, int64_t seq, int64_t n, int64_t w, int64_t pos0, std::vector<RowOp>& ops) override {
+      auto& h = (*act)[seq]->hooks;
+      return !(h.wants(s) && h.writes(s)) || h.row_ops(s, 0, n, w, pos0, ops);
+    }
+    void on_read(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
+      auto& h = (*act)[seq]->hooks;
+      if (h.wants(s) && h.reads(s)) h.on_read(s, 0, d, n, w, pos0);
     }
     void on_router(int64_t l, int64_t seq, const float* lg, int32_t* idx, float* wt, int64_t n, int64_t e,
                    int64_t k, int64_t pos0) override {
@@ -191,8 +224,15 @@ void Engine::step(std::vector<std::shared_ptr<Live>>& active) {
     }
   } dispatch;
   dispatch.act = &active;
-  std::vector<std::vector<float>> logits;
-  model_.forward(items, logits, &dispatch);
+  int64_t top = 1;
+  for (auto& a : active) {
+    top = std::max<int64_t>(top, a->req.top_logprobs);
+    if (a->req.sampling.top_k > 0 && a->req.sampling.top_k <= kSummaryTop) top = std::max(top, a->req.sampling.top_k);
+  }
+  std::vector<bool> full;
+  for (auto& a : active) full.push_back(a->sampler->needs_full_row(top));
+  std::vector<LogitSummary> logits;
+  model_.forward(items, full, top, logits, &dispatch);
   int64_t new_tokens = 0, prompt_tokens = 0;
   std::vector<std::shared_ptr<Live>> still;
   for (size_t i = 0; i < active.size(); ++i) {
@@ -204,7 +244,7 @@ void Engine::step(std::vector<std::shared_ptr<Live>>& active) {
       continue;
     }
     float lp = 0;
-    const int32_t tok = r.sampler->sample(logits[i].data(), V, &lp);
+    const int32_t tok = r.sampler->sample(logits[i], V, &lp);
     const auto& eos = cfg.eos_token_ids;
     const bool stop = (!r.req.ignore_eos && std::find(eos.begin(), eos.end(), tok) != eos.end()) ||
                       std::find(r.req.stop_tokens.begin(), r.req.stop_tokens.end(), tok) != r.req.stop_tokens.end();
@@ -214,16 +254,10 @@ void Engine::step(std::vector<std::shared_ptr<Live>>& active) {
     }
     TokenEvent ev{tok, lp, {}};
     if (r.req.top_logprobs > 0) {
-      const float* l = logits[i].data();
-      const float mx = *std::max_element(l, l + V);
-      double z = 0;
-      for (int64_t v = 0; v < V; ++v) z += std::exp(static_cast<double>(l[v] - mx));
-      const float lz = mx + static_cast<float>(std::log(z));
-      std::vector<int32_t> ids(V);
-      for (int64_t v = 0; v < V; ++v) ids[v] = static_cast<int32_t>(v);
-      const int64_t k = std::min<int64_t>(r.req.top_logprobs, V);
-      std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
-      for (int64_t j = 0; j < k; ++j) ev.top.push_back({ids[j], l[ids[j]] - lz});
+      const LogitSummary& ls = logits[i];
+      const float lz = ls.max + static_cast<float>(ls.log_sum);
+      const int64_t k = std::min<int64_t>(r.req.top_logprobs, static_cast<int64_t>(ls.top_ids.size()));
+      for (int64_t j = 0; j < k; ++j) ev.top.push_back({ls.top_ids[j], ls.top_vals[j] - lz});
     }
     r.result.tokens.push_back(tok);
     r.result.logprobs.push_back(lp);

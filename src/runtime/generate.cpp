@@ -61,15 +61,21 @@ std::vector<GenerateResult> generate(Model& model, const std::vector<GenerateReq
       items.push_back(it);
     }
     RemapHook remap(opts.observer, &active);  // batch items -> request indices
-    std::vector<std::vector<float>> logits;
-    model.forward(items, logits, opts.observer ? &remap : nullptr);
+    // the logits come back reduced (top-M and the normalizer); whole rows only for sampling that needs them
+    int64_t top = 1;
+    for (auto i : active)
+      if (reqs[i].sampling.top_k > 0 && reqs[i].sampling.top_k <= kSummaryTop) top = std::max(top, reqs[i].sampling.top_k);
+    std::vector<bool> full;
+    for (auto i : active) full.push_back(samplers[i].needs_full_row(top));
+    std::vector<LogitSummary> logits;
+    model.forward(items, full, top, logits, opts.observer ? &remap : nullptr);
     prefill = false;
     std::vector<int64_t> still;
     for (size_t a = 0; a < active.size(); ++a) {
       const int64_t i = active[a];
       const auto& r = reqs[i];
       float lp = 0;
-      const int32_t tok = samplers[i].sample(logits[a].data(), V, &lp);
+      const int32_t tok = samplers[i].sample(logits[a], V, &lp);
       auto& out = res[i];
       out.logprobs.push_back(lp);
       const bool is_eos = !r.ignore_eos && std::find(cfg.eos_token_ids.begin(), cfg.eos_token_ids.end(), tok) != cfg.eos_token_ids.end();

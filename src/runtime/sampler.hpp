@@ -4,6 +4,8 @@
 #include <random>
 #include <vector>
 
+#include "model/logits.hpp"
+
 namespace kscope {
 
 struct SamplingParams {
@@ -13,15 +15,25 @@ struct SamplingParams {
   uint64_t seed = 0;
 };
 
+// The most logits per row a summary carries for top-k sampling and top_logprobs (larger top_k takes whole rows).
+constexpr int64_t kSummaryTop = 64;
+
 class Sampler {
  public:
   explicit Sampler(const SamplingParams& p) : p_(p), rng_(p.seed) {}
   // Picks a token from logits [vocab]; ids in `banned` are never chosen. Returns the token and its log-probability
   // under the unmodified distribution (temperature 1, no truncation).
   int32_t sample(const float* logits, int64_t vocab, float* logprob = nullptr);
+  // The same choice from a reduced row (Model::forward's LogitSummary): exact for greedy and for top-k sampling
+  // with top_k <= the summary's size; otherwise the summary must carry the full row.
+  int32_t sample(const LogitSummary& s, int64_t vocab, float* logprob = nullptr);
+  // Whether sample(summary) needs the full row when the summary holds the `top` largest logits.
+  bool needs_full_row(int64_t top) const { return p_.temperature > 0.0 && (p_.top_k <= 0 || p_.top_k > top); }
   const SamplingParams& params() const { return p_; }
 
  private:
+  // temperature, top-p and the draw over candidates sorted by logit (descending, ties lower id)
+  int32_t pick(const int32_t* ids, const float* vals, int64_t keep);
   SamplingParams p_;
   std::mt19937_64 rng_;
 };

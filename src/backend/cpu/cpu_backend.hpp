@@ -40,12 +40,21 @@ class CpuBackend final : public Backend {
   void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;
   void add(float* y, const float* x, int64_t n) override;
   void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) override;
+  void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum, float* top_v,
+                  int32_t* top_i) override;
+  void apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) override;
+  void* stage_host(size_t bytes) override;
+  void stage_reset() override { stage_.clear(); }
 
   ThreadPool& pool() { return pool_; }
 
  private:
   ThreadPool& pool_;
+  std::vector<std::vector<uint8_t>> stage_;
 };
+
+// The row-op arithmetic, shared by the CPU backend and the CUDA backend's reference tests.
+void apply_row_op(const RowOp& op, float* h, int64_t width);
 
 // fp32 dot product with 8 independent accumulators: a fixed summation order, so a row's result never
 // depends on which other rows share the batch.

@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -55,6 +56,50 @@ void CpuBackend::kv_append(KvState& state, int64_t layer, const float* latent, c
 
 void CpuBackend::gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) {
   for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * width, src + rows[i] * width, width * sizeof(float));
+}
+
+void CpuBackend::logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum,
+                            float* top_v, int32_t* top_i) {
+  M = std::min(M, V);
+  pool_.parallel_for(R, 1, [&](int64_t b, int64_t e) {
+    std::vector<int32_t> ids(V);
+    for (int64_t r = b; r < e; ++r) {
+      const float* l = logits + r * V;
+      const float mx = *std::max_element(l, l + V);
+      double s = 0;
+      for (int64_t i = 0; i < V; ++i) s += std::exp(static_cast<double>(l[i] - mx));
+      max[r] = mx;
+      log_sum[r] = std::log(s);
+      for (int64_t i = 0; i < V; ++i) ids[i] = static_cast<int32_t>(i);
+      std::partial_sort(ids.begin(), ids.begin() + M, ids.end(),
+                        [&](int32_t a, int32_t c) { return l[a] > l[c] || (l[a] == l[c] && a < c); });
+      for (int64_t j = 0; j < M; ++j) {
+        top_i[r * M + j] = ids[j];
+        top_v[r * M + j] = l[ids[j]];
+      }
+    }
+  });
+}
+
+void apply_row_op(const RowOp& op, float* h, int64_t width) {
+  if (op.kind == RowOp::add) {
+    for (int64_t i = 0; i < width; ++i) h[i] += op.add_coef * op.v[i];
+    return;
+  }
+  double proj = 0;
+  for (int64_t i = 0; i < width; ++i) proj += static_cast<double>(h[i]) * op.v[i];
+  proj /= op.vnorm;
+  const double s = (op.target - proj) / op.vnorm;
+  for (int64_t i = 0; i < width; ++i) h[i] = static_cast<float>(h[i] + s * op.v[i]);
+}
+
+void CpuBackend::apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) {
+  for (const RowOp& op : ops) apply_row_op(op, data + op.row * width, width);
+}
+
+void* CpuBackend::stage_host(size_t bytes) {
+  stage_.emplace_back(bytes);
+  return stage_.back().data();
 }
 
 void CpuBackend::embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) {

@@ -86,11 +86,15 @@ struct CudaBackend::Impl {
   cudaEvent_t stage_ev[2] = {nullptr, nullptr};
   int stage_next = 0;
   uint64_t load_total = 0, load_done = 0;
+  // pinned arena for asynchronous copies (captures, row-op vectors), reused after every stage_reset()
+  std::vector<std::pair<uint8_t*, size_t>> arena;
+  size_t arena_chunk = 0, arena_off = 0;
   std::function<void(uint64_t, uint64_t)>* progress = nullptr;
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
     for (void* p : owned) cudaFree(p);
+    for (auto& c : arena) cudaFreeHost(c.first);
     for (int i = 0; i < 2; ++i) {
       if (stage[i]) cudaFreeHost(stage[i]);
       if (stage_ev[i]) cudaEventDestroy(stage_ev[i]);
@@ -251,6 +255,10 @@ CudaBackend::~CudaBackend() = default;
 
 const CudaPlan& CudaBackend::plan() const { return impl_->plan; }
 uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
+void CudaBackend::set_kv_budget(uint64_t bytes) {
+  std::lock_guard<std::mutex> g(impl_->mu);
+  impl_->kv_budget = bytes;
+}
 void CudaBackend::synchronize() { CK(cudaStreamSynchronize(impl_->stream)); }
 
 void CudaBackend::prepare_embed(const TensorInfo& t) {
@@ -476,6 +484,55 @@ std::unique_ptr<KvState> CudaBackend::new_kv(const ModelConfig& cfg) {
   return kv;
 }
 
+// Grows one layer of a sequence's cache to `cap` tokens within the KV budget.
+void CudaBackend::grow_kv(KvState& state, int64_t layer, int64_t cap) {
+  auto& kv = static_cast<CudaKv&>(state);
+  Impl& m = *impl_;
+  const int64_t C = kv.C, dr = kv.dr;
+  if (cap <= kv.cap[layer]) return;
+  const uint64_t grow = static_cast<uint64_t>(cap - kv.cap[layer]) * (C + dr) * 2;
+  {
+    std::lock_guard<std::mutex> g(m.mu);
+    if (m.kv_bytes + grow > m.kv_budget)
+      fail(ErrorKind::resource, "KV cache",
+           "full: {} tokens more would exceed the budget of {} bytes ({} tokens across all sequences); "
+           "lower the batch or the context",
+           cap - kv.cap[layer], m.kv_budget, m.plan.kv_capacity_tokens);
+    m.kv_bytes += grow;
+  }
+  bf16 *nl = nullptr, *nr = nullptr;
+  if (cudaMallocAsync(reinterpret_cast<void**>(&nl), cap * C * 2, m.stream) != cudaSuccess ||
+      cudaMallocAsync(reinterpret_cast<void**>(&nr), cap * dr * 2, m.stream) != cudaSuccess) {
+    cudaGetLastError();
+    if (nl) cudaFreeAsync(nl, m.stream);
+    std::lock_guard<std::mutex> g(m.mu);
+    m.kv_bytes -= grow;
+    fail(ErrorKind::resource, "KV cache", "out of device memory growing a sequence to {} tokens", cap);
+  }
+  if (kv.len[layer] > 0) {
+    CK(cudaMemcpyAsync(nl, kv.lat[layer], kv.len[layer] * C * 2, cudaMemcpyDeviceToDevice, m.stream));
+    CK(cudaMemcpyAsync(nr, kv.rope[layer], kv.len[layer] * dr * 2, cudaMemcpyDeviceToDevice, m.stream));
+  }
+  if (kv.lat[layer]) cudaFreeAsync(kv.lat[layer], m.stream);
+  if (kv.rope[layer]) cudaFreeAsync(kv.rope[layer], m.stream);
+  kv.lat[layer] = nl;
+  kv.rope[layer] = nr;
+  kv.cap[layer] = cap;
+}
+
+int64_t CudaBackend::kv_free_tokens(const ModelConfig& cfg) const {
+  const uint64_t per = static_cast<uint64_t>(cfg.num_hidden_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2;
+  std::lock_guard<std::mutex> g(impl_->mu);
+  if (impl_->kv_budget == UINT64_MAX) return INT64_MAX;
+  return impl_->kv_bytes >= impl_->kv_budget ? 0 : static_cast<int64_t>((impl_->kv_budget - impl_->kv_bytes) / per);
+}
+
+void CudaBackend::kv_reserve(KvState& state, int64_t tokens) {
+  auto* kv = dynamic_cast<CudaKv*>(&state);
+  KSCOPE_CHECK(kv && kv->owner.get() == impl_.get(), input, "cuda", "KV cache from another backend or model");
+  for (size_t l = 0; l < kv->cap.size(); ++l) grow_kv(*kv, static_cast<int64_t>(l), tokens);
+}
+
 void CudaBackend::kv_append(KvState& state, int64_t layer, const float* latent, const float* ckv, int64_t row0,
                             int64_t n, int64_t C, int64_t dr) {
   auto* kv = dynamic_cast<CudaKv*>(&state);
@@ -483,37 +540,8 @@ void CudaBackend::kv_append(KvState& state, int64_t layer, const float* latent, 
                    kv->dr == dr,
                input, "cuda", "KV cache from another backend or model");
   Impl& m = *impl_;
-  if (kv->len[layer] + n > kv->cap[layer]) {
-    const int64_t cap = std::max<int64_t>({16, 2 * kv->cap[layer], kv->len[layer] + n});
-    const uint64_t grow = static_cast<uint64_t>(cap - kv->cap[layer]) * (C + dr) * 2;
-    {
-      std::lock_guard<std::mutex> g(m.mu);
-      if (m.kv_bytes + grow > m.kv_budget)
-        fail(ErrorKind::resource, "KV cache",
-             "full: {} tokens more would exceed the budget of {} bytes ({} tokens across all sequences); "
-             "lower the batch or the context",
-             cap - kv->cap[layer], m.kv_budget, m.plan.kv_capacity_tokens);
-      m.kv_bytes += grow;
-    }
-    bf16 *nl = nullptr, *nr = nullptr;
-    if (cudaMallocAsync(reinterpret_cast<void**>(&nl), cap * C * 2, m.stream) != cudaSuccess ||
-        cudaMallocAsync(reinterpret_cast<void**>(&nr), cap * dr * 2, m.stream) != cudaSuccess) {
-      cudaGetLastError();
-      if (nl) cudaFreeAsync(nl, m.stream);
-      std::lock_guard<std::mutex> g(m.mu);
-      m.kv_bytes -= grow;
-      fail(ErrorKind::resource, "KV cache", "out of device memory growing a sequence to {} tokens", cap);
-    }
-    if (kv->len[layer] > 0) {
-      CK(cudaMemcpyAsync(nl, kv->lat[layer], kv->len[layer] * C * 2, cudaMemcpyDeviceToDevice, m.stream));
-      CK(cudaMemcpyAsync(nr, kv->rope[layer], kv->len[layer] * dr * 2, cudaMemcpyDeviceToDevice, m.stream));
-    }
-    if (kv->lat[layer]) cudaFreeAsync(kv->lat[layer], m.stream);
-    if (kv->rope[layer]) cudaFreeAsync(kv->rope[layer], m.stream);
-    kv->lat[layer] = nl;
-    kv->rope[layer] = nr;
-    kv->cap[layer] = cap;
-  }
+  if (kv->len[layer] + n > kv->cap[layer])
+    grow_kv(*kv, layer, std::max<int64_t>({16, 2 * kv->cap[layer], kv->len[layer] + n}));
   cuda::kv_append(latent, ckv, row0, n, C, dr, kv->lat[layer] + kv->len[layer] * C, kv->rope[layer] + kv->len[layer] * dr,
                   m.stream);
   kv->len[layer] += n;
@@ -692,6 +720,83 @@ void CudaBackend::add(float* y, const float* x, int64_t n) { cuda::add(y, x, n, 
 
 void CudaBackend::gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) {
   cuda::gather_rows(src, rows, n, width, dst, impl_->stream);
+}
+
+void CudaBackend::logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum,
+                             float* top_v, int32_t* top_i) {
+  M = std::min(M, V);
+  if (R == 0) return;
+  Buf<float> mx(*this, R), tv(*this, R * M);
+  Buf<double> ls(*this, R);
+  Buf<int32_t> ti(*this, R * M);
+  cuda::logits_top(logits, R, V, static_cast<int>(M), mx.data(), ls.data(), tv.data(), ti.data(), impl_->stream);
+  download(max, mx.data(), R * sizeof(float));
+  download(log_sum, ls.data(), R * sizeof(double));
+  download(top_v, tv.data(), R * M * sizeof(float));
+  download(top_i, ti.data(), R * M * sizeof(int32_t));
+}
+
+void CudaBackend::apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) {
+  if (ops.empty()) return;
+  // group by row, keeping each row's ops in their order; distinct vectors uploaded once
+  std::vector<size_t> order(ops.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ops[a].row < ops[b].row; });
+  std::vector<int64_t> rows;
+  std::vector<int> seg;
+  std::vector<cuda::DRowOp> dops;
+  std::vector<const float*> vecs;
+  for (size_t k = 0; k < order.size(); ++k) {
+    const RowOp& op = ops[order[k]];
+    if (rows.empty() || rows.back() != op.row) {
+      rows.push_back(op.row);
+      seg.push_back(static_cast<int>(dops.size()));
+    }
+    int vi = static_cast<int>(std::find(vecs.begin(), vecs.end(), op.v) - vecs.begin());
+    if (vi == static_cast<int>(vecs.size())) vecs.push_back(op.v);
+    dops.push_back({op.kind == RowOp::add ? 0 : 1, vi, op.add_coef, op.target, op.vnorm});
+  }
+  seg.push_back(static_cast<int>(dops.size()));
+  auto* vh = static_cast<float*>(stage_host(vecs.size() * width * sizeof(float)));
+  for (size_t i = 0; i < vecs.size(); ++i) std::memcpy(vh + i * width, vecs[i], width * sizeof(float));
+  Buf<float> vd(*this, static_cast<int64_t>(vecs.size() * width));
+  CK(cudaMemcpyAsync(vd.data(), vh, vecs.size() * width * sizeof(float), cudaMemcpyHostToDevice, impl_->stream));
+  Buf<int64_t> rd(*this, rows);
+  Buf<int> sd(*this, seg);
+  Buf<uint8_t> od(*this, static_cast<int64_t>(dops.size() * sizeof(cuda::DRowOp)));
+  upload(od.data(), dops.data(), dops.size() * sizeof(cuda::DRowOp));
+  cuda::apply_row_ops(data, width, rd.data(), sd.data(), static_cast<int>(rows.size()),
+                      reinterpret_cast<const cuda::DRowOp*>(od.data()), vd.data(), impl_->stream);
+}
+
+void* CudaBackend::stage_host(size_t bytes) {
+  Impl& m = *impl_;
+  bytes = (bytes + 255) / 256 * 256;
+  while (m.arena_chunk < m.arena.size()) {
+    auto& c = m.arena[m.arena_chunk];
+    if (m.arena_off + bytes <= c.second) {
+      void* p = c.first + m.arena_off;
+      m.arena_off += bytes;
+      return p;
+    }
+    ++m.arena_chunk;
+    m.arena_off = 0;
+  }
+  const size_t size = std::max<size_t>(bytes, 64u << 20);
+  void* p = nullptr;
+  CK(cudaMallocHost(&p, size));
+  m.arena.push_back({static_cast<uint8_t*>(p), size});
+  m.arena_chunk = m.arena.size() - 1;
+  m.arena_off = bytes;
+  return p;
+}
+void CudaBackend::download_async(void* host, const void* src, size_t bytes) {
+  CK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, impl_->stream));
+}
+void CudaBackend::wait() { CK(cudaStreamSynchronize(impl_->stream)); }
+void CudaBackend::stage_reset() {
+  impl_->arena_chunk = 0;
+  impl_->arena_off = 0;
 }
 
 std::shared_ptr<Backend> make_cuda_backend(int device) { return std::make_shared<CudaBackend>(device); }

@@ -48,6 +48,8 @@ class CudaBackend final : public Backend {
   std::unique_ptr<KvState> new_kv(const ModelConfig& cfg) override;
   void kv_append(KvState& kv, int64_t layer, const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C,
                  int64_t dr) override;
+  int64_t kv_free_tokens(const ModelConfig& cfg) const override;
+  void kv_reserve(KvState& kv, int64_t tokens) override;
   void embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) override;
   void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
                int64_t ld = 0) override;
@@ -63,6 +65,13 @@ class CudaBackend final : public Backend {
   void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;
   void add(float* y, const float* x, int64_t n) override;
   void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) override;
+  void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum, float* top_v,
+                  int32_t* top_i) override;
+  void apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) override;
+  void* stage_host(size_t bytes) override;
+  void download_async(void* host, const void* src, size_t bytes) override;
+  void wait() override;
+  void stage_reset() override;
 
   void synchronize();
   const CudaPlan& plan() const;
@@ -70,10 +79,13 @@ class CudaBackend final : public Backend {
   std::function<void(uint64_t, uint64_t)> on_load_progress;
   // Bytes of device memory currently held by KV caches.
   uint64_t kv_bytes() const;
+  // Overrides the plan's KV budget (tests of admission control; a server that shares the device).
+  void set_kv_budget(uint64_t bytes);
 
   struct Impl;
 
  private:
+  void grow_kv(KvState& kv, int64_t layer, int64_t cap);
   std::shared_ptr<Impl> impl_;
 };
 

@@ -1,6 +1,7 @@
 #include <mma.h>
 
 #include <cfloat>
+#include <climits>
 
 #include "backend/cuda/kernels.cuh"
 
@@ -490,6 +491,85 @@ __global__ void __launch_bounds__(128) k_attn_absorbed(AttnDims d, const float* 
   }
 }
 
+// (value, id) ordered as the samplers order logits: larger value first, then lower id.
+__device__ __forceinline__ bool before(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
+
+__global__ void __launch_bounds__(512) k_logits_top(const float* lg, int64_t V, int M, float* maxv, double* log_sum,
+                                                    float* top_v, int32_t* top_i) {
+  __shared__ float sv[512];
+  __shared__ int si[512];
+  __shared__ double sd[512];
+  const float* l = lg + blockIdx.x * V;
+  float pv = INFINITY;
+  int pid = -1;
+  for (int m = 0; m < M; ++m) {
+    float bv = -INFINITY;
+    int bi = INT_MAX;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const float v = l[i];
+      const bool after = v < pv || (v == pv && static_cast<int>(i) > pid);
+      if (after && before(v, static_cast<int>(i), bv, bi)) { bv = v; bi = static_cast<int>(i); }
+    }
+    sv[threadIdx.x] = bv;
+    si[threadIdx.x] = bi;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+      if (threadIdx.x < w && before(sv[threadIdx.x + w], si[threadIdx.x + w], sv[threadIdx.x], si[threadIdx.x])) {
+        sv[threadIdx.x] = sv[threadIdx.x + w];
+        si[threadIdx.x] = si[threadIdx.x + w];
+      }
+      __syncthreads();
+    }
+    pv = sv[0];
+    pid = si[0];
+    if (threadIdx.x == 0) {
+      top_v[blockIdx.x * M + m] = pv;
+      top_i[blockIdx.x * M + m] = pid;
+    }
+    __syncthreads();
+  }
+  const float mx = top_v[blockIdx.x * M];
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) acc += exp(static_cast<double>(l[i] - mx));
+  sd[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) sd[threadIdx.x] += sd[threadIdx.x + w];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    maxv[blockIdx.x] = mx;
+    log_sum[blockIdx.x] = log(sd[0]);
+  }
+}
+
+__global__ void __launch_bounds__(256) k_row_ops(float* data, int64_t width, const int64_t* rows, const int* seg,
+                                                 const DRowOp* ops, const float* vecs) {
+  __shared__ double part[256];
+  float* h = data + rows[blockIdx.x] * width;
+  for (int k = seg[blockIdx.x]; k < seg[blockIdx.x + 1]; ++k) {
+    const DRowOp op = ops[k];
+    const float* v = vecs + static_cast<int64_t>(op.vec) * width;
+    if (op.kind == 0) {
+      for (int64_t i = threadIdx.x; i < width; i += blockDim.x) h[i] += op.add_coef * v[i];
+      __syncthreads();
+      continue;
+    }
+    double acc = 0;
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x) acc += static_cast<double>(h[i]) * v[i];
+    part[threadIdx.x] = acc;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+      if (threadIdx.x < w) part[threadIdx.x] += part[threadIdx.x + w];
+      __syncthreads();
+    }
+    const double sc = (op.target - part[0] / op.vnorm) / op.vnorm;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < width; i += blockDim.x) h[i] = static_cast<float>(h[i] + sc * v[i]);
+    __syncthreads();
+  }
+}
+
 int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int64_t>(cdiv(n, block), 65535 * 8)); }
 
 }  // namespace
@@ -574,6 +654,15 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   if (d.C <= 128) k_attn_absorbed<4><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
   else if (d.C <= 512) k_attn_absorbed<16><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
   else k_attn_absorbed<32><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
+}
+
+void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,
+                cudaStream_t s) {
+  if (R) k_logits_top<<<static_cast<unsigned>(R), 512, 0, s>>>(lg, V, M, max, log_sum, top_v, top_i);
+}
+void apply_row_ops(float* data, int64_t width, const int64_t* rows, const int* seg, int n_rows, const DRowOp* ops,
+                   const float* vecs, cudaStream_t s) {
+  if (n_rows) k_row_ops<<<static_cast<unsigned>(n_rows), 256, 0, s>>>(data, width, rows, seg, ops, vecs);
 }
 
 }  // namespace kscope::cuda

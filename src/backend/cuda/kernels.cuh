@@ -97,4 +97,18 @@ void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, 
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
                         int n_rows, float* out, cudaStream_t s);
 
+// Per row: max, log Σ exp(l − max) in double, the M largest (descending, ties to the lower id).
+void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,
+                cudaStream_t s);
+
+// Row ops (RowOp of backend.hpp) grouped by row: row r_k = rows[k] takes ops [seg[k], seg[k+1]) in order.
+struct DRowOp {
+  int kind;  // 0 add, 1 project
+  int vec;   // index into the vectors
+  float add_coef;
+  double target, vnorm;
+};
+void apply_row_ops(float* data, int64_t width, const int64_t* rows, const int* seg, int n_rows, const DRowOp* ops,
+                   const float* vecs, cudaStream_t s);
+
 }  // namespace kscope::cuda
