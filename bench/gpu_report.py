@@ -32,14 +32,14 @@ def main():
         if "error" in h:
             hv += f" — HF could not load it: {h['error'][:160]}"
         print(f"HF: {hv}\n")
-        print("| measure | kscope | floor | of floor | HF | kscope ÷ HF time |")
+        print("| measure | kscope | floor | of floor | HF | speed-up over HF |")
         print("|---|---:|---:|---:|---:|---:|")
         hm = {r["tokens"]: r for r in h.get("moe", [])}
         for r in k["moe"]:
             fl = max(r["bw_floor"], r["tc_floor"])
             hr = hm.get(r["tokens"], {})
             hs = f"{hr['seconds'] * 1e6:.0f} µs" if "seconds" in hr else hr.get("error", "—")[:40]
-            ratio = f"{hr['seconds'] / r['seconds']:.2f}× faster" if "seconds" in hr else "—"
+            ratio = f"{hr['seconds'] / r['seconds']:.2f}×" if "seconds" in hr else "—"
             bound = "bw" if r["bw_floor"] >= r["tc_floor"] else "tc"
             print(f"| MoE block, {r['tokens']} tok ({r['experts']} experts) | {r['seconds'] * 1e6:.0f} µs | "
                   f"{fl * 1e6:.0f} µs ({bound}) | {100 * fl / r['seconds']:.0f}% | {hs} | {ratio} |")
