@@ -140,6 +140,7 @@ class CudaOps : public ::testing::Test {
 };
 
 const WeightFormat kFormats[] = {WeightFormat::dense, WeightFormat::fp8_block, WeightFormat::int4_group};
+ModelConfig router_config(ScoringFunc f, TopkMethod m, int64_t E, int64_t K, int64_t G, int64_t TG);
 
 TEST_F(CudaOps, linear_in_every_format_and_odd_shape) {
   struct Shape { int64_t out, in; };
@@ -157,6 +158,48 @@ TEST_F(CudaOps, linear_in_every_format_and_odd_shape) {
         expect_close(yd.host(), want, kMatmulTol,
                      fmt::format("linear {} {}x{} n={}", format_name(wf), sh.out, sh.in, n));
       }
+}
+
+// The pipelined matmul (aligned shapes) runs the same chain of tensor-core operations per output element as the
+// single-stage one: the same bits, whatever the format, batch or grouping.
+TEST_F(CudaOps, pipelined_matmul_gives_the_bits_of_the_single_stage_one) {
+  struct Shape { int64_t out, in; };
+  for (auto wf : kFormats)
+    for (Shape sh : {Shape{200, 512}, Shape{64, 1024}, Shape{130, 256}})
+      for (int64_t n : {1, 5, 67}) {
+        const Linear& l = make_linear(wf, sh.out, sh.in);
+        gpu_->prepare_linear(l);
+        auto xd = dev(randn(n * sh.in));
+        auto y1 = poisoned(n * sh.out), y2 = poisoned(n * sh.out);
+        CudaBackend::force_simple_gemm(true);
+        gpu_->linear(l, xd.data(), n, y1.data());
+        CudaBackend::force_simple_gemm(false);
+        gpu_->linear(l, xd.data(), n, y2.data());
+        EXPECT_EQ(y1.host(), y2.host()) << format_name(wf) << " " << sh.out << "x" << sh.in << " n=" << n;
+      }
+  const int64_t H = 256, I = 128, E = 16, K = 4;
+  for (auto wf : kFormats) {
+    MoeWeights moe;
+    moe.router = make_linear(WeightFormat::dense, E, H, "router");
+    for (int64_t e = 0; e < E; ++e) moe.experts.push_back({make_linear(wf, I, H), make_linear(wf, I, H), make_linear(wf, H, I)});
+    gpu_->prepare_moe(moe);
+    const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
+    for (int64_t n : {1, 9, 100}) {
+      const auto x = randn(n * H);
+      std::vector<float> rl(n * E), wt(n * K);
+      std::vector<int32_t> idx(n * K);
+      cpu_.linear(moe.router, x.data(), n, rl.data());
+      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
+      auto xd = dev(x), wd = dev(wt);
+      Buf<int32_t> id(*gpu_, idx);
+      auto m1 = poisoned(n * H), m2 = poisoned(n * H);
+      CudaBackend::force_simple_gemm(true);
+      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), m1.data());
+      CudaBackend::force_simple_gemm(false);
+      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), m2.data());
+      EXPECT_EQ(m1.host(), m2.host()) << "moe " << format_name(wf) << " n=" << n;
+    }
+  }
 }
 
 TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {

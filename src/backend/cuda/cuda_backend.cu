@@ -255,6 +255,7 @@ CudaBackend::~CudaBackend() = default;
 
 const CudaPlan& CudaBackend::plan() const { return impl_->plan; }
 uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
+void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> g(impl_->mu);
   impl_->kv_budget = bytes;
@@ -636,7 +637,11 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
     Buf<uint8_t> dev(*this, static_cast<int64_t>(rows.size() * sizeof(cuda::AttnRow)));
     upload(dev.data(), rows.data(), rows.size() * sizeof(cuda::AttnRow));
     const auto* r = reinterpret_cast<const cuda::AttnRow*>(dev.data());
-    if (absorbed) cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, static_cast<int>(rows.size()), out, m.stream);
+    if (absorbed) {
+      Buf<float> qlat(*this, static_cast<int64_t>(rows.size()) * d.nh * d.C), olat(*this, static_cast<int64_t>(rows.size()) * d.nh * d.C);
+      cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, static_cast<int>(rows.size()), qlat.data(),
+                               olat.data(), out, m.stream);
+    }
     else cuda::attention_expanded(d, q, r, static_cast<int>(rows.size()), out, m.stream);
   };
   run(exp_rows, false);

@@ -79,6 +79,8 @@ class CudaBackend final : public Backend {
   std::function<void(uint64_t, uint64_t)> on_load_progress;
   // Bytes of device memory currently held by KV caches.
   uint64_t kv_bytes() const;
+  // Tests: run every matmul with the single-stage kernel instead of the pipelined one.
+  static void force_simple_gemm(bool on);
   // Overrides the plan's KV budget (tests of admission control; a server that shares the device).
   void set_kv_budget(uint64_t bytes);
 

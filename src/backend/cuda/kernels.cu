@@ -172,6 +172,136 @@ __global__ void __launch_bounds__(128) k_gemm(const bf16* __restrict__ X, int M,
   }
 }
 
+// ---- the pipelined variant: the same tiles and the same chain of mma operations per output element (so the
+// same bits), with the global loads of the next stages in flight (cp.async) while the current one is multiplied.
+// For K % 64 == 0 (and FP8 blocks / INT4 groups that tile it), which every real layer satisfies.
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+constexpr int kStages = 4;
+// raw weight bytes per stage row: bf16 padded like the mma tile, fp8 64 bytes, int4 32 bytes
+template <int FMT>
+__host__ __device__ constexpr int raw_row_bytes() { return FMT == kBf16 ? kLds * 2 : FMT == kFp8 ? 64 : 32; }
+template <int FMT>
+constexpr size_t pipe_smem() {
+  return kStages * (size_t(kBM) * kLds * 2 + size_t(kBN) * raw_row_bytes<FMT>()) +
+         (FMT == kBf16 ? 0 : size_t(kBN) * kLds * 2) + size_t(kBM) * (kBN + 4) * 4;
+}
+
+template <int FMT>
+__global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
+                                                   Groups gr) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  auto* xst = reinterpret_cast<bf16*>(smem);                                        // [S][kBM][kLds]
+  uint8_t* wst = smem + kStages * kBM * kLds * 2;                                    // [S][kBN][raw]
+  auto* wcv = reinterpret_cast<bf16*>(wst + kStages * kBN * raw_row_bytes<FMT>());   // [kBN][kLds] (fp8/int4)
+  auto* cs = reinterpret_cast<float*>(reinterpret_cast<uint8_t*>(wcv) + (FMT == kBf16 ? 0 : kBN * kLds * 2));
+  constexpr int RB = raw_row_bytes<FMT>();
+  const int n0 = blockIdx.x * kBN;
+  const int t = blockIdx.y;
+  int g = 0, r0, r1;
+  if (gr.row_off) {
+    if (t >= gr.tile_off[gr.G]) return;
+    int lo = 0, hi = gr.G - 1;
+    while (lo < hi) {
+      const int mid = (lo + hi + 1) / 2;
+      if (gr.tile_off[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    g = lo;
+    r0 = gr.row_off[g] + (t - gr.tile_off[g]) * kBM;
+    r1 = min(r0 + kBM, gr.row_off[g + 1]);
+  } else {
+    r0 = t * kBM;
+    r1 = min(r0 + kBM, M);
+  }
+  if (r0 >= r1) return;
+  const uint8_t* wb = W.w + g * W.w_stride;
+  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  const int nk = W.K / kBK;
+  auto issue = [&](int kt) {
+    const int st = kt % kStages, k0 = kt * kBK;
+    bf16* xs = xst + st * kBM * kLds;
+    for (int c = threadIdx.x; c < kBM * 8; c += 128) {  // 32 rows x 8 chunks of 16 bytes
+      const int row = c >> 3, col = (c & 7) * 8;
+      const bool ok = r0 + row < r1;
+      cp_async16(xs + row * kLds + col, X + static_cast<int64_t>(ok ? r0 + row : r0) * W.K + k0 + col, ok ? 16 : 0);
+    }
+    uint8_t* ws = wst + st * kBN * RB;
+    constexpr int chunks = (FMT == kBf16 ? 128 : FMT == kFp8 ? 64 : 32) / 16;  // 16-byte chunks per weight row
+    for (int c = threadIdx.x; c < kBN * chunks; c += 128) {
+      const int row = c / chunks, ch = c % chunks;
+      const int n = n0 + row;
+      const bool ok = n < W.N;
+      const int64_t kb = FMT == kBf16 ? int64_t(k0) * 2 : FMT == kFp8 ? k0 : k0 / 2;  // byte offset of k0
+      cp_async16(ws + row * RB + ch * 16, wb + static_cast<int64_t>(ok ? n : n0) * W.w_ld + kb + ch * 16, ok ? 16 : 0);
+    }
+  };
+  const int warp = threadIdx.x >> 5;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+  for (int kt = 0; kt < kStages - 1; ++kt) {
+    if (kt < nk) issue(kt);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < nk; ++kt) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage kt landed for every thread; everyone is done with iteration kt-1
+    const int st = kt % kStages;
+    const bf16* xs = xst + st * kBM * kLds;
+    const bf16* wt;
+    if constexpr (FMT == kBf16) {
+      wt = reinterpret_cast<const bf16*>(wst + st * kBN * RB);
+    } else {
+      // dequantize the raw tile to bf16 exactly as load_w_tile does (same values, so the same products)
+      const uint8_t* raw = wst + st * kBN * RB;
+      const int r = threadIdx.x >> 1, c0 = (threadIdx.x & 1) * 32;
+      const int n = n0 + r, k = kt * kBK + c0;
+      bf16* dst = wcv + r * kLds + c0;
+      if (n >= W.N) {
+        for (int i = 0; i < 32; ++i) dst[i] = __float2bfloat16(0.0f);
+      } else if constexpr (FMT == kFp8) {
+        const float sc = sb[(n / W.bo) * W.s_cols + k / W.bi];
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(raw + r * RB + c0);
+        for (int j = 0; j < 32; ++j) dst[j] = __float2bfloat16(fp8((words[j >> 2] >> (8 * (j & 3))) & 255u) * sc);
+      } else {
+        const float sc = sb[n * W.s_cols + k / W.g];
+        const uint32_t* words = reinterpret_cast<const uint32_t*>(raw + r * RB + c0 / 2);
+        for (int j = 0; j < 32; ++j)
+          dst[j] = __float2bfloat16(static_cast<float>(static_cast<int>((words[j >> 3] >> (4 * (j & 7))) & 15u) - 8) * sc);
+      }
+      __syncthreads();
+      wt = wcv;
+    }
+    if (kt + kStages - 1 < nk) issue(kt + kStages - 1);
+    cp_async_commit();
+    for (int kk = 0; kk < kBK; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
+      wmma::load_matrix_sync(b, wt + warp * 16 * kLds + kk, kLds);
+      for (int mi = 0; mi < 2; ++mi) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> a;
+        wmma::load_matrix_sync(a, xs + mi * 16 * kLds + kk, kLds);
+        wmma::mma_sync(acc[mi], a, b, acc[mi]);
+      }
+    }
+  }
+  cp_async_wait<0>();
+  for (int mi = 0; mi < 2; ++mi) wmma::store_matrix_sync(cs + mi * 16 * (kBN + 4) + warp * 16, acc[mi], kBN + 4, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = threadIdx.x; i < kBM * kBN; i += blockDim.x) {
+    const int r = i / kBN, c = i % kBN;
+    if (r0 + r < r1 && n0 + c < W.N) Y[static_cast<int64_t>(r0 + r) * W.N + n0 + c] = cs[r * (kBN + 4) + c];
+  }
+}
+
+bool g_simple_gemm = false;
+
 // One warp per output element, fp32 inputs: exact dequantized weights times fp32 activations.
 __global__ void k_gemm_f32(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -440,53 +570,95 @@ __global__ void __launch_bounds__(128) k_attn_expanded(AttnDims d, const float* 
                        out + static_cast<int64_t>(r.q_row) * d.nh * d.dv + h * d.dv);
 }
 
-template <int CM>  // C <= 32*CM, dn <= 256, dr <= 128
-__global__ void __launch_bounds__(128) k_attn_absorbed(AttnDims d, const float* q, const bf16* w_uk, const bf16* w_uvt,
-                                                       const AttnRow* rows, float* out) {
-  __shared__ float sm_m[kNW], sm_l[kNW], sm_o[kNW * CM * 32];
-  __shared__ float qn_s[256], qlat[CM * 32], olat[CM * 32];
+// Absorbed decode attention in three steps. (1) q_lat = W_UK[h]ᵀ q_nope per row and head.
+__global__ void __launch_bounds__(128) k_qlat(AttnDims d, const float* q, const bf16* w_uk, const AttnRow* rows,
+                                              float* qlat) {
+  __shared__ float qn_s[256];
   const AttnRow r = rows[blockIdx.x];
-  const int h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int dq = d.dn + d.dr;
+  const int h = blockIdx.y, dq = d.dn + d.dr;
   const float* qh = q + static_cast<int64_t>(r.q_row) * d.nh * dq + h * dq;
   for (int i = threadIdx.x; i < d.dn; i += blockDim.x) qn_s[i] = qh[i];
   __syncthreads();
-  // q_lat = W_UK[h]ᵀ q_nope
   for (int c = threadIdx.x; c < d.C; c += blockDim.x) {
     float acc = 0;
     const bf16* wk = w_uk + static_cast<int64_t>(h) * d.dn * d.C + c;
     for (int i = 0; i < d.dn; ++i) acc += qn_s[i] * bf(wk[static_cast<int64_t>(i) * d.C]);
-    qlat[c] = acc;
+    qlat[(static_cast<int64_t>(blockIdx.x) * d.nh + h) * d.C + c] = acc;
   }
-  __syncthreads();
+}
+
+// (2) softmax(q_lat·latent + q_rope·k_rope) over the cached tokens, o_lat = Σ p·latent. One block per (row, group
+// of HG heads), one warp per head: a tile of TJ cached tokens is read from memory once for all HG heads.
+template <int CM, int HG>
+__global__ void __launch_bounds__(HG * 32) k_attn_latent(AttnDims d, const float* q, const float* qlat,
+                                                         const AttnRow* rows, float* olat) {
+  constexpr int TJ = CM <= 16 ? 32 : 16;
+  __shared__ __align__(16) bf16 lat_s[TJ * CM * 32];
+  __shared__ __align__(16) bf16 rope_s[TJ * 128];
+  const AttnRow r = rows[blockIdx.x];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int h = blockIdx.y * HG + warp;
+  const bool live = h < d.nh;
+  const int dq = d.dn + d.dr;
+  const float* qlh = qlat + (static_cast<int64_t>(blockIdx.x) * d.nh + (live ? h : 0)) * d.C;
+  const float* qh = q + static_cast<int64_t>(r.q_row) * d.nh * dq + (live ? h : 0) * dq;
   float ql[CM], qr[4], o[CM];
-  for (int m = 0; m < CM; ++m) { ql[m] = lane + 32 * m < d.C ? qlat[lane + 32 * m] : 0.0f; o[m] = 0.0f; }
+  for (int m = 0; m < CM; ++m) { ql[m] = lane + 32 * m < d.C ? qlh[lane + 32 * m] : 0.0f; o[m] = 0.0f; }
   for (int m = 0; m < 4; ++m) qr[m] = lane + 32 * m < d.dr ? qh[d.dn + lane + 32 * m] : 0.0f;
   float mx = -INFINITY, l = 0;
-  for (int j = warp; j < r.len; j += kNW) {
-    const bf16* lj = r.latent + static_cast<int64_t>(j) * d.C;
-    const bf16* rj = r.k_rope + static_cast<int64_t>(j) * d.dr;
-    float lv[CM];
-    float s = 0;
-    for (int m = 0; m < CM; ++m) {
-      lv[m] = lane + 32 * m < d.C ? bf(lj[lane + 32 * m]) : 0.0f;
-      s += ql[m] * lv[m];
+  const bool vec = (d.C % 8) == 0 && (d.dr % 8) == 0;
+  for (int j0 = 0; j0 < r.len; j0 += TJ) {
+    const int nj = min(TJ, r.len - j0);
+    __syncthreads();  // the previous tile is no longer read
+    const bf16* lsrc = r.latent + static_cast<int64_t>(j0) * d.C;
+    const bf16* rsrc = r.k_rope + static_cast<int64_t>(j0) * d.dr;
+    if (vec) {
+      for (int i = threadIdx.x; i < nj * d.C / 8; i += blockDim.x)
+        reinterpret_cast<uint4*>(lat_s)[i] = reinterpret_cast<const uint4*>(lsrc)[i];
+      for (int i = threadIdx.x; i < nj * d.dr / 8; i += blockDim.x)
+        reinterpret_cast<uint4*>(rope_s)[i] = reinterpret_cast<const uint4*>(rsrc)[i];
+    } else {
+      for (int i = threadIdx.x; i < nj * d.C; i += blockDim.x) lat_s[i] = lsrc[i];
+      for (int i = threadIdx.x; i < nj * d.dr; i += blockDim.x) rope_s[i] = rsrc[i];
     }
-    for (int m = 0; m < 4; ++m)
-      if (lane + 32 * m < d.dr) s += qr[m] * bf(rj[lane + 32 * m]);
-    s = warp_sum(s) * d.scale;
-    const float mn = fmaxf(mx, s), corr = expf(mx - mn), p = expf(s - mn);
-    l = l * corr + p;
-    for (int m = 0; m < CM; ++m) o[m] = o[m] * corr + p * lv[m];
-    mx = mn;
+    __syncthreads();
+    if (!live) continue;
+    for (int j = 0; j < nj; ++j) {
+      const bf16* lj = lat_s + j * d.C;
+      const bf16* rj = rope_s + j * d.dr;
+      float lv[CM];
+      float s = 0;
+      for (int m = 0; m < CM; ++m) {
+        lv[m] = lane + 32 * m < d.C ? bf(lj[lane + 32 * m]) : 0.0f;
+        s += ql[m] * lv[m];
+      }
+      for (int m = 0; m < 4; ++m)
+        if (lane + 32 * m < d.dr) s += qr[m] * bf(rj[lane + 32 * m]);
+      s = warp_sum(s) * d.scale;
+      const float mn = fmaxf(mx, s), corr = expf(mx - mn), p = expf(s - mn);
+      l = l * corr + p;
+      for (int m = 0; m < CM; ++m) o[m] = o[m] * corr + p * lv[m];
+      mx = mn;
+    }
   }
-  merge_warps<kNW, CM>(mx, l, o, d.C, sm_m, sm_l, sm_o, olat);
+  if (!live) return;
+  float* dst = olat + (static_cast<int64_t>(blockIdx.x) * d.nh + h) * d.C;
+  for (int m = 0; m < CM; ++m)
+    if (lane + 32 * m < d.C) dst[lane + 32 * m] = o[m] / l;
+}
+
+// (3) out = W_UV[h] · o_lat
+__global__ void __launch_bounds__(128) k_uv(AttnDims d, const bf16* w_uvt, const AttnRow* rows, const float* olat,
+                                            float* out) {
+  __shared__ float ol[1024];
+  const AttnRow r = rows[blockIdx.x];
+  const int h = blockIdx.y;
+  for (int c = threadIdx.x; c < d.C; c += blockDim.x) ol[c] = olat[(static_cast<int64_t>(blockIdx.x) * d.nh + h) * d.C + c];
   __syncthreads();
-  // out = W_UV[h] · o_lat
   for (int v = threadIdx.x; v < d.dv; v += blockDim.x) {
     float acc = 0;
     const bf16* wv = w_uvt + static_cast<int64_t>(h) * d.C * d.dv + v;
-    for (int c = 0; c < d.C; ++c) acc += bf(wv[static_cast<int64_t>(c) * d.dv]) * olat[c];
+    for (int c = 0; c < d.C; ++c) acc += bf(wv[static_cast<int64_t>(c) * d.dv]) * ol[c];
     out[static_cast<int64_t>(r.q_row) * d.nh * d.dv + h * d.dv + v] = acc;
   }
 }
@@ -577,12 +749,30 @@ int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int6
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s) {
   if (M == 0 || max_row_tiles == 0) return;
   const dim3 grid(static_cast<unsigned>(cdiv(W.N, kBN)), static_cast<unsigned>(max_row_tiles));
+  const bool aligned = W.K % kBK == 0 && (W.fmt != kFp8 || (W.bo % kBN == 0 && W.bi % kBK == 0)) &&
+                       (W.fmt != kInt4 || W.g % 32 == 0);
+  if (aligned && !g_simple_gemm) {
+    static bool configured = false;
+    if (!configured) {  // opt in to more than 48 KiB of shared memory, once
+      cudaFuncSetAttribute(k_gemm_pipe<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pipe_smem<kBf16>()));
+      cudaFuncSetAttribute(k_gemm_pipe<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pipe_smem<kFp8>()));
+      cudaFuncSetAttribute(k_gemm_pipe<kInt4>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pipe_smem<kInt4>()));
+      configured = true;
+    }
+    switch (W.fmt) {
+      case kFp8: k_gemm_pipe<kFp8><<<grid, 128, pipe_smem<kFp8>(), s>>>(X, M, Y, W, groups); break;
+      case kInt4: k_gemm_pipe<kInt4><<<grid, 128, pipe_smem<kInt4>(), s>>>(X, M, Y, W, groups); break;
+      default: k_gemm_pipe<kBf16><<<grid, 128, pipe_smem<kBf16>(), s>>>(X, M, Y, W, groups); break;
+    }
+    return;
+  }
   switch (W.fmt) {
     case kFp8: k_gemm<kFp8><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
     case kInt4: k_gemm<kInt4><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
     default: k_gemm<kBf16><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
   }
 }
+void set_simple_gemm(bool on) { g_simple_gemm = on; }
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s) {
   if (M == 0) return;
   k_gemm_f32<<<dim3(static_cast<unsigned>(cdiv(W.N, 4)), M), 128, 0, s>>>(X, M, Y, W);
@@ -648,12 +838,16 @@ void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, 
   else k_attn_expanded<8><<<grid, 128, 0, s>>>(d, q, rows, out);
 }
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
-                        int n_rows, float* out, cudaStream_t s) {
+                        int n_rows, float* qlat, float* olat, float* out, cudaStream_t s) {
   if (n_rows == 0) return;
-  const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh));
-  if (d.C <= 128) k_attn_absorbed<4><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
-  else if (d.C <= 512) k_attn_absorbed<16><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
-  else k_attn_absorbed<32><<<grid, 128, 0, s>>>(d, q, w_uk, w_uvt, rows, out);
+  const dim3 per_head(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh));
+  k_qlat<<<per_head, 128, 0, s>>>(d, q, w_uk, rows, qlat);
+  constexpr int HG = 16;
+  const dim3 groups(static_cast<unsigned>(n_rows), static_cast<unsigned>((d.nh + HG - 1) / HG));
+  if (d.C <= 128) k_attn_latent<4, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
+  else if (d.C <= 512) k_attn_latent<16, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
+  else k_attn_latent<32, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
+  k_uv<<<per_head, 128, 0, s>>>(d, w_uvt, rows, olat, out);
 }
 
 void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,

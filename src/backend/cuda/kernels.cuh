@@ -41,6 +41,8 @@ constexpr int kBM = 32, kBN = 64, kBK = 64;
 
 // Y[m, N] (fp32) = X[m, K] (bf16) · W_g[N, K]ᵀ for every row m of group g.
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s);
+// Tests: force the single-stage kernel (the pipelined one must give the same bits).
+void set_simple_gemm(bool on);
 // Y[m, N] (fp32) = X[m, K] (fp32) · W[N, K]ᵀ with fp32 inputs (router logits, as the reference computes them).
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s);
 
@@ -94,8 +96,9 @@ struct AttnDims {
 // Expanded form over per-token keys/values (kvx); absorbed form over the latent (W_UK [nh, dn, C],
 // W_UVt [nh, C, dv] in bf16).
 void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, int n_rows, float* out, cudaStream_t s);
+// qlat, olat: scratch [n_rows, heads, C] fp32.
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
-                        int n_rows, float* out, cudaStream_t s);
+                        int n_rows, float* qlat, float* olat, float* out, cudaStream_t s);
 
 // Per row: max, log Σ exp(l − max) in double, the M largest (descending, ties to the lower id).
 void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,
