@@ -692,8 +692,7 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   const int tiles = static_cast<int>(cdiv(M, cuda::kBM) + std::min<int64_t>(E, M));
   KSCOPE_CHECK(tiles <= 65535, resource, "cuda", "{} routed rows in one MoE call exceed the grid limit", M);
   Buf<float> gt(*this, M * I), up(*this, M * I);
-  cuda::gemm(xp.data(), static_cast<int>(M), gt.data(), dm.gate, g, tiles, m.stream);
-  cuda::gemm(xp.data(), static_cast<int>(M), up.data(), dm.up, g, tiles, m.stream);
+  cuda::gemm(xp.data(), static_cast<int>(M), gt.data(), dm.gate, g, tiles, m.stream, up.data(), &dm.up);
   Buf<bf16> act(*this, M * I);
   cuda::silu_mul(gt.data(), up.data(), M * I, act.data(), m.stream);
   Buf<float> dn(*this, M * H);
@@ -714,8 +713,7 @@ void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out
   cuda::f32_to_bf16(x, xb.data(), n * H, m.stream);
   const int tiles = static_cast<int>(cdiv(n, cuda::kBM));
   Buf<float> g(*this, n * I), u(*this, n * I);
-  cuda::gemm(xb.data(), static_cast<int>(n), g.data(), gi->second, {}, tiles, m.stream);
-  cuda::gemm(xb.data(), static_cast<int>(n), u.data(), ui->second, {}, tiles, m.stream);
+  cuda::gemm(xb.data(), static_cast<int>(n), g.data(), gi->second, {}, tiles, m.stream, u.data(), &ui->second);
   Buf<bf16> act(*this, n * I);
   cuda::silu_mul(g.data(), u.data(), n * I, act.data(), m.stream);
   cuda::gemm(act.data(), static_cast<int>(n), out, di->second, {}, tiles, m.stream);

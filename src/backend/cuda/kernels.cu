@@ -196,7 +196,11 @@ constexpr size_t pipe_smem() {
 
 template <int FMT>
 __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
-                                                   Groups gr) {
+                                                   float* __restrict__ Y2, DLin W2, Groups gr) {
+  if (blockIdx.z == 1) {  // the second matmul of a pair over the same X (gate and up): one launch for both
+    W = W2;
+    Y = Y2;
+  }
   extern __shared__ __align__(128) uint8_t smem[];
   auto* xst = reinterpret_cast<bf16*>(smem);                                        // [S][kBM][kLds]
   uint8_t* wst = smem + kStages * kBM * kLds * 2;                                    // [S][kBN][raw]
@@ -592,7 +596,7 @@ __global__ void __launch_bounds__(128) k_qlat(AttnDims d, const float* q, const 
 template <int CM, int HG>
 __global__ void __launch_bounds__(HG * 32) k_attn_latent(AttnDims d, const float* q, const float* qlat,
                                                          const AttnRow* rows, float* olat) {
-  constexpr int TJ = CM <= 16 ? 32 : 16;
+  constexpr int TJ = CM <= 16 ? 32 : 16;  // tokens per tile (at most one per lane after the reduce-scatter)
   __shared__ __align__(16) bf16 lat_s[TJ * CM * 32];
   __shared__ __align__(16) bf16 rope_s[TJ * 128];
   const AttnRow r = rows[blockIdx.x];
@@ -623,23 +627,43 @@ __global__ void __launch_bounds__(HG * 32) k_attn_latent(AttnDims d, const float
     }
     __syncthreads();
     if (!live) continue;
-    for (int j = 0; j < nj; ++j) {
-      const bf16* lj = lat_s + j * d.C;
-      const bf16* rj = rope_s + j * d.dr;
-      float lv[CM];
-      float s = 0;
-      for (int m = 0; m < CM; ++m) {
-        lv[m] = lane + 32 * m < d.C ? bf(lj[lane + 32 * m]) : 0.0f;
-        s += ql[m] * lv[m];
+    // Scores of the tile's TJ tokens at once: every lane's partial dot for every token, then a reduce-scatter
+    // (31 shuffles for 32 tokens) leaves token j's score in lane j.
+    float v[32];
+    for (int j = 0; j < 32; ++j) {
+      float sj = 0;
+      if (j < nj) {
+        const bf16* lj = lat_s + j * d.C;
+        for (int m = 0; m < CM; ++m)
+          if (lane + 32 * m < d.C) sj += ql[m] * bf(lj[lane + 32 * m]);
+        const bf16* rj = rope_s + j * d.dr;
+        for (int m = 0; m < 4; ++m)
+          if (lane + 32 * m < d.dr) sj += qr[m] * bf(rj[lane + 32 * m]);
       }
-      for (int m = 0; m < 4; ++m)
-        if (lane + 32 * m < d.dr) s += qr[m] * bf(rj[lane + 32 * m]);
-      s = warp_sum(s) * d.scale;
-      const float mn = fmaxf(mx, s), corr = expf(mx - mn), p = expf(s - mn);
-      l = l * corr + p;
-      for (int m = 0; m < CM; ++m) o[m] = o[m] * corr + p * lv[m];
-      mx = mn;
+      v[j] = sj;
     }
+    for (int off = 16; off >= 1; off >>= 1) {
+      const bool upper = lane & off;
+      for (int i = 0; i < off; ++i) {
+        const float send = upper ? v[i] : v[i + off];
+        const float keep = upper ? v[i + off] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+      }
+    }
+    const float s = lane < nj ? v[0] * d.scale : -INFINITY;
+    float mt = s;
+    for (int off = 16; off >= 1; off >>= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, off));
+    const float mn = fmaxf(mx, mt), corr = expf(mx - mn);
+    const float p = lane < nj ? expf(s - mn) : 0.0f;
+    l = l * corr + warp_sum(p);
+    for (int m = 0; m < CM; ++m) o[m] *= corr;
+    for (int j = 0; j < nj; ++j) {
+      const float pj = __shfl_sync(0xffffffffu, p, j);
+      const bf16* lj = lat_s + j * d.C;
+      for (int m = 0; m < CM; ++m)
+        if (lane + 32 * m < d.C) o[m] += pj * bf(lj[lane + 32 * m]);
+    }
+    mx = mn;
   }
   if (!live) return;
   float* dst = olat + (static_cast<int64_t>(blockIdx.x) * d.nh + h) * d.C;
@@ -746,9 +770,15 @@ int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int6
 
 }  // namespace
 
-void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s) {
+void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
+          float* Y2, const DLin* W2) {
   if (M == 0 || max_row_tiles == 0) return;
-  const dim3 grid(static_cast<unsigned>(cdiv(W.N, kBN)), static_cast<unsigned>(max_row_tiles));
+  if (W2 && (W2->fmt != W.fmt || W2->N != W.N || W2->K != W.K || W2->bo != W.bo || W2->bi != W.bi || W2->g != W.g)) {
+    gemm(X, M, Y, W, groups, max_row_tiles, s);  // not a matching pair: two launches
+    gemm(X, M, Y2, *W2, groups, max_row_tiles, s);
+    return;
+  }
+  const dim3 grid(static_cast<unsigned>(cdiv(W.N, kBN)), static_cast<unsigned>(max_row_tiles), W2 ? 2u : 1u);
   const bool aligned = W.K % kBK == 0 && (W.fmt != kFp8 || (W.bo % kBN == 0 && W.bi % kBK == 0)) &&
                        (W.fmt != kInt4 || W.g % 32 == 0);
   if (aligned && !g_simple_gemm) {
@@ -759,11 +789,17 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
       cudaFuncSetAttribute(k_gemm_pipe<kInt4>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pipe_smem<kInt4>()));
       configured = true;
     }
+    const DLin& w2 = W2 ? *W2 : W;
     switch (W.fmt) {
-      case kFp8: k_gemm_pipe<kFp8><<<grid, 128, pipe_smem<kFp8>(), s>>>(X, M, Y, W, groups); break;
-      case kInt4: k_gemm_pipe<kInt4><<<grid, 128, pipe_smem<kInt4>(), s>>>(X, M, Y, W, groups); break;
-      default: k_gemm_pipe<kBf16><<<grid, 128, pipe_smem<kBf16>(), s>>>(X, M, Y, W, groups); break;
+      case kFp8: k_gemm_pipe<kFp8><<<grid, 128, pipe_smem<kFp8>(), s>>>(X, M, Y, W, Y2, w2, groups); break;
+      case kInt4: k_gemm_pipe<kInt4><<<grid, 128, pipe_smem<kInt4>(), s>>>(X, M, Y, W, Y2, w2, groups); break;
+      default: k_gemm_pipe<kBf16><<<grid, 128, pipe_smem<kBf16>(), s>>>(X, M, Y, W, Y2, w2, groups); break;
     }
+    return;
+  }
+  if (W2) {  // the single-stage kernel runs the pair as two launches
+    gemm(X, M, Y, W, groups, max_row_tiles, s);
+    gemm(X, M, Y2, *W2, groups, max_row_tiles, s);
     return;
   }
   switch (W.fmt) {
@@ -837,6 +873,7 @@ void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, 
   else if (w <= 128) k_attn_expanded<4><<<grid, 128, 0, s>>>(d, q, rows, out);
   else k_attn_expanded<8><<<grid, 128, 0, s>>>(d, q, rows, out);
 }
+dim3 groups8(int n_rows, int nh) { return dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>((nh + 7) / 8)); }
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
                         int n_rows, float* qlat, float* olat, float* out, cudaStream_t s) {
   if (n_rows == 0) return;
@@ -846,7 +883,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   const dim3 groups(static_cast<unsigned>(n_rows), static_cast<unsigned>((d.nh + HG - 1) / HG));
   if (d.C <= 128) k_attn_latent<4, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
   else if (d.C <= 512) k_attn_latent<16, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
-  else k_attn_latent<32, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
+  else k_attn_latent<32, 8><<<groups8(n_rows, d.nh), 8 * 32, 0, s>>>(d, q, qlat, rows, olat);
   k_uv<<<per_head, 128, 0, s>>>(d, w_uvt, rows, olat, out);
 }
 

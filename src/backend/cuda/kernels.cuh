@@ -40,7 +40,9 @@ struct Groups {
 constexpr int kBM = 32, kBN = 64, kBK = 64;
 
 // Y[m, N] (fp32) = X[m, K] (bf16) · W_g[N, K]ᵀ for every row m of group g.
-void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s);
+// With W2/Y2: also Y2 = X · W2ᵀ (same shape and format as W) in the same launch (gate and up projections).
+void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
+          float* Y2 = nullptr, const DLin* W2 = nullptr);
 // Tests: force the single-stage kernel (the pipelined one must give the same bits).
 void set_simple_gemm(bool on);
 // Y[m, N] (fp32) = X[m, K] (fp32) · W[N, K]ᵀ with fp32 inputs (router logits, as the reference computes them).
