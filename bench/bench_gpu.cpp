@@ -208,18 +208,20 @@ int run(const std::string& dir, const std::string& json_path) {
       }
       std::vector<ForwardItem> items;
       for (int64_t b = 0; b < B; ++b) items.push_back({&caches[b], prompts[b].data(), 16, false});
-      std::vector<std::vector<float>> logits;
-      model->forward(items, logits);
+      // greedy decode as generate() runs it: the device reduces each row to its top logit and normalizer
+      std::vector<LogitSummary> logits;
+      const std::vector<bool> full(B, false);
+      model->forward(items, full, 1, logits);
       std::vector<int32_t> next(B);
       const int steps = 16;
       std::vector<double> t;
       for (int s = 0; s < steps; ++s) {
         for (int64_t b = 0; b < B; ++b) {
-          next[b] = static_cast<int32_t>(std::max_element(logits[b].begin(), logits[b].end()) - logits[b].begin());
+          next[b] = logits[b].top_ids[0];
           items[b] = {&caches[b], &next[b], 1, false};
         }
         const auto t0 = clk::now();
-        model->forward(items, logits);
+        model->forward(items, full, 1, logits);
         t.push_back(std::chrono::duration<double>(clk::now() - t0).count());
       }
       const double st = median(t);

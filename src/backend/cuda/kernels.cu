@@ -254,7 +254,19 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
     if (kt < nk) issue(kt);
     cp_async_commit();
   }
+  // The dequantization scale of this thread's weight row segment, read one tile ahead so its latency hides
+  // behind the current tile's products (FP8: one per 128x128 block; INT4: one per group of 32).
+  const int my_r = threadIdx.x >> 1, my_c0 = (threadIdx.x & 1) * 32, my_n = n0 + my_r;
+  auto scale_of = [&](int kt) -> float {
+    if constexpr (FMT == kBf16) return 0.0f;
+    if (my_n >= W.N || kt >= nk) return 0.0f;
+    const int k = kt * kBK + my_c0;
+    return FMT == kFp8 ? sb[(my_n / W.bo) * W.s_cols + k / W.bi] : sb[my_n * W.s_cols + k / W.g];
+  };
+  float sc_next = scale_of(0);
   for (int kt = 0; kt < nk; ++kt) {
+    const float sc = sc_next;
+    sc_next = scale_of(kt + 1);
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage kt landed for every thread; everyone is done with iteration kt-1
     const int st = kt % kStages;
@@ -265,17 +277,14 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
     } else {
       // dequantize the raw tile to bf16 exactly as load_w_tile does (same values, so the same products)
       const uint8_t* raw = wst + st * kBN * RB;
-      const int r = threadIdx.x >> 1, c0 = (threadIdx.x & 1) * 32;
-      const int n = n0 + r, k = kt * kBK + c0;
+      const int r = my_r, c0 = my_c0;
       bf16* dst = wcv + r * kLds + c0;
-      if (n >= W.N) {
+      if (my_n >= W.N) {
         for (int i = 0; i < 32; ++i) dst[i] = __float2bfloat16(0.0f);
       } else if constexpr (FMT == kFp8) {
-        const float sc = sb[(n / W.bo) * W.s_cols + k / W.bi];
         const uint32_t* words = reinterpret_cast<const uint32_t*>(raw + r * RB + c0);
         for (int j = 0; j < 32; ++j) dst[j] = __float2bfloat16(fp8((words[j >> 2] >> (8 * (j & 3))) & 255u) * sc);
       } else {
-        const float sc = sb[n * W.s_cols + k / W.g];
         const uint32_t* words = reinterpret_cast<const uint32_t*>(raw + r * RB + c0 / 2);
         for (int j = 0; j < 32; ++j)
           dst[j] = __float2bfloat16(static_cast<float>(static_cast<int>((words[j >> 3] >> (4 * (j & 7))) & 15u) - 8) * sc);
