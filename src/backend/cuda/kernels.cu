@@ -270,30 +270,35 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage kt landed for every thread; everyone is done with iteration kt-1
     const int st = kt % kStages;
+    // refill the stage iteration kt-1 used (free since the barrier above) before working on this one
+    if (kt + kStages - 1 < nk) issue(kt + kStages - 1);
+    cp_async_commit();
     const bf16* xs = xst + st * kBM * kLds;
     const bf16* wt;
     if constexpr (FMT == kBf16) {
       wt = reinterpret_cast<const bf16*>(wst + st * kBN * RB);
     } else {
-      // dequantize the raw tile to bf16 exactly as load_w_tile does (same values, so the same products)
-      const uint8_t* raw = wst + st * kBN * RB;
-      const int r = my_r, c0 = my_c0;
-      bf16* dst = wcv + r * kLds + c0;
+      // dequantize the raw tile to bf16 exactly as load_w_tile does (same values, so the same products): the
+      // thread's 32 weights come in as 16/32 bytes and go out as four 16-byte stores
+      const uint8_t* raw = wst + st * kBN * RB + my_r * RB;
+      __align__(16) bf16 out[32];
       if (my_n >= W.N) {
-        for (int i = 0; i < 32; ++i) dst[i] = __float2bfloat16(0.0f);
+        for (int i = 0; i < 32; ++i) out[i] = __float2bfloat16(0.0f);
       } else if constexpr (FMT == kFp8) {
-        const uint32_t* words = reinterpret_cast<const uint32_t*>(raw + r * RB + c0);
-        for (int j = 0; j < 32; ++j) dst[j] = __float2bfloat16(fp8((words[j >> 2] >> (8 * (j & 3))) & 255u) * sc);
+        const uint4 a = reinterpret_cast<const uint4*>(raw + my_c0)[0], b = reinterpret_cast<const uint4*>(raw + my_c0)[1];
+        const uint32_t w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+        for (int j = 0; j < 32; ++j) out[j] = __float2bfloat16(fp8((w[j >> 2] >> (8 * (j & 3))) & 255u) * sc);
       } else {
-        const uint32_t* words = reinterpret_cast<const uint32_t*>(raw + r * RB + c0 / 2);
+        const uint4 a = reinterpret_cast<const uint4*>(raw + my_c0 / 2)[0];
+        const uint32_t w[4] = {a.x, a.y, a.z, a.w};
         for (int j = 0; j < 32; ++j)
-          dst[j] = __float2bfloat16(static_cast<float>(static_cast<int>((words[j >> 3] >> (4 * (j & 7))) & 15u) - 8) * sc);
+          out[j] = __float2bfloat16(static_cast<float>(static_cast<int>((w[j >> 3] >> (4 * (j & 7))) & 15u) - 8) * sc);
       }
+      uint4* dst = reinterpret_cast<uint4*>(wcv + my_r * kLds + my_c0);
+      for (int i = 0; i < 4; ++i) dst[i] = reinterpret_cast<const uint4*>(out)[i];
       __syncthreads();
       wt = wcv;
     }
-    if (kt + kStages - 1 < nk) issue(kt + kStages - 1);
-    cp_async_commit();
     for (int kk = 0; kk < kBK; kk += 16) {
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> b;
       wmma::load_matrix_sync(b, wt + warp * 16 * kLds + kk, kLds);
