@@ -210,7 +210,7 @@ int run(const std::string& dir, const std::string& json_path) {
       for (int64_t b = 0; b < B; ++b) items.push_back({&caches[b], prompts[b].data(), 16, false});
       // greedy decode as generate() runs it: the device reduces each row to its top logit and normalizer
       std::vector<LogitSummary> logits;
-      const std::vector<bool> full(B, false);
+      const std::vector<RowDraw> full(B);  // greedy: nothing drawn
       model->forward(items, full, 1, logits);
       std::vector<int32_t> next(B);
       const int steps = 16;

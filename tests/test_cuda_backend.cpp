@@ -505,7 +505,8 @@ TEST_F(CudaOps, device_steering_and_async_capture_equal_the_host_round_trip) {
 TEST_F(CudaOps, sampling_from_device_summaries_equals_sampling_from_whole_rows) {
   auto model = Model::load(test::fixtures() + "/reference/dsv3_int4", gpu_);
   const int64_t V = model->config().vocab_size;
-  for (SamplingParams sp : {SamplingParams{0.0, 0, 1.0, 1}, SamplingParams{0.8, 40, 1.0, 7}, SamplingParams{1.1, 5, 0.9, 9}}) {
+  for (SamplingParams sp : {SamplingParams{0.0, 0, 1.0, 1}, SamplingParams{0.8, 40, 1.0, 7}, SamplingParams{1.1, 5, 0.9, 9},
+                            SamplingParams{0.9, 0, 1.0, 11}, SamplingParams{1.3, 0, 0.8, 12}, SamplingParams{0.7, 100, 0.95, 13}}) {
     std::vector<int32_t> prompt = {5, 9, 13, 200, 7};
     KvCache c1 = model->new_cache(), c2 = model->new_cache();
     std::vector<ForwardItem> i1 = {{&c1, prompt.data(), 5, false}}, i2 = {{&c2, prompt.data(), 5, false}};
@@ -514,7 +515,7 @@ TEST_F(CudaOps, sampling_from_device_summaries_equals_sampling_from_whole_rows) 
       std::vector<std::vector<float>> full;
       std::vector<LogitSummary> sum;
       model->forward(i1, full);
-      model->forward(i2, {false}, sp.top_k > 0 ? sp.top_k : 1, sum);
+      model->forward(i2, {sp.temperature > 0 && (sp.top_k == 0 || sp.top_k > kSummaryTop) ? s2.draw_for_row() : RowDraw{}}, sp.top_k > 0 ? sp.top_k : 1, sum);
       float lp1 = 0, lp2 = 0;
       const int32_t t1 = s1.sample(full[0].data(), V, &lp1), t2 = s2.sample(sum[0], V, &lp2);
       ASSERT_EQ(t1, t2) << "temperature " << sp.temperature << " step " << step;

@@ -8,6 +8,20 @@
 
 namespace kscope {
 
+void Backend::sample_rows(const float* logits, int64_t V, const std::vector<int64_t>& rows,
+                          const std::vector<RowDraw>& draws, int32_t* tok, float* logit) {
+  std::vector<float> row(host_memory() ? 0 : V);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const float* l = logits + rows[i] * V;
+    if (!host_memory()) {
+      download(row.data(), l, V * sizeof(float));
+      l = row.data();
+    }
+    tok[i] = choose_with_draw(l, V, draws[i]);
+    logit[i] = l[tok[i]];
+  }
+}
+
 std::shared_ptr<Backend> make_backend(const std::string& name) {
   if (name == "cpu") return std::make_shared<CpuBackend>();
   if (name == "cuda" || name.rfind("cuda:", 0) == 0) {

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "model/config.hpp"
+#include "model/logits.hpp"
 #include "model/weights.hpp"
 
 namespace kscope {
@@ -105,6 +106,10 @@ class Backend {
   // M largest logits with their ids (descending, ties to the lower id) in top_v/top_i [R, M].
   virtual void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum,
                           float* top_v, int32_t* top_i) = 0;
+  // Draws a token from each listed row of logits [*, V] (backend memory) by RowDraw's rule with its u; tok and
+  // logit (the chosen token's logit) are host arrays. The default reads each row on the host.
+  virtual void sample_rows(const float* logits, int64_t V, const std::vector<int64_t>& rows,
+                           const std::vector<RowDraw>& draws, int32_t* tok, float* logit);
   // Applies ops to rows of data [*, width] (backend memory), in order within each row.
   virtual void apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) = 0;
 

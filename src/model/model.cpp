@@ -310,9 +310,9 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
   for (auto& it : items) it.cache->length += it.n;
 }
 
-void Model::forward(std::vector<ForwardItem>& items, const std::vector<bool>& full_row, int64_t top,
+void Model::forward(std::vector<ForwardItem>& items, const std::vector<RowDraw>& draws, int64_t top,
                     std::vector<LogitSummary>& out, Hook* obs) {
-  KSCOPE_CHECK(full_row.size() == items.size(), internal, "forward", "one full_row flag per item");
+  KSCOPE_CHECK(draws.size() == items.size(), internal, "forward", "one RowDraw per item");
   const int64_t V = cfg_.vocab_size, B = static_cast<int64_t>(items.size());
   const int64_t M = std::clamp<int64_t>(top, 1, V);
   for (auto& it : items) it.all_logits = false;
@@ -340,12 +340,29 @@ void Model::forward(std::vector<ForwardItem>& items, const std::vector<bool>& fu
     s.log_sum = ls[i];
     s.top_vals.assign(tv.begin() + i * M, tv.begin() + (i + 1) * M);
     s.top_ids.assign(ti.begin() + i * M, ti.begin() + (i + 1) * M);
-    if (!full_row[i]) continue;
-    if (hook_logits) {
-      s.full.assign(all.begin() + i * V, all.begin() + (i + 1) * V);
+  }
+  std::vector<int64_t> drawn;
+  std::vector<RowDraw> ds;
+  for (int64_t i = 0; i < B; ++i)
+    if (draws[i].on) {
+      drawn.push_back(i);
+      ds.push_back(draws[i]);
+    }
+  if (!drawn.empty()) {
+    std::vector<int32_t> tok(drawn.size());
+    std::vector<float> lv(drawn.size());
+    if (hook_logits) {  // sample what the hook left
+      for (size_t j = 0; j < drawn.size(); ++j) {
+        const float* l = all.data() + drawn[j] * V;
+        tok[j] = choose_with_draw(l, V, ds[j]);
+        lv[j] = l[tok[j]];
+      }
     } else {
-      s.full.resize(V);
-      be.download(s.full.data(), lg.data() + i * V, V * sizeof(float));
+      be.sample_rows(lg.data(), V, drawn, ds, tok.data(), lv.data());
+    }
+    for (size_t j = 0; j < drawn.size(); ++j) {
+      out[drawn[j]].sampled = tok[j];
+      out[drawn[j]].sampled_logit = lv[j];
     }
   }
   for (auto& it : items) it.cache->length += it.n;

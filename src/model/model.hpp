@@ -131,10 +131,10 @@ class Model {
   // Runs the new tokens of every item through the model in one ragged batch. logits[i] holds [rows, vocab]
   // with rows = n (all_logits) or 1.
   void forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* hook = nullptr);
-  // The same pass, returning each item's last-row logits reduced (LogitSummary): its top `top` logits, and the
-  // whole row only where full_row[i] (sampling that needs every logit). On a device this copies back a few
-  // bytes per sequence instead of the vocabulary. all_logits is ignored here.
-  void forward(std::vector<ForwardItem>& items, const std::vector<bool>& full_row, int64_t top,
+  // The same pass, returning each item's last-row logits reduced (LogitSummary): its top `top` logits and
+  // normalizer, and where draws[i].on a token drawn from the whole row where the row is (on a device: on the
+  // device). Copies back a few bytes per sequence instead of the vocabulary. all_logits is ignored here.
+  void forward(std::vector<ForwardItem>& items, const std::vector<RowDraw>& draws, int64_t top,
                std::vector<LogitSummary>& out, Hook* hook = nullptr);
 
   MlaMode mla_mode = MlaMode::automatic;  // automatic: absorbed for single-token steps, expanded otherwise

@@ -229,10 +229,11 @@ void Engine::step(std::vector<std::shared_ptr<Live>>& active) {
     top = std::max<int64_t>(top, a->req.top_logprobs);
     if (a->req.sampling.top_k > 0 && a->req.sampling.top_k <= kSummaryTop) top = std::max(top, a->req.sampling.top_k);
   }
-  std::vector<bool> full;
-  for (auto& a : active) full.push_back(a->sampler->needs_full_row(top));
+  std::vector<RowDraw> draws;  // final-feed rows draw nothing (their sample is not used)
+  for (auto& a : active)
+    draws.push_back(!a->final_feed && a->sampler->needs_full_row(top) ? a->sampler->draw_for_row() : RowDraw{});
   std::vector<LogitSummary> logits;
-  model_.forward(items, full, top, logits, &dispatch);
+  model_.forward(items, draws, top, logits, &dispatch);
   int64_t new_tokens = 0, prompt_tokens = 0;
   std::vector<std::shared_ptr<Live>> still;
   for (size_t i = 0; i < active.size(); ++i) {

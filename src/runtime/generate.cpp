@@ -61,14 +61,14 @@ std::vector<GenerateResult> generate(Model& model, const std::vector<GenerateReq
       items.push_back(it);
     }
     RemapHook remap(opts.observer, &active);  // batch items -> request indices
-    // the logits come back reduced (top-M and the normalizer); whole rows only for sampling that needs them
+    // the logits come back reduced (top-M and the normalizer), and drawn from where they are
     int64_t top = 1;
     for (auto i : active)
       if (reqs[i].sampling.top_k > 0 && reqs[i].sampling.top_k <= kSummaryTop) top = std::max(top, reqs[i].sampling.top_k);
-    std::vector<bool> full;
-    for (auto i : active) full.push_back(samplers[i].needs_full_row(top));
+    std::vector<RowDraw> draws;  // sampling over the whole vocabulary happens where the logits are
+    for (auto i : active) draws.push_back(samplers[i].needs_full_row(top) ? samplers[i].draw_for_row() : RowDraw{});
     std::vector<LogitSummary> logits;
-    model.forward(items, full, top, logits, opts.observer ? &remap : nullptr);
+    model.forward(items, draws, top, logits, opts.observer ? &remap : nullptr);
     prefill = false;
     std::vector<int64_t> still;
     for (size_t a = 0; a < active.size(); ++a) {

@@ -15,31 +15,14 @@ float log_softmax_at(const float* l, int64_t n, int32_t token) {
   return static_cast<float>(l[token] - mx - std::log(s));
 }
 
-int32_t Sampler::pick(const int32_t* ids, const float* vals, int64_t keep) {
-  std::vector<double> pr(keep);
-  const double mx = vals[0];
-  double s = 0;
-  for (int64_t i = 0; i < keep; ++i) s += (pr[i] = std::exp((vals[i] - mx) / p_.temperature));
-  for (auto& v : pr) v /= s;
-  if (p_.top_p < 1.0) {  // smallest prefix whose mass reaches top_p
-    double c = 0;
-    int64_t m = 0;
-    while (m < keep) {
-      c += pr[m++];
-      if (c >= p_.top_p) break;
-    }
-    keep = std::max<int64_t>(1, m);
-    s = 0;
-    for (int64_t i = 0; i < keep; ++i) s += pr[i];
-    for (int64_t i = 0; i < keep; ++i) pr[i] /= s;
-  }
-  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng_);
-  double c = 0;
-  for (int64_t i = 0; i < keep; ++i) {
-    c += pr[i];
-    if (u < c) return ids[i];
-  }
-  return ids[keep - 1];
+RowDraw Sampler::draw_for_row() {
+  RowDraw d;
+  d.on = true;
+  d.temperature = p_.temperature;
+  d.top_p = p_.top_p;
+  d.top_k = p_.top_k;
+  d.u = draw();
+  return d;
 }
 
 int32_t Sampler::sample(const float* l, int64_t n, float* logprob) {
@@ -47,26 +30,22 @@ int32_t Sampler::sample(const float* l, int64_t n, float* logprob) {
   if (p_.temperature <= 0.0) {
     tok = static_cast<int32_t>(std::max_element(l, l + n) - l);  // first maximum: lowest id on ties
   } else {
-    std::vector<int32_t> ids(n);
-    std::iota(ids.begin(), ids.end(), 0);
-    // candidates sorted by logit, descending (ties: lower id first)
-    auto by_logit = [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); };
-    int64_t keep = n;
-    if (p_.top_k > 0 && p_.top_k < n) {
-      keep = p_.top_k;
-      std::partial_sort(ids.begin(), ids.begin() + keep, ids.end(), by_logit);
-    } else {
-      std::sort(ids.begin(), ids.end(), by_logit);
-    }
-    std::vector<float> vals(keep);
-    for (int64_t i = 0; i < keep; ++i) vals[i] = l[ids[i]];
-    tok = pick(ids.data(), vals.data(), keep);
+    RowDraw d;
+    d.temperature = p_.temperature;
+    d.top_p = p_.top_p;
+    d.top_k = p_.top_k;
+    d.u = draw();
+    tok = choose_with_draw(l, n, d);
   }
   if (logprob) *logprob = log_softmax_at(l, n, tok);
   return tok;
 }
 
 int32_t Sampler::sample(const LogitSummary& s, int64_t vocab, float* logprob) {
+  if (s.sampled >= 0) {  // drawn where the row was, with draw_for_row()'s u
+    if (logprob) *logprob = s.logprob_of(s.sampled_logit);
+    return s.sampled;
+  }
   if (!s.full.empty()) return sample(s.full.data(), vocab, logprob);
   const int64_t top = static_cast<int64_t>(s.top_ids.size());
   if (top == 0 || needs_full_row(top))
@@ -78,7 +57,7 @@ int32_t Sampler::sample(const LogitSummary& s, int64_t vocab, float* logprob) {
     val = s.top_vals[0];
   } else {
     const int64_t keep = std::min<int64_t>(p_.top_k, vocab);
-    tok = pick(s.top_ids.data(), s.top_vals.data(), keep);
+    tok = pick_sorted(s.top_ids.data(), s.top_vals.data(), keep, p_.temperature, p_.top_p, draw());
     val = s.top_vals[std::find(s.top_ids.begin(), s.top_ids.begin() + keep, tok) - s.top_ids.begin()];
   }
   if (logprob) *logprob = s.logprob_of(val);

@@ -27,13 +27,14 @@ class Sampler {
   // The same choice from a reduced row (Model::forward's LogitSummary): exact for greedy and for top-k sampling
   // with top_k <= the summary's size; otherwise the summary must carry the full row.
   int32_t sample(const LogitSummary& s, int64_t vocab, float* logprob = nullptr);
-  // Whether sample(summary) needs the full row when the summary holds the `top` largest logits.
+  // Whether sample(summary) needs the row sampled where it is (RowDraw) when the summary holds the `top` largest
+  // logits; if so, draw_for_row() makes that draw (and advances the generator exactly as sample() would).
   bool needs_full_row(int64_t top) const { return p_.temperature > 0.0 && (p_.top_k <= 0 || p_.top_k > top); }
+  RowDraw draw_for_row();
   const SamplingParams& params() const { return p_; }
 
  private:
-  // temperature, top-p and the draw over candidates sorted by logit (descending, ties lower id)
-  int32_t pick(const int32_t* ids, const float* vals, int64_t keep);
+  double draw() { return std::uniform_real_distribution<double>(0.0, 1.0)(rng_); }
   SamplingParams p_;
   std::mt19937_64 rng_;
 };

@@ -772,6 +772,52 @@ void CudaBackend::apply_row_ops(float* data, int64_t width, const std::vector<Ro
                       reinterpret_cast<const cuda::DRowOp*>(od.data()), vd.data(), impl_->stream);
 }
 
+void CudaBackend::sample_rows(const float* logits, int64_t V, const std::vector<int64_t>& rows,
+                              const std::vector<RowDraw>& draws, int32_t* tok, float* logit) {
+  // whole-vocabulary draws on the device; a top_k between the summary's size and the vocabulary on the host
+  std::vector<int64_t> dev_rows, host_rows;
+  std::vector<size_t> dev_at, host_at;
+  std::vector<cuda::RowDrawD> dd;
+  std::vector<RowDraw> hd;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    if (draws[i].top_k <= 0 || draws[i].top_k >= V) {
+      dev_rows.push_back(rows[i]);
+      dev_at.push_back(i);
+      dd.push_back({draws[i].temperature, draws[i].top_p, draws[i].u});
+    } else {
+      host_rows.push_back(rows[i]);
+      host_at.push_back(i);
+      hd.push_back(draws[i]);
+    }
+  }
+  if (!dev_rows.empty()) {
+    const int64_t n = static_cast<int64_t>(dev_rows.size());
+    Buf<int64_t> rd(*this, dev_rows);
+    Buf<uint8_t> dd_dev(*this, static_cast<int64_t>(dd.size() * sizeof(cuda::RowDrawD)));
+    upload(dd_dev.data(), dd.data(), dd.size() * sizeof(cuda::RowDrawD));
+    Buf<double> scratch(*this, n * V);
+    Buf<int32_t> td(*this, n);
+    Buf<float> ld(*this, n);
+    cuda::sample_rows(logits, V, rd.data(), reinterpret_cast<const cuda::RowDrawD*>(dd_dev.data()), static_cast<int>(n),
+                      scratch.data(), td.data(), ld.data(), impl_->stream);
+    const auto th = td.host();
+    const auto lh = ld.host();
+    for (size_t j = 0; j < dev_at.size(); ++j) {
+      tok[dev_at[j]] = th[j];
+      logit[dev_at[j]] = lh[j];
+    }
+  }
+  if (!host_rows.empty()) {
+    std::vector<int32_t> t(host_rows.size());
+    std::vector<float> lv(host_rows.size());
+    Backend::sample_rows(logits, V, host_rows, hd, t.data(), lv.data());
+    for (size_t j = 0; j < host_at.size(); ++j) {
+      tok[host_at[j]] = t[j];
+      logit[host_at[j]] = lv[j];
+    }
+  }
+}
+
 void* CudaBackend::stage_host(size_t bytes) {
   Impl& m = *impl_;
   bytes = (bytes + 255) / 256 * 256;

@@ -68,6 +68,8 @@ class CudaBackend final : public Backend {
   void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum, float* top_v,
                   int32_t* top_i) override;
   void apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) override;
+  void sample_rows(const float* logits, int64_t V, const std::vector<int64_t>& rows, const std::vector<RowDraw>& draws,
+                   int32_t* tok, float* logit) override;
   void* stage_host(size_t bytes) override;
   void download_async(void* host, const void* src, size_t bytes) override;
   void wait() override;

@@ -780,6 +780,144 @@ __global__ void __launch_bounds__(256) k_row_ops(float* data, int64_t width, con
   }
 }
 
+// ---- sampling a whole row on the device with the caller's uniform draw (model/logits.hpp's rule): mass
+// e_i = exp((l_i - max) / T) in double; the token whose cumulative mass in descending-logit order (ties: lower id
+// first) first exceeds u x (nucleus mass) is found by a 4-pass radix select over the logits' order keys, then a
+// walk of the tied ids. Scratch e: [rows, V] doubles.
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t b = __float_as_uint(f);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+// The first element in (descending key, ascending id) order whose cumulative mass reaches X: strictly above X
+// (strict) or at least X. Returns its id; *cum_before gets the mass before it... computed by the whole block.
+__device__ int select_crossing(const float* l, const double* e, int64_t V, double X, bool strict, double* hist,
+                               double* red, int* sel) {
+  uint32_t prefix = 0;
+  double above = 0;
+  for (int level = 0; level < 4; ++level) {
+    const int shift = 24 - 8 * level;
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) hist[b] = 0;
+    __syncthreads();
+    const uint32_t mask = level == 0 ? 0u : (0xFFFFFFFFu << (32 - 8 * level));
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const uint32_t k = order_key(l[i]);
+      if ((k & mask) == prefix) atomicAdd(&hist[(k >> shift) & 255u], e[i]);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double cum = above;
+      int b = 255;
+      for (; b > 0; --b) {
+        const double next = cum + hist[b];
+        if (strict ? next > X : next >= X) break;
+        cum = next;
+      }
+      sel[0] = b;
+      red[0] = cum;
+    }
+    __syncthreads();
+    prefix |= static_cast<uint32_t>(sel[0]) << shift;
+    above = red[0];
+    __syncthreads();
+  }
+  // tied ids at key `prefix`, in ascending id order: each thread a contiguous chunk
+  const int64_t chunk = (V + blockDim.x - 1) / blockDim.x;
+  const int64_t i0 = threadIdx.x * chunk, i1 = min(V, i0 + chunk);
+  double mine = 0;
+  for (int64_t i = i0; i < i1; ++i)
+    if (order_key(l[i]) == prefix) mine += e[i];
+  hist[threadIdx.x] = mine;  // blockDim.x <= 256 here
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double cum = above;
+    int t = 0, last = -1;
+    for (; t < static_cast<int>(blockDim.x); ++t) {
+      if (hist[t] > 0) last = t;
+      if (strict ? cum + hist[t] > X : cum + hist[t] >= X) break;
+      cum += hist[t];
+    }
+    if (t == static_cast<int>(blockDim.x)) t = last < 0 ? 0 : last;  // rounding: the last tied element
+    sel[0] = t;
+    red[0] = cum;
+  }
+  __syncthreads();
+  int found = -1;
+  if (threadIdx.x == sel[0]) {
+    double cum = red[0];
+    for (int64_t i = i0; i < i1; ++i) {
+      if (order_key(l[i]) != prefix) continue;
+      found = static_cast<int>(i);
+      cum += e[i];
+      if (strict ? cum > X : cum >= X) break;
+    }
+    sel[1] = found;
+  }
+  __syncthreads();
+  const int r = sel[1];
+  __syncthreads();
+  return r;
+}
+
+__global__ void __launch_bounds__(256) k_sample_rows(const float* lg, int64_t V, const int64_t* rows,
+                                                     const RowDrawD* draws, double* scratch, int32_t* tok, float* logit) {
+  __shared__ double hist[256], red[2];
+  __shared__ int sel[2];
+  __shared__ float smx[256];
+  const float* l = lg + rows[blockIdx.x] * V;
+  double* e = scratch + blockIdx.x * V;
+  const RowDrawD d = draws[blockIdx.x];
+  float mx = -INFINITY;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
+  smx[threadIdx.x] = mx;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) smx[threadIdx.x] = fmaxf(smx[threadIdx.x], smx[threadIdx.x + w]);
+    __syncthreads();
+  }
+  const double m = smx[0];
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) acc += (e[i] = exp((l[i] - m) / d.temperature));
+  hist[threadIdx.x] = acc;
+  __syncthreads();
+  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w) hist[threadIdx.x] += hist[threadIdx.x + w];
+    __syncthreads();
+  }
+  const double S = hist[0];
+  __syncthreads();
+  double N = S;  // the nucleus: the smallest prefix whose mass reaches top_p (inclusive)
+  int end_id = -1;
+  if (d.top_p < 1.0) {
+    end_id = select_crossing(l, e, V, d.top_p * S, false, hist, red, sel);
+    // nucleus mass = mass strictly before the end element in the order + its own
+    const float le = l[end_id];
+    const uint32_t ke = order_key(le);
+    double part = 0;
+    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
+      const uint32_t k = order_key(l[i]);
+      if (k > ke || (k == ke && i <= end_id)) part += e[i];
+    }
+    hist[threadIdx.x] = part;
+    __syncthreads();
+    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+      if (threadIdx.x < w) hist[threadIdx.x] += hist[threadIdx.x + w];
+      __syncthreads();
+    }
+    N = hist[0];
+    __syncthreads();
+  }
+  int t = select_crossing(l, e, V, d.u * N, true, hist, red, sel);
+  if (end_id >= 0) {  // never past the nucleus (rounding)
+    const uint32_t kt = order_key(l[t]), ke = order_key(l[end_id]);
+    if (kt < ke || (kt == ke && t > end_id)) t = end_id;
+  }
+  if (threadIdx.x == 0) {
+    tok[blockIdx.x] = t;
+    logit[blockIdx.x] = l[t];
+  }
+}
+
 int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int64_t>(cdiv(n, block), 65535 * 8)); }
 
 }  // namespace
@@ -904,6 +1042,10 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
 void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,
                 cudaStream_t s) {
   if (R) k_logits_top<<<static_cast<unsigned>(R), 512, 0, s>>>(lg, V, M, max, log_sum, top_v, top_i);
+}
+void sample_rows(const float* lg, int64_t V, const int64_t* rows, const RowDrawD* draws, int n, double* scratch,
+                 int32_t* tok, float* logit, cudaStream_t s) {
+  if (n) k_sample_rows<<<static_cast<unsigned>(n), 256, 0, s>>>(lg, V, rows, draws, scratch, tok, logit);
 }
 void apply_row_ops(float* data, int64_t width, const int64_t* rows, const int* seg, int n_rows, const DRowOp* ops,
                    const float* vecs, cudaStream_t s) {

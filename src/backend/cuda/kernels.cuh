@@ -106,6 +106,13 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
 void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,
                 cudaStream_t s);
 
+// Whole-row sampling with the caller's uniform draw (model/logits.hpp's rule); scratch [n, V] doubles.
+struct RowDrawD {
+  double temperature, top_p, u;
+};
+void sample_rows(const float* lg, int64_t V, const int64_t* rows, const RowDrawD* draws, int n, double* scratch,
+                 int32_t* tok, float* logit, cudaStream_t s);
+
 // Row ops (RowOp of backend.hpp) grouped by row: row r_k = rows[k] takes ops [seg[k], seg[k+1]) in order.
 struct DRowOp {
   int kind;  // 0 add, 1 project
