@@ -119,6 +119,14 @@ class CudaOps : public ::testing::Test {
     return h.lin;
   }
 
+  // E experts [I, H] in one format and a dense router, prepared on the device where they lie (the backend knows
+  // them by address)
+  void make_moe(MoeWeights& moe, WeightFormat wf, int64_t H, int64_t I, int64_t E) {
+    moe.router = make_linear(WeightFormat::dense, E, H, "router");
+    for (int64_t e = 0; e < E; ++e) moe.experts.push_back({make_linear(wf, I, H), make_linear(wf, I, H), make_linear(wf, H, I)});
+    gpu_->prepare_moe(moe);
+  }
+
   // host -> device, NaN-poisoned device output of n floats, device -> host
   Buf<float> dev(const std::vector<float>& v) { return Buf<float>(*gpu_, v); }
   Buf<float> poisoned(int64_t n) {
@@ -180,9 +188,7 @@ TEST_F(CudaOps, pipelined_matmul_gives_the_bits_of_the_single_stage_one) {
   const int64_t H = 256, I = 128, E = 16, K = 4;
   for (auto wf : kFormats) {
     MoeWeights moe;
-    moe.router = make_linear(WeightFormat::dense, E, H, "router");
-    for (int64_t e = 0; e < E; ++e) moe.experts.push_back({make_linear(wf, I, H), make_linear(wf, I, H), make_linear(wf, H, I)});
-    gpu_->prepare_moe(moe);
+    make_moe(moe, wf, H, I, E);
     const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
     for (int64_t n : {1, 9, 100}) {
       const auto x = randn(n * H);
@@ -301,9 +307,7 @@ TEST_F(CudaOps, mlp_and_grouped_moe_experts_in_every_format) {
     gpu_->prepare_linear(mlp.up);
     gpu_->prepare_linear(mlp.down);
     MoeWeights moe;
-    moe.router = make_linear(WeightFormat::dense, E, H, "router");
-    for (int64_t e = 0; e < E; ++e) moe.experts.push_back({make_linear(wf, I, H), make_linear(wf, I, H), make_linear(wf, H, I)});
-    gpu_->prepare_moe(moe);
+    make_moe(moe, wf, H, I, E);
     const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
     for (int64_t n : {1, 3, 70}) {
       const auto x = randn(n * H);

@@ -107,17 +107,11 @@ __device__ __forceinline__ void load_w_tile(const DLin& W, const uint8_t* wb, co
   }
 }
 
-template <int FMT>
-__global__ void __launch_bounds__(128) k_gemm(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
-                                              Groups gr) {
-  __shared__ __align__(128) bf16 xs[kBM][kLds];
-  __shared__ __align__(128) bf16 ws[kBN][kLds];
-  __shared__ __align__(128) float cs[kBM][kBN + 4];
-  const int n0 = blockIdx.x * kBN;
-  const int t = blockIdx.y;
-  int g = 0, r0, r1;
+// Row tile t of a (grouped) matmul: its group g and rows [r0, r1); false when the tile is past the last group's.
+__device__ __forceinline__ bool row_tile(const Groups& gr, int M, int t, int& g, int& r0, int& r1) {
+  g = 0;
   if (gr.row_off) {
-    if (t >= gr.tile_off[gr.G]) return;
+    if (t >= gr.tile_off[gr.G]) return false;
     int lo = 0, hi = gr.G - 1;  // the last group whose first tile is <= t (empty groups are skipped over)
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
@@ -130,7 +124,19 @@ __global__ void __launch_bounds__(128) k_gemm(const bf16* __restrict__ X, int M,
     r0 = t * kBM;
     r1 = min(r0 + kBM, M);
   }
-  if (r0 >= r1) return;
+  return r0 < r1;
+}
+
+template <int FMT>
+__global__ void __launch_bounds__(128) k_gemm(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
+                                              Groups gr) {
+  __shared__ __align__(128) bf16 xs[kBM][kLds];
+  __shared__ __align__(128) bf16 ws[kBN][kLds];
+  __shared__ __align__(128) float cs[kBM][kBN + 4];
+  const int n0 = blockIdx.x * kBN;
+  const int t = blockIdx.y;
+  int g, r0, r1;
+  if (!row_tile(gr, M, t, g, r0, r1)) return;
   const uint8_t* wb = W.w + g * W.w_stride;
   const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
   const int warp = threadIdx.x >> 5;
@@ -209,22 +215,8 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
   constexpr int RB = raw_row_bytes<FMT>();
   const int n0 = blockIdx.x * kBN;
   const int t = blockIdx.y;
-  int g = 0, r0, r1;
-  if (gr.row_off) {
-    if (t >= gr.tile_off[gr.G]) return;
-    int lo = 0, hi = gr.G - 1;
-    while (lo < hi) {
-      const int mid = (lo + hi + 1) / 2;
-      if (gr.tile_off[mid] <= t) lo = mid; else hi = mid - 1;
-    }
-    g = lo;
-    r0 = gr.row_off[g] + (t - gr.tile_off[g]) * kBM;
-    r1 = min(r0 + kBM, gr.row_off[g + 1]);
-  } else {
-    r0 = t * kBM;
-    r1 = min(r0 + kBM, M);
-  }
-  if (r0 >= r1) return;
+  int g, r0, r1;
+  if (!row_tile(gr, M, t, g, r0, r1)) return;
   const uint8_t* wb = W.w + g * W.w_stride;
   const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
   const int nk = W.K / kBK;
