@@ -123,6 +123,7 @@ int run(const std::string& dir, const std::string& json_path) {
   auto model = Model::load(dir, backend);
   const CudaPlan& plan = backend->plan();
   const auto& cfg = model->config();
+  out["layers"] = cfg.num_hidden_layers;
   out["load_seconds"] = plan.load_seconds;
   out["load_bytes"] = plan.load_bytes;
   out["weight_bytes"] = plan.weight_bytes;

@@ -25,7 +25,8 @@ def main():
         k = load(kp)
         h = load(os.path.join(d, f"hf-{fmt}.json")) or {}
         bw, tc = k["hbm_bytes_per_s"], k["bf16_flops"]
-        print(f"\n### {fmt} — {k['device']}, {date}, commit {commit}\n")
+        layers = k.get("layers", 2)
+        print(f"\n### {fmt}, {layers} layers (1 dense + {layers - 1} MoE) — {k['device']}, {date}, commit {commit}\n")
         print(f"Floors from the device: HBM {bw / 1e9:.0f} GB/s (2 GiB device-to-device copy, read+write), "
               f"BF16 tensor cores {tc / 1e12:.0f} TFLOP/s (cuBLAS 8192³).")
         hv = f"transformers {h.get('transformers', '?')}, experts={h.get('experts_implementation')}"

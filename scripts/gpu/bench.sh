@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # First GPU benchmark of the CUDA backend on a Kimi-K2-layer-shaped slice (true K2 dimensions: hidden 7168, 384
-# experts top-8, moe_intermediate 2048, 64 MLA heads; 1 dense + 1 MoE layer, vocabulary 163840), in each format
-# named in FORMATS (default: bf16 fp8 int4), side by side with HF transformers on the same checkpoint.
+# experts top-8, moe_intermediate 2048, 64 MLA heads, vocabulary 163840; 1 dense layer + as many MoE layers as fit
+# an 80 GB H100 with room for the KV cache: LAYERS_bf16=2, LAYERS_fp8=3, LAYERS_int4=5 total layers by default),
+# in each format named in FORMATS (default: bf16 fp8 int4), side by side with HF transformers on the same checkpoint.
 #   FORMATS=bf16 bash scripts/gpu/bench.sh         (carry .deps; one format fits one 10-minute call)
 # Prints one markdown table per format (bench/gpu_report.py); JSON and logs under $OUT.
 set -uo pipefail
@@ -10,9 +11,11 @@ source scripts/gpu/env.sh
 FORMATS=${FORMATS:-bf16 fp8 int4}
 gpu_build bench_gpu || exit 1
 commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+LAYERS_bf16=${LAYERS_bf16:-2}; LAYERS_fp8=${LAYERS_fp8:-3}; LAYERS_int4=${LAYERS_int4:-5}
 for f in $FORMATS; do
-  d=/tmp/k2-slice-$f
-  [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $f --layers 2 2>&1 | tail -1
+  n=$(eval echo \$LAYERS_$f)
+  d=/tmp/k2-slice-$f-$n
+  [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $f --layers $n 2>&1 | tail -1
   build-gpu/bench/bench_gpu run $d --json "$OUT/kscope-$f.json" 2>&1 | tee "$OUT/kscope-$f.txt" | tail -40
   if [ "$f" != int4 ]; then
     python3 bench/hf_bench.py $d "$OUT/hf-$f.json" > "$OUT/hf-$f.txt" 2>&1 || tail -5 "$OUT/hf-$f.txt"
