@@ -1,6 +1,6 @@
 // Interpretability overhead (not a test): plain batched decode against the same decode with (a) capture of 9
 // sites on every token, (b) a different steering vector and coefficient on every row, (c) both.
-//   bench_interp [MODEL_DIR] [--batch 16] [--steps 32]
+//   bench_interp [MODEL_DIR] [--batch 16] [--steps 32] [--device cpu|cuda]
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -19,10 +19,12 @@ using clk = std::chrono::steady_clock;
 int main(int argc, char** argv) {
   std::string dir = (std::filesystem::temp_directory_path() / "kscope-bench/mid-bf16").string();
   int64_t batch = 16, steps = 32;
+  std::string device = "cpu";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--batch" && i + 1 < argc) batch = std::stoll(argv[++i]);
     else if (a == "--steps" && i + 1 < argc) steps = std::stoll(argv[++i]);
+    else if (a == "--device" && i + 1 < argc) device = argv[++i];
     else dir = a;
   }
   if (!std::filesystem::exists(dir + "/config.json")) {
@@ -30,7 +32,7 @@ int main(int argc, char** argv) {
     s.preset = "mid";
     make_model(dir, s);
   }
-  auto model = Model::load(dir);
+  auto model = Model::load(dir, make_backend(device));
   const auto& cfg = model->config();
   const int64_t H = cfg.hidden_size, L = cfg.num_hidden_layers;
   std::vector<GenerateRequest> reqs(batch);
@@ -79,7 +81,7 @@ int main(int argc, char** argv) {
   fmt::print("| capture {} sites, every token | {:.1f} | {:.3f} |\n", cs.sites.size(), with_capture, with_capture / plain);
   fmt::print("| {} rows, each its own steering vector and coefficient | {:.1f} | {:.3f} |\n", batch, with_steer, with_steer / plain);
   fmt::print("| both | {:.1f} | {:.3f} |\n", with_both, with_both / plain);
-  fmt::print("\nmodel {} ({} layers, hidden {}), batch {}, {} new tokens per row (prefill included), {} threads, best of 3\n",
-             dir, L, H, batch, steps, ThreadPool::global().size());
+  fmt::print("\nmodel {} ({} layers, hidden {}), batch {}, {} new tokens per row (prefill included), device {}, {} host "
+             "threads, best of 3\n", dir, L, H, batch, steps, device, ThreadPool::global().size());
   return 0;
 }

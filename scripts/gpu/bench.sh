@@ -9,7 +9,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
 FORMATS=${FORMATS:-bf16 fp8 int4}
-gpu_build bench_gpu || exit 1
+gpu_build bench_gpu bench_interp || exit 1
 commit=${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
 LAYERS_bf16=${LAYERS_bf16:-2}; LAYERS_fp8=${LAYERS_fp8:-3}; LAYERS_int4=${LAYERS_int4:-5}
 for f in $FORMATS; do
@@ -17,6 +17,9 @@ for f in $FORMATS; do
   d=/tmp/k2-slice-$f-$n
   [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $f --layers $n 2>&1 | tail -1
   build-gpu/bench/bench_gpu run $d --json "$OUT/kscope-$f.json" 2>&1 | tee "$OUT/kscope-$f.txt" | tail -40
+  # interpretability overhead: 64 rows each with its own steering vector and coefficient, capture of every layer's
+  # resid_post and final_norm on every token, against plain decode
+  build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps 32 2>&1 | tee "$OUT/interp-$f.txt" | tail -8
   if [ "$f" != int4 ]; then
     python3 bench/hf_bench.py $d "$OUT/hf-$f.json" > "$OUT/hf-$f.txt" 2>&1 || tail -5 "$OUT/hf-$f.txt"
   else
