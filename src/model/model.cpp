@@ -192,7 +192,8 @@ void Model::attention(int64_t layer, const float* x, const std::vector<ForwardIt
   be.linear(a.o_proj, o.data(), N, out);
 }
 
-Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, std::vector<int64_t>& rows, std::vector<Deferred>& later) {
+Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only, std::vector<int64_t>& rows,
+                      std::vector<Deferred>& later) {
   Backend& be = *backend_;
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
   const float eps = static_cast<float>(cfg_.rms_norm_eps);
@@ -278,7 +279,7 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, std::vector<in
   // lm_head only on the rows whose logits are wanted
   rows.clear();
   for (size_t i = 0; i < items.size(); ++i) {
-    if (items[i].all_logits)
+    if (items[i].all_logits && !last_only)
       for (int64_t t = 0; t < items[i].n; ++t) rows.push_back(row0[i] + t);
     else
       rows.push_back(row0[i] + items[i].n - 1);
@@ -295,7 +296,7 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
   const int64_t V = cfg_.vocab_size;
   std::vector<int64_t> rows;
   std::vector<Deferred> later;
-  Buf<float> lg = run(items, obs, rows, later);
+  Buf<float> lg = run(items, obs, false, rows, later);
   std::vector<float> lgh = lg.host();
   deliver(obs, later);
   logits.assign(items.size(), {});
@@ -315,10 +316,9 @@ void Model::forward(std::vector<ForwardItem>& items, const std::vector<RowDraw>&
   KSCOPE_CHECK(draws.size() == items.size(), internal, "forward", "one RowDraw per item");
   const int64_t V = cfg_.vocab_size, B = static_cast<int64_t>(items.size());
   const int64_t M = std::clamp<int64_t>(top, 1, V);
-  for (auto& it : items) it.all_logits = false;
   std::vector<int64_t> rows;
   std::vector<Deferred> later;
-  Buf<float> lg = run(items, obs, rows, later);
+  Buf<float> lg = run(items, obs, true, rows, later);
   Backend& be = *backend_;
   std::vector<float> mx(B), tv(B * M);
   std::vector<double> ls(B);

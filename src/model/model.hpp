@@ -145,8 +145,10 @@ class Model {
   struct Deferred;  // a read delivered after the pass (device backends)
   void emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
             float* data, int64_t N, int64_t width, std::vector<Deferred>& later);
-  // The pass up to the lm_head: logits [rows, V] in backend memory for `rows`; reads deferred into `later`.
-  Buf<float> run(std::vector<ForwardItem>& items, Hook* hook, std::vector<int64_t>& rows, std::vector<Deferred>& later);
+  // The pass up to the lm_head: logits [rows, V] in backend memory for `rows` (each item's last row, or all of its
+  // rows where all_logits and not last_only); reads deferred into `later`.
+  Buf<float> run(std::vector<ForwardItem>& items, Hook* hook, bool last_only, std::vector<int64_t>& rows,
+                 std::vector<Deferred>& later);
   void deliver(Hook* hook, std::vector<Deferred>& later);
 
   ModelConfig cfg_;

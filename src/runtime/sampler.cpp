@@ -30,12 +30,7 @@ int32_t Sampler::sample(const float* l, int64_t n, float* logprob) {
   if (p_.temperature <= 0.0) {
     tok = static_cast<int32_t>(std::max_element(l, l + n) - l);  // first maximum: lowest id on ties
   } else {
-    RowDraw d;
-    d.temperature = p_.temperature;
-    d.top_p = p_.top_p;
-    d.top_k = p_.top_k;
-    d.u = draw();
-    tok = choose_with_draw(l, n, d);
+    tok = choose_with_draw(l, n, draw_for_row());
   }
   if (logprob) *logprob = log_softmax_at(l, n, tok);
   return tok;
