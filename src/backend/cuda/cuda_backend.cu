@@ -214,14 +214,6 @@ struct CudaBackend::Impl {
     }
   }
 
-  // A small float vector of the weights (norm, correction bias) on the device, found later by its host address.
-  void put_param(const std::vector<float>& v, const std::string& what) {
-    if (v.empty() || params.count(v.data())) return;
-    auto* d = static_cast<float*>(dmalloc(v.size() * 4, what));
-    CK(cudaMemcpy(d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
-    params[v.data()] = d;
-  }
-
   const float* param(const std::vector<float>& v) {
     auto it = params.find(v.data());
     if (it != params.end()) return it->second;
@@ -335,7 +327,11 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
   m.source[{Impl::kMoe, &mw}] = mw.experts[0].gate.weight->data;
   prepare_linear(mw.router);
   m.fp32_input.insert(&mw.router);
-  m.put_param(mw.score_bias, mw.router.name + " bias");
+  if (!mw.score_bias.empty()) {
+    auto* b = static_cast<float*>(m.dmalloc(mw.score_bias.size() * 4, mw.router.name + " bias"));
+    CK(cudaMemcpy(b, mw.score_bias.data(), mw.score_bias.size() * 4, cudaMemcpyHostToDevice));
+    m.params[mw.score_bias.data()] = b;
+  }
   if (mw.shared) {
     prepare_linear(mw.shared->gate);
     prepare_linear(mw.shared->up);
@@ -349,8 +345,12 @@ void CudaBackend::prepare_attention(const ModelConfig& cfg, const AttentionWeigh
   for (const Linear* l : {a.q_proj ? &*a.q_proj : nullptr, a.q_a_proj ? &*a.q_a_proj : nullptr,
                           a.q_b_proj ? &*a.q_b_proj : nullptr, &a.kv_a_proj, &a.kv_b_proj, &a.o_proj})
     if (l) prepare_linear(*l);
-  m.put_param(a.q_a_norm, "q_a_norm");
-  m.put_param(a.kv_a_norm, "kv_a_norm");
+  for (const std::vector<float>* v : {&a.q_a_norm, &a.kv_a_norm})
+    if (!v->empty() && !m.params.count(v->data())) {
+      auto* d = static_cast<float*>(m.dmalloc(v->size() * 4, "norm"));
+      CK(cudaMemcpy(d, v->data(), v->size() * 4, cudaMemcpyHostToDevice));
+      m.params[v->data()] = d;
+    }
   // The absorbed decode form needs kv_b_proj split per head and laid out for the two contractions:
   // W_UK [heads, nope, C] and W_UVᵀ [heads, C, v] in bf16 (the same rounding the matmul applies).
   const int64_t nh = cfg.num_attention_heads, dn = cfg.qk_nope_head_dim, dv = cfg.v_head_dim, C = cfg.kv_lora_rank;
@@ -404,14 +404,20 @@ void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
   m.plan.load_bytes = 0;
 
   prepare_embed(*w.embed);
+  auto put_param = [&](const std::vector<float>& v) {
+    if (v.empty() || m.params.count(v.data())) return;
+    auto* d = static_cast<float*>(m.dmalloc(v.size() * 4, "norm"));
+    CK(cudaMemcpy(d, v.data(), v.size() * 4, cudaMemcpyHostToDevice));
+    m.params[v.data()] = d;
+  };
   for (const auto& l : w.layers) {
-    m.put_param(l.input_norm, "input_layernorm");
-    m.put_param(l.post_attention_norm, "post_attention_layernorm");
+    put_param(l.input_norm);
+    put_param(l.post_attention_norm);
     prepare_attention(cfg, l.attn);
     if (l.mlp) { prepare_linear(l.mlp->gate); prepare_linear(l.mlp->up); prepare_linear(l.mlp->down); }
     if (l.moe) prepare_moe(*l.moe);
   }
-  m.put_param(w.final_norm, "final norm");
+  put_param(w.final_norm);
   prepare_linear(w.lm_head);
   CK(cudaStreamSynchronize(m.stream));
   m.progress = nullptr;
@@ -723,20 +729,14 @@ void CudaBackend::logits_top(const float* logits, int64_t R, int64_t V, int64_t 
                              float* top_v, int32_t* top_i) {
   M = std::min(M, V);
   if (R == 0) return;
-  // one device buffer, one copy back: [log_sum R doubles][max R floats][top_v R*M floats][top_i R*M ints]
-  const size_t b_ls = R * sizeof(double), b_mx = R * sizeof(float), b_tv = R * M * sizeof(float);
-  const size_t bytes = b_ls + b_mx + 2 * b_tv;
-  Buf<uint8_t> out(*this, static_cast<int64_t>(bytes));
-  uint8_t* d = out.data();
-  cuda::logits_top(logits, R, V, static_cast<int>(M), reinterpret_cast<float*>(d + b_ls), reinterpret_cast<double*>(d),
-                   reinterpret_cast<float*>(d + b_ls + b_mx), reinterpret_cast<int32_t*>(d + b_ls + b_mx + b_tv),
-                   impl_->stream);
-  std::vector<uint8_t> h(bytes);
-  download(h.data(), d, bytes);
-  std::memcpy(log_sum, h.data(), b_ls);
-  std::memcpy(max, h.data() + b_ls, b_mx);
-  std::memcpy(top_v, h.data() + b_ls + b_mx, b_tv);
-  std::memcpy(top_i, h.data() + b_ls + b_mx + b_tv, b_tv);
+  Buf<float> mx(*this, R), tv(*this, R * M);
+  Buf<double> ls(*this, R);
+  Buf<int32_t> ti(*this, R * M);
+  cuda::logits_top(logits, R, V, static_cast<int>(M), mx.data(), ls.data(), tv.data(), ti.data(), impl_->stream);
+  download(max, mx.data(), R * sizeof(float));
+  download(log_sum, ls.data(), R * sizeof(double));
+  download(top_v, tv.data(), R * M * sizeof(float));
+  download(top_i, ti.data(), R * M * sizeof(int32_t));
 }
 
 void CudaBackend::apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) {
