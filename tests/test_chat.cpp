@@ -136,8 +136,12 @@ TEST(Chat, turn_boundaries_cover_each_message_and_its_text) {
   const auto r = render_chat(*tok, ChatFormat::deepseek_v3, msgs);
   ASSERT_EQ(r.turns.size(), msgs.size() + 1);
   for (size_t i = 0; i < msgs.size(); ++i) {
-    if (msgs[i].role == "system") continue;  // DeepSeek puts system text before the first turn
     const Turn& t = r.turns[i];
+    if (msgs[i].role == "system") {  // DeepSeek puts the system text right after BOS, before the first turn
+      EXPECT_EQ(t.start, 1);
+      EXPECT_EQ(tok->decode({r.ids.begin() + t.content_start, r.ids.begin() + t.content_end}), *msgs[i].content) << i;
+      continue;
+    }
     EXPECT_EQ(tok->decode({r.ids.begin() + t.content_start, r.ids.begin() + t.content_end}), *msgs[i].content) << i;
     EXPECT_LE(t.start, t.content_start);
     EXPECT_LE(t.content_end, t.end);

@@ -406,3 +406,85 @@ TEST(CliServe, the_serve_command_answers_over_http_and_stops_on_sigterm) {
 }
 
 }  // namespace
+
+namespace {
+
+// The trait pipeline as a user runs it from the README: extract -> steer-eval -> project, plus massive, lens,
+// traits; a killed extraction resumes without losing or duplicating responses; bad input exits 2, named.
+TEST(CliTrait, extract_steer_eval_project_on_the_demo_model) {
+  kscope::test::TempDir d;
+  const std::string demo = std::string(KSCOPE_SOURCE_DIR) + "/models/demo";
+  const std::string exp = d.str() + "/exp";
+  std::string out;
+  ASSERT_EQ(run(kBin + " traits", &out), 0) << out;
+  for (auto t : {"anxiety", "confidence", "guilt", "rationalization", "obedience", "eval_awareness", "deception", "lying",
+                 "concealment", "conflicted", "ulterior_motive", "french"})
+    EXPECT_NE(out.find(t), std::string::npos) << t;
+  ASSERT_EQ(run(kBin + " extract " + demo + " --trait french --out " + exp + " --max-new-tokens 12 2>&1", &out), 0) << out;
+  EXPECT_NE(out.find("held-out evaluation"), std::string::npos) << out;
+  EXPECT_NE(out.find("| 3.resid_post | probe |"), std::string::npos) << out;
+  ASSERT_EQ(run(kBin + " steer-eval " + demo + " --trait french --out " + exp + " --sites 2-3 --method mean_diff --max-new-tokens 12 --max-questions 6 2>&1", &out), 0) << out;
+  EXPECT_NE(out.find("| Trait | Baseline | Best site | Delta | Coherence | Coef |"), std::string::npos) << out;
+  const auto s = json::parse(kscope::test::read_file(exp + "/french/steer/summary.json"));
+  EXPECT_GT(s["delta"].get<double>(), 10.0) << s.dump();
+  ASSERT_EQ(run(kBin + " project " + demo + " --vectors " + exp + "/french/vectors/mean_diff.safetensors --rollouts " + std::string(KSCOPE_SOURCE_DIR) +
+                    "/examples/french/rollouts.jsonl --out " + exp + "/project 2>&1", &out), 0) << out;
+  const auto fr = json::parse(kscope::test::read_file(exp + "/project/rollout-french-document.json"));
+  const auto en = json::parse(kscope::test::read_file(exp + "/project/rollout-english-document.json"));
+  auto mean_centred = [](const json& t) {
+    double m = 0;
+    const auto& c = t["series"].begin().value()["centred"];
+    for (auto& x : c) m += x.get<double>();
+    return m / c.size();
+  };
+  EXPECT_GT(mean_centred(fr), mean_centred(en));  // the French document projects higher on the French vector
+  EXPECT_TRUE(std::filesystem::exists(exp + "/project/rollout-tool-use.svg"));
+  ASSERT_EQ(run(kBin + " massive " + demo + " --out " + exp + "/massive 2>&1", &out), 0) << out;
+  EXPECT_NE(out.find("recommended to exclude"), std::string::npos) << out;
+  ASSERT_EQ(run(kBin + " lens " + demo + " --vector " + exp + "/french/vectors/mean_diff.safetensors --site 3.resid_post -k 5 --json", &out), 0) << out;
+  const auto lens = json::parse(out.substr(out.find('{')));
+  EXPECT_EQ(lens["lens"]["top"].size(), 5u);
+  // errors name what is wrong
+  EXPECT_EQ(run(kBin + " extract " + demo + " --trait no_such_trait --out " + exp + " 2>&1", &out), 2);
+  EXPECT_NE(out.find("no_such_trait"), std::string::npos) << out;
+  EXPECT_NE(out.find("known:"), std::string::npos) << out;
+  EXPECT_EQ(run(kBin + " steer-eval " + demo + " --trait anxiety --out " + exp + " 2>&1", &out), 2);
+  EXPECT_NE(out.find("anxiety/vectors/probe.safetensors"), std::string::npos) << out;
+  EXPECT_EQ(run(kBin + " extract " + demo + " --trait french --out " + exp + " --judge bogus 2>&1", &out), 2);
+  EXPECT_NE(out.find("--judge"), std::string::npos) << out;
+  EXPECT_EQ(run(kBin + " extract " + demo + " --trait french --out " + exp + " --sites 9 2>&1", &out), 2);
+  EXPECT_NE(out.find("outside the model's layers"), std::string::npos) << out;
+  EXPECT_EQ(run(kBin + " extract --help", &out), 0);
+  EXPECT_NE(out.find("Examples"), std::string::npos);
+}
+
+TEST(CliTrait, a_killed_extraction_resumes_without_losing_or_duplicating) {
+  kscope::test::TempDir d;
+  const std::string demo = std::string(KSCOPE_SOURCE_DIR) + "/models/demo";
+  const std::string args = " --trait anxiety --no-vet --max-pairs 120 --max-new-tokens 16 --batch 8 --stop-after responses --out ";
+  std::string out;
+  ASSERT_EQ(run(kBin + " extract " + demo + args + d.str() + "/ref 2>&1", &out), 0) << out;
+  const std::string resp = d.str() + "/cut/anxiety/responses.jsonl";
+  ASSERT_EQ(run("(" + kBin + " extract " + demo + args + d.str() + "/cut >/dev/null 2>&1 & echo $! > " + d.str() +
+                    "/pid; for i in $(seq 1 1000); do n=$(cat " + resp + " 2>/dev/null | wc -l); "
+                    "[ \"$n\" -ge 48 ] && break; sleep 0.01; done; kill -9 $(cat " + d.str() + "/pid) 2>/dev/null; sleep 0.2)", &out), 0) << out;
+  const auto lines = [](const std::string& p) {
+    std::vector<std::string> v;
+    std::stringstream ss(kscope::test::read_file(p));
+    std::string l;
+    while (std::getline(ss, l)) v.push_back(l);
+    return v;
+  };
+  const auto partial = lines(resp);
+  EXPECT_GE(partial.size(), 48u);
+  EXPECT_LT(partial.size(), 240u) << "the job finished before it was killed";
+  ASSERT_EQ(run(kBin + " extract " + demo + args + d.str() + "/cut 2>&1", &out), 0) << out;
+  EXPECT_NE(out.find("resuming"), std::string::npos) << out;
+  auto a = lines(d.str() + "/ref/anxiety/responses.jsonl"), b = lines(resp);
+  ASSERT_EQ(b.size(), 240u);
+  std::sort(a.begin(), a.end());
+  std::sort(b.begin(), b.end());
+  EXPECT_EQ(a, b);  // the same 240 responses, none lost or repeated
+}
+
+}  // namespace

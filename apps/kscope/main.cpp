@@ -347,6 +347,7 @@ int main(int argc, char** argv) {
 
   std::vector<std::function<int()>> runners;
   add_interp_commands(app, runners);
+  add_trait_commands(app, runners);
   add_serve_command(app, runners);
 
   try {

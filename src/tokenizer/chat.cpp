@@ -202,14 +202,17 @@ void render_deepseek(Builder& b, const std::vector<ChatMessage>& msgs, const Cha
       first_sp = false;
     }
   b.special("<｜begin▁of▁sentence｜>");
+  const int64_t sys_start = b.pos();
   b.text(system);
+  const int64_t sys_end = b.pos();
   for (const ChatMessage& m : msgs) {
     Turn t;
     t.role = m.role;
     t.start = b.pos();
     t.content_start = t.content_end = t.start;
-    if (m.role == "system") {  // rendered above, before the first turn
-      t.end = t.start;
+    if (m.role == "system") {  // rendered above, before the first turn (every system turn spans the joined text)
+      t.start = t.content_start = sys_start;
+      t.end = t.content_end = sys_end;
       turns.push_back(t);
       continue;
     }
