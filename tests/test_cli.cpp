@@ -383,7 +383,7 @@ TEST(CliServe, the_serve_command_answers_over_http_and_stops_on_sigterm) {
   kscope::test::TempDir d;
   const std::string demo = std::string(KSCOPE_SOURCE_DIR) + "/models/demo";
   std::string out;
-  ASSERT_EQ(run("(" + kBin + " serve " + demo + " --port 0 > " + d.str() + "/log 2>&1 & echo $! > " + d.str() + "/pid)", &out), 0) << out;
+  ASSERT_EQ(run("(" + kBin + " serve " + demo + " --port 0 --jobs " + d.str() + "/jobs > " + d.str() + "/log 2>&1 & echo $! > " + d.str() + "/pid)", &out), 0) << out;
   int port = 0;
   for (int i = 0; i < 100 && port == 0; ++i) {
     const std::string log = kscope::test::read_file(d.str() + "/log");
@@ -397,6 +397,19 @@ TEST(CliServe, the_serve_command_answers_over_http_and_stops_on_sigterm) {
   ASSERT_TRUE(r);
   EXPECT_EQ(r->status, 200);
   EXPECT_EQ(json::parse(r->body)["usage"]["completion_tokens"], 4);
+  // a full extraction job through the API of the real process
+  r = c.Post("/jobs", R"({"kind": "extract", "params": {"trait": "french", "max_new_tokens": 8}})", "application/json");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 202) << r->body;
+  const std::string id = json::parse(r->body)["id"];
+  json job;
+  for (int i = 0; i < 1200; ++i) {
+    job = json::parse(c.Get(("/jobs/" + id).c_str())->body);
+    if (job["state"] != "queued" && job["state"] != "running") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(job["state"], "done") << job.dump();
+  EXPECT_TRUE(std::filesystem::exists(d.str() + "/jobs/" + id + "/out/french/vectors/probe.safetensors"));
   EXPECT_EQ(run("kill -TERM $(cat " + d.str() + "/pid)", &out), 0);
   for (int i = 0; i < 50; ++i) {
     if (kscope::test::read_file(d.str() + "/log").find("kscope: stopped") != std::string::npos) break;

@@ -314,6 +314,27 @@ TEST(ServerLimits, a_client_that_disconnects_cancels_its_generation) {
   ADD_FAILURE() << "the generation was not cancelled after the client left";
 }
 
+TEST(ServerLimits, a_client_that_leaves_a_non_streaming_request_cancels_it) {
+  ServerOptions o;
+  Running s(o);
+  {
+    httplib::Client c("127.0.0.1", s.port);
+    c.set_read_timeout(0, 300000);  // give up after 0.3 s, long before 4000 tokens are done
+    const auto r = c.Post("/v1/completions", json({{"prompt", "The"}, {"max_tokens", 4000}, {"ignore_eos", true}}).dump(), "application/json");
+    EXPECT_FALSE(r);
+  }
+  for (int i = 0; i < 100; ++i) {
+    httplib::Client c("127.0.0.1", s.port);
+    const std::string m = c.Get("/metrics")->body;
+    if (m.find("kscope_generations_cancelled_total 1") != std::string::npos) {
+      EXPECT_NE(m.find("kscope_batch_size 0"), std::string::npos) << m;
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ADD_FAILURE() << "the generation was not cancelled after the client left";
+}
+
 }  // namespace
 
 namespace {

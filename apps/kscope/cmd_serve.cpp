@@ -29,6 +29,8 @@ void add_serve_command(CLI::App& app, std::vector<std::function<int()>>& runners
   s->add_option("--api-key", o.api_key, "require 'Authorization: Bearer KEY' (also KSCOPE_API_KEY)");
   s->add_option("--vectors", o.vectors_dir, "directory of vector files requests may name (\"vector\": \"french\")");
   s->add_option("--stores", o.stores_dir, "directory POST /capture may write activation stores into (\"store\": \"name\")");
+  s->add_option("--jobs", o.jobs_dir, "directory of background research jobs (POST /jobs: extract, steer-eval, project, massive); "
+                                      "jobs there survive a restart and interrupted ones resume");
   s->add_option("--max-batch", o.max_batch, "sequences in the running batch")->capture_default_str();
   s->add_option("--max-queue", o.max_queue, "requests waiting for a slot before 429")->capture_default_str();
   s->add_option("--max-body", o.max_body_bytes, "largest request body in bytes (413 past it)")->capture_default_str();
@@ -36,13 +38,16 @@ void add_serve_command(CLI::App& app, std::vector<std::function<int()>>& runners
   s->add_option("--threads", o.threads, "HTTP worker threads")->capture_default_str();
   s->footer(
       "Endpoints: POST /v1/chat/completions, /v1/completions (stream, logprobs, top_logprobs, stop, seed, usage), GET /v1/models,\n"
-      "POST /tokenize, /detokenize, /apply-template, /capture; GET/POST /vectors, DELETE /vectors/NAME; GET /health, /metrics. A request's \"kscope\" field adds\n"
+      "POST /tokenize, /detokenize, /apply-template, /capture; GET/POST /vectors, DELETE /vectors/NAME; GET /health, /metrics;\n"
+      "GET /traits; POST /jobs, GET /jobs, /jobs/ID, /jobs/ID/log, /jobs/ID/files[/PATH], POST /jobs/ID/cancel, DELETE /jobs/ID.\n"
+      "A request's \"kscope\" field adds\n"
       "{\"interventions\": [{\"vector\": name or [floats], \"site\", \"op\", \"coef\", \"relative\", \"positions\"}],\n"
       " \"capture\": {\"sites\": [...], \"positions\": \"response\", \"reduction\": \"mean\"}}; requests with different\n"
       "interventions share the running batch. Example:\n"
-      "  kscope serve models/demo --vectors out/demo --port 8000\n"
+      "  kscope serve models/demo --vectors out/demo/french/vectors --jobs out/jobs --port 8000\n"
       "  curl localhost:8000/v1/completions -d '{\"prompt\": \"The file\", \"max_tokens\": 16,\n"
-      "    \"kscope\": {\"interventions\": [{\"vector\": \"french\", \"site\": \"3.resid_post\", \"coef\": 0.5, \"relative\": true}]}}'");
+      "    \"kscope\": {\"interventions\": [{\"vector\": \"mean_diff\", \"site\": \"3.resid_post\", \"coef\": 0.5, \"relative\": true}]}}'\n"
+      "  curl localhost:8000/jobs -d '{\"kind\": \"extract\", \"params\": {\"trait\": \"french\"}}'");
   runners.push_back([s] {
     if (!*s) return -1;
     if (o.api_key.empty())

@@ -293,6 +293,7 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only
 }
 
 void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* obs) {
+  std::lock_guard<std::mutex> one_pass(forward_mu_);
   const int64_t V = cfg_.vocab_size;
   std::vector<int64_t> rows;
   std::vector<Deferred> later;
@@ -313,6 +314,7 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
 
 void Model::forward(std::vector<ForwardItem>& items, const std::vector<RowDraw>& draws, int64_t top,
                     std::vector<LogitSummary>& out, Hook* obs) {
+  std::lock_guard<std::mutex> one_pass(forward_mu_);
   KSCOPE_CHECK(draws.size() == items.size(), internal, "forward", "one RowDraw per item");
   const int64_t V = cfg_.vocab_size, B = static_cast<int64_t>(items.size());
   const int64_t M = std::clamp<int64_t>(top, 1, V);

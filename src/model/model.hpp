@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -129,7 +130,8 @@ class Model {
 
   KvCache new_cache() const;
   // Runs the new tokens of every item through the model in one ragged batch. logits[i] holds [rows, vocab]
-  // with rows = n (all_logits) or 1.
+  // with rows = n (all_logits) or 1. Forward passes from several threads (a server's engine and its background
+  // jobs) are serialized: one pass at a time, in the order they ask.
   void forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* hook = nullptr);
   // The same pass, returning each item's last-row logits reduced (LogitSummary): its top `top` logits and
   // normalizer, and where draws[i].on a token drawn from the whole row where the row is (on a device: on the
@@ -154,6 +156,7 @@ class Model {
   ModelConfig cfg_;
   ModelWeights w_;
   std::shared_ptr<Backend> backend_;
+  std::mutex forward_mu_;
   std::vector<double> inv_freq_;
   double attn_factor_ = 1.0;
   float attn_scale_ = 1.0f;

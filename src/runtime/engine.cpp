@@ -154,7 +154,11 @@ void Engine::loop() {
         ++it;
       }
     }
-    if (active.empty()) continue;
+    if (active.empty()) {  // (the gauge must not keep showing requests that just left)
+      std::lock_guard<std::mutex> lk(mu_);
+      stats_.active = 0;
+      continue;
+    }
     const auto t0 = std::chrono::steady_clock::now();
     try {
       step(active);

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -18,7 +19,9 @@
 #include "interp/capture.hpp"
 #include "interp/steer_spec.hpp"
 #include "interp/vectors.hpp"
+#include "server/jobs.hpp"
 #include "store/activation_store.hpp"
+#include "trait/dataset.hpp"
 #include "util/error.hpp"
 
 namespace kscope {
@@ -82,12 +85,17 @@ KscopeServer::KscopeServer(std::unique_ptr<Model> model, ServerOptions opts)
     chat_ = default_chat_format(*tok_, opts_.model_dir);
   }
   engine_ = std::make_unique<Engine>(*model_, opts_.max_batch, opts_.max_queue);
+  if (!opts_.jobs_dir.empty())
+    jobs_ = std::make_unique<JobManager>(opts_.jobs_dir, *model_, tok_.get(), chat_, opts_.model_name, opts_.vectors_dir);
   http_->new_task_queue = [n = opts_.threads] { return new httplib::ThreadPool(n); };
   http_->set_payload_max_length(opts_.max_body_bytes);
   routes();
 }
 
-KscopeServer::~KscopeServer() { stop(); }
+KscopeServer::~KscopeServer() {
+  stop();
+  jobs_.reset();  // interrupt a running job (it resumes at the next start) before the engine and model go
+}
 
 namespace {
 // Debian's cpp-httplib is compiled with a listen backlog of 5, so a burst of connections (64 clients at once)
@@ -114,9 +122,47 @@ void raise_backlog(int port) {
 }
 }  // namespace
 
+namespace {
+// cpp-httplib 0.11 gives a handler no socket, so a non-streaming handler cannot see its client leave. The
+// connection is the socket whose local port is ours and whose peer is the request's remote address and port:
+// find it once, then peek at it while waiting (a read of 0 bytes means the client closed it).
+int client_socket(const std::string& addr, int remote_port, int local_port) {
+  if (remote_port <= 0 || local_port <= 0) return -1;
+  for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
+    int fd = -1;
+    try {
+      fd = std::stoi(e.path().filename().string());
+    } catch (const std::exception&) {
+      continue;
+    }
+    sockaddr_storage local{}, peer{};
+    socklen_t ll = sizeof local, pl = sizeof peer;
+    if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0 || getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0) continue;
+    auto port_of = [](const sockaddr_storage& a) {
+      return a.ss_family == AF_INET ? ntohs(reinterpret_cast<const sockaddr_in*>(&a)->sin_port)
+             : a.ss_family == AF_INET6 ? ntohs(reinterpret_cast<const sockaddr_in6*>(&a)->sin6_port) : -1;
+    };
+    if (port_of(local) != local_port || port_of(peer) != remote_port) continue;
+    char text[INET6_ADDRSTRLEN] = {};
+    const void* src = peer.ss_family == AF_INET ? static_cast<const void*>(&reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr)
+                                                : static_cast<const void*>(&reinterpret_cast<const sockaddr_in6*>(&peer)->sin6_addr);
+    if (inet_ntop(peer.ss_family, src, text, sizeof text) && addr == text) return fd;
+  }
+  return -1;
+}
+
+bool client_gone(int fd) {
+  if (fd < 0) return false;
+  char c;
+  const ssize_t n = ::recv(fd, &c, 1, MSG_PEEK | MSG_DONTWAIT);
+  return n == 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR);
+}
+}  // namespace
+
 int KscopeServer::bind(const std::string& host, int port) {
   const int bound = port == 0 ? http_->bind_to_any_port(host) : (http_->bind_to_port(host, port) ? port : -1);
   if (bound > 0) raise_backlog(bound);
+  port_ = bound;
   return bound;
 }
 void KscopeServer::serve() { http_->listen_after_bind(); }
@@ -145,6 +191,8 @@ void KscopeServer::routes() {
       std::rethrow_exception(ep);
     } catch (const HttpError& e) {
       send_error(res, e.status, e.param, e.what());
+    } catch (const JobError& e) {
+      send_error(res, e.status, e.field, e.what());
     } catch (const QueueFull& e) {
       send_error(res, 429, "", e.what());
     } catch (const Error& e) {
@@ -205,6 +253,10 @@ void KscopeServer::routes() {
     metric("kscope_engine_steps_total", "counter", "forward steps run", static_cast<double>(st.steps));
     metric("kscope_engine_busy_seconds_total", "counter", "seconds spent in forward steps", st.busy_seconds);
     metric("kscope_model_weight_bytes", "gauge", "bytes of weights as stored", static_cast<double>(model_->weights().store.total_bytes()));
+    if (jobs_) {
+      m += "# HELP kscope_jobs background jobs by state\n# TYPE kscope_jobs gauge\n";
+      for (auto& [state, n] : jobs_->counts()) m += fmt::format("kscope_jobs{{state=\"{}\"}} {}\n", state, n);
+    }
     res.set_content(m, "text/plain; version=0.0.4");
   });
 
@@ -417,6 +469,50 @@ void KscopeServer::routes() {
     res.set_content(json({{"sequences", out}}).dump(), "application/json");
   });
 
+  // ---------------------------------------------------------------------------------- research jobs
+  auto need_jobs = [this]() -> JobManager& {
+    if (!jobs_) throw HttpError(400, "", "this server runs no jobs: start it with --jobs DIR");
+    return *jobs_;
+  };
+  auto send_json = [](httplib::Response& res, const json& j, int status = 200) {
+    res.status = status;
+    res.set_content(j.dump(), "application/json");
+  };
+  S.Get("/traits", [send_json](const httplib::Request&, httplib::Response& res) {
+    json out = json::array();
+    for (auto& n : shipped_traits()) out.push_back(TraitDataset::load(traits_dir() + "/" + n + ".json").describe());
+    send_json(res, {{"traits", out}});
+  });
+  S.Post("/jobs", [body, need_jobs, send_json](const httplib::Request& req, httplib::Response& res) {
+    send_json(res, need_jobs().submit(body(req)), 202);
+  });
+  S.Get("/jobs", [need_jobs, send_json](const httplib::Request&, httplib::Response& res) { send_json(res, need_jobs().list()); });
+  S.Get(R"(/jobs/([^/]+))", [need_jobs, send_json](const httplib::Request& req, httplib::Response& res) {
+    send_json(res, need_jobs().get(req.matches[1]));
+  });
+  S.Get(R"(/jobs/([^/]+)/log)", [need_jobs](const httplib::Request& req, httplib::Response& res) {
+    res.set_content(need_jobs().log(req.matches[1]), "text/plain");
+  });
+  S.Post(R"(/jobs/([^/]+)/cancel)", [need_jobs, send_json](const httplib::Request& req, httplib::Response& res) {
+    send_json(res, need_jobs().cancel(req.matches[1]));
+  });
+  S.Delete(R"(/jobs/([^/]+))", [need_jobs, send_json](const httplib::Request& req, httplib::Response& res) {
+    need_jobs().remove(req.matches[1]);
+    send_json(res, {{"id", std::string(req.matches[1])}, {"deleted", true}});
+  });
+  S.Get(R"(/jobs/([^/]+)/files)", [need_jobs, send_json](const httplib::Request& req, httplib::Response& res) {
+    send_json(res, need_jobs().files(req.matches[1]));
+  });
+  S.Get(R"(/jobs/([^/]+)/files/(.+))", [need_jobs](const httplib::Request& req, httplib::Response& res) {
+    const std::string path = need_jobs().file_path(req.matches[1], req.matches[2]);
+    const std::string ext = fs::path(path).extension().string();
+    const char* type = ext == ".json" ? "application/json" : ext == ".svg" ? "image/svg+xml"
+                       : ext == ".md" || ext == ".txt" ? "text/plain" : ext == ".jsonl" ? "application/jsonl" : "application/octet-stream";
+    std::ifstream f(path, std::ios::binary);
+    std::string data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    res.set_content(data, type);
+  });
+
   // ---------------------------------------------------------------------------------- generation
   // Builds an engine request from an OpenAI body (completions or chat), validating every field.
   struct Gen {
@@ -545,7 +641,7 @@ void KscopeServer::routes() {
   // Runs a request to the end (non-streaming): records each token's alternatives, stops at a stop string as the
   // decoded text grows, and cancels past the timeout.
   using Tops = std::vector<std::vector<std::pair<int32_t, float>>>;
-  auto run_blocking = [this](Gen g, Tops& tops) {
+  auto run_blocking = [this](Gen g, Tops& tops, const httplib::Request& http_req) {
     auto ch = std::make_shared<Channel>();
     auto rec = std::make_shared<Tops>();
     auto sd = tok_ ? std::make_shared<StreamDecoder>(*tok_) : nullptr;
@@ -565,11 +661,21 @@ void KscopeServer::routes() {
       ch->cv.notify_all();
     };
     const uint64_t id = engine_->submit(std::move(g.req));
+    const int fd = client_socket(http_req.remote_addr, http_req.remote_port, port_);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(opts_.request_timeout_s);
     std::unique_lock<std::mutex> lk(ch->mu);
-    if (!ch->cv.wait_for(lk, std::chrono::duration<double>(opts_.request_timeout_s), [&] { return ch->done.has_value(); })) {
-      engine_->cancel(id);
-      ch->cv.wait(lk, [&] { return ch->done.has_value(); });
-      throw HttpError(504, "", fmt::format("the request took longer than {} s and was cancelled", opts_.request_timeout_s));
+    for (;;) {
+      if (ch->cv.wait_for(lk, std::chrono::milliseconds(100), [&] { return ch->done.has_value(); })) break;
+      if (client_gone(fd)) {  // nobody to answer: stop generating for them
+        engine_->cancel(id);
+        ch->cv.wait(lk, [&] { return ch->done.has_value(); });
+        throw HttpError(499, "", "the client closed the connection; the generation was cancelled");
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        engine_->cancel(id);
+        ch->cv.wait(lk, [&] { return ch->done.has_value(); });
+        throw HttpError(504, "", fmt::format("the request took longer than {} s and was cancelled", opts_.request_timeout_s));
+      }
     }
     tops = *rec;
     return *ch->done;
@@ -633,7 +739,7 @@ void KscopeServer::routes() {
       const int64_t prompt_tokens = static_cast<int64_t>(g.req.prompt.size());
       if (!g.stream) {
         Tops tops;
-        const EngineResult r = run_blocking(g, tops);
+        const EngineResult r = run_blocking(g, tops, req);
         std::string finish;
         const std::string text = final_text(g, r, finish);
         json choice = {{"index", 0}, {"finish_reason", finish}};

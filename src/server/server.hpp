@@ -17,11 +17,14 @@ class Server;
 
 namespace kscope {
 
+class JobManager;
+
 struct ServerOptions {
   std::string model_dir, model_name = "kscope";
   std::string api_key;              // bearer token; empty: no auth
   std::string vectors_dir;          // vector files by name ("vector": "french" -> DIR/french.safetensors); /vectors
   std::string stores_dir;           // activation stores /capture may write ("store": "name" -> DIR/name)
+  std::string jobs_dir;             // background research jobs (/jobs); empty: no jobs
   int64_t max_batch = 64, max_queue = 256;
   size_t max_body_bytes = 8u << 20;
   double request_timeout_s = 600;
@@ -44,8 +47,10 @@ class KscopeServer {
   std::unique_ptr<Tokenizer> tok_;
   ChatFormat chat_ = ChatFormat::deepseek_v3;
   std::unique_ptr<Engine> engine_;
+  std::unique_ptr<JobManager> jobs_;  // destroyed before the engine and the model: stops its worker first
   std::unique_ptr<httplib::Server> http_;
   std::atomic<int64_t> requests_{0}, errors_{0};
+  int port_ = -1;
   std::mutex capture_mu_;  // one /capture at a time (it runs beside the engine)
 };
 

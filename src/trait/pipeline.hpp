@@ -23,13 +23,18 @@
 namespace kscope {
 
 // Where the pipeline reports: log lines, and progress of the current step (label, done, total).
+// `poll` is called at every report and may throw to stop the run (a cancelled background job): every stage
+// leaves its files resumable at any report.
 struct PipelineIO {
   std::function<void(const std::string&)> log;
   std::function<void(const std::string&, int64_t, int64_t)> progress;
+  std::function<void()> poll;
   void say(const std::string& s) const {
+    if (poll) poll();
     if (log) log(s);
   }
   void step(const std::string& label, int64_t done, int64_t total) const {
+    if (poll) poll();
     if (progress) progress(label, done, total);
   }
 };
