@@ -2,6 +2,8 @@
 // next to HF transformers on the same checkpoint).
 //   bench_gpu make DIR --format bf16|fp8|int4 [--layers 2]     write the kimi-k2-slice checkpoint
 //   bench_gpu run DIR [--json FILE]                             measure
+//   bench_gpu mla [--json FILE]                                  absorbed decode attention alone at K2's attention
+//                                                               shapes: tensor-core kernel vs the CUDA-core one
 // Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
 // large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
 // 1..2048 tokens, MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
@@ -12,6 +14,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
+#include <cmath>
+#include <deque>
 #include <fstream>
 #include <random>
 #include <set>
@@ -284,6 +289,109 @@ int run(const std::string& dir, const std::string& json_path) {
 
 }  // namespace
 
+
+// Absorbed (decode) MLA attention at Kimi-K2's attention shapes (64 heads, nope 128, rope 64, v 128, kv_lora 512),
+// over random bf16 caches, for several batch x context sizes: the tensor-core kernel and the CUDA-core kernel in
+// the same run, against the bandwidth floor (the cache read once) and the tensor-core floor.
+int run_mla(const std::string& json_out) {
+  const double bw = hbm_bandwidth(), tc = bf16_tensor_rate();
+  std::printf("device: HBM %.0f GB/s (copy), BF16 tensor cores %.0f TFLOP/s (cuBLAS)\n", bw / 1e9, tc / 1e12);
+  ModelConfig cfg;
+  cfg.num_attention_heads = 64;
+  cfg.qk_nope_head_dim = 128;
+  cfg.qk_rope_head_dim = 64;
+  cfg.v_head_dim = 128;
+  cfg.kv_lora_rank = 512;
+  cfg.num_hidden_layers = 1;
+  const int64_t nh = 64, C = 512, dr = 64, dq = 192, dv = 128;
+  // random bf16 linears held in host memory (kv_b_proj at its K2 shape; the others small: only decode attention runs)
+  struct HostLin {
+    std::vector<uint8_t> w;
+    TensorInfo t;
+  };
+  std::deque<HostLin> store;
+  auto lin = [&](Linear& l, const std::string& name, int64_t out, int64_t in) {
+    auto& h = store.emplace_back();
+    h.w.resize(out * in * 2);
+    std::mt19937 rng(static_cast<uint32_t>(out * 31 + in));
+    std::normal_distribution<float> d(0.0f, 1.0f / std::sqrt(static_cast<float>(in)));
+    for (int64_t i = 0; i < out * in; ++i) {
+      const float f = d(rng);
+      uint32_t u;
+      std::memcpy(&u, &f, 4);
+      const uint16_t bb = static_cast<uint16_t>((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+      std::memcpy(h.w.data() + 2 * i, &bb, 2);
+    }
+    h.t.name = name + ".weight";
+    h.t.file = "bench";
+    h.t.dtype = DType::BF16;
+    h.t.shape = {out, in};
+    h.t.data = h.w.data();
+    h.t.nbytes = h.w.size();
+    l.name = name;
+    l.out = out;
+    l.in = in;
+    l.weight = &h.t;
+  };
+  AttentionWeights aw;
+  const int64_t H = 64;
+  lin(aw.kv_b_proj, "kv_b_proj", nh * 256, C);
+  lin(aw.kv_a_proj, "kv_a_proj", C + dr, H);
+  lin(aw.o_proj, "o_proj", H, nh * dv);
+  aw.q_proj.emplace();
+  lin(*aw.q_proj, "q_proj", nh * dq, H);
+  CudaBackend be(0);
+  be.prepare_attention(cfg, aw);
+  json rows = json::array();
+  std::printf("\n%6s %8s %12s %12s %8s %8s %10s\n", "batch", "context", "tensor us", "cuda-core us", "speedup", "% bw", "TFLOP/s");
+  std::vector<std::pair<int64_t, int64_t>> sizes = {{1, 4096}, {1, 32768}, {8, 4096}, {64, 1024}, {64, 4096}, {128, 4096}, {256, 1024}};
+  if (const char* e = std::getenv("MLA_SIZES")) {  // e.g. "1x4096,64x4096"
+    sizes.clear();
+    std::string spec = e;
+    for (size_t a = 0; a < spec.size();) {
+      size_t b = spec.find(',', a);
+      if (b == std::string::npos) b = spec.size();
+      const std::string item = spec.substr(a, b - a);
+      sizes.push_back({std::stoll(item.substr(0, item.find('x'))), std::stoll(item.substr(item.find('x') + 1))});
+      a = b + 1;
+    }
+  }
+  const bool skip_simple = std::getenv("MLA_SKIP_SIMPLE") != nullptr;
+  for (auto [B, T] : sizes) {
+    const auto lat = randn(T * (C + dr), 7 + T);
+    Buf<float> ckv(be, lat), latent(be, T * C);
+    be.rmsnorm(ckv.data(), std::vector<float>(C, 1.0f), T, C, 1e-6f, latent.data(), C + dr);
+    std::vector<std::unique_ptr<KvState>> kv;
+    std::vector<AttnSeq> seqs;
+    for (int64_t b = 0; b < B; ++b) {
+      kv.push_back(be.new_kv(cfg));
+      be.kv_append(*kv.back(), 0, latent.data(), ckv.data(), 0, T, C, dr);
+      seqs.push_back({b, 1, T - 1, kv.back().get(), 0, true});
+    }
+    Buf<float> q(be, randn(B * nh * dq, 9)), o1(be, B * nh * dv), o2(be, B * nh * dv);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dq));
+    const double t_fast = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o1.data()); }, 10);
+    CudaBackend::force_simple_attention(true);
+    const double t_simple = skip_simple ? NAN : time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data()); }, B * T > 300000 ? 3 : 10, 1);
+    if (skip_simple) be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data());
+    CudaBackend::force_simple_attention(false);
+    const auto a = o1.host(), b2 = o2.host();
+    double num = 0, den = 0;
+    for (size_t i = 0; i < a.size(); ++i) {
+      num += (a[i] - b2[i]) * (a[i] - b2[i]);
+      den += b2[i] * b2[i];
+    }
+    const double bytes = double(B) * T * (C + dr) * 2;
+    const double flops = double(B) * nh * T * (C + dr + C) * 2;
+    std::printf("%6lld %8lld %12.1f %12.1f %7.1fx %7.0f%% %10.1f   (rel diff %.1e)\n", static_cast<long long>(B), static_cast<long long>(T),
+                t_fast * 1e6, t_simple * 1e6, t_simple / t_fast, 100 * bytes / bw / t_fast, flops / t_fast / 1e12, std::sqrt(num / den));
+    rows.push_back({{"batch", B}, {"context", T}, {"tensor_s", t_fast}, {"cuda_core_s", t_simple}, {"bytes", bytes}, {"flops", flops},
+                    {"bw_floor_s", bytes / bw}, {"tc_floor_s", flops / tc}, {"rel_diff", std::sqrt(num / den)}});
+  }
+  if (!json_out.empty()) std::ofstream(json_out) << json({{"hbm_bytes_per_s", bw}, {"bf16_flops", tc}, {"mla", rows}}).dump(2) << "\n";
+  return 0;
+}
+
 int main(int argc, char** argv) {
   try {
     if (argc >= 3 && std::string(argv[1]) == "make") {
@@ -310,7 +418,13 @@ int main(int argc, char** argv) {
         if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
       return run(argv[2], js);
     }
-    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE]\n");
+    if (argc >= 2 && std::string(argv[1]) == "mla") {
+      std::string js;
+      for (int i = 2; i < argc; ++i)
+        if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
+      return run_mla(js);
+    }
+    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu mla [--json FILE]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());

@@ -389,6 +389,68 @@ TEST_F(CudaOps, mla_attention_expanded_and_absorbed_over_the_latent_cache) {
   }
 }
 
+// Decode attention at Kimi-K2's shapes (64 heads, kv_lora 512, rope 64) and at a head count that is not a
+// multiple of 16, over caches long enough to split across blocks, with partial tiles and a short sequence whose
+// later splits are empty: the tensor-core kernel against the CPU and against the CUDA-core kernel.
+TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
+  struct Shape {
+    int64_t nh, dn, dr, dv, C;
+  };
+  for (const Shape sh : {Shape{64, 128, 64, 128, 512}, Shape{20, 32, 16, 24, 128}}) {
+    ModelConfig cfg;
+    cfg.num_attention_heads = sh.nh;
+    cfg.qk_nope_head_dim = sh.dn;
+    cfg.qk_rope_head_dim = sh.dr;
+    cfg.v_head_dim = sh.dv;
+    cfg.kv_lora_rank = sh.C;
+    cfg.num_hidden_layers = 1;
+    const int64_t nh = sh.nh, dq = sh.dn + sh.dr, dv = sh.dv, C = sh.C, dr = sh.dr;
+    AttentionWeights a;
+    a.kv_a_proj = make_linear(WeightFormat::dense, C + dr, 40);
+    a.kv_b_proj = make_linear(WeightFormat::dense, nh * (sh.dn + dv), C);
+    a.o_proj = make_linear(WeightFormat::dense, 40, nh * dv);
+    a.q_proj = make_linear(WeightFormat::dense, nh * dq, 40);
+    gpu_->prepare_attention(cfg, a);
+    const std::vector<int64_t> lens = {1500, 37, 3001};  // cached tokens before the decoded one
+    std::vector<std::unique_ptr<KvState>> cks, gks;
+    rng_.seed(7);
+    for (int64_t L : lens) {
+      cks.push_back(cpu_.new_kv(cfg));
+      gks.push_back(gpu_->new_kv(cfg));
+      const int64_t n = L + 1;
+      auto ckv = randn(n * (C + dr));
+      for (auto& v : ckv) v = bf16_to_f32(f32_to_bf16(v));
+      std::vector<float> lat(n * C);
+      for (int64_t t = 0; t < n; ++t) std::copy(ckv.begin() + t * (C + dr), ckv.begin() + t * (C + dr) + C, lat.begin() + t * C);
+      cpu_.kv_append(*cks.back(), 0, lat.data(), ckv.data(), 0, n, C, dr);
+      auto cd = dev(ckv), ld = dev(lat);
+      gpu_->kv_append(*gks.back(), 0, ld.data(), cd.data(), 0, n, C, dr);
+    }
+    const int64_t N = static_cast<int64_t>(lens.size());
+    const auto q = randn(N * nh * dq, 2.0f);  // peaked enough that the running max matters
+    std::vector<AttnSeq> cs, gs;
+    for (int64_t i = 0; i < N; ++i) {
+      cs.push_back({i, 1, lens[i], cks[i].get(), 0, true});
+      gs.push_back({i, 1, lens[i], gks[i].get(), 0, true});
+    }
+    const float scale = 1.0f / std::sqrt(static_cast<float>(dq));
+    std::vector<float> want(N * nh * dv);
+    cpu_.mla_attention(cfg, a, q.data(), cs, scale, want.data());
+    auto qd = dev(q);
+    auto fast = poisoned(N * nh * dv), simple = poisoned(N * nh * dv);
+    gpu_->mla_attention(cfg, a, qd.data(), gs, scale, fast.data());
+    CudaBackend::force_simple_attention(true);
+    gpu_->mla_attention(cfg, a, qd.data(), gs, scale, simple.data());
+    CudaBackend::force_simple_attention(false);
+    const std::string what = fmt::format("mla decode nh {} C {}", nh, C);
+    // Q and P are rounded to bf16 on the tensor cores (one more bf16 rounding than the CUDA-core kernel):
+    // within the two-matmul chain tolerance of the CPU, and of the CUDA-core kernel
+    expect_close(fast.host(), want, kChainTol, what + " vs cpu");
+    expect_close(simple.host(), want, kChainTol, what + " (cuda cores) vs cpu");
+    expect_close(fast.host(), simple.host(), kChainTol, what + " vs cuda cores");
+  }
+}
+
 TEST_F(CudaOps, logits_top_and_normalizer_match_the_cpu_exactly) {
   const int64_t R = 5, V = 10007;
   auto l = randn(R * V, 3.0f);

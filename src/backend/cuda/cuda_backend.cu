@@ -80,6 +80,7 @@ struct CudaBackend::Impl {
   uint64_t kv_bytes = 0;
   uint64_t kv_budget = UINT64_MAX;
   std::mutex mu;
+  int sms = 0;  // multiprocessors (sizes the split of decode attention)
   // pinned staging for uploads
   static constexpr size_t kStage = 32u << 20;
   void* stage[2] = {nullptr, nullptr};
@@ -256,6 +257,7 @@ CudaBackend::~CudaBackend() = default;
 const CudaPlan& CudaBackend::plan() const { return impl_->plan; }
 uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
 void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
+void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> g(impl_->mu);
   impl_->kv_budget = bytes;
@@ -638,9 +640,16 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
     upload(dev.data(), rows.data(), rows.size() * sizeof(cuda::AttnRow));
     const auto* r = reinterpret_cast<const cuda::AttnRow*>(dev.data());
     if (absorbed) {
-      Buf<float> qlat(*this, static_cast<int64_t>(rows.size()) * d.nh * d.C), olat(*this, static_cast<int64_t>(rows.size()) * d.nh * d.C);
-      cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, static_cast<int>(rows.size()), qlat.data(),
-                               olat.data(), out, m.stream);
+      const int n = static_cast<int>(rows.size());
+      int max_len = 0;
+      for (auto& x : rows) max_len = std::max(max_len, x.len);
+      Buf<float> qlat(*this, static_cast<int64_t>(n) * d.nh * d.C), olat(*this, static_cast<int64_t>(n) * d.nh * d.C);
+      const bool fast = cuda::mla_fast_path(d) && !cuda::simple_attention();
+      if (fast && m.sms == 0) cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, m.device);
+      const int splits = fast ? cuda::mla_splits(d, n, max_len, m.sms) : 1;
+      Buf<float> part(*this, fast ? static_cast<int64_t>(n) * splits * d.nh * (d.C + 2) : 0);
+      cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, n, max_len, splits, qlat.data(), olat.data(),
+                               fast ? part.data() : nullptr, out, m.stream);
     }
     else cuda::attention_expanded(d, q, r, static_cast<int>(rows.size()), out, m.stream);
   };

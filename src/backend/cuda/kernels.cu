@@ -580,23 +580,7 @@ __global__ void __launch_bounds__(128) k_attn_expanded(AttnDims d, const float* 
                        out + static_cast<int64_t>(r.q_row) * d.nh * d.dv + h * d.dv);
 }
 
-// Absorbed decode attention in three steps. (1) q_lat = W_UK[h]ᵀ q_nope per row and head.
-__global__ void __launch_bounds__(128) k_qlat(AttnDims d, const float* q, const bf16* w_uk, const AttnRow* rows,
-                                              float* qlat) {
-  __shared__ float qn_s[256];
-  const AttnRow r = rows[blockIdx.x];
-  const int h = blockIdx.y, dq = d.dn + d.dr;
-  const float* qh = q + static_cast<int64_t>(r.q_row) * d.nh * dq + h * dq;
-  for (int i = threadIdx.x; i < d.dn; i += blockDim.x) qn_s[i] = qh[i];
-  __syncthreads();
-  for (int c = threadIdx.x; c < d.C; c += blockDim.x) {
-    float acc = 0;
-    const bf16* wk = w_uk + static_cast<int64_t>(h) * d.dn * d.C + c;
-    for (int i = 0; i < d.dn; ++i) acc += qn_s[i] * bf(wk[static_cast<int64_t>(i) * d.C]);
-    qlat[(static_cast<int64_t>(blockIdx.x) * d.nh + h) * d.C + c] = acc;
-  }
-}
-
+// Absorbed decode attention: q_lat = W_UK[h]ᵀ q_nope per row and head (k_qlat16, below), then
 // (2) softmax(q_lat·latent + q_rope·k_rope) over the cached tokens, o_lat = Σ p·latent. One block per (row, group
 // of HG heads), one warp per head: a tile of TJ cached tokens is read from memory once for all HG heads.
 template <int CM, int HG>
@@ -677,19 +661,350 @@ __global__ void __launch_bounds__(HG * 32) k_attn_latent(AttnDims d, const float
     if (lane + 32 * m < d.C) dst[lane + 32 * m] = o[m] / l;
 }
 
-// (3) out = W_UV[h] · o_lat
-__global__ void __launch_bounds__(128) k_uv(AttnDims d, const bf16* w_uvt, const AttnRow* rows, const float* olat,
-                                            float* out) {
-  __shared__ float ol[1024];
-  const AttnRow r = rows[blockIdx.x];
-  const int h = blockIdx.y;
-  for (int c = threadIdx.x; c < d.C; c += blockDim.x) ol[c] = olat[(static_cast<int64_t>(blockIdx.x) * d.nh + h) * d.C + c];
+// ---- absorbed decode on tensor cores -------------------------------------------------------------------------
+// All heads of a sequence attend to one shared cache row per token (latent C + rope dr): multi-query attention with
+// head dim D = C + dr for scores and C for values. One block per (row, split of the cached tokens, group of 64
+// heads), 8 warps: warp w owns heads 16·(w/2)..+15 and, for P·V, half (w%2) of the C output columns. Tiles of 32
+// tokens are double-buffered in shared memory with cp.async; S = Q·Kᵀ and O += P·V run on mma.sync m16n8k16 (bf16
+// in, fp32 accumulate; Q and P rounded to bf16, as the reference's bf16 attention does); softmax is online per
+// head row in the log2 domain. Each split writes its unnormalized O with its max and sum; k_mla_combine merges.
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+__device__ __forceinline__ void ldsm4(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const bf16* p) {
+  const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void pair_sync(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1)); }
+
+constexpr int kMlaH = 64, kMlaT = 32, kMlaPs = 40, kMlaStages = 3, kMlaMaxSplits = 128;  // heads per block, tokens per tile, P row stride, tiles in flight
+
+size_t mla_smem_bytes(int D) {
+  const int LS = D + 8;
+  return (static_cast<size_t>(kMlaH) * LS + kMlaStages * kMlaT * LS + kMlaH * kMlaPs) * sizeof(bf16) + 4 * kMlaH * sizeof(float);
+}
+
+template <int NT>  // C = 16·NT output columns, NT/2 8-column tiles... per warp: 8·NT columns = C/2
+__global__ void __launch_bounds__(256, 1) k_mla_decode(AttnDims d, const bf16* qcat, const AttnRow* rows, int chunk,
+                                                       float* part) {
+  extern __shared__ __align__(16) unsigned char mla_smem[];
+  const int D = d.C + d.dr, LS = D + 8;
+  bf16* q_s = reinterpret_cast<bf16*>(mla_smem);
+  bf16* k_s = q_s + kMlaH * LS;
+  bf16* p_s = k_s + kMlaStages * kMlaT * LS;
+  float* xm = reinterpret_cast<float*>(p_s + kMlaH * kMlaPs);
+  float* xs = xm + 2 * kMlaH;
+  const int row = blockIdx.x, split = blockIdx.y, hg = blockIdx.z, splits = gridDim.y;
+  const AttnRow r = rows[row];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mt = warp >> 1, half = warp & 1;
+  const int g = lane >> 2, tq = lane & 3, lj = lane >> 3, l8 = lane & 7;
+  const int t0 = split * chunk, t1 = min(r.len, t0 + chunk);
+  const int ntiles = t1 > t0 ? (t1 - t0 + kMlaT - 1) / kMlaT : 0;
+  auto load_tile = [&](int buf, int j0) {
+    bf16* dst = k_s + buf * kMlaT * LS;
+    const int cpr = D / 8;
+    for (int i = threadIdx.x; i < kMlaT * cpr; i += blockDim.x) {
+      const int t = i / cpr, c8 = (i % cpr) * 8, j = j0 + t;
+      const bool ok = j < t1;
+      const int jj = ok ? j : t0;
+      const bf16* src = c8 < d.C ? r.latent + static_cast<int64_t>(jj) * d.C + c8 : r.k_rope + static_cast<int64_t>(jj) * d.dr + (c8 - d.C);
+      cp_async16(dst + t * LS + c8, src, ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  if (ntiles > 0) {  // Q (bf16, q_lat || q_rope) with the first tile; rows of heads past nh are zero
+    const int cpr = D / 8;
+    const bf16* qrow = qcat + static_cast<int64_t>(row) * d.nh * D;
+    for (int i = threadIdx.x; i < kMlaH * cpr; i += blockDim.x) {
+      const int hh = i / cpr, c8 = (i % cpr) * 8, h = hg * kMlaH + hh;
+      cp_async16(q_s + hh * LS + c8, qrow + static_cast<int64_t>(h < d.nh ? h : 0) * D + c8, h < d.nh ? 16 : 0);
+    }
+  }
+  if (ntiles > 0) load_tile(0, t0);
+  if (ntiles > 1) load_tile(1, t0 + kMlaT);
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
+  float o[NT][4];
+#pragma unroll
+  for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  const float sl = d.scale * 1.4426950408889634f;
+  const int rr0 = mt * 16 + g, rr1 = rr0 + 8;
+  for (int it = 0; it < ntiles; ++it) {
+    // tile it+2 goes into the buffer tile it-1 used (free since the barrier that ended that iteration)
+    if (it + 2 < ntiles) {
+      load_tile((it + 2) % kMlaStages, t0 + (it + 2) * kMlaT);
+      cp_async_wait<2>();
+    } else if (it + 1 < ntiles) {
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16* kt = k_s + (it % kMlaStages) * kMlaT * LS;
+    // four independent accumulator sets (k-steps mod 4), so consecutive mma do not wait on each other
+    float s4[4][2][4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+#pragma unroll
+      for (int n = 0; n < 2; ++n) s4[u][n][0] = s4[u][n][1] = s4[u][n][2] = s4[u][n][3] = 0.0f;
+    const int ksteps = D / 16;
+    for (int kb = 0; kb < ksteps; kb += 4) {
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (kb + u >= ksteps) break;
+        const int k0 = (kb + u) * 16;
+        uint32_t a[4], b[4];
+        ldsm4(a, q_s + (mt * 16 + l8 + 8 * (lj & 1)) * LS + k0 + 8 * (lj >> 1));
+        ldsm4(b, kt + (half * 16 + l8 + 8 * (lj >> 1)) * LS + k0 + 8 * (lj & 1));
+        mma16816(s4[u][0], a, b[0], b[1]);
+        mma16816(s4[u][1], a, b[2], b[3]);
+      }
+    }
+    float s[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = (s4[0][n][e] + s4[1][n][e]) + (s4[2][n][e] + s4[3][n][e]);
+    const int jb = t0 + it * kMlaT + half * 16;
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = n * 8 + 2 * tq + (e & 1);
+        s[n][e] = jb + col < t1 ? s[n][e] * sl : -INFINITY;
+      }
+    float pm0 = fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1]));
+    float pm1 = fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3]));
+    pm0 = fmaxf(pm0, __shfl_xor_sync(0xffffffffu, pm0, 1));
+    pm0 = fmaxf(pm0, __shfl_xor_sync(0xffffffffu, pm0, 2));
+    pm1 = fmaxf(pm1, __shfl_xor_sync(0xffffffffu, pm1, 1));
+    pm1 = fmaxf(pm1, __shfl_xor_sync(0xffffffffu, pm1, 2));
+    if (tq == 0) {
+      xm[half * kMlaH + rr0] = pm0;
+      xm[half * kMlaH + rr1] = pm1;
+    }
+    pair_sync(mt);
+    float mnew[2], corr[2];
+    mnew[0] = fmaxf(m_r[0], fmaxf(xm[rr0], xm[kMlaH + rr0]));
+    mnew[1] = fmaxf(m_r[1], fmaxf(xm[rr1], xm[kMlaH + rr1]));
+#pragma unroll
+    for (int i = 0; i < 2; ++i) corr[i] = mnew[i] == -INFINITY ? 1.0f : exp2f(m_r[i] - mnew[i]);
+    float ps[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1;
+        const float p = mnew[i] == -INFINITY ? 0.0f : exp2f(s[n][e] - mnew[i]);
+        s[n][e] = p;
+        ps[i] += p;
+      }
+#pragma unroll
+    for (int n = 0; n < 2; ++n) {
+      const int col = half * 16 + n * 8 + 2 * tq;
+      *reinterpret_cast<__nv_bfloat162*>(p_s + rr0 * kMlaPs + col) = __floats2bfloat162_rn(s[n][0], s[n][1]);
+      *reinterpret_cast<__nv_bfloat162*>(p_s + rr1 * kMlaPs + col) = __floats2bfloat162_rn(s[n][2], s[n][3]);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 1);
+      ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 2);
+    }
+    if (tq == 0) {
+      xs[half * kMlaH + rr0] = ps[0];
+      xs[half * kMlaH + rr1] = ps[1];
+    }
+    pair_sync(mt);
+    l_r[0] = l_r[0] * corr[0] + xs[rr0] + xs[kMlaH + rr0];
+    l_r[1] = l_r[1] * corr[1] + xs[rr1] + xs[kMlaH + rr1];
+    m_r[0] = mnew[0];
+    m_r[1] = mnew[1];
+    if (!__all_sync(0xffffffffu, corr[0] == 1.0f && corr[1] == 1.0f)) {  // (once the maxima settle, nothing to rescale)
+#pragma unroll
+      for (int n = 0; n < NT; ++n) {
+        o[n][0] *= corr[0];
+        o[n][1] *= corr[0];
+        o[n][2] *= corr[1];
+        o[n][3] *= corr[1];
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t a[4];
+      ldsm4(a, p_s + (mt * 16 + l8 + 8 * (lj & 1)) * kMlaPs + kk * 16 + 8 * (lj >> 1));
+#pragma unroll
+      for (int n = 0; n < NT; n += 2) {
+        uint32_t b[4];
+        ldsm4t(b, kt + (kk * 16 + l8 + 8 * (lj & 1)) * LS + half * 8 * NT + n * 8 + 8 * (lj >> 1));
+        mma16816(o[n], a, b[0], b[1]);
+        mma16816(o[n + 1], a, b[2], b[3]);
+      }
+    }
+    __syncthreads();  // the tile and P are read before the next prefetch overwrites them
+  }
+  // partial results: [row][split][head][C + 2] = unnormalized O, then max (log2 domain) and sum
+  const int stride = d.C + 2;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int h = hg * kMlaH + (i ? rr1 : rr0);
+    if (h >= d.nh) continue;
+    float* dst = part + ((static_cast<int64_t>(row) * splits + split) * d.nh + h) * stride;
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      const int col = half * 8 * NT + n * 8 + 2 * tq;
+      dst[col] = o[n][2 * i];
+      dst[col + 1] = o[n][2 * i + 1];
+    }
+    if (half == 0 && tq == 0) {
+      dst[d.C] = m_r[i];
+      dst[d.C + 1] = l_r[i];
+    }
+  }
+}
+
+__global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* part, float* olat) {
+  __shared__ float w_s[kMlaMaxSplits];
+  __shared__ float inv_l;
+  const int row = blockIdx.x, h = blockIdx.y, stride = d.C + 2;
+  const float* base = part + (static_cast<int64_t>(row) * splits * d.nh + h) * stride;
+  const int64_t ss = static_cast<int64_t>(d.nh) * stride;  // from one split to the next
+  if (threadIdx.x < 32) {  // one warp: the splits' maxima and sums
+    float m[kMlaMaxSplits / 32];
+    float M = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
+      const int sp = threadIdx.x + 32 * j;
+      m[j] = sp < splits ? base[sp * ss + d.C] : -INFINITY;
+      M = fmaxf(M, m[j]);
+    }
+    for (int off = 16; off >= 1; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    float L = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
+      const int sp = threadIdx.x + 32 * j;
+      const float w = m[j] == -INFINITY ? 0.0f : exp2f(m[j] - M);
+      if (sp < splits) L += w * base[sp * ss + d.C + 1];
+      w_s[sp] = w;
+    }
+    L = warp_sum(L);
+    if (threadIdx.x == 0) inv_l = 1.0f / L;
+  }
   __syncthreads();
-  for (int v = threadIdx.x; v < d.dv; v += blockDim.x) {
-    float acc = 0;
-    const bf16* wv = w_uvt + static_cast<int64_t>(h) * d.C * d.dv + v;
-    for (int c = 0; c < d.C; ++c) acc += bf(wv[static_cast<int64_t>(c) * d.dv]) * ol[c];
-    out[static_cast<int64_t>(r.q_row) * d.nh * d.dv + h * d.dv + v] = acc;
+  for (int c = threadIdx.x; c < d.C; c += blockDim.x) {
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int sp = 0; sp < splits; ++sp) acc += base[sp * ss + c] * w_s[sp];
+    olat[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = acc * inv_l;
+  }
+}
+
+constexpr int kRB = 16, kCB = 128;  // rows per block, output columns per block (4 per thread, 8 reduction parts)
+
+// y[rr][n] = Σ_k x[rr][k] · W[k][n] for 16 rows and 128 columns of W (bf16, row stride ldw): each thread keeps 16 x 4
+// sums over its eighth of k; the eight partial sums are added in a fixed order (deterministic).
+__device__ __forceinline__ void rows16_matmul(const float* xT /* [K][16] smem */, const bf16* W, int64_t ldw, int K, int N,
+                                              int n0, float* red /* [8][16][kCB] smem */) {
+  const int cg = threadIdx.x & 31, part = threadIdx.x >> 5, n = n0 + 4 * cg;
+  float acc[kRB][4];
+#pragma unroll
+  for (int rr = 0; rr < kRB; ++rr) acc[rr][0] = acc[rr][1] = acc[rr][2] = acc[rr][3] = 0.0f;
+  const int per = (K + 7) / 8, k0 = part * per, k1 = min(K, k0 + per);
+  if (n < N) {
+    const bool vec = n + 3 < N && (ldw % 4) == 0;
+#pragma unroll 4
+    for (int k = k0; k < k1; ++k) {
+      float w[4];
+      const bf16* wr = W + static_cast<int64_t>(k) * ldw + n;
+      if (vec) {
+        const uint2 u = *reinterpret_cast<const uint2*>(wr);
+        const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(&u.x), hi = *reinterpret_cast<const __nv_bfloat162*>(&u.y);
+        w[0] = __low2float(lo);
+        w[1] = __high2float(lo);
+        w[2] = __low2float(hi);
+        w[3] = __high2float(hi);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) w[j] = n + j < N ? bf(wr[j]) : 0.0f;
+      }
+      const float4* xr = reinterpret_cast<const float4*>(xT + k * kRB);
+#pragma unroll
+      for (int q4 = 0; q4 < kRB / 4; ++q4) {
+        const float4 x = xr[q4];
+        const float xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[q4 * 4 + i][j] += xs[i] * w[j];
+      }
+    }
+  }
+#pragma unroll
+  for (int rr = 0; rr < kRB; ++rr)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) red[(part * kRB + rr) * kCB + 4 * cg + j] = acc[rr][j];
+  __syncthreads();
+}
+
+size_t rows16_smem(int K) { return (static_cast<size_t>(K) * kRB + 8 * kRB * kCB) * sizeof(float); }
+
+// q_lat = W_UK[h]ᵀ q_nope (also written in bf16 with q_rope after it, for the tensor-core kernel, when qcat is given).
+__global__ void __launch_bounds__(256) k_qlat16(AttnDims d, const float* q, const bf16* w_uk, const AttnRow* rows, int n_rows,
+                                                float* qlat, bf16* qcat) {
+  extern __shared__ float sm16[];
+  float* xT = sm16;                  // [dn][16]
+  float* red = sm16 + d.dn * kRB;    // [8][16][kCB]
+  const int r0 = blockIdx.x * kRB, h = blockIdx.y, dq = d.dn + d.dr, D = d.C + d.dr, n0 = blockIdx.z * kCB;
+  const int nr = min(kRB, n_rows - r0);
+  for (int i = threadIdx.x; i < kRB * d.dn; i += blockDim.x) {
+    const int rr = i / d.dn, k = i % d.dn;
+    xT[k * kRB + rr] = rr < nr ? q[(static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh + h) * dq + k] : 0.0f;
+  }
+  if (qcat && blockIdx.z == 0)  // the rope part, copied once per (rows, head)
+    for (int i = threadIdx.x; i < nr * d.dr; i += blockDim.x) {
+      const int rr = i / d.dr, k = i % d.dr;
+      qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + d.C + k] =
+          __float2bfloat16(q[(static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh + h) * dq + d.dn + k]);
+    }
+  __syncthreads();
+  rows16_matmul(xT, w_uk + static_cast<int64_t>(h) * d.dn * d.C, d.C, d.dn, d.C, n0, red);
+  for (int i = threadIdx.x; i < nr * kCB; i += blockDim.x) {
+    const int rr = i / kCB, c = n0 + i % kCB;
+    if (c >= d.C) continue;
+    float v = 0.0f;
+#pragma unroll
+    for (int p = 0; p < 8; ++p) v += red[(p * kRB + rr) * kCB + i % kCB];
+    qlat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C + c] = v;
+    if (qcat) qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + c] = __float2bfloat16(v);
+  }
+}
+
+// out = W_UV[h] o_lat
+__global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, const AttnRow* rows, int n_rows, const float* olat,
+                                              float* out) {
+  extern __shared__ float sm16[];
+  float* xT = sm16;                 // [C][16]
+  float* red = sm16 + d.C * kRB;    // [8][16][kCB]
+  const int r0 = blockIdx.x * kRB, h = blockIdx.y, n0 = blockIdx.z * kCB;
+  const int nr = min(kRB, n_rows - r0);
+  for (int i = threadIdx.x; i < kRB * d.C; i += blockDim.x) {
+    const int rr = i / d.C, c = i % d.C;
+    xT[c * kRB + rr] = rr < nr ? olat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C + c] : 0.0f;
+  }
+  __syncthreads();
+  rows16_matmul(xT, w_uvt + static_cast<int64_t>(h) * d.C * d.dv, d.dv, d.C, d.dv, n0, red);
+  for (int i = threadIdx.x; i < nr * kCB; i += blockDim.x) {
+    const int rr = i / kCB, v = n0 + i % kCB;
+    if (v >= d.dv) continue;
+    float x = 0.0f;
+#pragma unroll
+    for (int p = 0; p < 8; ++p) x += red[(p * kRB + rr) * kCB + i % kCB];
+    out[static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh * d.dv + h * d.dv + v] = x;
   }
 }
 
@@ -953,6 +1268,9 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   }
 }
 void set_simple_gemm(bool on) { g_simple_gemm = on; }
+bool g_simple_attention = false;
+void set_simple_attention(bool on) { g_simple_attention = on; }
+bool simple_attention() { return g_simple_attention; }
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s) {
   if (M == 0) return;
   k_gemm_f32<<<dim3(static_cast<unsigned>(cdiv(W.N, 4)), M), 128, 0, s>>>(X, M, Y, W);
@@ -1018,17 +1336,66 @@ void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, 
   else k_attn_expanded<8><<<grid, 128, 0, s>>>(d, q, rows, out);
 }
 dim3 groups8(int n_rows, int nh) { return dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>((nh + 7) / 8)); }
+bool mla_fast_path(const AttnDims& d) {
+  return d.C % 32 == 0 && d.C <= 512 && d.dr % 16 == 0 && d.dr <= 128 && d.dr <= d.C && d.dn <= 256;
+}
+int mla_splits(const AttnDims& d, int n_rows, int max_len, int sms) {
+  // one wave: as many splits as fit the multiprocessors whole (a partial second wave would leave most of them idle)
+  const int hgroups = (d.nh + kMlaH - 1) / kMlaH;
+  const int fit = sms / (n_rows * hgroups);
+  // and at least 4 tiles per split: each block also loads the 64 heads' queries (twice a tile's bytes)
+  return std::max(1, std::min(std::min(fit, kMlaMaxSplits), (max_len + 4 * kMlaT - 1) / (4 * kMlaT)));
+}
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
-                        int n_rows, float* qlat, float* olat, float* out, cudaStream_t s) {
+                        int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s) {
   if (n_rows == 0) return;
-  const dim3 per_head(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh));
-  k_qlat<<<per_head, 128, 0, s>>>(d, q, w_uk, rows, qlat);
-  constexpr int HG = 16;
-  const dim3 groups(static_cast<unsigned>(n_rows), static_cast<unsigned>((d.nh + HG - 1) / HG));
-  if (d.C <= 128) k_attn_latent<4, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
-  else if (d.C <= 512) k_attn_latent<16, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
-  else k_attn_latent<32, 8><<<groups8(n_rows, d.nh), 8 * 32, 0, s>>>(d, q, qlat, rows, olat);
-  k_uv<<<per_head, 128, 0, s>>>(d, w_uvt, rows, olat, out);
+  const unsigned rchunks = static_cast<unsigned>((n_rows + kRB - 1) / kRB);
+  const bool fast = mla_fast_path(d) && part;
+  bf16* qcat = fast ? reinterpret_cast<bf16*>(olat) : nullptr;  // olat is free until the combine: q_lat || q_rope in bf16
+  {
+    const size_t smem = rows16_smem(d.dn);
+    static thread_local bool set = false;
+    if (!set) {
+      cudaFuncSetAttribute(k_qlat16, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(rows16_smem(1024)));
+      cudaFuncSetAttribute(k_uv16, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(rows16_smem(1024)));
+      set = true;
+    }
+    k_qlat16<<<dim3(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB)), 256, smem, s>>>(d, q, w_uk, rows,
+                                                                                                              n_rows, qlat, qcat);
+  }
+  if (fast) {
+    const int D = d.C + d.dr;
+    const size_t smem = mla_smem_bytes(D);
+    const int chunk = ((max_len + splits - 1) / splits + kMlaT - 1) / kMlaT * kMlaT;
+    const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(splits), static_cast<unsigned>((d.nh + kMlaH - 1) / kMlaH));
+    auto launch = [&](auto kernel) {
+      static thread_local const void* configured = nullptr;  // one attribute call per instantiation and thread
+      if (configured != reinterpret_cast<const void*>(kernel)) {
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(mla_smem_bytes(512 + 128)));
+        configured = reinterpret_cast<const void*>(kernel);
+      }
+      kernel<<<grid, 256, smem, s>>>(d, qcat, rows, chunk, part);
+    };
+    switch (d.C / 32) {
+      case 1: launch(k_mla_decode<2>); break;
+      case 2: launch(k_mla_decode<4>); break;
+      case 3: launch(k_mla_decode<6>); break;
+      case 4: launch(k_mla_decode<8>); break;
+      case 8: launch(k_mla_decode<16>); break;
+      case 16: launch(k_mla_decode<32>); break;
+      default: goto generic;
+    }
+    k_mla_combine<<<dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh)), 128, 0, s>>>(d, splits, part, olat);
+  } else {
+  generic:
+    constexpr int HG = 16;
+    const dim3 groups(static_cast<unsigned>(n_rows), static_cast<unsigned>((d.nh + HG - 1) / HG));
+    if (d.C <= 128) k_attn_latent<4, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
+    else if (d.C <= 512) k_attn_latent<16, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
+    else k_attn_latent<32, 8><<<groups8(n_rows, d.nh), 8 * 32, 0, s>>>(d, q, qlat, rows, olat);
+  }
+  k_uv16<<<dim3(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.dv + kCB - 1) / kCB)), 256, rows16_smem(d.C), s>>>(
+      d, w_uvt, rows, n_rows, olat, out);
 }
 
 void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,

@@ -45,6 +45,9 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
           float* Y2 = nullptr, const DLin* W2 = nullptr);
 // Tests: force the single-stage kernel (the pipelined one must give the same bits).
 void set_simple_gemm(bool on);
+// Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
+void set_simple_attention(bool on);
+bool simple_attention();
 // Y[m, N] (fp32) = X[m, K] (fp32) · W[N, K]ᵀ with fp32 inputs (router logits, as the reference computes them).
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s);
 
@@ -98,9 +101,15 @@ struct AttnDims {
 // Expanded form over per-token keys/values (kvx); absorbed form over the latent (W_UK [nh, dn, C],
 // W_UVt [nh, C, dv] in bf16).
 void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, int n_rows, float* out, cudaStream_t s);
-// qlat, olat: scratch [n_rows, heads, C] fp32.
+// Whether the tensor-core decode kernel takes these dimensions (C a multiple of 32 up to 512, dr of 16 up to 128);
+// others run the CUDA-core kernel. mla_splits: how many parts the cached tokens are split into (enough blocks to
+// fill `sms` multiprocessors twice).
+bool mla_fast_path(const AttnDims& d);
+int mla_splits(const AttnDims& d, int n_rows, int max_len, int sms);
+// qlat, olat: scratch [n_rows, heads, C] fp32; part: [n_rows, splits, heads, C + 2] fp32 for the fast path (null:
+// the CUDA-core kernel).
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
-                        int n_rows, float* qlat, float* olat, float* out, cudaStream_t s);
+                        int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s);
 
 // Per row: max, log Σ exp(l − max) in double, the M largest (descending, ties to the lower id).
 void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,
