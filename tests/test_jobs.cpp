@@ -137,6 +137,7 @@ TEST(Jobs, extraction_then_steering_projection_and_massive_through_the_api) {
   const auto m = c.Get("/metrics");
   ASSERT_TRUE(m);
   EXPECT_NE(m->body.find("kscope_jobs{state=\"done\"} 4"), std::string::npos) << m->body;
+  EXPECT_NE(m->body.find("kscope_process_resident_bytes "), std::string::npos) << m->body;
   // a finished job can be deleted; then it is gone
   EXPECT_EQ(srv.call("DELETE", "/jobs/" + pid)["deleted"], true);
   srv.call("GET", "/jobs/" + pid, nullptr, &st);

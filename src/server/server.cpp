@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <condition_variable>
@@ -253,6 +254,17 @@ void KscopeServer::routes() {
     metric("kscope_engine_steps_total", "counter", "forward steps run", static_cast<double>(st.steps));
     metric("kscope_engine_busy_seconds_total", "counter", "seconds spent in forward steps", st.busy_seconds);
     metric("kscope_model_weight_bytes", "gauge", "bytes of weights as stored", static_cast<double>(model_->weights().store.total_bytes()));
+    {
+      long pages = 0, resident = 0;
+      if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+        if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+        std::fclose(f);
+      }
+      metric("kscope_process_resident_bytes", "gauge", "resident memory of the server process",
+             static_cast<double>(resident) * static_cast<double>(sysconf(_SC_PAGESIZE)));
+      const int64_t kv_free = model_->backend().kv_free_tokens(model_->config());
+      if (kv_free != INT64_MAX) metric("kscope_kv_free_tokens", "gauge", "KV cache tokens the device can still hold", static_cast<double>(kv_free));
+    }
     if (jobs_) {
       m += "# HELP kscope_jobs background jobs by state\n# TYPE kscope_jobs gauge\n";
       for (auto& [state, n] : jobs_->counts()) m += fmt::format("kscope_jobs{{state=\"{}\"}} {}\n", state, n);
