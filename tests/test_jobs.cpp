@@ -217,32 +217,32 @@ TEST(Jobs, an_interrupted_job_resumes_after_a_restart_without_losing_or_duplicat
   std::string id;
   {
     Running srv(jobs);
-    const json j = srv.call("POST", "/jobs", {{"kind", "extract"}, {"params", {{"trait", "anxiety"}, {"vet", false}, {"max_pairs", 120},
-                                                                              {"max_new_tokens", 24}, {"batch", 8}, {"stop_after", "responses"}}}});
+    const json j = srv.call("POST", "/jobs", {{"kind", "extract"}, {"params", {{"trait", "anxiety"}, {"vet", false}, {"max_pairs", 64},
+                                                                              {"max_new_tokens", 16}, {"batch", 8}, {"stop_after", "responses"}}}});
     id = j["id"];
     // a finished job too, to see it listed after the restart
     for (int i = 0; i < 3000; ++i) {
-      if (fs::exists(jobs + "/" + id + "/out/anxiety/responses.jsonl") && lines(jobs + "/" + id + "/out/anxiety/responses.jsonl").size() >= 32) break;
+      if (fs::exists(jobs + "/" + id + "/out/anxiety/responses.jsonl") && lines(jobs + "/" + id + "/out/anxiety/responses.jsonl").size() >= 16) break;
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
   }  // the server goes down mid-job
   const json rec = json::parse(test::read_file(jobs + "/" + id + "/job.json"));
   EXPECT_EQ(rec["state"], "interrupted") << rec.dump();
   const size_t before = lines(jobs + "/" + id + "/out/anxiety/responses.jsonl").size();
-  EXPECT_GE(before, 32u);
-  EXPECT_LT(before, 240u) << "finished before the restart";
+  EXPECT_GE(before, 16u);
+  EXPECT_LT(before, 128u) << "finished before the restart";
   Running srv(jobs);
   const json done = srv.wait(id);
   ASSERT_EQ(done["state"], "done") << done.dump();
   EXPECT_EQ(done["runs"], 2);
   const auto rs = lines(jobs + "/" + id + "/out/anxiety/responses.jsonl");
-  ASSERT_EQ(rs.size(), 240u);
+  ASSERT_EQ(rs.size(), 128u);
   std::set<std::pair<int64_t, std::string>> keys;
   for (auto& l : rs) {
     const json x = json::parse(l);
     keys.insert({x["pair"].get<int64_t>(), x["side"].get<std::string>()});
   }
-  EXPECT_EQ(keys.size(), 240u);
+  EXPECT_EQ(keys.size(), 128u);
   EXPECT_NE(srv.call("GET", "/jobs/" + id + "/log").get<std::string>().find("server restarted"), std::string::npos);
 }
 

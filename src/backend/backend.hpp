@@ -118,6 +118,11 @@ class Backend {
   virtual void* stage_host(size_t bytes) = 0;
   virtual void download_async(void* host, const void* src, size_t bytes) { download(host, src, bytes); }
   virtual void wait() {}
+  // mark() notes the point reached in issue order (-1 where everything is synchronous); wait_mark() returns once
+  // the work issued before that mark is complete, so early captures can be read while later layers still run.
+  // Marks are valid until stage_reset().
+  virtual int64_t mark() { return -1; }
+  virtual void wait_mark(int64_t) {}
   virtual void stage_reset() = 0;
 };
 

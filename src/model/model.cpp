@@ -101,7 +101,19 @@ struct Model::Deferred {
   int64_t seq;
   float* host;
   int64_t n, width, pos0;
+  int64_t mark;  // the backend mark after its copy (-1: synchronous)
 };
+
+namespace {
+// Ends a pass: waits for whatever it issued and releases the staging memory and marks for the next pass.
+struct StageScope {
+  Backend& be;
+  ~StageScope() {
+    be.wait();
+    be.stage_reset();
+  }
+};
+}  // namespace
 
 // Hooks see host rows. On a host-memory backend that is the buffer itself. On a device, writes that hooks can
 // describe as row ops are applied there, and reads are copied out asynchronously and delivered after the pass;
@@ -140,16 +152,22 @@ void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& i
   if (hook->reads(site)) {
     auto* host = static_cast<float*>(be.stage_host(N * width * sizeof(float)));
     be.download_async(host, data, N * width * sizeof(float));
+    const int64_t mk = be.mark();
     for (size_t i = 0; i < items.size(); ++i)
-      later.push_back({site, static_cast<int64_t>(i), host + row0[i] * width, items[i].n, width, items[i].cache->length});
+      later.push_back({site, static_cast<int64_t>(i), host + row0[i] * width, items[i].n, width, items[i].cache->length, mk});
   }
 }
 
+// Called right after the pass is issued: each site's rows are handed to the hook as soon as their copy is done,
+// while the device still computes the layers after it (the host's work on captures overlaps the pass).
 void Model::deliver(Hook* hook, std::vector<Deferred>& later) {
-  backend_->wait();  // the staged copies (and uploads from staging) are complete
-  for (auto& d : later) hook->on_read(d.site, d.seq, d.host, d.n, d.width, d.pos0);
+  int64_t waited = -2;
+  for (auto& d : later) {
+    if (d.mark != waited) backend_->wait_mark(d.mark);
+    waited = d.mark;
+    hook->on_read(d.site, d.seq, d.host, d.n, d.width, d.pos0);
+  }
   later.clear();
-  backend_->stage_reset();
 }
 
 void Model::attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items,
@@ -294,12 +312,13 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only
 
 void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* obs) {
   std::lock_guard<std::mutex> one_pass(forward_mu_);
+  StageScope stage{*backend_};
   const int64_t V = cfg_.vocab_size;
   std::vector<int64_t> rows;
   std::vector<Deferred> later;
   Buf<float> lg = run(items, obs, false, rows, later);
-  std::vector<float> lgh = lg.host();
   deliver(obs, later);
+  std::vector<float> lgh = lg.host();
   logits.assign(items.size(), {});
   size_t r = 0;
   for (size_t i = 0; i < items.size(); ++i) {
@@ -315,6 +334,7 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
 void Model::forward(std::vector<ForwardItem>& items, const std::vector<RowDraw>& draws, int64_t top,
                     std::vector<LogitSummary>& out, Hook* obs) {
   std::lock_guard<std::mutex> one_pass(forward_mu_);
+  StageScope stage{*backend_};
   KSCOPE_CHECK(draws.size() == items.size(), internal, "forward", "one RowDraw per item");
   const int64_t V = cfg_.vocab_size, B = static_cast<int64_t>(items.size());
   const int64_t M = std::clamp<int64_t>(top, 1, V);
@@ -327,9 +347,13 @@ void Model::forward(std::vector<ForwardItem>& items, const std::vector<RowDraw>&
   std::vector<int32_t> ti(B * M);
   const bool hook_logits = obs && obs->wants({SiteKind::logits, -1});
   std::vector<float> all;
-  if (!hook_logits) be.logits_top(lg.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
-  else all = lg.host();
-  deliver(obs, later);
+  if (!hook_logits) {
+    deliver(obs, later);
+    be.logits_top(lg.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
+  } else {
+    all = lg.host();
+    deliver(obs, later);
+  }
   if (hook_logits) {  // the hook may change the logits: reduce what it leaves
     for (int64_t i = 0; i < B; ++i)
       obs->on({SiteKind::logits, -1}, i, all.data() + i * V, 1, V, items[i].cache->length + items[i].n - 1);

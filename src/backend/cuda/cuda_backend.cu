@@ -81,6 +81,8 @@ struct CudaBackend::Impl {
   uint64_t kv_budget = UINT64_MAX;
   std::mutex mu;
   int sms = 0;  // multiprocessors (sizes the split of decode attention)
+  std::vector<cudaEvent_t> marks;  // events recorded by mark(), reused after stage_reset()
+  size_t mark_next = 0;
   // pinned staging for uploads
   static constexpr size_t kStage = 32u << 20;
   void* stage[2] = {nullptr, nullptr};
@@ -96,6 +98,7 @@ struct CudaBackend::Impl {
     if (stream) cudaStreamSynchronize(stream);
     for (void* p : owned) cudaFree(p);
     for (auto& c : arena) cudaFreeHost(c.first);
+    for (auto e : marks) cudaEventDestroy(e);
     for (int i = 0; i < 2; ++i) {
       if (stage[i]) cudaFreeHost(stage[i]);
       if (stage_ev[i]) cudaEventDestroy(stage_ev[i]);
@@ -855,6 +858,21 @@ void CudaBackend::wait() { CK(cudaStreamSynchronize(impl_->stream)); }
 void CudaBackend::stage_reset() {
   impl_->arena_chunk = 0;
   impl_->arena_off = 0;
+  impl_->mark_next = 0;
+}
+int64_t CudaBackend::mark() {
+  Impl& m = *impl_;
+  if (m.mark_next == m.marks.size()) {
+    cudaEvent_t e;
+    CK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+    m.marks.push_back(e);
+  }
+  CK(cudaEventRecord(m.marks[m.mark_next], m.stream));
+  return static_cast<int64_t>(m.mark_next++);
+}
+void CudaBackend::wait_mark(int64_t i) {
+  Impl& m = *impl_;
+  if (i >= 0 && static_cast<size_t>(i) < m.mark_next) CK(cudaEventSynchronize(m.marks[i]));
 }
 
 std::shared_ptr<Backend> make_cuda_backend(int device) { return std::make_shared<CudaBackend>(device); }

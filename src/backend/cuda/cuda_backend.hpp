@@ -74,6 +74,8 @@ class CudaBackend final : public Backend {
   void download_async(void* host, const void* src, size_t bytes) override;
   void wait() override;
   void stage_reset() override;
+  int64_t mark() override;
+  void wait_mark(int64_t m) override;
 
   void synchronize();
   const CudaPlan& plan() const;
