@@ -99,26 +99,35 @@ KscopeServer::~KscopeServer() {
 }
 
 namespace {
+// The process's open file descriptors, from /proc/self/fd.
+std::vector<int> open_fds() {
+  std::vector<int> out;
+  for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
+    try {
+      out.push_back(std::stoi(e.path().filename().string()));
+    } catch (const std::exception&) {
+    }
+  }
+  return out;
+}
+
+int port_of(const sockaddr_storage& a) {
+  return a.ss_family == AF_INET ? ntohs(reinterpret_cast<const sockaddr_in*>(&a)->sin_port)
+         : a.ss_family == AF_INET6 ? ntohs(reinterpret_cast<const sockaddr_in6*>(&a)->sin6_port) : -1;
+}
+
 // Debian's cpp-httplib is compiled with a listen backlog of 5, so a burst of connections (64 clients at once)
 // overflows the accept queue and clients see reset connections. Linux lets listen() be called again on a
 // listening socket to change its backlog: find ours by its bound port and raise it.
 void raise_backlog(int port) {
-  for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
-    int fd = -1;
-    try {
-      fd = std::stoi(e.path().filename().string());
-    } catch (const std::exception&) {
-      continue;
-    }
+  for (int fd : open_fds()) {
     int listening = 0;
     socklen_t len = sizeof listening;
     if (getsockopt(fd, SOL_SOCKET, SO_ACCEPTCONN, &listening, &len) != 0 || !listening) continue;
     sockaddr_storage ss{};
     socklen_t sl = sizeof ss;
     if (getsockname(fd, reinterpret_cast<sockaddr*>(&ss), &sl) != 0) continue;
-    const int p = ss.ss_family == AF_INET ? ntohs(reinterpret_cast<sockaddr_in*>(&ss)->sin_port)
-                  : ss.ss_family == AF_INET6 ? ntohs(reinterpret_cast<sockaddr_in6*>(&ss)->sin6_port) : -1;
-    if (p == port) ::listen(fd, SOMAXCONN);
+    if (port_of(ss) == port) ::listen(fd, SOMAXCONN);
   }
 }
 }  // namespace
@@ -129,20 +138,10 @@ namespace {
 // find it once, then peek at it while waiting (a read of 0 bytes means the client closed it).
 int client_socket(const std::string& addr, int remote_port, int local_port) {
   if (remote_port <= 0 || local_port <= 0) return -1;
-  for (const auto& e : fs::directory_iterator("/proc/self/fd")) {
-    int fd = -1;
-    try {
-      fd = std::stoi(e.path().filename().string());
-    } catch (const std::exception&) {
-      continue;
-    }
+  for (int fd : open_fds()) {
     sockaddr_storage local{}, peer{};
     socklen_t ll = sizeof local, pl = sizeof peer;
     if (getsockname(fd, reinterpret_cast<sockaddr*>(&local), &ll) != 0 || getpeername(fd, reinterpret_cast<sockaddr*>(&peer), &pl) != 0) continue;
-    auto port_of = [](const sockaddr_storage& a) {
-      return a.ss_family == AF_INET ? ntohs(reinterpret_cast<const sockaddr_in*>(&a)->sin_port)
-             : a.ss_family == AF_INET6 ? ntohs(reinterpret_cast<const sockaddr_in6*>(&a)->sin6_port) : -1;
-    };
     if (port_of(local) != local_port || port_of(peer) != remote_port) continue;
     char text[INET6_ADDRSTRLEN] = {};
     const void* src = peer.ss_family == AF_INET ? static_cast<const void*>(&reinterpret_cast<const sockaddr_in*>(&peer)->sin_addr)

@@ -50,6 +50,13 @@ std::vector<Judgment> judge_scores(TraitContext& ctx, const std::vector<std::str
 
 json opt(const Judgment& j) { return opt(j.score); }
 
+std::vector<Judgment> coherence_judgments(TraitContext& ctx, const TraitDataset& ds, const std::vector<std::string>& qs,
+                                          const std::vector<std::string>& as, const std::string& label) {
+  std::vector<std::string> p;
+  for (size_t k = 0; k < as.size(); ++k) p.push_back(ds.rubric.coherence(qs[k], as[k]));
+  return judge_scores(ctx, p, label);
+}
+
 std::vector<int32_t> ids_of(const json& j) { return j.get<std::vector<int32_t>>(); }
 
 // The prompt of one side of a pair.
@@ -179,9 +186,7 @@ json stage_vet(TraitContext& ctx, const TraitDataset& ds, const ExtractOptions& 
     std::vector<Judgment> coherence(as.size()), on_topic(as.size());
     std::vector<double> loglik;
     if (coh == "judge") {
-      std::vector<std::string> p;
-      for (size_t k = 0; k < as.size(); ++k) p.push_back(ds.rubric.coherence(qs[k], as[k]));
-      coherence = judge_scores(ctx, p, "vet: coherence");
+      coherence = coherence_judgments(ctx, ds, qs, as, "vet: coherence");
     } else {
       std::vector<std::vector<int32_t>> pr, re;
       for (auto& [i, side] : keys) {
@@ -672,9 +677,7 @@ json run_steer_eval(TraitContext& ctx, const TraitDataset& ds, const SteerEvalOp
     std::vector<Judgment> coherence(as.size()), on_topic(as.size());
     std::vector<double> lls;
     if (coh == "judge") {
-      std::vector<std::string> p;
-      for (size_t k = 0; k < as.size(); ++k) p.push_back(ds.rubric.coherence(qs[k], as[k]));
-      coherence = judge_scores(ctx, p, "judging coherence");
+      coherence = coherence_judgments(ctx, ds, qs, as, "judging coherence");
     } else {
       // relative likelihood per token under the unsteered model, against the unsteered answer to the same question
       const auto ll = mean_logliks(ctx.model, pr, re, 32);
