@@ -238,7 +238,11 @@ int main(int argc, char** argv) {
       "  kscope generate out/tiny --ids 1,17,33 --max-new-tokens 8\n"
       "  kscope tokenize out/demo --text \"Hello\"                # with a tokenizer (make-model --tokenizer DIR)\n"
       "  kscope generate out/demo --prompt \"Once upon\" --steer v.safetensors@2.resid_post*4:response\n"
-      "  kscope capture out/demo --prompts p.jsonl --sites '*.resid_post' --positions response --generate 32 --out acts/"};
+      "  kscope capture out/demo --prompts p.jsonl --sites '*.resid_post' --positions response --generate 32 --out acts/\n"
+      "The trait pipeline (docs/traits.md), on the embedded demo model:\n"
+      "  kscope extract models/demo --trait french --out exp      # responses, vetting, activations, vectors\n"
+      "  kscope steer-eval models/demo --trait french --out exp --method mean_diff --sites all\n"
+      "  kscope project models/demo --vectors exp/french/vectors/mean_diff.safetensors --rollouts examples/french/rollouts.jsonl --out exp/project"};
   app.require_subcommand(1);
   app.add_option("--device", cli::g_device,
                  "where commands that run the model compute: cpu (fp32 reference) | cuda | cuda:N (BF16 activations, "
