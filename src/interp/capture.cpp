@@ -1,6 +1,7 @@
 #include "interp/capture.hpp"
 
 #include <algorithm>
+#include <cstring>
 
 #include "util/error.hpp"
 
@@ -20,9 +21,17 @@ bool CaptureHook::wants(const Site& s) const {
 
 void CaptureHook::on(const Site& s, int64_t seq, float* data, int64_t n, int64_t w, int64_t pos0) {
   Rows& r = seqs_[seq][s.str()];
-  r.width = w;
-  for (int64_t i = 0; i < n; ++i) r.pos.push_back(pos0 + i);
-  r.data.insert(r.data.end(), data, data + n * w);
+  if (r.block_rows == 0) {
+    r.width = w;
+    r.block_rows = std::max<int64_t>(1, (int64_t{1} << 14) / w);
+  }
+  KSCOPE_CHECK(r.width == w, internal, "capture", "site {} changed width", s.str());
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t at = static_cast<int64_t>(r.pos.size());
+    if (at % r.block_rows == 0) r.blocks.emplace_back(new float[r.block_rows * w]);
+    std::memcpy(r.blocks.back().get() + (at % r.block_rows) * w, data + i * w, w * sizeof(float));
+    r.pos.push_back(pos0 + i);
+  }
 }
 
 void CaptureHook::on_router(int64_t layer, int64_t seq, const float*, int32_t* idx, float* weight, int64_t n,
@@ -73,11 +82,14 @@ CapturedSeq CaptureHook::finish(int64_t seq, const SeqLayout& layout) const {
     auto& rows = out.rows[name];
     out.width[name] = w;
     if (spec_.reduction == Reduction::none) {
-      for (int64_t i : where) rows.insert(rows.end(), r.data.begin() + i * w, r.data.begin() + (i + 1) * w);
+      rows.reserve(where.size() * w);
+      for (int64_t i : where) rows.insert(rows.end(), r.row(i), r.row(i) + w);
     } else {
       std::vector<double> acc(w, 0.0);
-      for (int64_t i : where)
-        for (int64_t d = 0; d < w; ++d) acc[d] += r.data[i * w + d];
+      for (int64_t i : where) {
+        const float* x = r.row(i);
+        for (int64_t d = 0; d < w; ++d) acc[d] += x[d];
+      }
       rows.resize(w);
       for (int64_t d = 0; d < w; ++d) rows[d] = where.empty() ? 0.0f : static_cast<float>(acc[d] / where.size());
     }

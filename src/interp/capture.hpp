@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -46,11 +47,17 @@ class CaptureHook : public Hook {
   CapturedSeq finish(int64_t seq, const SeqLayout& layout) const;
 
  private:
+  // A site's rows of one sequence. Activation rows go into fixed blocks of whole rows (about 64 KB, so they come
+  // from the heap and are never moved or copied as the capture grows: growing one vector per sequence and site
+  // meant reallocation copies and fresh pages on every doubling); router rows (k values) into vectors.
   struct Rows {
     std::vector<int64_t> pos;
-    std::vector<float> data;
+    std::vector<std::unique_ptr<float[]>> blocks;
+    int64_t block_rows = 0;
+    std::vector<float> data;  // router weights
     std::vector<int32_t> ids;
     int64_t width = 0, k = 0;
+    const float* row(int64_t i) const { return blocks[i / block_rows].get() + (i % block_rows) * width; }
   };
   CaptureSpec spec_;
   std::vector<std::map<std::string, Rows>> seqs_;
