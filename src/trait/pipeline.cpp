@@ -57,6 +57,13 @@ std::vector<Judgment> coherence_judgments(TraitContext& ctx, const TraitDataset&
   return judge_scores(ctx, p, label);
 }
 
+std::vector<Judgment> on_topic_judgments(TraitContext& ctx, const TraitDataset& ds, const std::vector<std::string>& qs,
+                                         const std::vector<std::string>& as, const std::string& label) {
+  std::vector<std::string> p;
+  for (size_t k = 0; k < as.size(); ++k) p.push_back(ds.rubric.on_topic(qs[k], as[k]));
+  return judge_scores(ctx, p, label);
+}
+
 std::vector<int32_t> ids_of(const json& j) { return j.get<std::vector<int32_t>>(); }
 
 // The prompt of one side of a pair.
@@ -195,11 +202,7 @@ json stage_vet(TraitContext& ctx, const TraitDataset& ds, const ExtractOptions& 
       }
       loglik = mean_logliks(ctx.model, pr, re, o.batch);
     }
-    if (o.on_topic_min > 0 && ds.style == "instruct") {
-      std::vector<std::string> p;
-      for (size_t k = 0; k < as.size(); ++k) p.push_back(ds.rubric.on_topic(qs[k], as[k]));
-      on_topic = judge_scores(ctx, p, "vet: on-topic");
-    }
+    if (o.on_topic_min > 0 && ds.style == "instruct") on_topic = on_topic_judgments(ctx, ds, qs, as, "vet: on-topic");
     std::vector<int> pass(as.size());
     double tp = 0, tn = 0;
     int64_t np = 0, nn = 0, refused = 0;
@@ -692,11 +695,7 @@ json run_steer_eval(TraitContext& ctx, const TraitDataset& ds, const SteerEvalOp
         coherence[k] = {re[k].empty() ? 0.0 : 100.0 * std::exp(std::min(0.0, ll[k] - base_ll[k % nq])), 1.0};
       lls = ll;
     }
-    if (o.on_topic_min > 0 && ds.style == "instruct") {
-      std::vector<std::string> p;
-      for (size_t k = 0; k < as.size(); ++k) p.push_back(ds.rubric.on_topic(qs[k], as[k]));
-      on_topic = judge_scores(ctx, p, "judging on-topic");
-    }
+    if (o.on_topic_min > 0 && ds.style == "instruct") on_topic = on_topic_judgments(ctx, ds, qs, as, "judging on-topic");
     std::vector<json> out_lines;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t c = need_base ? g - 1 : g;

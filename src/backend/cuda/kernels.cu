@@ -951,6 +951,14 @@ __device__ __forceinline__ void rows16_matmul(const float* xT /* [K][16] smem */
   __syncthreads();
 }
 
+// Row rr, column j (of the block's kCB) of the product: the eight partial sums in a fixed order.
+__device__ __forceinline__ float rows16_sum(const float* red, int rr, int j) {
+  float v = 0.0f;
+#pragma unroll
+  for (int p = 0; p < 8; ++p) v += red[(p * kRB + rr) * kCB + j];
+  return v;
+}
+
 size_t rows16_smem(int K) { return (static_cast<size_t>(K) * kRB + 8 * kRB * kCB) * sizeof(float); }
 
 // q_lat = W_UK[h]ᵀ q_nope (also written in bf16 with q_rope after it, for the tensor-core kernel, when qcat is given).
@@ -976,9 +984,7 @@ __global__ void __launch_bounds__(256) k_qlat16(AttnDims d, const float* q, cons
   for (int i = threadIdx.x; i < nr * kCB; i += blockDim.x) {
     const int rr = i / kCB, c = n0 + i % kCB;
     if (c >= d.C) continue;
-    float v = 0.0f;
-#pragma unroll
-    for (int p = 0; p < 8; ++p) v += red[(p * kRB + rr) * kCB + i % kCB];
+    const float v = rows16_sum(red, rr, i % kCB);
     qlat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C + c] = v;
     if (qcat) qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + c] = __float2bfloat16(v);
   }
@@ -1001,10 +1007,7 @@ __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, con
   for (int i = threadIdx.x; i < nr * kCB; i += blockDim.x) {
     const int rr = i / kCB, v = n0 + i % kCB;
     if (v >= d.dv) continue;
-    float x = 0.0f;
-#pragma unroll
-    for (int p = 0; p < 8; ++p) x += red[(p * kRB + rr) * kCB + i % kCB];
-    out[static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh * d.dv + h * d.dv + v] = x;
+    out[static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh * d.dv + h * d.dv + v] = rows16_sum(red, rr, i % kCB);
   }
 }
 
