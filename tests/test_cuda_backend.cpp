@@ -554,7 +554,14 @@ TEST_F(CudaOps, device_steering_and_async_capture_equal_the_host_round_trip) {
     }
     return std::make_pair(res, caps);
   };
-  const auto fast = run(false), slow = run(true);
+  const auto fast = run(false), slow = run(true);  // fast: captures filed on the model's delivery thread
+  model->set_async_reads(false);
+  const auto fast_sync = run(false);  // delivered before each forward() returns
+  model->set_async_reads(true);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(fast.first[i].tokens, fast_sync.first[i].tokens) << "seq " << i;
+    EXPECT_EQ(fast.second[i].rows, fast_sync.second[i].rows) << "seq " << i << ": the delivery thread changed a capture";
+  }
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(fast.first[i].tokens, slow.first[i].tokens) << "seq " << i;
     EXPECT_EQ(fast.first[i].logprobs, slow.first[i].logprobs) << "seq " << i;

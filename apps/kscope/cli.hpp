@@ -29,7 +29,7 @@ struct Progress {
   void done();
 };
 
-// --device (global): cpu | cuda | cuda:N; default from KSCOPE_DEVICE, else cpu.
+// --device (global): cpu | cpu-staged | cuda | cuda:N; default from KSCOPE_DEVICE, else cpu.
 extern std::string g_device;
 // Loads a checkpoint onto --device; on a GPU with a progress bar for the upload and the memory plan on stderr.
 std::unique_ptr<Model> load_model(const std::string& path);

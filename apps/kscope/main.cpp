@@ -246,7 +246,8 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.add_option("--device", cli::g_device,
                  "where commands that run the model compute: cpu (fp32 reference) | cuda | cuda:N (BF16 activations, "
-                 "weights as stored; KSCOPE_DEVICE sets the default)")
+                 "weights as stored; KSCOPE_DEVICE sets the default) | cpu-staged (the CPU's ops behind the GPU's hook path, "
+                 "for testing)")
       ->capture_default_str();
 
   std::string path;

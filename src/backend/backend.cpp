@@ -24,6 +24,7 @@ void Backend::sample_rows(const float* logits, int64_t V, const std::vector<int6
 
 std::shared_ptr<Backend> make_backend(const std::string& name) {
   if (name == "cpu") return std::make_shared<CpuBackend>();
+  if (name == "cpu-staged") return std::make_shared<CpuBackend>(ThreadPool::global(), true);
   if (name == "cuda" || name.rfind("cuda:", 0) == 0) {
     int dev = 0;
     if (name.size() > 5) {

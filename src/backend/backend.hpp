@@ -113,17 +113,21 @@ class Backend {
   // Applies ops to rows of data [*, width] (backend memory), in order within each row.
   virtual void apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) = 0;
 
-  // ---- asynchronous copies to the host (captures): stage_host gives host memory valid until stage_reset();
+  // ---- asynchronous copies to the host (captures): stage_host gives host memory from the current staging set;
   // download_async fills it in stream order; wait() returns once everything issued so far is complete.
   virtual void* stage_host(size_t bytes) = 0;
   virtual void download_async(void* host, const void* src, size_t bytes) { download(host, src, bytes); }
   virtual void wait() {}
   // mark() notes the point reached in issue order (-1 where everything is synchronous); wait_mark() returns once
   // the work issued before that mark is complete, so early captures can be read while later layers still run.
-  // Marks are valid until stage_reset().
+  // wait_mark() may be called from another thread than the one issuing work. Marks belong to the current set.
   virtual int64_t mark() { return -1; }
   virtual void wait_mark(int64_t) {}
+  // Staging memory and marks come in two sets, so one pass's captures can be read on another thread while the
+  // next pass is issued: stage_reset() recycles the current set; stage_swap() leaves the current set's memory and
+  // marks valid until the next stage_swap() and makes the other set, recycled, current.
   virtual void stage_reset() = 0;
+  virtual void stage_swap() = 0;
 };
 
 // An array in backend memory, freed with the Buf.
@@ -162,7 +166,7 @@ class Buf {
   int64_t n_ = 0;
 };
 
-// "cpu" or "cuda" / "cuda:N"; throws Error(input) for an unknown name or Error(unsupported) when this build or
+// "cpu", "cpu-staged" (the CPU ops behind the device path of hooks: for testing), or "cuda" / "cuda:N"; throws Error(input) for an unknown name or Error(unsupported) when this build or
 // machine has no CUDA device.
 std::shared_ptr<Backend> make_backend(const std::string& name);
 

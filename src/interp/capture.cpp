@@ -15,12 +15,21 @@ Reduction parse_reduction(const std::string& s) {
 
 CaptureHook::CaptureHook(CaptureSpec spec, int64_t n_seqs) : spec_(std::move(spec)), seqs_(n_seqs) {}
 
+CaptureHook::~CaptureHook() {
+  try {
+    wait_reads();  // rows still being filed write into this hook
+  } catch (...) {
+  }
+}
+
 bool CaptureHook::wants(const Site& s) const {
   return std::find(spec_.sites.begin(), spec_.sites.end(), s) != spec_.sites.end();
 }
 
 void CaptureHook::on(const Site& s, int64_t seq, float* data, int64_t n, int64_t w, int64_t pos0) {
-  Rows& r = seqs_[seq][s.str()];
+  const std::string name = s.str();
+  std::lock_guard<std::mutex> lk(mu_);
+  Rows& r = seqs_[seq][name];
   if (r.block_rows == 0) {
     r.width = w;
     r.block_rows = std::max<int64_t>(1, (int64_t{1} << 14) / w);
@@ -36,7 +45,9 @@ void CaptureHook::on(const Site& s, int64_t seq, float* data, int64_t n, int64_t
 
 void CaptureHook::on_router(int64_t layer, int64_t seq, const float*, int32_t* idx, float* weight, int64_t n,
                             int64_t, int64_t k, int64_t pos0) {
-  Rows& r = seqs_[seq][Site{SiteKind::router, layer}.str()];
+  const std::string name = Site{SiteKind::router, layer}.str();
+  std::lock_guard<std::mutex> lk(mu_);
+  Rows& r = seqs_[seq][name];
   r.width = r.k = k;
   for (int64_t i = 0; i < n; ++i) {
     r.pos.push_back(pos0 + i);
@@ -52,6 +63,8 @@ void CaptureHook::on_router(int64_t layer, int64_t seq, const float*, int32_t* i
 }
 
 CapturedSeq CaptureHook::finish(int64_t seq, const SeqLayout& layout) const {
+  wait_reads();
+  std::lock_guard<std::mutex> lk(mu_);
   CapturedSeq out;
   out.positions = spec_.positions.resolve(layout);
   out.prompt_len = layout.prompt_len;

@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -35,11 +36,15 @@ struct CapturedSeq {
   FinishReason finish = FinishReason::length;
 };
 
+// Keeps every row of the wanted sites (selection and reduction happen in finish()). On a device its rows are
+// filed on the model's delivery thread while the next step runs (async_reads): finish() waits for them.
 class CaptureHook : public Hook {
  public:
   CaptureHook(CaptureSpec spec, int64_t n_seqs);
+  ~CaptureHook() override;
   bool wants(const Site& s) const override;
   bool writes(const Site&) const override { return false; }
+  bool async_reads() const override { return true; }
   void on(const Site& s, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) override;
   void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight, int64_t n,
                  int64_t e, int64_t k, int64_t pos0) override;
@@ -60,6 +65,7 @@ class CaptureHook : public Hook {
     const float* row(int64_t i) const { return blocks[i / block_rows].get() + (i % block_rows) * width; }
   };
   CaptureSpec spec_;
+  mutable std::mutex mu_;  // seqs_: rows come from the delivery thread, router rows from the forward pass
   std::vector<std::map<std::string, Rows>> seqs_;
 };
 

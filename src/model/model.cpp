@@ -1,6 +1,10 @@
 #include "model/model.hpp"
 
 #include <algorithm>
+#include <condition_variable>
+#include <deque>
+#include <set>
+#include <thread>
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "util/error.hpp"
@@ -65,6 +69,10 @@ void HookList::on_read(const Site& s, int64_t seq, float* d, int64_t n, int64_t 
   for (auto* h : hooks)
     if (h->wants(s) && h->reads(s)) h->on_read(s, seq, d, n, w, pos0);
 }
+void HookList::readers(const Site& s, int64_t seq, std::vector<std::pair<Hook*, int64_t>>& out) {
+  for (auto* h : hooks)
+    if (h->wants(s) && h->reads(s)) h->readers(s, seq, out);
+}
 void HookList::on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) {
   for (auto* h : hooks)
     if (h->wants(s)) h->on(s, seq, d, n, w, pos0);
@@ -97,20 +105,84 @@ KvCache Model::new_cache() const {
 }
 
 struct Model::Deferred {
+  Hook* to;  // the reading hook (a leaf: wrappers resolved at emit time)
   Site site;
-  int64_t seq;
+  int64_t seq;  // to's own sequence number
   float* host;
   int64_t n, width, pos0;
   int64_t mark;  // the backend mark after its copy (-1: synchronous)
 };
 
+// One thread that runs posted jobs in order; each post's future is ready when its job has run (or thrown).
+class Model::Courier {
+ public:
+  Courier() : thread_([this] { loop(); }) {}
+  ~Courier() {
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+  std::shared_future<void> post(std::function<void()> job) {
+    std::packaged_task<void()> task(std::move(job));
+    std::shared_future<void> f = task.get_future().share();
+    {
+      std::lock_guard<std::mutex> lk(mu_);
+      jobs_.push_back(std::move(task));
+    }
+    cv_.notify_one();
+    return f;
+  }
+
+ private:
+  void loop() {
+    for (;;) {
+      std::packaged_task<void()> task;
+      {
+        std::unique_lock<std::mutex> lk(mu_);
+        cv_.wait(lk, [this] { return stop_ || !jobs_.empty(); });
+        if (jobs_.empty()) return;  // stopping, nothing left
+        task = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      task();  // an exception lands in the task's future
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::packaged_task<void()>> jobs_;
+  bool stop_ = false;
+  std::thread thread_;
+};
+
+Model::~Model() {
+  drain();
+  courier_.reset();
+}
+
+// Waits only: an error thrown by a hook's on_read() belongs to that hook (Hook::wait_reads), not to whoever runs
+// the next pass (on a server, another request).
+void Model::drain() {
+  if (!pending_.valid()) return;
+  pending_.wait();
+  pending_ = {};
+}
+
 namespace {
-// Ends a pass: waits for whatever it issued and releases the staging memory and marks for the next pass.
+// Ends a pass: waits for whatever it issued and recycles the staging memory and marks for the next pass; where
+// the pass's reads are still being delivered on the delivery thread, its set stays untouched and the other
+// set (free: the reads before were waited for) becomes current.
 struct StageScope {
   Backend& be;
+  bool keep = false;
   ~StageScope() {
     be.wait();
-    be.stage_reset();
+    if (keep)
+      be.stage_swap();
+    else
+      be.stage_reset();
   }
 };
 }  // namespace
@@ -153,21 +225,49 @@ void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& i
     auto* host = static_cast<float*>(be.stage_host(N * width * sizeof(float)));
     be.download_async(host, data, N * width * sizeof(float));
     const int64_t mk = be.mark();
-    for (size_t i = 0; i < items.size(); ++i)
-      later.push_back({site, static_cast<int64_t>(i), host + row0[i] * width, items[i].n, width, items[i].cache->length, mk});
+    std::vector<std::pair<Hook*, int64_t>> to;
+    for (size_t i = 0; i < items.size(); ++i) {
+      to.clear();
+      hook->readers(site, static_cast<int64_t>(i), to);
+      for (auto& [h, seq] : to)
+        later.push_back({h, site, seq, host + row0[i] * width, items[i].n, width, items[i].cache->length, mk});
+    }
   }
 }
 
-// Called right after the pass is issued: each site's rows are handed to the hook as soon as their copy is done,
-// while the device still computes the layers after it (the host's work on captures overlaps the pass).
-void Model::deliver(Hook* hook, std::vector<Deferred>& later) {
+// Each site's rows go to their hooks as soon as their copy is done, while the device still computes the layers
+// after it.
+void Model::deliver_now(Backend& be, const std::vector<Deferred>& later) {
   int64_t waited = -2;
   for (auto& d : later) {
-    if (d.mark != waited) backend_->wait_mark(d.mark);
+    if (d.mark != waited) be.wait_mark(d.mark);
     waited = d.mark;
-    hook->on_read(d.site, d.seq, d.host, d.n, d.width, d.pos0);
+    d.to->on_read(d.site, d.seq, d.host, d.n, d.width, d.pos0);
   }
+}
+
+// Called right after the pass is issued. The reads of the pass before are waited for first (reads stay in pass
+// order, and their staging set is then free). With every reader able to take its rows on another thread, they
+// go to the delivery thread and the caller returns to issue the next step while the host files them.
+bool Model::deliver(std::vector<Deferred>& later) {
+  drain();
+  if (later.empty()) return false;
+  bool async = async_reads_;
+  for (auto& d : later) async = async && d.to->async_reads();
+  if (!async) {
+    deliver_now(*backend_, later);
+    later.clear();
+    return false;
+  }
+  if (!courier_) courier_ = std::make_unique<Courier>();
+  auto job = std::make_shared<std::vector<Deferred>>(std::move(later));
   later.clear();
+  Backend* be = backend_.get();
+  pending_ = courier_->post([be, job] { deliver_now(*be, *job); });
+  std::set<Hook*> hooks;
+  for (auto& d : *job) hooks.insert(d.to);
+  for (Hook* h : hooks) h->set_reads_done(pending_);
+  return true;
 }
 
 void Model::attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items,
@@ -317,7 +417,7 @@ void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<flo
   std::vector<int64_t> rows;
   std::vector<Deferred> later;
   Buf<float> lg = run(items, obs, false, rows, later);
-  deliver(obs, later);
+  stage.keep = deliver(later);
   std::vector<float> lgh = lg.host();
   logits.assign(items.size(), {});
   size_t r = 0;
@@ -348,11 +448,11 @@ void Model::forward(std::vector<ForwardItem>& items, const std::vector<RowDraw>&
   const bool hook_logits = obs && obs->wants({SiteKind::logits, -1});
   std::vector<float> all;
   if (!hook_logits) {
-    deliver(obs, later);
+    stage.keep = deliver(later);
     be.logits_top(lg.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
   } else {
     all = lg.host();
-    deliver(obs, later);
+    stage.keep = deliver(later);
   }
   if (hook_logits) {  // the hook may change the logits: reduce what it leaves
     for (int64_t i = 0; i < B; ++i)

@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <functional>
+#include <future>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -53,7 +54,8 @@ class Hook {
   // Device fast path, used only where writes(site): describe the writes on() would make as row ops (rows
   // relative to this sequence's first row) and return true, or return false to have the rows copied out, on()
   // called and the rows copied back. After the ops, on_read() shows the rows to the hook's readers (by default
-  // on()); a device backend delivers them asynchronously, before forward() returns.
+  // on()); a device backend delivers them asynchronously: before forward() returns, or for hooks whose
+  // async_reads(), on the model's delivery thread while the next pass runs.
   virtual bool row_ops(const Site& site, int64_t seq, int64_t n_rows, int64_t width, int64_t pos0,
                        std::vector<RowOp>& ops) {
     return false;
@@ -61,11 +63,32 @@ class Hook {
   virtual void on_read(const Site& site, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) {
     on(site, seq, data, n_rows, width, pos0);
   }
+  // The hooks whose on_read() takes batch item `seq`'s rows at this site, each with its own sequence number,
+  // resolved now (a wrapper that renames or dispatches sequences forwards to its inner hooks). A device backend
+  // delivers reads to these hooks directly, possibly after the wrapper's mapping has moved on.
+  virtual void readers(const Site& site, int64_t seq, std::vector<std::pair<Hook*, int64_t>>& out) {
+    if (reads(site)) out.push_back({this, seq});
+  }
+  // True when on_read() may run on the model's delivery thread after forward() has returned, while the caller
+  // goes on (next pass, on(), on_router(), row_ops() on its own thread): the hook then guards its own state, calls
+  // wait_reads() before it reads what it collected, and in its destructor. Reads stay in pass order, and a
+  // pass's reads are all in before the next pass's begin. A device backend then copies and files a pass's
+  // captures while the next pass runs, instead of holding the next step back.
+  virtual bool async_reads() const { return false; }
+  // Blocks until every read handed to this hook asynchronously is in; rethrows an error thrown by on_read().
+  void wait_reads() const {
+    if (reads_done_.valid()) reads_done_.get();
+  }
+  // Set by the model when it hands this hook's reads to its delivery thread.
+  void set_reads_done(std::shared_future<void> f) { reads_done_ = std::move(f); }
   // L.router: router logits [n_rows, E] (read-only) and the chosen experts idx/weight [n_rows, k]. A hook whose
   // writes({router, L}) is true may change idx/weight (force, ablate or reweight experts); the experts then run
   // on what it left.
   virtual void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight,
                          int64_t n_rows, int64_t n_experts, int64_t k, int64_t pos0) {}
+
+ private:
+  std::shared_future<void> reads_done_;
 };
 
 // Several hooks in order (interventions before captures, so a capture sees what flows on).
@@ -78,6 +101,7 @@ class HookList : public Hook {
   void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override;
   bool row_ops(const Site& s, int64_t seq, int64_t n, int64_t w, int64_t pos0, std::vector<RowOp>& ops) override;
   void on_read(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override;
+  void readers(const Site& s, int64_t seq, std::vector<std::pair<Hook*, int64_t>>& out) override;
   void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight,
                  int64_t n, int64_t e, int64_t k, int64_t pos0) override;
 };
@@ -97,6 +121,9 @@ class RemapHook : public Hook {
   }
   void on_read(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
     inner_->on_read(s, (*index_)[seq], d, n, w, pos0);
+  }
+  void readers(const Site& s, int64_t seq, std::vector<std::pair<Hook*, int64_t>>& out) override {
+    inner_->readers(s, (*index_)[seq], out);
   }
   void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight, int64_t n,
                  int64_t e, int64_t k, int64_t pos0) override {
@@ -141,6 +168,15 @@ class Model {
 
   MlaMode mla_mode = MlaMode::automatic;  // automatic: absorbed for single-token steps, expanded otherwise
 
+  // Device backends: a pass whose readers all have async_reads() has its captures filed on the model's delivery
+  // thread while the caller goes on (the next step is issued at once). Off: every read is in before forward()
+  // returns. Tests compare the two.
+  void set_async_reads(bool on) { async_reads_ = on; }
+  // Waits for the last pass's asynchronous reads. forward() does this itself before delivering the next pass,
+  // generate() before it returns; hooks wait for their own reads, and get a read's error, with wait_reads().
+  void drain();
+  ~Model();
+
  private:
   void attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
                  const int64_t* pos, int64_t N, float* out);
@@ -151,12 +187,19 @@ class Model {
   // rows where all_logits and not last_only); reads deferred into `later`.
   Buf<float> run(std::vector<ForwardItem>& items, Hook* hook, bool last_only, std::vector<int64_t>& rows,
                  std::vector<Deferred>& later);
-  void deliver(Hook* hook, std::vector<Deferred>& later);
+  // Hands a pass's deferred reads to their hooks: now, or on the delivery thread (returns true: the pass's staging
+  // memory must outlive it, see Backend::stage_swap).
+  bool deliver(std::vector<Deferred>& later);
+  static void deliver_now(Backend& be, const std::vector<Deferred>& later);
+  class Courier;  // the delivery thread
 
   ModelConfig cfg_;
   ModelWeights w_;
   std::shared_ptr<Backend> backend_;
   std::mutex forward_mu_;
+  bool async_reads_ = true;
+  std::unique_ptr<Courier> courier_;
+  std::shared_future<void> pending_;  // the last pass's asynchronous reads
   std::vector<double> inv_freq_;
   double attn_factor_ = 1.0;
   float attn_scale_ = 1.0f;

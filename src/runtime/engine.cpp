@@ -20,6 +20,7 @@ struct Engine::Live {
   int32_t next = -1;       // token to feed next step
   bool prefilled = false;
   bool final_feed = false;  // feeding the last kept token for its states, then done
+  bool counted = false;     // counted in stats_.active (admitted into the running batch)
   std::string pending_finish;
 };
 
@@ -95,6 +96,10 @@ void Engine::finish(Live& r, const std::string& reason) {
     std::lock_guard<std::mutex> lk(mu_);
     ++stats_.completed;
     if (reason == "cancelled") ++stats_.cancelled;
+    // the batch gauge drops before the answer goes out, so a client reading /metrics after its answer never
+    // sees itself still running
+    if (r.counted) --stats_.active;
+    r.counted = false;
   }
   r.result.finish_reason = reason;
   if (r.cap) {
@@ -139,6 +144,7 @@ void Engine::loop() {
         --stats_.queued;
       }
       stats_.active = static_cast<int64_t>(active.size());
+      for (auto& a : active) a->counted = true;
       for (uint64_t id : cancelled_)
         for (auto& a : active)
           if (a->id == id && a->pending_finish.empty()) a->pending_finish = "cancelled";
@@ -220,6 +226,10 @@ void Engine::step(std::vector<std::shared_ptr<Live>>& active) {
     void on_read(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
       auto& h = (*act)[seq]->hooks;
       if (h.wants(s) && h.reads(s)) h.on_read(s, 0, d, n, w, pos0);
+    }
+    void readers(const Site& s, int64_t seq, std::vector<std::pair<Hook*, int64_t>>& out) override {
+      auto& h = (*act)[seq]->hooks;
+      if (h.wants(s) && h.reads(s)) h.readers(s, 0, out);
     }
     void on_router(int64_t l, int64_t seq, const float* lg, int32_t* idx, float* wt, int64_t n, int64_t e,
                    int64_t k, int64_t pos0) override {

@@ -124,6 +124,7 @@ std::vector<GenerateResult> generate(Model& model, const std::vector<GenerateReq
     }
   }
   for (int64_t i = 0; i < n; ++i) res[i].states = caches[i].length;
+  model.drain();  // every capture of the generation is filed when it returns
   return res;
 }
 

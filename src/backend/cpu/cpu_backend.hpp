@@ -15,8 +15,12 @@ class CpuKv final : public KvState {
 
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(ThreadPool& pool = ThreadPool::global()) : pool_(pool) {}
-  const char* name() const override { return "cpu"; }
+  // staged: the same ops, but the model treats this backend's memory as a device's (host_memory() false): hooks
+  // get their rows through row ops and staged asynchronous reads, as on a GPU. Lets the device path of hooks and
+  // captures be tested on any machine ("cpu-staged").
+  explicit CpuBackend(ThreadPool& pool = ThreadPool::global(), bool staged = false) : pool_(pool), staged_(staged) {}
+  const char* name() const override { return staged_ ? "cpu-staged" : "cpu"; }
+  bool host_memory() const override { return !staged_; }
   void* alloc(size_t bytes) override;
   void release(void* p) override;
   void upload(void* dst, const void* host, size_t bytes) override;
@@ -44,13 +48,19 @@ class CpuBackend final : public Backend {
                   int32_t* top_i) override;
   void apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) override;
   void* stage_host(size_t bytes) override;
-  void stage_reset() override { stage_.clear(); }
+  void stage_reset() override { stage_[cur_].clear(); }
+  void stage_swap() override {
+    cur_ ^= 1;
+    stage_[cur_].clear();
+  }
 
   ThreadPool& pool() { return pool_; }
 
  private:
   ThreadPool& pool_;
-  std::vector<std::vector<uint8_t>> stage_;
+  bool staged_ = false;
+  std::vector<std::vector<uint8_t>> stage_[2];
+  int cur_ = 0;
 };
 
 // The row-op arithmetic, shared by the CPU backend and the CUDA backend's reference tests.

@@ -98,8 +98,8 @@ void CpuBackend::apply_row_ops(float* data, int64_t width, const std::vector<Row
 }
 
 void* CpuBackend::stage_host(size_t bytes) {
-  stage_.emplace_back(bytes);
-  return stage_.back().data();
+  stage_[cur_].emplace_back(bytes);
+  return stage_[cur_].back().data();
 }
 
 void CpuBackend::embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) {

@@ -81,24 +81,35 @@ struct CudaBackend::Impl {
   uint64_t kv_budget = UINT64_MAX;
   std::mutex mu;
   int sms = 0;  // multiprocessors (sizes the split of decode attention)
-  std::vector<cudaEvent_t> marks;  // events recorded by mark(), reused after stage_reset()
-  size_t mark_next = 0;
+  // Two staging sets (Backend::stage_swap): a pinned arena for asynchronous copies (captures, row-op vectors) and
+  // the events recorded by mark(), both reused when their set is recycled. A mark's id carries its set.
+  struct StageSet {
+    std::vector<std::pair<uint8_t*, size_t>> arena;
+    size_t arena_chunk = 0, arena_off = 0;
+    std::vector<cudaEvent_t> marks;
+    size_t mark_next = 0;
+    void recycle() {
+      arena_chunk = arena_off = 0;
+      mark_next = 0;
+    }
+  };
+  StageSet sets[2];
+  int cur = 0;
   // pinned staging for uploads
   static constexpr size_t kStage = 32u << 20;
   void* stage[2] = {nullptr, nullptr};
   cudaEvent_t stage_ev[2] = {nullptr, nullptr};
   int stage_next = 0;
   uint64_t load_total = 0, load_done = 0;
-  // pinned arena for asynchronous copies (captures, row-op vectors), reused after every stage_reset()
-  std::vector<std::pair<uint8_t*, size_t>> arena;
-  size_t arena_chunk = 0, arena_off = 0;
   std::function<void(uint64_t, uint64_t)>* progress = nullptr;
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
     for (void* p : owned) cudaFree(p);
-    for (auto& c : arena) cudaFreeHost(c.first);
-    for (auto e : marks) cudaEventDestroy(e);
+    for (auto& set : sets) {
+      for (auto& c : set.arena) cudaFreeHost(c.first);
+      for (auto e : set.marks) cudaEventDestroy(e);
+    }
     for (int i = 0; i < 2; ++i) {
       if (stage[i]) cudaFreeHost(stage[i]);
       if (stage_ev[i]) cudaEventDestroy(stage_ev[i]);
@@ -831,7 +842,7 @@ void CudaBackend::sample_rows(const float* logits, int64_t V, const std::vector<
 }
 
 void* CudaBackend::stage_host(size_t bytes) {
-  Impl& m = *impl_;
+  Impl::StageSet& m = impl_->sets[impl_->cur];
   bytes = (bytes + 255) / 256 * 256;
   while (m.arena_chunk < m.arena.size()) {
     auto& c = m.arena[m.arena_chunk];
@@ -855,24 +866,28 @@ void CudaBackend::download_async(void* host, const void* src, size_t bytes) {
   CK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, impl_->stream));
 }
 void CudaBackend::wait() { CK(cudaStreamSynchronize(impl_->stream)); }
-void CudaBackend::stage_reset() {
-  impl_->arena_chunk = 0;
-  impl_->arena_off = 0;
-  impl_->mark_next = 0;
+void CudaBackend::stage_reset() { impl_->sets[impl_->cur].recycle(); }
+void CudaBackend::stage_swap() {
+  impl_->cur ^= 1;
+  impl_->sets[impl_->cur].recycle();
 }
+// A mark's id is (set << 32) | index, so a mark of the set left behind by stage_swap() can still be waited for
+// (from the delivery thread) while the other set takes new marks.
 int64_t CudaBackend::mark() {
-  Impl& m = *impl_;
+  Impl::StageSet& m = impl_->sets[impl_->cur];
   if (m.mark_next == m.marks.size()) {
     cudaEvent_t e;
     CK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
     m.marks.push_back(e);
   }
-  CK(cudaEventRecord(m.marks[m.mark_next], m.stream));
-  return static_cast<int64_t>(m.mark_next++);
+  CK(cudaEventRecord(m.marks[m.mark_next], impl_->stream));
+  return (static_cast<int64_t>(impl_->cur) << 32) | static_cast<int64_t>(m.mark_next++);
 }
-void CudaBackend::wait_mark(int64_t i) {
-  Impl& m = *impl_;
-  if (i >= 0 && static_cast<size_t>(i) < m.mark_next) CK(cudaEventSynchronize(m.marks[i]));
+void CudaBackend::wait_mark(int64_t id) {
+  if (id < 0) return;
+  const Impl::StageSet& m = impl_->sets[(id >> 32) & 1];
+  const size_t i = static_cast<size_t>(id & 0xffffffff);
+  if (i < m.mark_next) CK(cudaEventSynchronize(m.marks[i]));
 }
 
 std::shared_ptr<Backend> make_cuda_backend(int device) { return std::make_shared<CudaBackend>(device); }

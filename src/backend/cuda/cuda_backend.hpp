@@ -74,6 +74,7 @@ class CudaBackend final : public Backend {
   void download_async(void* host, const void* src, size_t bytes) override;
   void wait() override;
   void stage_reset() override;
+  void stage_swap() override;
   int64_t mark() override;
   void wait_mark(int64_t m) override;
 
