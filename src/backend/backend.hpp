@@ -166,8 +166,8 @@ class Buf {
   int64_t n_ = 0;
 };
 
-// "cpu", "cpu-staged" (the CPU ops behind the device path of hooks: for testing), or "cuda" / "cuda:N"; throws Error(input) for an unknown name or Error(unsupported) when this build or
-// machine has no CUDA device.
+// "cpu", "cpu-staged" (the CPU ops behind the device path of hooks: for testing), or "cuda" / "cuda:N"; throws
+// Error(input) for an unknown name or Error(unsupported) when this build or machine has no CUDA device.
 std::shared_ptr<Backend> make_backend(const std::string& name);
 
 }  // namespace kscope
