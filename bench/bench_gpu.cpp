@@ -4,11 +4,16 @@
 //   bench_gpu run DIR [--json FILE]                             measure
 //   bench_gpu mla [--json FILE]                                  absorbed decode attention alone at K2's attention
 //                                                               shapes: tensor-core kernel vs the CUDA-core one
+//   bench_gpu profile DIR [--tokens T]                          for ncu (--profile-from-start off): the MoE block
+//                                                               at T tokens and one batch-1 decode step, each once
+//                                                               inside cudaProfilerStart/Stop, after warm-up; prints
+//                                                               the decode step's wall time without the profiler
 // Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
 // large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
 // 1..2048 tokens, MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
 // 4 x 1024 tokens, and peak device memory.
 #include <cublas_v2.h>
+#include <cuda_profiler_api.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -129,6 +134,26 @@ int run(const std::string& dir, const std::string& json_path) {
   const CudaPlan& plan = backend->plan();
   const auto& cfg = model->config();
   out["layers"] = cfg.num_hidden_layers;
+  out["workspace_bytes"] = plan.workspace_bytes;
+  out["kv_bytes_per_token"] = plan.kv_bytes_per_token;
+  {  // bytes one batch-1 decode step must read: every weight it touches once (8 routed experts per MoE layer;
+     // kv_b_proj in the bf16 absorbed form), the embedding row, lm_head; the 16-32-token cache is negligible
+    double b = 2.0 * cfg.hidden_size + model->weights().lm_head.bytes();
+    for (const auto& lw : model->weights().layers) {
+      const auto& a = lw.attn;
+      for (const Linear* l : {a.q_proj ? &*a.q_proj : nullptr, a.q_a_proj ? &*a.q_a_proj : nullptr,
+                              a.q_b_proj ? &*a.q_b_proj : nullptr, &a.kv_a_proj, &a.o_proj})
+        if (l) b += l->bytes();
+      b += 2.0 * a.kv_b_proj.out * a.kv_b_proj.in;
+      if (lw.mlp) b += lw.mlp->gate.bytes() + lw.mlp->up.bytes() + lw.mlp->down.bytes();
+      if (lw.moe) {
+        const auto& e0 = lw.moe->experts[0];
+        b += lw.moe->router.bytes() + cfg.num_experts_per_tok * double(e0.gate.bytes() + e0.up.bytes() + e0.down.bytes());
+        if (lw.moe->shared) b += lw.moe->shared->gate.bytes() + lw.moe->shared->up.bytes() + lw.moe->shared->down.bytes();
+      }
+    }
+    out["decode_b1_bytes"] = b;
+  }
   out["load_seconds"] = plan.load_seconds;
   out["load_bytes"] = plan.load_bytes;
   out["weight_bytes"] = plan.weight_bytes;
@@ -287,6 +312,59 @@ int run(const std::string& dir, const std::string& json_path) {
   return 0;
 }
 
+
+// One MoE block at T tokens and one batch-1 decode step, each run once between cudaProfilerStart/Stop after
+// warm-up, for `ncu --profile-from-start off` (per-kernel times); also prints the decode step's wall time over
+// 20 unprofiled steps, to compare with the sum of its kernels.
+int run_profile(const std::string& dir, int64_t T) {
+  auto backend = std::make_shared<CudaBackend>(0);
+  auto model = Model::load(dir, backend);
+  const auto& cfg = model->config();
+  Backend& be = model->backend();
+  const int64_t H = cfg.hidden_size, E = cfg.n_routed_experts, K = cfg.num_experts_per_tok;
+  int64_t moe_layer = -1;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
+    if (model->weights().layers[l].moe) { moe_layer = l; break; }
+  const auto& mw = *model->weights().layers[moe_layer].moe;
+  Buf<float> x(be, randn(T * H, T)), rl(be, T * E), wt(be, T * K), y(be, T * H), sh(be, T * H);
+  Buf<int32_t> idx(be, T * K);
+  auto step = [&] {
+    be.linear(mw.router, x.data(), T, rl.data());
+    be.route(cfg, rl.data(), mw.score_bias, T, idx.data(), wt.data());
+    be.moe_experts(mw, x.data(), T, K, idx.data(), wt.data(), y.data());
+    if (mw.shared) {
+      be.mlp(*mw.shared, x.data(), T, sh.data());
+      be.add(y.data(), sh.data(), T * H);
+    }
+  };
+  const double s_moe = time_it(step, 20);
+  CU(cudaProfilerStart());
+  step();
+  CU(cudaDeviceSynchronize());
+  CU(cudaProfilerStop());
+  KvCache cache = model->new_cache();
+  std::vector<int32_t> prompt;
+  for (int t = 0; t < 16; ++t) prompt.push_back(static_cast<int32_t>((t * 17 + 3) % cfg.vocab_size));
+  std::vector<ForwardItem> items{{&cache, prompt.data(), 16, false}};
+  std::vector<LogitSummary> logits;
+  const std::vector<RowDraw> full(1);
+  model->forward(items, full, 1, logits);
+  int32_t next = 0;
+  auto dstep = [&] {
+    next = logits[0].top_ids[0];
+    items[0] = {&cache, &next, 1, false};
+    model->forward(items, full, 1, logits);
+  };
+  const double s_dec = time_it(dstep, 20);
+  CU(cudaProfilerStart());
+  dstep();
+  CU(cudaDeviceSynchronize());
+  CU(cudaProfilerStop());
+  std::printf("MoE block, %lld tokens: %.1f us; decode step, batch 1: %.1f us (wall, median of 20)\n",
+              static_cast<long long>(T), s_moe * 1e6, s_dec * 1e6);
+  return 0;
+}
+
 }  // namespace
 
 
@@ -424,7 +502,13 @@ int main(int argc, char** argv) {
         if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
       return run_mla(js);
     }
-    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu mla [--json FILE]\n");
+    if (argc >= 3 && std::string(argv[1]) == "profile") {
+      int64_t T = 1;
+      for (int i = 3; i < argc; ++i)
+        if (std::string(argv[i]) == "--tokens" && i + 1 < argc) T = std::stoll(argv[++i]);
+      return run_profile(argv[2], T);
+    }
+    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());

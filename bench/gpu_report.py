@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Formats scripts/gpu/bench.sh's JSON (kscope-FMT.json from bench_gpu, hf-FMT.json from hf_bench.py) as one
-markdown table per format: measured value, floor, fraction of the floor, HF's value and the ratio.
+"""Formats scripts/gpu/bench.sh's JSON (kscope-FMT.json from bench_gpu, hf-FMT.json from hf_bench.py, and
+interp-FMT.txt from bench_interp) as markdown per format: first issue 6's targets (each target, the measured value,
+its floor, the fraction, HF's value and the ratio, met or not), then every measurement.
 
     python3 bench/gpu_report.py OUT_DIR DATE COMMIT
 """
@@ -18,6 +19,100 @@ def load(p):
         return None
 
 
+def interp_ratios(path):
+    """{'capture': r, 'steering': r, 'both': r} from bench_interp's table (vs plain decode)."""
+    out = {}
+    try:
+        for line in open(path):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if len(cells) == 3 and cells[2].replace(".", "", 1).isdigit():
+                key = "both" if cells[0] == "both" else "capture" if cells[0].startswith("capture") else \
+                    "steering" if "steering" in cells[0] else None
+                if key:
+                    out[key] = float(cells[2])
+    except OSError:
+        pass
+    return out
+
+
+def targets(k, h, interp):
+    """Issue 6's targets as rows: (target, measured, floor, fraction, HF, ratio, met)."""
+    bw, tc = k["hbm_bytes_per_s"], k["bf16_flops"]
+    rows = []
+    moe = {r["tokens"]: r for r in k["moe"]}
+    hm = {r["tokens"]: r for r in h.get("moe", []) if "seconds" in r}
+
+    def frac_bw(r):
+        return r["bw_floor"] / r["seconds"]
+
+    if 1 in moe:
+        r = moe[1]
+        hr = hm.get(1)
+        rows.append(("MoE layer, 1 token: ≥ 80% of the bandwidth floor", f"{r['seconds'] * 1e6:.0f} µs",
+                     f"{r['bw_floor'] * 1e6:.0f} µs", f"{100 * frac_bw(r):.0f}%",
+                     f"{hr['seconds'] * 1e6:.0f} µs ({100 * r['bw_floor'] / hr['seconds']:.0f}%)" if hr else "—",
+                     f"{hr['seconds'] / r['seconds']:.1f}×" if hr else "—", frac_bw(r) >= 0.8))
+    mid = [moe[t] for t in sorted(moe) if 16 <= t <= 256]
+    if mid:
+        worst = min(mid, key=frac_bw)
+        hr = hm.get(worst["tokens"])
+        rows.append((f"MoE layer, 16-256 tokens: ≥ 90% (worst: {worst['tokens']} tokens)",
+                     f"{worst['seconds'] * 1e6:.0f} µs", f"{worst['bw_floor'] * 1e6:.0f} µs",
+                     f"{100 * frac_bw(worst):.0f}% ({100 * min(map(frac_bw, mid)):.0f}-{100 * max(map(frac_bw, mid)):.0f}%)",
+                     f"{hr['seconds'] * 1e6:.0f} µs" if hr else "—", f"{hr['seconds'] / worst['seconds']:.1f}×" if hr else "—",
+                     frac_bw(worst) >= 0.9))
+    big = [moe[t] for t in sorted(moe) if t >= 2048]
+    if big:
+        r = big[0]
+        f = r["tc_floor"] / r["seconds"]
+        hr = hm.get(r["tokens"])
+        rows.append((f"MoE layer, {r['tokens']} tokens: ≥ 60% of the tensor-core rate", f"{r['seconds'] * 1e6:.0f} µs",
+                     f"{r['tc_floor'] * 1e6:.0f} µs (tc)", f"{100 * f:.0f}%", f"{hr['seconds'] * 1e6:.0f} µs" if hr else "—",
+                     f"{hr['seconds'] / r['seconds']:.1f}×" if hr else "—", f >= 0.6))
+    m = k["mla_decode"]
+    mf = m["bytes"] / bw
+    rows.append((f"MLA decode, batch {m['batch']} × {m['context']}: ≥ 75% of the bandwidth floor",
+                 f"{m['seconds'] * 1e6:.0f} µs", f"{mf * 1e6:.0f} µs", f"{100 * mf / m['seconds']:.0f}%", "—", "—",
+                 mf / m["seconds"] >= 0.75))
+    dec = {r["batch"]: r for r in k["decode"] if "error" not in r}
+    hd = {r["batch"]: r for r in h.get("decode", []) if "tokens_per_s" in r}
+    if 1 in dec:
+        r = dec[1]
+        fb = k.get("decode_b1_bytes")
+        fl = fb / bw if fb else None
+        rows.append(("decode, batch 1: step ≤ 1.3× the sum of its kernels' floors", f"{r['step_seconds'] * 1e3:.2f} ms",
+                     f"{fl * 1e3:.2f} ms" if fl else "—", f"{r['step_seconds'] / fl:.2f}× the floor" if fl else "—",
+                     f"{hd[1]['step_seconds'] * 1e3:.1f} ms" if 1 in hd else "—",
+                     f"{hd[1]['step_seconds'] / r['step_seconds']:.1f}× (target ≥ 10×)" if 1 in hd else "—",
+                     (fl is not None and r["step_seconds"] <= 1.3 * fl) and (1 not in hd or hd[1]["step_seconds"] >= 10 * r["step_seconds"])))
+    if 64 in dec:
+        r = dec[64]
+        rows.append(("decode, batch 64: ≥ 3× HF", f"{r['tokens_per_s']:.0f} tok/s", "", "",
+                     f"{hd[64]['tokens_per_s']:.0f} tok/s" if 64 in hd else "—",
+                     f"{r['tokens_per_s'] / hd[64]['tokens_per_s']:.1f}×" if 64 in hd else "—",
+                     64 in hd and r["tokens_per_s"] >= 3 * hd[64]["tokens_per_s"]))
+    if 256 in {r["batch"] for r in k["decode"]}:
+        r = next(r for r in k["decode"] if r["batch"] == 256)
+        rows.append(("decode, batch 256 runs", f"{r['tokens_per_s']:.0f} tok/s" if "error" not in r else r["error"][:40],
+                     "", "", "—", "—", "error" not in r))
+    p = k["prefill"]
+    pf = p["flops"] / tc
+    hp = h.get("prefill", {})
+    rows.append(("prefill 4 × 1024: ≥ 50% of the tensor-core rate", f"{p['seconds'] * 1e3:.0f} ms", f"{pf * 1e3:.1f} ms (tc)",
+                 f"{100 * pf / p['seconds']:.0f}%", f"{hp['seconds'] * 1e3:.0f} ms" if "seconds" in hp else "—",
+                 f"{hp['seconds'] / p['seconds']:.2f}×" if "seconds" in hp else "—", pf / p["seconds"] >= 0.5))
+    if interp:
+        both = interp.get("both")
+        rows.append(("64 rows' own steering + capture of every layer's resid_post, batch 64: within 5% of plain",
+                     f"capture {interp.get('capture', float('nan')):.3f}, steering {interp.get('steering', float('nan')):.3f}, "
+                     f"both {both:.3f} of plain" if both else "—", "", "", "—", "—", bool(both and both >= 0.95)))
+    if "workspace_bytes" in k:
+        rows.append(("memory: weights + KV cache + a bounded workspace",
+                     f"peak {k['peak_bytes'] / 1e9:.1f} GB", f"weights {k['weight_bytes'] / 1e9:.1f} GB + workspace "
+                     f"{k['workspace_bytes'] / 1e9:.2f} GB + KV {k['kv_bytes_per_token']} B/token", "", "—", "—", None))
+    return rows
+
+
 def main():
     d, date, commit = sys.argv[1], sys.argv[2], sys.argv[3]
     for kp in sorted(glob.glob(os.path.join(d, "kscope-*.json"))):
@@ -33,6 +128,13 @@ def main():
         if "error" in h:
             hv += f" — HF could not load it: {h['error'][:160]}"
         print(f"HF: {hv}\n")
+        interp = interp_ratios(os.path.join(d, f"interp-{fmt}.txt"))
+        print("| target | kscope | floor | fraction | HF | vs HF | met |")
+        print("|---|---:|---:|---:|---:|---:|:---:|")
+        for t in targets(k, h, interp):
+            met = "—" if t[6] is None else ("yes" if t[6] else "no")
+            print("| " + " | ".join(t[:6]) + f" | {met} |")
+        print()
         print("| measure | kscope | floor | of floor | HF | speed-up over HF |")
         print("|---|---:|---:|---:|---:|---:|")
         hm = {r["tokens"]: r for r in h.get("moe", [])}

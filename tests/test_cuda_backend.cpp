@@ -65,7 +65,9 @@ class CudaOps : public ::testing::Test {
   }
 
   // Random W [out, in] ~ N(0, 1/in) stored as `fmt` (bf16; fp8 128x128 blocks; int4 groups of 32).
-  const Linear& make_linear(WeightFormat fmt, int64_t out, int64_t in, const std::string& name = "w") {
+  // With f32_scales, INT4 scales are stored as F32 values off the bf16 grid (the few-row matmul's fp32 path).
+  const Linear& make_linear(WeightFormat fmt, int64_t out, int64_t in, const std::string& name = "w",
+                            bool f32_scales = false) {
     auto& h = linears_.emplace_back();
     const auto w = randn(out * in, 1.0f / std::sqrt(static_cast<float>(in)));
     h.lin.name = name;
@@ -98,11 +100,19 @@ class CudaOps : public ::testing::Test {
       quantize_int4_group(w.data(), out, in, 32, packed, sc);
       h.w.resize(packed.size() * 4);
       std::memcpy(h.w.data(), packed.data(), h.w.size());
-      h.s.resize(sc.size() * 2);
-      std::memcpy(h.s.data(), sc.data(), h.s.size());
+      if (f32_scales) {
+        h.s.resize(sc.size() * 4);
+        for (size_t i = 0; i < sc.size(); ++i) {
+          const float f = bf16_to_f32(sc[i]) * (1.0f + 1.0f / 4096);
+          std::memcpy(h.s.data() + 4 * i, &f, 4);
+        }
+      } else {
+        h.s.resize(sc.size() * 2);
+        std::memcpy(h.s.data(), sc.data(), h.s.size());
+      }
       h.wt.dtype = DType::I32;
       h.wt.shape = {out, (in + 7) / 8};
-      h.st.dtype = DType::BF16;
+      h.st.dtype = f32_scales ? DType::F32 : DType::BF16;
       h.st.shape = {out, (in + 31) / 32};
       h.lin.group = 32;
     }
@@ -182,7 +192,9 @@ TEST_F(CudaOps, pipelined_matmul_gives_the_bits_of_the_single_stage_one) {
         CudaBackend::force_simple_gemm(true);
         gpu_->linear(l, xd.data(), n, y1.data());
         CudaBackend::force_simple_gemm(false);
+        CudaBackend::force_few_rows(false);  // the tile kernels, also for few rows
         gpu_->linear(l, xd.data(), n, y2.data());
+        CudaBackend::force_few_rows(true);
         EXPECT_EQ(y1.host(), y2.host()) << format_name(wf) << " " << sh.out << "x" << sh.in << " n=" << n;
       }
   const int64_t H = 256, I = 128, E = 16, K = 4;
@@ -202,8 +214,80 @@ TEST_F(CudaOps, pipelined_matmul_gives_the_bits_of_the_single_stage_one) {
       CudaBackend::force_simple_gemm(true);
       gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), m1.data());
       CudaBackend::force_simple_gemm(false);
+      CudaBackend::force_few_rows(false);
       gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), m2.data());
+      CudaBackend::force_few_rows(true);
       EXPECT_EQ(m1.host(), m2.host()) << "moe " << format_name(wf) << " n=" << n;
+    }
+  }
+}
+
+// The streamed-weight matmul (every shape whose K is a multiple of its stage: weights straight into mma fragments,
+// dequantized in registers) against the CPU reference in every format, with output counts that are not a multiple
+// of its 16-feature tiles, K split over blocks for narrow matrices, INT4 scales on and off the bf16 grid, and 1 to
+// 67 rows (1-3 row tiles of 32). A row's result is the same bits whatever other rows come with it, in a dense matmul
+// and in the MoE experts (where the rows of an expert come from other tokens).
+TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other_rows) {
+  struct Shape { int64_t out, in; bool f32_scales; };
+  for (auto wf : kFormats)
+    for (Shape sh : {Shape{200, 512, false}, Shape{13, 4096, false}, Shape{130, 1536, false}, Shape{77, 1024, true}}) {
+      if (sh.f32_scales && wf != WeightFormat::int4_group) continue;
+      const Linear& l = make_linear(wf, sh.out, sh.in, "w", sh.f32_scales);
+      gpu_->prepare_linear(l);
+      const auto x = randn(67 * sh.in);
+      auto xd = dev(x);
+      std::vector<float> first;
+      for (int64_t n : {1, 3, 8, 9, 17, 32, 33, 67}) {
+        std::vector<float> want(n * sh.out);
+        cpu_.linear(l, x.data(), n, want.data());
+        auto yd = poisoned(n * sh.out);
+        gpu_->linear(l, xd.data(), n, yd.data());
+        const auto got = yd.host();
+        expect_close(got, want, kMatmulTol,
+                     fmt::format("streamed {} {}x{}{} n={}", format_name(wf), sh.out, sh.in, sh.f32_scales ? " f32 scales" : "", n));
+        const std::vector<float> row0(got.begin(), got.begin() + sh.out);
+        if (first.empty()) first = row0;
+        EXPECT_EQ(row0, first) << "row 0 changed with " << n << " rows";
+      }
+    }
+  // MLP (gate and up in one launch, K split) and MoE experts at aligned shapes, with routing skewed so that expert 0
+  // takes every token (120 rows: 4 row tiles) while the others share the rest
+  const int64_t H = 512, I = 256, E = 16, K = 4;
+  for (auto wf : kFormats) {
+    MlpWeights mlp{make_linear(wf, I, H), make_linear(wf, I, H), make_linear(wf, H, I)};
+    gpu_->prepare_linear(mlp.gate);
+    gpu_->prepare_linear(mlp.up);
+    gpu_->prepare_linear(mlp.down);
+    MoeWeights moe;
+    make_moe(moe, wf, H, I, E);
+    const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
+    for (int64_t n : {1, 5, 40, 120}) {
+      const auto x = randn(n * H);
+      auto xd = dev(x);
+      std::vector<float> want(n * H);
+      cpu_.mlp(mlp, x.data(), n, want.data());
+      auto od = poisoned(n * H);
+      gpu_->mlp(mlp, xd.data(), n, od.data());
+      expect_close(od.host(), want, kChainTol, fmt::format("streamed mlp {} n={}", format_name(wf), n));
+      std::vector<float> rl(n * E), wt(n * K);
+      std::vector<int32_t> idx(n * K);
+      cpu_.linear(moe.router, x.data(), n, rl.data());
+      for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;
+      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
+      cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
+      Buf<int32_t> id(*gpu_, idx);
+      auto wd = dev(wt);
+      auto md = poisoned(n * H);
+      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), md.data());
+      const auto got = md.host();
+      expect_close(got, want, kChainTol, fmt::format("streamed moe {} n={}", format_name(wf), n));
+      // the last token alone, with its routing: the same bits as in the batch
+      auto x1 = dev(std::vector<float>(x.end() - H, x.end()));
+      Buf<int32_t> id1(*gpu_, std::vector<int32_t>(idx.end() - K, idx.end()));
+      auto wd1 = dev(std::vector<float>(wt.end() - K, wt.end()));
+      auto m1 = poisoned(H);
+      gpu_->moe_experts(moe, x1.data(), 1, K, id1.data(), wd1.data(), m1.data());
+      EXPECT_EQ(m1.host(), std::vector<float>(got.end() - H, got.end())) << "moe " << format_name(wf) << ": token alone vs in " << n;
     }
   }
 }

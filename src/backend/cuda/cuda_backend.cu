@@ -157,9 +157,10 @@ struct CudaBackend::Impl {
     plan.load_bytes += t.nbytes;
     stream_in(dst, t.nbytes, [&](uint8_t* h, size_t off, size_t n) { std::memcpy(h, t.data + off, n); });
   }
-  // A float tensor (F32/F16/BF16) converted to bf16 or f32 on the way.
+  // A float tensor (F32/F16/BF16) converted to bf16 or f32 on the way. With bf16_exact: cleared when a value
+  // (converted to f32) is not a bf16 value.
   template <class Out>
-  void put_converted(const TensorInfo& t, Out* dst) {
+  void put_converted(const TensorInfo& t, Out* dst, bool* bf16_exact = nullptr) {
     const int64_t n_el = t.numel();
     plan.load_bytes += t.nbytes;
     stream_in(reinterpret_cast<uint8_t*>(dst), n_el * sizeof(Out), [&](uint8_t* h, size_t off, size_t n) {
@@ -176,6 +177,11 @@ struct CudaBackend::Impl {
         }
         if constexpr (std::is_same_v<Out, float>) o[i] = f;
         else { const uint16_t b = f32_to_bf16(f); std::memcpy(o + i, &b, 2); }
+        if (bf16_exact && *bf16_exact) {
+          uint32_t u;
+          std::memcpy(&u, &f, 4);
+          if (u & 0xffffu) *bf16_exact = false;
+        }
       }
     });
   }
@@ -218,14 +224,14 @@ struct CudaBackend::Impl {
     }
     return d;
   }
-  // Uploads linear l into (w, s) at the given offsets.
-  void put_linear(const Linear& l, uint8_t* w, float* s) {
+  // Uploads linear l into (w, s) at the given offsets; clears *s_bf16 when a scale is not a bf16 value.
+  void put_linear(const Linear& l, uint8_t* w, float* s, bool* s_bf16) {
     if (l.format == WeightFormat::dense) {
       if (l.weight->dtype == DType::BF16) put_raw(*l.weight, w);
       else put_converted<uint16_t>(*l.weight, reinterpret_cast<uint16_t*>(w));
     } else {
       put_raw(*l.weight, w);
-      put_converted<float>(*l.scale, s);
+      put_converted<float>(*l.scale, s, s_bf16);
     }
   }
 
@@ -271,6 +277,7 @@ CudaBackend::~CudaBackend() = default;
 const CudaPlan& CudaBackend::plan() const { return impl_->plan; }
 uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
 void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
+void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }
 void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> g(impl_->mu);
@@ -299,7 +306,8 @@ void CudaBackend::prepare_linear(const Linear& l) {
   } else {
     auto* w = static_cast<uint8_t*>(m.dmalloc(Impl::weight_bytes(l), l.name));
     float* s = l.format == WeightFormat::dense ? nullptr : static_cast<float*>(m.dmalloc(Impl::scale_count(l) * 4, l.name + " scales"));
-    m.put_linear(l, w, s);
+    d.s_bf16 = true;
+    m.put_linear(l, w, s, &d.s_bf16);
     d.w = w;
     d.s = s;
     m.tensors[l.weight] = w;
@@ -319,6 +327,7 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
     const Linear& l0 = get(mw.experts[0]);
     DLin d = Impl::describe(l0);
     const size_t wb = Impl::weight_bytes(l0), sc = Impl::scale_count(l0);
+    d.s_bf16 = true;
     auto* w = static_cast<uint8_t*>(m.dmalloc(wb * E, l0.name + " (all experts)"));
     float* s = sc ? static_cast<float*>(m.dmalloc(sc * E * 4, l0.name + " scales (all experts)")) : nullptr;
     for (int64_t e = 0; e < E; ++e) {
@@ -327,7 +336,7 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
                        l.block_in == l0.block_in && l.group == l0.group,
                    weights, l.name, "experts of one layer must share format and shape ({} vs {})", format_name(l.format),
                    format_name(l0.format));
-      m.put_linear(l, w + e * wb, s ? s + e * sc : nullptr);
+      m.put_linear(l, w + e * wb, s ? s + e * sc : nullptr, &d.s_bf16);
     }
     d.w = w;
     d.s = s;
@@ -714,12 +723,13 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   const cuda::Groups g{row_off.data(), tile_off.data(), E};
   const int tiles = static_cast<int>(cdiv(M, cuda::kBM) + std::min<int64_t>(E, M));
   KSCOPE_CHECK(tiles <= 65535, resource, "cuda", "{} routed rows in one MoE call exceed the grid limit", M);
+  const int max_rows = static_cast<int>(std::min<int64_t>(n, cuda::kBM));  // an expert gets at most one row per token
   Buf<float> gt(*this, M * I), up(*this, M * I);
-  cuda::gemm(xp.data(), static_cast<int>(M), gt.data(), dm.gate, g, tiles, m.stream, up.data(), &dm.up);
+  cuda::gemm(xp.data(), static_cast<int>(M), gt.data(), dm.gate, g, tiles, m.stream, up.data(), &dm.up, max_rows);
   Buf<bf16> act(*this, M * I);
   cuda::silu_mul(gt.data(), up.data(), M * I, act.data(), m.stream);
   Buf<float> dn(*this, M * H);
-  cuda::gemm(act.data(), static_cast<int>(M), dn.data(), dm.down, g, tiles, m.stream);
+  cuda::gemm(act.data(), static_cast<int>(M), dn.data(), dm.down, g, tiles, m.stream, nullptr, nullptr, max_rows);
   cuda::moe_combine(dn.data(), slot_pos.data(), idx, weight, n, static_cast<int>(k), H, out, m.stream);
 }
 
@@ -752,14 +762,25 @@ void CudaBackend::logits_top(const float* logits, int64_t R, int64_t V, int64_t 
                              float* top_v, int32_t* top_i) {
   M = std::min(M, V);
   if (R == 0) return;
-  Buf<float> mx(*this, R), tv(*this, R * M);
-  Buf<double> ls(*this, R);
-  Buf<int32_t> ti(*this, R * M);
-  cuda::logits_top(logits, R, V, static_cast<int>(M), mx.data(), ls.data(), tv.data(), ti.data(), impl_->stream);
-  download(max, mx.data(), R * sizeof(float));
-  download(log_sum, ls.data(), R * sizeof(double));
-  download(top_v, tv.data(), R * M * sizeof(float));
-  download(top_i, ti.data(), R * M * sizeof(int32_t));
+  const int64_t Mk = std::max<int64_t>(M, 1);  // the max is the first of the top entries
+  // one device block, one copy back: log-sums [R] (double), maxima [R], top values [R, Mk], top ids [R, Mk]
+  const size_t b_ls = R * sizeof(double), b_mx = R * sizeof(float), b_tv = R * Mk * sizeof(float);
+  const size_t bytes = b_ls + b_mx + 2 * b_tv;
+  Buf<uint8_t> out(*this, static_cast<int64_t>(bytes));
+  Buf<uint8_t> scratch(*this, static_cast<int64_t>(cuda::logits_top_scratch(R, V, static_cast<int>(Mk))));
+  uint8_t* o = out.data();
+  cuda::logits_top(logits, R, V, static_cast<int>(Mk), reinterpret_cast<float*>(o + b_ls), reinterpret_cast<double*>(o),
+                   reinterpret_cast<float*>(o + b_ls + b_mx), reinterpret_cast<int32_t*>(o + b_ls + b_mx + b_tv),
+                   scratch.data(), impl_->stream);
+  std::vector<uint8_t> h(bytes);
+  download(h.data(), o, bytes);
+  std::memcpy(log_sum, h.data(), b_ls);
+  std::memcpy(max, h.data() + b_ls, b_mx);
+  if (M > 0)
+    for (int64_t r = 0; r < R; ++r) {
+      std::memcpy(top_v + r * M, h.data() + b_ls + b_mx + r * Mk * sizeof(float), M * sizeof(float));
+      std::memcpy(top_i + r * M, h.data() + b_ls + b_mx + b_tv + r * Mk * sizeof(int32_t), M * sizeof(int32_t));
+    }
 }
 
 void CudaBackend::apply_row_ops(float* data, int64_t width, const std::vector<RowOp>& ops) {

@@ -86,6 +86,8 @@ class CudaBackend final : public Backend {
   uint64_t kv_bytes() const;
   // Tests: run every matmul with the single-stage kernel instead of the pipelined one.
   static void force_simple_gemm(bool on);
+  // Tests and benchmarks: turn the few-row matmul (groups of ≤ 32 rows) off, so the tile kernels run everything.
+  static void force_few_rows(bool on);
   // Tests: run absorbed (decode) attention with the CUDA-core kernel instead of the tensor-core one.
   static void force_simple_attention(bool on);
   // Overrides the plan's KV budget (tests of admission control; a server that shares the device).

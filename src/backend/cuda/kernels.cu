@@ -312,16 +312,44 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
 
 bool g_simple_gemm = false;
 
-// One warp per output element, fp32 inputs: exact dequantized weights times fp32 activations.
+// One warp per output feature and up to 4 rows (the weights read once for them), fp32 inputs: exact dequantized
+// weights times fp32 activations. BF16 weights with K % 8 == 0 (routers) come in 16 bytes per lane.
 __global__ void k_gemm_f32(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int n = blockIdx.x * 4 + warp, m = blockIdx.y;
+  const int n = blockIdx.x * 4 + warp, m0 = blockIdx.y * 4;
   if (n >= W.N) return;
-  const float* x = X + static_cast<int64_t>(m) * W.K;
-  float acc = 0;
-  for (int k = lane; k < W.K; k += 32) acc += x[k] * weight_at(W, n, k);
-  acc = warp_sum(acc);
-  if (lane == 0) Y[static_cast<int64_t>(m) * W.N + n] = acc;
+  const int mr = min(4, M - m0);
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (W.fmt == kBf16 && (W.K & 7) == 0) {
+    const bf16* wr = reinterpret_cast<const bf16*>(W.w + n * W.w_ld);
+    for (int k = lane * 8; k < W.K; k += 256) {
+      const uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr + k));
+      const uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
+      float wf[8];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ws[i]));
+        wf[2 * i] = f.x;
+        wf[2 * i + 1] = f.y;
+      }
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        if (r < mr) {
+          const float4* x = reinterpret_cast<const float4*>(X + static_cast<int64_t>(m0 + r) * W.K + k);
+          const float4 a = x[0], b = x[1];
+          acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+        }
+    }
+  } else {
+    for (int k = lane; k < W.K; k += 32) {
+      const float w = weight_at(W, n, k);
+      for (int r = 0; r < mr; ++r) acc[r] += X[static_cast<int64_t>(m0 + r) * W.K + k] * w;
+    }
+  }
+  for (int r = 0; r < 4; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0 && r < mr) Y[static_cast<int64_t>(m0 + r) * W.N + n] = v;
+  }
 }
 
 __global__ void k_f32_to_bf16(const float* x, bf16* y, int64_t n) {
@@ -334,14 +362,31 @@ __global__ void k_fill(float* p, float v, int64_t n) {
 __global__ void k_add(float* y, const float* x, int64_t n) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) y[i] += x[i];
 }
+// grid (rows, column blocks of 4 * blockDim) for the row copies: each thread 4 columns
 __global__ void k_embed(const bf16* table, int64_t H, const int32_t* ids, float* out) {
   const int64_t t = blockIdx.x;
   const bf16* row = table + static_cast<int64_t>(ids[t]) * H;
-  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) out[t * H + c] = bf(row[c]);
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * 4;
+  if (c >= H) return;
+  if ((H & 3) == 0) {
+    const uint2 v = *reinterpret_cast<const uint2*>(row + c);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v.y));
+    *reinterpret_cast<float4*>(out + t * H + c) = make_float4(a.x, a.y, b.x, b.y);
+  } else {
+    for (int64_t j = c; j < min(H, c + 4); ++j) out[t * H + j] = bf(row[j]);
+  }
 }
 __global__ void k_gather_rows(const float* src, const int64_t* rows, int64_t width, float* dst) {
   const int64_t i = blockIdx.x;
-  for (int64_t c = threadIdx.x; c < width; c += blockDim.x) dst[i * width + c] = src[rows[i] * width + c];
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * 4;
+  if (c >= width) return;
+  const float* s = src + rows[i] * width;
+  if ((width & 3) == 0) {
+    *reinterpret_cast<float4*>(dst + i * width + c) = *reinterpret_cast<const float4*>(s + c);
+  } else {
+    for (int64_t j = c; j < min(width, c + 4); ++j) dst[i * width + j] = s[j];
+  }
 }
 __global__ void k_silu_mul(const float* g, const float* u, int64_t n, bf16* out) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -392,12 +437,25 @@ __global__ void k_rope(float* x, int64_t row_stride, int64_t head_stride, int64_
   }
 }
 
-__global__ void k_route(RouteArgs a, const float* logits, const float* bias, int32_t* idx, float* weight) {
+// (value, index) ordering of the router's serial scan: larger first, then the lower index; index -1 is "none".
+__device__ __forceinline__ bool route_better(float v, int i, float w, int j) {
+  return i >= 0 && (j < 0 || v > w || (v == w && i < j));
+}
+
+// One block of kRouteThreads per token. Scores and group scores are computed in parallel; each of the K picks is
+// a block-wide argmax over the untaken experts with the serial scan's order (larger, then lower index), so the
+// choices and the weights' summation order are those of a one-thread scan.
+constexpr int kRouteThreads = 128;
+__global__ void __launch_bounds__(kRouteThreads) k_route(RouteArgs a, const float* logits, const float* bias,
+                                                         int32_t* idx, float* weight) {
   extern __shared__ float sm[];
   float* scores = sm;
   float* choice = sm + a.E;
   float* gscore = sm + 2 * a.E;  // [G]
   char* taken = reinterpret_cast<char*>(sm + 2 * a.E + a.G);
+  __shared__ float wv[kRouteThreads / 32];
+  __shared__ int wi[kRouteThreads / 32];
+  __shared__ int sel[64];
   const int64_t t = blockIdx.x;
   const float* l = logits + t * a.E;
   if (a.sigmoid) {
@@ -417,10 +475,9 @@ __global__ void k_route(RouteArgs a, const float* logits, const float* bias, int
     taken[i] = 0;
   }
   __syncthreads();
-  if (threadIdx.x != 0) return;
-  if (a.method != 0 && a.G > 1) {
+  if (a.method != 0 && a.G > 1 && a.topk_group < a.G) {
     const int per = a.E / a.G;
-    for (int g = 0; g < a.G; ++g) {
+    for (int g = threadIdx.x; g < a.G; g += blockDim.x) {
       const float* c = (a.method == 2 ? choice : scores) + g * per;
       if (a.method == 2) {  // sum of the group's two best
         float x = -INFINITY, y = -INFINITY;
@@ -434,27 +491,48 @@ __global__ void k_route(RouteArgs a, const float* logits, const float* bias, int
         gscore[g] = x;
       }
     }
-    // keep the topk_group best groups (ties to the lower index), mask the rest
-    unsigned long long keep = 0;
-    for (int s = 0; s < a.topk_group; ++s) {
-      int best = -1;
-      for (int g = 0; g < a.G; ++g)
-        if (!((keep >> g) & 1ull) && (best < 0 || gscore[g] > gscore[best])) best = g;
-      keep |= 1ull << best;
+    __syncthreads();
+    __shared__ unsigned long long keep_s;
+    if (threadIdx.x == 0) {  // keep the topk_group best groups (ties to the lower index)
+      unsigned long long keep = 0;
+      for (int s = 0; s < a.topk_group; ++s) {
+        int best = -1;
+        for (int g = 0; g < a.G; ++g)
+          if (!((keep >> g) & 1ull) && (best < 0 || gscore[g] > gscore[best])) best = g;
+        keep |= 1ull << best;
+      }
+      keep_s = keep;
     }
-    for (int i = 0; i < a.E; ++i)
+    __syncthreads();
+    const unsigned long long keep = keep_s;
+    for (int i = threadIdx.x; i < a.E; i += blockDim.x)
       if (!((keep >> (i / per)) & 1ull)) choice[i] = -INFINITY;
+    __syncthreads();
   }
-  float sum = 0;
-  int sel[64];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int s = 0; s < a.K; ++s) {
-    int best = -1;
-    for (int i = 0; i < a.E; ++i)
-      if (!taken[i] && (best < 0 || choice[i] > choice[best])) best = i;
-    taken[best] = 1;
-    sel[s] = best;
-    sum += scores[best];
+    float bv = 0.0f;
+    int bi = -1;
+    for (int i = threadIdx.x; i < a.E; i += blockDim.x)
+      if (!taken[i] && route_better(choice[i], i, bv, bi)) { bv = choice[i]; bi = i; }
+    for (int m = 16; m >= 1; m >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
+      if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+    }
+    if (lane == 0) { wv[warp] = bv; wi[warp] = bi; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < kRouteThreads / 32; ++w)
+        if (route_better(wv[w], wi[w], wv[0], wi[0])) { wv[0] = wv[w]; wi[0] = wi[w]; }
+      sel[s] = wi[0];
+      taken[wi[0]] = 1;
+    }
+    __syncthreads();
   }
+  if (threadIdx.x != 0) return;
+  float sum = 0;
+  for (int s = 0; s < a.K; ++s) sum += scores[sel[s]];
   for (int s = 0; s < a.K; ++s) {
     float w = scores[sel[s]];
     if (a.norm_topk) w /= (sum + 1e-20f);
@@ -467,18 +545,43 @@ __global__ void k_moe_count(const int32_t* idx, int64_t n, int* counts) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     atomicAdd(&counts[idx[i]], 1);
 }
-__global__ void k_moe_scan(const int* counts, int E, int* row_off, int* tile_off, int* cursor) {
-  if (threadIdx.x != 0) return;
+// Offsets of each expert's rows and row tiles, in expert order: one block, each thread a run of experts, a
+// Hillis-Steele scan over the threads' sums.
+constexpr int kScanThreads = 512;
+__global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, int E, int* row_off, int* tile_off,
+                                                           int* cursor) {
+  __shared__ int sr[kScanThreads], st[kScanThreads];
+  const int per = (E + kScanThreads - 1) / kScanThreads;
+  const int e0 = min(E, static_cast<int>(threadIdx.x) * per), e1 = min(E, e0 + per);
   int r = 0, t = 0;
-  for (int e = 0; e < E; ++e) {
+  for (int e = e0; e < e1; ++e) {
+    r += counts[e];
+    t += (counts[e] + kBM - 1) / kBM;
+  }
+  sr[threadIdx.x] = r;
+  st[threadIdx.x] = t;
+  __syncthreads();
+  for (int d = 1; d < kScanThreads; d <<= 1) {
+    int ar = 0, at = 0;
+    if (threadIdx.x >= d) { ar = sr[threadIdx.x - d]; at = st[threadIdx.x - d]; }
+    __syncthreads();
+    sr[threadIdx.x] += ar;
+    st[threadIdx.x] += at;
+    __syncthreads();
+  }
+  r = sr[threadIdx.x] - r;  // exclusive
+  t = st[threadIdx.x] - t;
+  for (int e = e0; e < e1; ++e) {
     row_off[e] = r;
     tile_off[e] = t;
     cursor[e] = r;
     r += counts[e];
     t += (counts[e] + kBM - 1) / kBM;
   }
-  row_off[E] = r;
-  tile_off[E] = t;
+  if (threadIdx.x == kScanThreads - 1) {
+    row_off[E] = sr[threadIdx.x];
+    tile_off[E] = st[threadIdx.x];
+  }
 }
 __global__ void k_moe_scatter(const int32_t* idx, int64_t n, int* cursor, int* perm, int* slot_pos) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -487,14 +590,27 @@ __global__ void k_moe_scatter(const int32_t* idx, int64_t n, int* cursor, int* p
     slot_pos[i] = p;
   }
 }
+// grid (slots, column blocks of 4 * blockDim); H % 4 == 0 takes 16-byte loads
 __global__ void k_moe_gather(const float* x, const int* perm, int k, int64_t H, bf16* xp) {
   const int64_t p = blockIdx.x;
   const float* src = x + static_cast<int64_t>(perm[p] / k) * H;
-  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) xp[p * H + c] = __float2bfloat16(src[c]);
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * 4;
+  if (c >= H) return;
+  if ((H & 3) == 0) {
+    const float4 v = *reinterpret_cast<const float4*>(src + c);
+    __nv_bfloat162* d = reinterpret_cast<__nv_bfloat162*>(xp + p * H + c);
+    d[0] = __floats2bfloat162_rn(v.x, v.y);
+    d[1] = __floats2bfloat162_rn(v.z, v.w);
+  } else {
+    for (int64_t j = c; j < min(H, c + 4); ++j) xp[p * H + j] = __float2bfloat16(src[j]);
+  }
 }
+// grid (tokens, column blocks of 4 * blockDim): each thread 4 columns, the token's slots in ascending expert id
 __global__ void k_moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int k,
                               int64_t H, float* out) {
   __shared__ int order[64];
+  __shared__ int64_t base[64];
+  __shared__ float wgt[64];
   const int64_t t = blockIdx.x;
   if (threadIdx.x == 0) {  // slots in ascending expert id (insertion sort, k is small)
     for (int s = 0; s < k; ++s) {
@@ -505,15 +621,32 @@ __global__ void k_moe_combine(const float* D, const int* slot_pos, const int32_t
       }
       order[j] = s;
     }
-  }
-  __syncthreads();
-  for (int64_t c = threadIdx.x; c < H; c += blockDim.x) {
-    float acc = 0;
     for (int s = 0; s < k; ++s) {
       const int slot = static_cast<int>(t * k + order[s]);
-      acc += D[static_cast<int64_t>(slot_pos[slot]) * H + c] * weight[slot];
+      base[s] = static_cast<int64_t>(slot_pos[slot]) * H;
+      wgt[s] = weight[slot];
     }
-    out[t * H + c] = acc;
+  }
+  __syncthreads();
+  const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * 4;
+  if (c >= H) return;
+  if ((H & 3) == 0) {
+    float4 acc = make_float4(0, 0, 0, 0);
+    for (int s = 0; s < k; ++s) {
+      const float4 d = *reinterpret_cast<const float4*>(D + base[s] + c);
+      const float w = wgt[s];
+      acc.x += d.x * w;
+      acc.y += d.y * w;
+      acc.z += d.z * w;
+      acc.w += d.w * w;
+    }
+    *reinterpret_cast<float4*>(out + t * H + c) = acc;
+  } else {
+    for (int64_t j = c; j < min(H, c + 4); ++j) {
+      float acc = 0;
+      for (int s = 0; s < k; ++s) acc += D[base[s] + j] * wgt[s];
+      out[t * H + j] = acc;
+    }
   }
 }
 
@@ -1014,52 +1147,98 @@ __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, con
 // (value, id) ordered as the samplers order logits: larger value first, then lower id.
 __device__ __forceinline__ bool before(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
 
-__global__ void __launch_bounds__(512) k_logits_top(const float* lg, int64_t V, int M, float* maxv, double* log_sum,
-                                                    float* top_v, int32_t* top_i) {
-  __shared__ float sv[512];
-  __shared__ int si[512];
-  __shared__ double sd[512];
-  const float* l = lg + blockIdx.x * V;
+// logits_top in three launches over chunks of the vocabulary, so one row spreads over many multiprocessors:
+// (1) each chunk's M best (value, id) and its max; (2) each chunk's Σ exp(l − row max) in double, the row max
+// taken from the chunk maxima; (3) per row, the M best of the chunks' candidates and the log of the chunk sums
+// added in chunk order. Every (value, id) comparison is the samplers' order, as in the CPU reference.
+constexpr int kTopChunk = 4096, kTopThreads = 512;
+__device__ __forceinline__ void top_reduce(float* sv, int* si) {
+  for (int w = kTopThreads / 2; w > 0; w >>= 1) {
+    if (threadIdx.x < w && before(sv[threadIdx.x + w], si[threadIdx.x + w], sv[threadIdx.x], si[threadIdx.x])) {
+      sv[threadIdx.x] = sv[threadIdx.x + w];
+      si[threadIdx.x] = si[threadIdx.x + w];
+    }
+    __syncthreads();
+  }
+}
+// M passes over n (value, id) pairs read by get(j), each taking the best pair after the previous pass's; writes
+// the M picks to out_v/out_i (thread 0). Pairs past the available ones come out as (-inf, INT_MAX).
+template <class Get>
+__device__ void top_passes(int n, int M, Get get, float* sv, int* si, float* out_v, int* out_i) {
   float pv = INFINITY;
   int pid = -1;
   for (int m = 0; m < M; ++m) {
     float bv = -INFINITY;
     int bi = INT_MAX;
-    for (int64_t i = threadIdx.x; i < V; i += blockDim.x) {
-      const float v = l[i];
-      const bool after = v < pv || (v == pv && static_cast<int>(i) > pid);
-      if (after && before(v, static_cast<int>(i), bv, bi)) { bv = v; bi = static_cast<int>(i); }
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      float v;
+      int id;
+      get(j, v, id);
+      const bool after = v < pv || (v == pv && id > pid);
+      if (after && before(v, id, bv, bi)) { bv = v; bi = id; }
     }
     sv[threadIdx.x] = bv;
     si[threadIdx.x] = bi;
     __syncthreads();
-    for (int w = blockDim.x / 2; w > 0; w >>= 1) {
-      if (threadIdx.x < w && before(sv[threadIdx.x + w], si[threadIdx.x + w], sv[threadIdx.x], si[threadIdx.x])) {
-        sv[threadIdx.x] = sv[threadIdx.x + w];
-        si[threadIdx.x] = si[threadIdx.x + w];
-      }
-      __syncthreads();
-    }
+    top_reduce(sv, si);
     pv = sv[0];
     pid = si[0];
     if (threadIdx.x == 0) {
-      top_v[blockIdx.x * M + m] = pv;
-      top_i[blockIdx.x * M + m] = pid;
+      out_v[m] = pv;
+      out_i[m] = pid;
     }
     __syncthreads();
   }
-  const float mx = top_v[blockIdx.x * M];
+}
+__global__ void __launch_bounds__(kTopThreads) k_top_chunk(const float* lg, int64_t V, int M, float* cand_v, int* cand_i,
+                                                           float* cmax) {
+  __shared__ float sl[kTopChunk];
+  __shared__ float sv[kTopThreads];
+  __shared__ int si[kTopThreads];
+  const int nch = gridDim.x;
+  const int64_t r = blockIdx.y, c0 = static_cast<int64_t>(blockIdx.x) * kTopChunk;
+  const int n = static_cast<int>(min(static_cast<int64_t>(kTopChunk), V - c0));
+  const float* l = lg + r * V + c0;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) sl[i] = l[i];
+  __syncthreads();
+  const int64_t at = (r * nch + blockIdx.x) * M;
+  top_passes(n, M, [&](int j, float& v, int& id) { v = sl[j]; id = static_cast<int>(c0 + j); }, sv, si, cand_v + at,
+             cand_i + at);
+  if (threadIdx.x == 0) cmax[r * nch + blockIdx.x] = cand_v[at];
+}
+__global__ void __launch_bounds__(kTopThreads) k_top_sum(const float* lg, int64_t V, const float* cmax, double* psum) {
+  __shared__ double sd[kTopThreads];
+  const int nch = gridDim.x;
+  const int64_t r = blockIdx.y, c0 = static_cast<int64_t>(blockIdx.x) * kTopChunk;
+  float mx = -INFINITY;
+  for (int b = 0; b < nch; ++b) mx = fmaxf(mx, cmax[r * nch + b]);
+  const int n = static_cast<int>(min(static_cast<int64_t>(kTopChunk), V - c0));
+  const float* l = lg + r * V + c0;
   double acc = 0;
-  for (int64_t i = threadIdx.x; i < V; i += blockDim.x) acc += exp(static_cast<double>(l[i] - mx));
+  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += exp(static_cast<double>(l[i] - mx));
   sd[threadIdx.x] = acc;
   __syncthreads();
-  for (int w = blockDim.x / 2; w > 0; w >>= 1) {
+  for (int w = kTopThreads / 2; w > 0; w >>= 1) {
     if (threadIdx.x < w) sd[threadIdx.x] += sd[threadIdx.x + w];
     __syncthreads();
   }
+  if (threadIdx.x == 0) psum[r * nch + blockIdx.x] = sd[0];
+}
+__global__ void __launch_bounds__(kTopThreads) k_top_merge(int nch, int M, const float* cand_v, const int* cand_i,
+                                                           const double* psum, float* maxv, double* log_sum,
+                                                           float* top_v, int32_t* top_i) {
+  __shared__ float sv[kTopThreads];
+  __shared__ int si[kTopThreads];
+  const int64_t r = blockIdx.x;
+  const float* cv = cand_v + r * nch * M;
+  const int* ci = cand_i + r * nch * M;
+  top_passes(nch * M, M, [&](int j, float& v, int& id) { v = cv[j]; id = ci[j]; }, sv, si, top_v + r * M,
+             reinterpret_cast<int*>(top_i) + r * M);
   if (threadIdx.x == 0) {
-    maxv[blockIdx.x] = mx;
-    log_sum[blockIdx.x] = log(sd[0]);
+    double s = 0;
+    for (int b = 0; b < nch; ++b) s += psum[r * nch + b];
+    maxv[r] = top_v[r * M];
+    log_sum[r] = log(s);
   }
 }
 
@@ -1228,16 +1407,285 @@ __global__ void __launch_bounds__(256) k_sample_rows(const float* lg, int64_t V,
   }
 }
 
+// ---- streamed-weight matmul ("few-row": built for decode, where a group has few rows, and used for every aligned
+// shape so that a row's result never depends on how many rows come with it). The weights are the mma's A operand
+// (16 output features × 16 k per m16n8k16), read from global memory straight into registers and dequantized there
+// (no shared-memory tile); X is the B operand (8 rows per n-tile, up to 32 rows per block: the row tiles of
+// row_tile()), staged in shared memory. Each lane reads 16 contiguous weight bytes per row and chunk, so the k order
+// inside a chunk is a lane-specific permutation that the B fragments follow. A block is 4 warps × 16 output features
+// over a range of K stages; dense matrices with few output columns split K over blocks by shape alone (partial sums
+// added in a fixed order by k_sum_parts). Each output element's chain of operations depends only on its own row,
+// the weights and the shape, so it is the same alone or batched. The dequantized weight values are those of the
+// tile kernels (bf16(fp8 · scale), bf16((q − 8) · scale)); the fp32 sums are grouped differently.
+constexpr int kFewWarps = 4, kFewCols = 16 * kFewWarps;
+template <int FMT>
+__host__ __device__ constexpr int few_kc() { return FMT == kInt4 ? 512 : 256; }  // K per stage
+template <int FMT>
+__host__ __device__ constexpr int few_per16() { return FMT == kBf16 ? 8 : FMT == kFp8 ? 16 : 32; }  // elements per 16 B
+template <int FMT>
+__host__ __device__ constexpr int few_chunks() { return few_kc<FMT>() / (4 * few_per16<FMT>()); }
+template <int FMT>
+__host__ __device__ constexpr size_t few_smem(int nt) { return size_t(2) * 8 * nt * (few_kc<FMT>() + 8) * 2; }
+
+__device__ __forceinline__ uint32_t u32_of(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
+// two e4m3 bytes (low byte first) -> bf16x2 of bf16(fp8 · sc), as load_w_tile computes each
+__device__ __forceinline__ uint32_t fp8x2_deq(uint32_t two, float sc) {
+  const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2(static_cast<__nv_fp8x2_storage_t>(two & 0xffffu), __NV_E4M3);
+  const float2 f = __half22float2(*reinterpret_cast<const __half2*>(&h));
+  return u32_of(__floats2bfloat162_rn(f.x * sc, f.y * sc));
+}
+// nibbles 0 and 4 of w (each q + 8) -> bf16x2 of bf16((q − 8) · sc): 128 + nibble built as a bf16 bit pattern,
+// minus 136 exactly; then one rounding of the product (bf16 multiply when the scale is a bf16 value, else fp32)
+template <bool SB>
+__device__ __forceinline__ uint32_t int4x2_deq(uint32_t w, float sc, __nv_bfloat162 sc2) {
+  const uint32_t v = (w & 0x000f000fu) | 0x43004300u;
+  const __nv_bfloat162 q = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), __floats2bfloat162_rn(136.0f, 136.0f));
+  if constexpr (SB) {
+    return u32_of(__hmul2(q, sc2));
+  } else {
+    const float2 f = __bfloat1622float2(q);
+    return u32_of(__floats2bfloat162_rn(f.x * sc, f.y * sc));
+  }
+}
+
+template <int FMT, int NT, bool SB>
+__global__ void __launch_bounds__(128, 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
+                                                     float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
+                                                     float* part) {
+  constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
+  constexpr int XLD = KC + 8, R = 8 * NT;
+  if (blockIdx.z == 1) {
+    W = W2;
+    Y = Y2;
+    if (part) part += static_cast<int64_t>(ksplit) * M * W.N;
+  }
+  const int ct = blockIdx.x / ksplit, ks = blockIdx.x - ct * ksplit;
+  int g, r0, r1;
+  if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
+  const int rows = min(r1 - r0, R);
+  const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps, st1 = min(nst, st0 + sps);
+  extern __shared__ __align__(16) uint8_t few_sm[];
+  bf16* xs = reinterpret_cast<bf16*>(few_sm);  // [2][R][XLD]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int nA = ct * kFewCols + warp * 16 + gq, nB = nA + 8;
+  const bool okA = nA < W.N, okB = nB < W.N;
+  const uint8_t* wb = W.w + g * W.w_stride;
+  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  const uint8_t* rowA = wb + static_cast<int64_t>(okA ? nA : 0) * W.w_ld;
+  const uint8_t* rowB = wb + static_cast<int64_t>(okB ? nB : 0) * W.w_ld;
+  auto stage_x = [&](int st, int buf) {
+    bf16* dst = xs + buf * R * XLD;
+    constexpr int cpr = KC / 8;  // 16-byte pieces per row
+    for (int c = threadIdx.x; c < R * cpr; c += 128) {
+      const int r = c / cpr, col = (c - r * cpr) * 8;
+      const bool ok = r < rows;
+      cp_async16(dst + r * XLD + col, X + static_cast<int64_t>(r0 + (ok ? r : 0)) * W.K + static_cast<int64_t>(st) * KC + col,
+                 ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  float acc[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  if (st0 < st1) stage_x(st0, 0);
+  for (int st = st0; st < st1; ++st) {
+    const int buf = (st - st0) & 1;
+    uint4 wa[CH], wv[CH];
+    float sa[CH], sv[CH];
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int k = st * KC + c * CW + tq * E16;  // first element of this lane's 16 bytes
+      const int64_t off = FMT == kBf16 ? int64_t(k) * 2 : FMT == kFp8 ? int64_t(k) : int64_t(k) / 2;
+      wa[c] = okA ? __ldg(reinterpret_cast<const uint4*>(rowA + off)) : make_uint4(0, 0, 0, 0);
+      wv[c] = okB ? __ldg(reinterpret_cast<const uint4*>(rowB + off)) : make_uint4(0, 0, 0, 0);
+      if constexpr (FMT == kFp8) {
+        sa[c] = okA ? __ldg(sb + (nA / W.bo) * W.s_cols + k / W.bi) : 0.0f;
+        sv[c] = okB ? __ldg(sb + (nB / W.bo) * W.s_cols + k / W.bi) : 0.0f;
+      } else if constexpr (FMT == kInt4) {
+        sa[c] = okA ? __ldg(sb + static_cast<int64_t>(nA) * W.s_cols + k / W.g) : 0.0f;
+        sv[c] = okB ? __ldg(sb + static_cast<int64_t>(nB) * W.s_cols + k / W.g) : 0.0f;
+      }
+    }
+    if (st + 1 < st1) stage_x(st + 1, buf ^ 1);
+    else cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const bf16* xb = xs + buf * R * XLD + gq * XLD;
+#pragma unroll
+    for (int c = 0; c < CH; ++c) {
+      const int xc = c * CW + tq * E16;
+      if constexpr (FMT == kBf16) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t a[4] = {word_of(wa[c], 2 * h), word_of(wv[c], 2 * h), word_of(wa[c], 2 * h + 1), word_of(wv[c], 2 * h + 1)};
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+            if (j * 8 < rows) {
+              const uint2 b = *reinterpret_cast<const uint2*>(xb + j * 8 * XLD + xc + 4 * h);
+              mma16816(acc[j], a, b.x, b.y);
+            }
+        }
+      } else if constexpr (FMT == kFp8) {
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const uint32_t pa = word_of(wa[c], h), pb = word_of(wv[c], h);
+          const uint32_t a[4] = {fp8x2_deq(pa, sa[c]), fp8x2_deq(pb, sv[c]), fp8x2_deq(pa >> 16, sa[c]), fp8x2_deq(pb >> 16, sv[c])};
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+            if (j * 8 < rows) {
+              const uint2 b = *reinterpret_cast<const uint2*>(xb + j * 8 * XLD + xc + 4 * h);
+              mma16816(acc[j], a, b.x, b.y);
+            }
+        }
+      } else {
+        const __nv_bfloat162 s2a = __floats2bfloat162_rn(sa[c], sa[c]), s2b = __floats2bfloat162_rn(sv[c], sv[c]);
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {
+          const uint32_t pa = word_of(wa[c], wi), pb = word_of(wv[c], wi);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            // elements (2h, 2h+4) and (2h+1, 2h+5) of the word's eight
+            const uint32_t a[4] = {int4x2_deq<SB>(pa >> (8 * h), sa[c], s2a), int4x2_deq<SB>(pb >> (8 * h), sv[c], s2b),
+                                   int4x2_deq<SB>(pa >> (8 * h + 4), sa[c], s2a), int4x2_deq<SB>(pb >> (8 * h + 4), sv[c], s2b)};
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+              if (j * 8 < rows) {
+                const uint4 xv = *reinterpret_cast<const uint4*>(xb + j * 8 * XLD + xc + 8 * wi);
+                const uint32_t lo = h == 0 ? xv.x : xv.y, hi = h == 0 ? xv.z : xv.w;
+                mma16816(acc[j], a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+              }
+          }
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before it is staged again
+  }
+  cp_async_wait<0>();
+  float* out = part ? part + static_cast<int64_t>(ks) * M * W.N : Y;
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = j * 8 + 2 * tq + e;
+      if (tok < rows) {
+        const int64_t row = static_cast<int64_t>(r0 + tok) * W.N;
+        if (okA) out[row + nA] = acc[j][e];
+        if (okB) out[row + nB] = acc[j][2 + e];
+      }
+    }
+}
+// y[i] = Σ_s part[s][i] in split order; blockIdx.y picks the pair's second matmul
+__global__ void k_sum_parts(const float* part, int ksplit, int64_t n, float* y, float* y2) {
+  const float* p = part + (blockIdx.y ? static_cast<int64_t>(ksplit) * n : 0);
+  float* out = blockIdx.y ? y2 : y;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    float a = 0;
+    for (int s = 0; s < ksplit; ++s) a += p[s * n + i];
+    out[i] = a;
+  }
+}
+
 int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int64_t>(cdiv(n, block), 65535 * 8)); }
+
+bool g_few_rows = true;
+int sm_count() {
+  static int n = 0;
+  if (n == 0) {
+    int dev = 0;
+    cudaGetDevice(&dev);
+    cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+    if (n <= 0) n = 1;
+  }
+  return n;
+}
+bool same_shape(const DLin& a, const DLin& b) {
+  return a.fmt == b.fmt && a.N == b.N && a.K == b.K && a.bo == b.bo && a.bi == b.bi && a.g == b.g && a.s_bf16 == b.s_bf16;
+}
+template <int FMT, int NT, bool SB>
+void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
+                const DLin& W2, const Groups& gr, int ksplit, float* part) {
+  static bool configured = false;
+  if (!configured) {
+    cudaFuncSetAttribute(k_gemm_few<FMT, NT, SB>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(few_smem<FMT>(NT)));
+    configured = true;
+  }
+  k_gemm_few<FMT, NT, SB><<<grid, 128, smem, s>>>(X, M, Y, W, Y2, W2, gr, ksplit, part);
+}
+template <int FMT, bool SB>
+void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
+                   const DLin& W2, const Groups& gr, int ksplit, float* part) {
+  const size_t smem = few_smem<FMT>(nt);
+  if (nt == 1) launch_few<FMT, 1, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part);
+  else if (nt == 2) launch_few<FMT, 2, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part);
+  else launch_few<FMT, 4, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part);
+}
+// One launch of the streamed-weight matmul over max_row_tiles row tiles of at most max_rows rows (8/16/32: the
+// n-tiles a block carries; it does not change any output bit).
+void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, int max_rows,
+              int ksplit, cudaStream_t s, float* Y2, const DLin* W2) {
+  const int nt = max_rows <= 8 ? 1 : max_rows <= 16 ? 2 : 4;
+  const int col_tiles = static_cast<int>(cdiv(W.N, kFewCols));
+  float* part = nullptr;
+  const int64_t n_out = static_cast<int64_t>(M) * W.N;
+  if (ksplit > 1 && cudaMallocAsync(reinterpret_cast<void**>(&part), sizeof(float) * n_out * ksplit * (W2 ? 2 : 1), s) != cudaSuccess) {
+    cudaGetLastError();
+    cuda_fail(cudaErrorMemoryAllocation, "partial sums of a split matmul");
+  }
+  const dim3 grid(static_cast<unsigned>(col_tiles * ksplit), static_cast<unsigned>(max_row_tiles), W2 ? 2u : 1u);
+  const DLin& w2 = W2 ? *W2 : W;
+  switch (W.fmt) {
+    case kFp8: launch_few_nt<kFp8, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part); break;
+    case kInt4:
+      if (W.s_bf16) launch_few_nt<kInt4, true>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part);
+      else launch_few_nt<kInt4, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part);
+      break;
+    default: launch_few_nt<kBf16, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part); break;
+  }
+  if (part) {
+    k_sum_parts<<<dim3(static_cast<unsigned>(grid_for(n_out)), W2 ? 2u : 1u), 256, 0, s>>>(part, ksplit, n_out, Y, Y2);
+    cudaFreeAsync(part, s);
+  }
+}
 
 }  // namespace
 
+bool few_rows_ok(const DLin& W) {
+  if (!g_few_rows || g_simple_gemm) return false;
+  const int kc = W.fmt == kInt4 ? few_kc<kInt4>() : few_kc<kBf16>();
+  return W.K % kc == 0 && (W.fmt != kFp8 || (W.bi % 16 == 0 && W.bo > 0)) && (W.fmt != kInt4 || W.g % 32 == 0) &&
+         W.w_ld % 16 == 0;
+}
+void set_few_rows(bool on) { g_few_rows = on; }
+
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
-          float* Y2, const DLin* W2) {
+          float* Y2, const DLin* W2, int max_rows) {
   if (M == 0 || max_row_tiles == 0) return;
-  if (W2 && (W2->fmt != W.fmt || W2->N != W.N || W2->K != W.K || W2->bo != W.bo || W2->bi != W.bi || W2->g != W.g)) {
-    gemm(X, M, Y, W, groups, max_row_tiles, s);  // not a matching pair: two launches
-    gemm(X, M, Y2, *W2, groups, max_row_tiles, s);
+  if (W2 && !same_shape(*W2, W)) {
+    gemm(X, M, Y, W, groups, max_row_tiles, s, nullptr, nullptr, max_rows);  // not a matching pair: two launches
+    gemm(X, M, Y2, *W2, groups, max_row_tiles, s, nullptr, nullptr, max_rows);
+    return;
+  }
+  if (few_rows_ok(W)) {
+    if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
+      gemm_few(X, M, Y, W, groups, max_row_tiles, std::min(max_rows, kBM), 1, s, Y2, W2);
+      return;
+    }
+    // one dense matrix: K split until about four blocks per multiprocessor, by shape alone; rows in launches whose
+    // partial sums stay within 64 MiB (both leave every output bit as it is)
+    const int col_tiles = static_cast<int>(cdiv(W.N, kFewCols)) * (W2 ? 2 : 1);
+    const int nst = W.K / (W.fmt == kInt4 ? few_kc<kInt4>() : few_kc<kBf16>());
+    int ksplit = std::min(nst, std::max(1, (4 * sm_count() + col_tiles - 1) / col_tiles));
+    const int per = (nst + ksplit - 1) / ksplit;
+    ksplit = (nst + per - 1) / per;
+    int64_t chunk = M;
+    if (ksplit > 1)
+      chunk = std::max<int64_t>(kBM, (int64_t(64) << 20) / (int64_t(4) * W.N * ksplit * (W2 ? 2 : 1)) / kBM * kBM);
+    for (int64_t r = 0; r < M; r += chunk) {
+      const int m = static_cast<int>(std::min<int64_t>(chunk, M - r));
+      gemm_few(X + r * W.K, m, Y + r * W.N, W, groups, static_cast<int>(cdiv(m, kBM)), std::min(m, kBM), ksplit, s,
+               Y2 ? Y2 + r * W.N : nullptr, W2);
+    }
     return;
   }
   const dim3 grid(static_cast<unsigned>(cdiv(W.N, kBN)), static_cast<unsigned>(max_row_tiles), W2 ? 2u : 1u);
@@ -1276,7 +1724,7 @@ void set_simple_attention(bool on) { g_simple_attention = on; }
 bool simple_attention() { return g_simple_attention; }
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s) {
   if (M == 0) return;
-  k_gemm_f32<<<dim3(static_cast<unsigned>(cdiv(W.N, 4)), M), 128, 0, s>>>(X, M, Y, W);
+  k_gemm_f32<<<dim3(static_cast<unsigned>(cdiv(W.N, 4)), static_cast<unsigned>(cdiv(M, 4))), 128, 0, s>>>(X, M, Y, W);
 }
 void f32_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t s) {
   if (n) k_f32_to_bf16<<<grid_for(n), 256, 0, s>>>(x, y, n);
@@ -1288,7 +1736,7 @@ void add(float* y, const float* x, int64_t n, cudaStream_t s) {
   if (n) k_add<<<grid_for(n), 256, 0, s>>>(y, x, n);
 }
 void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
-  if (n) k_embed<<<static_cast<unsigned>(n), 256, 0, s>>>(table, H, ids, out);
+  if (n) k_embed<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s>>>(table, H, ids, out);
 }
 void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, cudaStream_t s) {
   if (n) k_rmsnorm<<<static_cast<unsigned>(n), 256, 0, s>>>(x, ld, w, d, eps, out);
@@ -1301,7 +1749,7 @@ void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head
       x, row_stride, head_stride, offset, static_cast<int>(dim), pos, inv_freq, attn_factor, interleaved);
 }
 void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst, cudaStream_t s) {
-  if (n) k_gather_rows<<<static_cast<unsigned>(n), 256, 0, s>>>(src, rows, width, dst);
+  if (n && width) k_gather_rows<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(width, 1024))), 256, 0, s>>>(src, rows, width, dst);
 }
 void silu_mul(const float* g, const float* u, int64_t n, bf16* out, cudaStream_t s) {
   if (n) k_silu_mul<<<grid_for(n), 256, 0, s>>>(g, u, n, out);
@@ -1310,21 +1758,21 @@ void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n
            cudaStream_t s) {
   if (n == 0) return;
   const size_t smem = (2 * a.E + a.G) * sizeof(float) + a.E;
-  k_route<<<static_cast<unsigned>(n), 128, smem, s>>>(a, logits, bias, idx, weight);
+  k_route<<<static_cast<unsigned>(n), kRouteThreads, smem, s>>>(a, logits, bias, idx, weight);
 }
 void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
                  int* perm, int* slot_pos, cudaStream_t s) {
   cudaMemsetAsync(counts, 0, E * sizeof(int), s);
   if (n_slots) k_moe_count<<<grid_for(n_slots), 256, 0, s>>>(idx, n_slots, counts);
-  k_moe_scan<<<1, 32, 0, s>>>(counts, E, row_off, tile_off, cursor);
+  k_moe_scan<<<1, kScanThreads, 0, s>>>(counts, E, row_off, tile_off, cursor);
   if (n_slots) k_moe_scatter<<<grid_for(n_slots), 256, 0, s>>>(idx, n_slots, cursor, perm, slot_pos);
 }
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s) {
-  if (n_slots) k_moe_gather<<<static_cast<unsigned>(n_slots), 256, 0, s>>>(x, perm, k, H, xp);
+  if (n_slots) k_moe_gather<<<dim3(static_cast<unsigned>(n_slots), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s>>>(x, perm, k, H, xp);
 }
 void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int64_t n, int k,
                  int64_t H, float* out, cudaStream_t s) {
-  if (n) k_moe_combine<<<static_cast<unsigned>(n), 256, 0, s>>>(D, slot_pos, idx, weight, k, H, out);
+  if (n) k_moe_combine<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s>>>(D, slot_pos, idx, weight, k, H, out);
 }
 void kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr, bf16* lat_dst,
                bf16* rope_dst, cudaStream_t s) {
@@ -1401,9 +1849,22 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
       d, w_uvt, rows, n_rows, olat, out);
 }
 
+size_t logits_top_scratch(int64_t R, int64_t V, int M) {
+  const int64_t nch = cdiv(V, kTopChunk);
+  return static_cast<size_t>(R * nch) * (M * (sizeof(float) + sizeof(int)) + sizeof(float) + sizeof(double)) + 64;
+}
 void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,
-                cudaStream_t s) {
-  if (R) k_logits_top<<<static_cast<unsigned>(R), 512, 0, s>>>(lg, V, M, max, log_sum, top_v, top_i);
+                void* scratch, cudaStream_t s) {
+  if (R == 0) return;
+  const int nch = static_cast<int>(cdiv(V, kTopChunk));
+  auto* psum = static_cast<double*>(scratch);  // doubles first: aligned
+  auto* cmax = reinterpret_cast<float*>(psum + R * nch);
+  auto* cand_v = cmax + R * nch;
+  auto* cand_i = reinterpret_cast<int*>(cand_v + R * nch * M);
+  const dim3 grid(static_cast<unsigned>(nch), static_cast<unsigned>(R));
+  k_top_chunk<<<grid, kTopThreads, 0, s>>>(lg, V, M, cand_v, cand_i, cmax);
+  k_top_sum<<<grid, kTopThreads, 0, s>>>(lg, V, cmax, psum);
+  k_top_merge<<<static_cast<unsigned>(R), kTopThreads, 0, s>>>(nch, M, cand_v, cand_i, psum, max, log_sum, top_v, top_i);
 }
 void sample_rows(const float* lg, int64_t V, const int64_t* rows, const RowDrawD* draws, int n, double* scratch,
                  int32_t* tok, float* logit, cudaStream_t s) {

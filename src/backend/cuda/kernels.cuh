@@ -7,6 +7,11 @@
 
 #include <cstdint>
 
+namespace kscope {
+// Throws the backend's Error for a failed CUDA call (resource for out of memory; cuda_backend.cu).
+[[noreturn]] void cuda_fail(cudaError_t e, const char* what);
+}  // namespace kscope
+
 namespace kscope::cuda {
 
 using bf16 = __nv_bfloat16;
@@ -27,6 +32,7 @@ struct DLin {
   int bo = 0, bi = 0, g = 0;
   int s_cols = 0;   // scale columns
   int64_t w_ld = 0; // bytes per weight row
+  bool s_bf16 = false;  // every scale is a bf16 value (INT4: dequantized with bf16 multiplies, same values)
 };
 
 // Row groups of a grouped matmul: group e owns rows [row_off[e], row_off[e+1]) and row tiles
@@ -37,14 +43,20 @@ struct Groups {
   int G = 1;
 };
 
-constexpr int kBM = 32, kBN = 64, kBK = 64;
-
+constexpr int kBM = 32, kBN = 64, kBK = 64;  // tile kernels; kBM is also the row tile of the streamed one
 // Y[m, N] (fp32) = X[m, K] (bf16) · W_g[N, K]ᵀ for every row m of group g.
 // With W2/Y2: also Y2 = X · W2ᵀ (same shape and format as W) in the same launch (gate and up projections).
+// Shapes that few_rows_ok() takes run the streamed-weight kernel (weights into mma fragments, dequantized in
+// registers); others the tile kernels. Either way a row's result does not depend on the other rows. max_rows: the
+// most rows any group has (a hint that trims the streamed kernel's tiles; no effect on the result).
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
-          float* Y2 = nullptr, const DLin* W2 = nullptr);
-// Tests: force the single-stage kernel (the pipelined one must give the same bits).
+          float* Y2 = nullptr, const DLin* W2 = nullptr, int max_rows = 1 << 30);
+bool few_rows_ok(const DLin& W);
+// Tests: force the single-stage kernel (the pipelined one must give the same bits; also turns the streamed kernel
+// off).
 void set_simple_gemm(bool on);
+// Tests and benchmarks: turn the streamed-weight kernel off (on by default), so the tile kernels run everything.
+void set_few_rows(bool on);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
 void set_simple_attention(bool on);
 bool simple_attention();
@@ -112,8 +124,10 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
                         int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s);
 
 // Per row: max, log Σ exp(l − max) in double, the M largest (descending, ties to the lower id).
+// scratch: logits_top_scratch(R, V, M) bytes of device memory.
+size_t logits_top_scratch(int64_t R, int64_t V, int M);
 void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double* log_sum, float* top_v, int32_t* top_i,
-                cudaStream_t s);
+                void* scratch, cudaStream_t s);
 
 // Whole-row sampling with the caller's uniform draw (model/logits.hpp's rule); scratch [n, V] doubles.
 struct RowDrawD {

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Checks the CUDA backend (every op test, the HF parity tests on the device), then on the Kimi-K2 slice in FORMAT
+# (default bf16; LAYERS as bench.sh) optionally measures the interpretability overhead at batch 64 (INTERP=1) and
+# the slice benchmark (RUN=1: bench_gpu run, JSON under $OUT), and profiles with ncu (hardware clocks left alone)
+# the MoE block at PROFILE_TOKENS tokens (default "1 64"; empty: none) and one batch-1 decode step: every kernel's
+# time, largest first, and the sum, next to the wall times measured without the profiler.
+#   run: bash scripts/gpu/profile.sh   (carry .deps)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/gpu/env.sh
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+t0=$(date +%s)
+gpu_build test_cuda_backend test_parity bench_interp bench_gpu || exit 1
+echo "build: $(( $(date +%s) - t0 )) s"
+FORMAT=${FORMAT:-bf16}
+case $FORMAT in bf16) n=2 ;; fp8) n=3 ;; *) n=5 ;; esac
+n=${LAYERS:-$n}
+d=/tmp/k2-slice-$FORMAT-$n
+# the slice is written while the tests run (disk and CPU, not the GPU)
+( [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $FORMAT --layers $n > "$OUT/make.txt" 2>&1 ) &
+maker=$!
+status=0
+KSCOPE_REQUIRE_CUDA=1 timeout 200 build-gpu/tests/test_cuda_backend >"$OUT/ops.txt" 2>&1 || status=1
+KSCOPE_TEST_DEVICE=cuda timeout 120 build-gpu/tests/test_parity >"$OUT/parity.txt" 2>&1 || status=1
+grep -E "^\[  (PASSED|FAILED) |FAILED  \]" "$OUT/ops.txt" "$OUT/parity.txt"
+grep -B2 -A8 "Failure" "$OUT/ops.txt" "$OUT/parity.txt" | head -30
+grep "rel err" "$OUT/ops.txt" | awk '{for(i=1;i<=NF;i++) if($i=="err") e=$(i+1); k=$1" "$2; if(!(k in w)||e+0>w[k]+0) w[k]=e}
+  END {for(k in w) printf "  worst %-22s %s\n", k, w[k]}' | sort
+wait $maker
+echo "tests + slice: $(( $(date +%s) - t0 )) s"
+if [ "${INTERP:-0}" = 1 ]; then
+  timeout 120 build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps 32 2>&1 | tee "$OUT/interp-$FORMAT.txt" | tail -6
+fi
+if [ "${RUN:-0}" = 1 ]; then
+  timeout ${RUN_LIMIT:-240} build-gpu/bench/bench_gpu run $d --json "$OUT/kscope-$FORMAT.json" 2>&1 | tee "$OUT/kscope-$FORMAT.txt" | grep -v "^  writing"
+  echo "bench: $(( $(date +%s) - t0 )) s"
+fi
+for T in ${PROFILE_TOKENS-1 64}; do
+  timeout 60 build-gpu/bench/bench_gpu profile $d --tokens $T 2>&1 | tail -1
+  timeout 150 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+    build-gpu/bench/bench_gpu profile $d --tokens $T > "$OUT/ncu-$T.csv" 2>"$OUT/ncu-$T.err"
+  python3 bench/ncu_table.py "$OUT/ncu-$T.csv" "MoE block at $T tokens" "decode step, batch 1" | tee "$OUT/ncu-$T.txt"
+  rm -f "$OUT/ncu-$T.csv" "$OUT/ncu-$T.err"
+done
+echo "total: $(( $(date +%s) - t0 )) s"
+rm -f "$OUT/cmake.log" "$OUT/build.log" "$OUT/make.txt"  # at most 8 files come back
+[ $status = 0 ] && rm -f "$OUT/ops.txt" "$OUT/parity.txt"
+[ $status = 0 ] && echo "CHECK PASSED" || echo "CHECK FAILED"
+exit $status
