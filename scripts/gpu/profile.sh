@@ -16,7 +16,8 @@ FORMAT=${FORMAT:-bf16}
 case $FORMAT in bf16) n=2 ;; fp8) n=3 ;; *) n=5 ;; esac
 n=${LAYERS:-$n}
 d=/tmp/k2-slice-$FORMAT-$n
-# the slice is written while the tests run (disk and CPU, not the GPU)
+# the disk holds one slice: others go first. The slice is written while the tests run (disk and CPU, not the GPU)
+for o in /tmp/k2-slice-*; do [ -e "$o" ] && [ "$o" != "$d" ] && rm -rf "$o"; done
 ( [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $FORMAT --layers $n > "$OUT/make.txt" 2>&1 ) &
 maker=$!
 status=0
