@@ -2,8 +2,10 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <deque>
 #include <map>
 
+#include "backend/backend.hpp"
 #include "model/make_model.hpp"
 #include "model/model.hpp"
 #include "runtime/generate.hpp"
@@ -171,6 +173,66 @@ TEST_F(Generate, zero_new_tokens_returns_empty_rows) {
   const auto res = generate(*model_, {req({1, 2}, 0)});
   EXPECT_TRUE(res[0].tokens.empty());
   EXPECT_EQ(res[0].finish, FinishReason::length);
+}
+
+// A forward pass cut into passes of at most N new tokens (Model::set_max_pass_tokens: what bounds the GPU's
+// workspace) gives the same bits as one pass: generation (prefills split mid-prompt, sampled and greedy rows), all
+// logits of a prompt, and what a hook reads at every layer, row by row with its positions.
+TEST_F(Generate, passes_cut_at_a_token_limit_give_the_same_bits_as_one_pass) {
+  struct Recorder : Hook {
+    std::map<std::pair<int64_t, int64_t>, std::vector<float>> rows;  // (layer, seq) -> rows in order
+    std::map<std::pair<int64_t, int64_t>, std::vector<int64_t>> pos;
+    bool wants(const Site& s) const override { return s.kind == SiteKind::resid_post || s.kind == SiteKind::attn_out; }
+    bool writes(const Site&) const override { return false; }
+    void on(const Site& s, int64_t seq, float* d, int64_t n, int64_t w, int64_t pos0) override {
+      const auto key = std::make_pair(s.layer * 2 + (s.kind == SiteKind::attn_out), seq);
+      rows[key].insert(rows[key].end(), d, d + n * w);
+      for (int64_t t = 0; t < n; ++t) pos[key].push_back(pos0 + t);
+    }
+  };
+  std::vector<GenerateRequest> reqs = {req({3, 14, 15, 92, 65, 35, 89}, 6, 0.9, 5), req({2, 71, 82}, 6),
+                                       req({1, 41, 42, 13, 56, 23, 73, 9, 99, 12, 7, 31, 30}, 6, 1.2, 8)};
+  std::vector<std::vector<GenerateResult>> runs;
+  std::deque<Recorder> recs(3);
+  int k = 0;
+  for (int64_t limit : {0, 4, 1}) {
+    model_->set_max_pass_tokens(limit);
+    GenerateOptions o;
+    o.observer = &recs[k++];
+    runs.push_back(generate(*model_, reqs, o));
+  }
+  model_->set_max_pass_tokens(0);
+  {  // the device path of hooks (staged rows, row ops, reads on the delivery thread), passes of 3 tokens
+    auto staged = Model::load(dir_->str() + "/m", make_backend("cpu-staged"));
+    staged->set_max_pass_tokens(3);
+    recs.emplace_back();
+    GenerateOptions o;
+    o.observer = &recs.back();
+    runs.push_back(generate(*staged, reqs, o));
+  }
+  for (size_t r = 1; r < runs.size(); ++r) {
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      EXPECT_EQ(runs[r][i].tokens, runs[0][i].tokens) << "run " << r << " seq " << i;
+      EXPECT_EQ(runs[r][i].logprobs, runs[0][i].logprobs) << "run " << r << " seq " << i;
+    }
+    EXPECT_EQ(recs[r].rows, recs[0].rows) << "run " << r;
+    EXPECT_EQ(recs[r].pos, recs[0].pos) << "run " << r;
+  }
+  // every logit of two prompts, one pass vs passes of 5 tokens
+  auto all_logits = [&](int64_t limit) {
+    model_->set_max_pass_tokens(limit);
+    KvCache a = model_->new_cache(), b = model_->new_cache();
+    std::vector<ForwardItem> items = {{&a, reqs[0].prompt.data(), 7, true}, {&b, reqs[2].prompt.data(), 13, true}};
+    std::vector<std::vector<float>> lg;
+    model_->forward(items, lg);
+    model_->set_max_pass_tokens(0);
+    EXPECT_EQ(a.length, 7);
+    EXPECT_EQ(b.length, 13);
+    return lg;
+  };
+  const auto one = all_logits(0), cut = all_logits(5);
+  ASSERT_EQ(one[1].size(), static_cast<size_t>(13 * model_->config().vocab_size));
+  EXPECT_EQ(cut, one);
 }
 
 }  // namespace

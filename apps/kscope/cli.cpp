@@ -27,7 +27,15 @@ void Progress::done() {
 
 std::string g_device = std::getenv("KSCOPE_DEVICE") ? std::getenv("KSCOPE_DEVICE") : "cpu";
 
+int64_t g_max_pass_tokens = 0;
+
 std::unique_ptr<Model> load_model(const std::string& path) {
+  auto model = load_model_on_device(path);
+  model->set_max_pass_tokens(g_max_pass_tokens);
+  return model;
+}
+
+std::unique_ptr<Model> load_model_on_device(const std::string& path) {
   auto backend = make_backend(g_device);
 #ifdef KSCOPE_HAVE_CUDA
   if (auto* cb = dynamic_cast<CudaBackend*>(backend.get())) {

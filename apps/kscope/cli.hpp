@@ -31,8 +31,11 @@ struct Progress {
 
 // --device (global): cpu | cpu-staged | cuda | cuda:N; default from KSCOPE_DEVICE, else cpu.
 extern std::string g_device;
+// --max-pass-tokens (global): most new tokens one forward pass carries (0: the device's memory plan decides).
+extern int64_t g_max_pass_tokens;
 // Loads a checkpoint onto --device; on a GPU with a progress bar for the upload and the memory plan on stderr.
 std::unique_ptr<Model> load_model(const std::string& path);
+std::unique_ptr<Model> load_model_on_device(const std::string& path);
 
 std::vector<int32_t> parse_ids(const std::string& s, const std::string& where);
 json read_json_file(const std::string& path);

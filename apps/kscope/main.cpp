@@ -249,6 +249,12 @@ int main(int argc, char** argv) {
                  "weights as stored; KSCOPE_DEVICE sets the default) | cpu-staged (the CPU's ops behind the GPU's hook path, "
                  "for testing)")
       ->capture_default_str();
+  app.add_option("--max-pass-tokens", cli::g_max_pass_tokens,
+                 "most new tokens one forward pass carries; longer prompts and larger batches run as several passes "
+                 "with the same results (bounds the activation workspace). 0: the GPU's memory plan decides (printed "
+                 "on load), no limit on the CPU")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
 
   std::string path;
   int gpus = 1;

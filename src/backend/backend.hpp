@@ -67,6 +67,8 @@ class Backend {
   virtual void kv_append(KvState& kv, int64_t layer, const float* latent, const float* ckv, int64_t row0, int64_t n,
                          int64_t C, int64_t dr) = 0;
 
+  // Most tokens one forward pass should carry, so its workspace stays within the memory plan (0: no limit).
+  virtual int64_t max_pass_tokens() const { return 0; }
   // Tokens of KV cache that can still be reserved across all sequences (unbounded on the host).
   virtual int64_t kv_free_tokens(const ModelConfig& cfg) const { return INT64_MAX; }
   // Makes room for `tokens` tokens in every layer at once (admission control reserves a request's whole need, so

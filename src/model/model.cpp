@@ -196,13 +196,15 @@ void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& i
   Backend& be = *backend_;
   if (be.host_memory()) {
     for (size_t i = 0; i < items.size(); ++i)
-      hook->on(site, static_cast<int64_t>(i), data + row0[i] * width, items[i].n, width, items[i].cache->length);
+      if (items[i].n > 0)
+        hook->on(site, static_cast<int64_t>(i), data + row0[i] * width, items[i].n, width, items[i].cache->length);
     return;
   }
   std::vector<RowOp> ops;
   bool described = true;
   if (hook->writes(site)) {
     for (size_t i = 0; i < items.size() && described; ++i) {
+      if (items[i].n == 0) continue;
       std::vector<RowOp> o;
       described = hook->row_ops(site, static_cast<int64_t>(i), items[i].n, width, items[i].cache->length, o);
       for (auto& x : o) {
@@ -216,7 +218,8 @@ void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& i
     std::vector<float> copy(N * width);
     be.download(copy.data(), data, copy.size() * sizeof(float));
     for (size_t i = 0; i < items.size(); ++i)
-      hook->on(site, static_cast<int64_t>(i), copy.data() + row0[i] * width, items[i].n, width, items[i].cache->length);
+      if (items[i].n > 0)
+        hook->on(site, static_cast<int64_t>(i), copy.data() + row0[i] * width, items[i].n, width, items[i].cache->length);
     be.upload(data, copy.data(), copy.size() * sizeof(float));
     return;
   }
@@ -227,6 +230,7 @@ void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& i
     const int64_t mk = be.mark();
     std::vector<std::pair<Hook*, int64_t>> to;
     for (size_t i = 0; i < items.size(); ++i) {
+      if (items[i].n == 0) continue;
       to.clear();
       hook->readers(site, static_cast<int64_t>(i), to);
       for (auto& [h, seq] : to)
@@ -271,7 +275,8 @@ bool Model::deliver(std::vector<Deferred>& later) {
 }
 
 void Model::attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items,
-                      const std::vector<int64_t>& row0, const int64_t* pos, int64_t N, float* out) {
+                      const std::vector<int64_t>& row0, const int64_t* pos, int64_t N,
+                      const std::vector<uint8_t>& absorbed, float* out) {
   Backend& be = *backend_;
   const auto& a = w_.layers[layer].attn;
   const int64_t nh = cfg_.num_attention_heads;
@@ -293,24 +298,26 @@ void Model::attention(int64_t layer, const float* x, const std::vector<ForwardIt
   be.linear(a.kv_a_proj, x, N, ckv.data());
   be.rmsnorm(ckv.data(), a.kv_a_norm, N, C, eps, lat.data(), C + dr);
   be.rope(ckv.data(), N, 1, C + dr, 0, C, dr, pos, inv_freq_, attn_factor_, cfg_.rope.interleave);
-  std::vector<AttnSeq> seqs(items.size());
+  std::vector<AttnSeq> seqs;
   for (size_t i = 0; i < items.size(); ++i) {
+    if (items[i].n == 0) continue;
     KvCache& kc = *items[i].cache;
     be.kv_append(*kc.state, layer, lat.data(), ckv.data(), row0[i], items[i].n, C, dr);
-    AttnSeq& s = seqs[i];
+    AttnSeq& s = seqs.emplace_back();
     s.row0 = row0[i];
     s.n_new = items[i].n;
     s.past = kc.length;
     s.kv = kc.state.get();
     s.layer = layer;
-    s.absorbed = mla_mode == MlaMode::absorbed || (mla_mode == MlaMode::automatic && items[i].n == 1);
+    s.absorbed = absorbed[i] != 0;
   }
   Buf<float> o(be, N * nh * cfg_.v_head_dim);
   be.mla_attention(cfg_, a, q.data(), seqs, attn_scale_, o.data());
   be.linear(a.o_proj, o.data(), N, out);
 }
 
-Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only, std::vector<int64_t>& rows,
+Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t>& logit_rows,
+                      const std::vector<uint8_t>& absorbed, Hook* obs, std::vector<int64_t>& rows,
                       std::vector<Deferred>& later) {
   Backend& be = *backend_;
   const int64_t H = cfg_.hidden_size, V = cfg_.vocab_size;
@@ -318,7 +325,6 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only
   std::vector<int64_t> row0(items.size());
   int64_t N = 0;
   for (size_t i = 0; i < items.size(); ++i) {
-    KSCOPE_CHECK(items[i].n > 0, input, "forward", "sequence {} has no new tokens", i);
     KSCOPE_CHECK(items[i].cache && items[i].cache->state, input, "forward", "sequence {} has no cache for this model", i);
     KSCOPE_CHECK(items[i].cache->length + items[i].n <= cfg_.max_position_embeddings, input, "forward",
                  "sequence {} would reach {} tokens, past max_position_embeddings {}", i,
@@ -345,7 +351,7 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only
     const auto& lw = w_.layers[l];
     emit(obs, {SiteKind::resid_pre, l}, items, row0, h.data(), N, H, later);
     be.rmsnorm(h.data(), lw.input_norm, N, H, eps, x.data());
-    attention(l, x.data(), items, row0, pos_b.data(), N, y.data());
+    attention(l, x.data(), items, row0, pos_b.data(), N, absorbed, y.data());
     emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), N, H, later);
     be.add(h.data(), y.data(), N * H);
     emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H, later);
@@ -370,8 +376,9 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only
         float* wtp = host ? wt.data() : wth.data();
         int32_t* idxp = host ? idx.data() : idxh.data();
         for (size_t i = 0; i < items.size(); ++i)
-          obs->on_router(l, static_cast<int64_t>(i), rlp + row0[i] * E, idxp + row0[i] * K, wtp + row0[i] * K,
-                         items[i].n, E, K, items[i].cache->length);
+          if (items[i].n > 0)
+            obs->on_router(l, static_cast<int64_t>(i), rlp + row0[i] * E, idxp + row0[i] * K, wtp + row0[i] * K,
+                           items[i].n, E, K, items[i].cache->length);
         for (int64_t j = 0; j < N * K; ++j)
           KSCOPE_CHECK(idxp[j] >= 0 && idxp[j] < E, input, "router hook", "layer {}: expert id {} outside [0, {})", l, idxp[j], E);
         if (!host && obs->writes({SiteKind::router, l})) {
@@ -397,12 +404,14 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only
   // lm_head only on the rows whose logits are wanted
   rows.clear();
   for (size_t i = 0; i < items.size(); ++i) {
-    if (items[i].all_logits && !last_only)
+    if (items[i].n == 0 || logit_rows[i] == 0) continue;
+    if (logit_rows[i] == 2)
       for (int64_t t = 0; t < items[i].n; ++t) rows.push_back(row0[i] + t);
     else
       rows.push_back(row0[i] + items[i].n - 1);
   }
   const int64_t R = static_cast<int64_t>(rows.size());
+  if (R == 0) return Buf<float>();
   Buf<int64_t> rows_b(be, rows);
   Buf<float> xs(be, R * H), lg(be, R * V);
   be.gather_rows(x.data(), rows_b.data(), R, H, xs.data());
@@ -410,88 +419,161 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, Hook* obs, bool last_only
   return lg;
 }
 
+int64_t Model::max_pass_tokens() const {
+  const int64_t b = backend_->max_pass_tokens();
+  if (max_pass_tokens_ > 0 && b > 0) return std::min(max_pass_tokens_, b);
+  return max_pass_tokens_ > 0 ? max_pass_tokens_ : b;
+}
+
+std::vector<uint8_t> Model::attention_forms(const std::vector<ForwardItem>& items) const {
+  std::vector<uint8_t> absorbed(items.size());
+  for (size_t i = 0; i < items.size(); ++i)
+    absorbed[i] = mla_mode == MlaMode::absorbed || (mla_mode == MlaMode::automatic && items[i].n == 1);
+  return absorbed;
+}
+
+std::vector<std::vector<ForwardItem>> Model::passes(const std::vector<ForwardItem>& items) const {
+  int64_t total = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    KSCOPE_CHECK(items[i].n > 0, input, "forward", "sequence {} has no new tokens", i);
+    total += items[i].n;
+  }
+  const int64_t limit = max_pass_tokens();
+  if (limit <= 0 || total <= limit) return {items};
+  std::vector<std::vector<ForwardItem>> out;
+  std::vector<int64_t> done(items.size(), 0);
+  for (int64_t left = total; left > 0;) {
+    auto& pass = out.emplace_back(items);
+    int64_t room = limit;
+    for (size_t i = 0; i < items.size(); ++i) {
+      const int64_t take = std::min(items[i].n - done[i], room);
+      pass[i].tokens = items[i].tokens + done[i];
+      pass[i].n = take;
+      done[i] += take;
+      room -= take;
+      left -= take;
+    }
+  }
+  return out;
+}
+
 void Model::forward(std::vector<ForwardItem>& items, std::vector<std::vector<float>>& logits, Hook* obs) {
   std::lock_guard<std::mutex> one_pass(forward_mu_);
-  StageScope stage{*backend_};
   const int64_t V = cfg_.vocab_size;
-  std::vector<int64_t> rows;
-  std::vector<Deferred> later;
-  Buf<float> lg = run(items, obs, false, rows, later);
-  stage.keep = deliver(later);
-  std::vector<float> lgh = lg.host();
+  const auto absorbed = attention_forms(items);
+  auto plan = passes(items);
   logits.assign(items.size(), {});
-  size_t r = 0;
-  for (size_t i = 0; i < items.size(); ++i) {
-    const int64_t nr = items[i].all_logits ? items[i].n : 1;
-    logits[i].assign(lgh.begin() + r * V, lgh.begin() + (r + nr) * V);
-    if (obs && obs->wants({SiteKind::logits, -1}))
-      obs->on({SiteKind::logits, -1}, i, logits[i].data(), nr, V, items[i].cache->length + items[i].n - nr);
-    r += nr;
+  std::vector<int64_t> left(items.size());
+  for (size_t i = 0; i < items.size(); ++i) left[i] = items[i].n;
+  for (auto& pass : plan) {
+    StageScope stage{*backend_};
+    // all rows of an all_logits item; else the last row, in the pass that carries it
+    std::vector<uint8_t> want(items.size());
+    for (size_t i = 0; i < items.size(); ++i) {
+      left[i] -= pass[i].n;
+      want[i] = pass[i].n == 0 ? 0 : items[i].all_logits ? 2 : left[i] == 0 ? 1 : 0;
+    }
+    std::vector<int64_t> rows;
+    std::vector<Deferred> later;
+    Buf<float> lg = run(pass, want, absorbed, obs, rows, later);
+    stage.keep = deliver(later);
+    std::vector<float> lgh = lg.host();
+    size_t r = 0;
+    for (size_t i = 0; i < items.size(); ++i) {
+      if (want[i] == 0) continue;
+      const int64_t nr = want[i] == 2 ? pass[i].n : 1;
+      logits[i].insert(logits[i].end(), lgh.begin() + r * V, lgh.begin() + (r + nr) * V);
+      if (obs && obs->wants({SiteKind::logits, -1}))  // the hook sees (and may change) what forward() returns
+        obs->on({SiteKind::logits, -1}, i, logits[i].data() + logits[i].size() - nr * V, nr, V,
+                pass[i].cache->length + pass[i].n - nr);
+      r += nr;
+    }
+    for (auto& it : pass) it.cache->length += it.n;
   }
-  for (auto& it : items) it.cache->length += it.n;
 }
 
 void Model::forward(std::vector<ForwardItem>& items, const std::vector<RowDraw>& draws, int64_t top,
                     std::vector<LogitSummary>& out, Hook* obs) {
   std::lock_guard<std::mutex> one_pass(forward_mu_);
-  StageScope stage{*backend_};
   KSCOPE_CHECK(draws.size() == items.size(), internal, "forward", "one RowDraw per item");
-  const int64_t V = cfg_.vocab_size, B = static_cast<int64_t>(items.size());
+  const int64_t V = cfg_.vocab_size;
   const int64_t M = std::clamp<int64_t>(top, 1, V);
-  std::vector<int64_t> rows;
-  std::vector<Deferred> later;
-  Buf<float> lg = run(items, obs, true, rows, later);
-  Backend& be = *backend_;
-  std::vector<float> mx(B), tv(B * M);
-  std::vector<double> ls(B);
-  std::vector<int32_t> ti(B * M);
-  const bool hook_logits = obs && obs->wants({SiteKind::logits, -1});
-  std::vector<float> all;
-  if (!hook_logits) {
-    stage.keep = deliver(later);
-    be.logits_top(lg.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
-  } else {
-    all = lg.host();
-    stage.keep = deliver(later);
-  }
-  if (hook_logits) {  // the hook may change the logits: reduce what it leaves
-    for (int64_t i = 0; i < B; ++i)
-      obs->on({SiteKind::logits, -1}, i, all.data() + i * V, 1, V, items[i].cache->length + items[i].n - 1);
-    CpuBackend().logits_top(all.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
-  }
+  const auto absorbed = attention_forms(items);
+  auto plan = passes(items);
   out.assign(items.size(), {});
-  for (int64_t i = 0; i < B; ++i) {
-    LogitSummary& s = out[i];
-    s.max = mx[i];
-    s.log_sum = ls[i];
-    s.top_vals.assign(tv.begin() + i * M, tv.begin() + (i + 1) * M);
-    s.top_ids.assign(ti.begin() + i * M, ti.begin() + (i + 1) * M);
-  }
-  std::vector<int64_t> drawn;
-  std::vector<RowDraw> ds;
-  for (int64_t i = 0; i < B; ++i)
-    if (draws[i].on) {
-      drawn.push_back(i);
-      ds.push_back(draws[i]);
+  std::vector<int64_t> left(items.size());
+  for (size_t i = 0; i < items.size(); ++i) left[i] = items[i].n;
+  Backend& be = *backend_;
+  for (auto& pass : plan) {
+    StageScope stage{be};
+    std::vector<uint8_t> want(items.size());
+    std::vector<int64_t> fin;  // items whose last token is in this pass: their logits rows, in item order
+    for (size_t i = 0; i < items.size(); ++i) {
+      left[i] -= pass[i].n;
+      want[i] = pass[i].n > 0 && left[i] == 0;
+      if (want[i]) fin.push_back(static_cast<int64_t>(i));
     }
-  if (!drawn.empty()) {
-    std::vector<int32_t> tok(drawn.size());
-    std::vector<float> lv(drawn.size());
-    if (hook_logits) {  // sample what the hook left
-      for (size_t j = 0; j < drawn.size(); ++j) {
-        const float* l = all.data() + drawn[j] * V;
-        tok[j] = choose_with_draw(l, V, ds[j]);
-        lv[j] = l[tok[j]];
-      }
+    std::vector<int64_t> rows;
+    std::vector<Deferred> later;
+    Buf<float> lg = run(pass, want, absorbed, obs, rows, later);
+    const int64_t B = static_cast<int64_t>(fin.size());
+    if (B == 0) {
+      stage.keep = deliver(later);
+      for (auto& it : pass) it.cache->length += it.n;
+      continue;
+    }
+    std::vector<float> mx(B), tv(B * M);
+    std::vector<double> ls(B);
+    std::vector<int32_t> ti(B * M);
+    const bool hook_logits = obs && obs->wants({SiteKind::logits, -1});
+    std::vector<float> all;
+    if (!hook_logits) {
+      stage.keep = deliver(later);
+      be.logits_top(lg.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
     } else {
-      be.sample_rows(lg.data(), V, drawn, ds, tok.data(), lv.data());
+      all = lg.host();
+      stage.keep = deliver(later);
     }
-    for (size_t j = 0; j < drawn.size(); ++j) {
-      out[drawn[j]].sampled = tok[j];
-      out[drawn[j]].sampled_logit = lv[j];
+    if (hook_logits) {  // the hook may change the logits: reduce what it leaves
+      for (int64_t j = 0; j < B; ++j) {
+        const ForwardItem& it = pass[fin[j]];
+        obs->on({SiteKind::logits, -1}, fin[j], all.data() + j * V, 1, V, it.cache->length + it.n - 1);
+      }
+      CpuBackend().logits_top(all.data(), B, V, M, mx.data(), ls.data(), tv.data(), ti.data());
     }
+    for (int64_t j = 0; j < B; ++j) {
+      LogitSummary& s = out[fin[j]];
+      s.max = mx[j];
+      s.log_sum = ls[j];
+      s.top_vals.assign(tv.begin() + j * M, tv.begin() + (j + 1) * M);
+      s.top_ids.assign(ti.begin() + j * M, ti.begin() + (j + 1) * M);
+    }
+    std::vector<int64_t> drawn;  // rows of lg
+    std::vector<RowDraw> ds;
+    for (int64_t j = 0; j < B; ++j)
+      if (draws[fin[j]].on) {
+        drawn.push_back(j);
+        ds.push_back(draws[fin[j]]);
+      }
+    if (!drawn.empty()) {
+      std::vector<int32_t> tok(drawn.size());
+      std::vector<float> lv(drawn.size());
+      if (hook_logits) {  // sample what the hook left
+        for (size_t j = 0; j < drawn.size(); ++j) {
+          const float* l = all.data() + drawn[j] * V;
+          tok[j] = choose_with_draw(l, V, ds[j]);
+          lv[j] = l[tok[j]];
+        }
+      } else {
+        be.sample_rows(lg.data(), V, drawn, ds, tok.data(), lv.data());
+      }
+      for (size_t j = 0; j < drawn.size(); ++j) {
+        out[fin[drawn[j]]].sampled = tok[j];
+        out[fin[drawn[j]]].sampled_logit = lv[j];
+      }
+    }
+    for (auto& it : pass) it.cache->length += it.n;
   }
-  for (auto& it : items) it.cache->length += it.n;
 }
 
 }  // namespace kscope

@@ -168,6 +168,13 @@ class Model {
 
   MlaMode mla_mode = MlaMode::automatic;  // automatic: absorbed for single-token steps, expanded otherwise
 
+  // Most new tokens one pass carries: the workspace a pass needs grows with its tokens. forward() with more runs
+  // several passes in order, each sequence's tokens cut at pass boundaries (a sequence's attention form is chosen
+  // from all its new tokens, so the results are the same bits as one pass). 0: the backend's limit
+  // (Backend::max_pass_tokens: the CUDA backend's memory plan; none on the CPU).
+  void set_max_pass_tokens(int64_t n) { max_pass_tokens_ = n; }
+  int64_t max_pass_tokens() const;
+
   // Device backends: a pass whose readers all have async_reads() has its captures filed on the model's delivery
   // thread while the caller goes on (the next step is issued at once). Off: every read is in before forward()
   // returns. Tests compare the two.
@@ -178,15 +185,21 @@ class Model {
   ~Model();
 
  private:
+  // absorbed[i]: sequence i attends in the absorbed (decode) form
   void attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
-                 const int64_t* pos, int64_t N, float* out);
+                 const int64_t* pos, int64_t N, const std::vector<uint8_t>& absorbed, float* out);
   struct Deferred;  // a read delivered after the pass (device backends)
   void emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
             float* data, int64_t N, int64_t width, std::vector<Deferred>& later);
-  // The pass up to the lm_head: logits [rows, V] in backend memory for `rows` (each item's last row, or all of its
-  // rows where all_logits and not last_only); reads deferred into `later`.
-  Buf<float> run(std::vector<ForwardItem>& items, Hook* hook, bool last_only, std::vector<int64_t>& rows,
+  // One pass of forward(): every item with n > 0 (items with n == 0 sit this pass out, keeping their index for the
+  // hooks). Logits [rows, V] in backend memory for `rows`: per item, logit_rows[i] 0 none, 1 its last row, 2 all
+  // of its rows; reads deferred into `later`.
+  Buf<float> run(std::vector<ForwardItem>& items, const std::vector<uint8_t>& logit_rows,
+                 const std::vector<uint8_t>& absorbed, Hook* hook, std::vector<int64_t>& rows,
                  std::vector<Deferred>& later);
+  // forward()'s passes: each a copy of the items with the tokens it carries (n == 0: none this pass).
+  std::vector<std::vector<ForwardItem>> passes(const std::vector<ForwardItem>& items) const;
+  std::vector<uint8_t> attention_forms(const std::vector<ForwardItem>& items) const;
   // Hands a pass's deferred reads to their hooks: now, or on the delivery thread (returns true: the pass's staging
   // memory must outlive it, see Backend::stage_swap).
   bool deliver(std::vector<Deferred>& later);
@@ -198,6 +211,7 @@ class Model {
   std::shared_ptr<Backend> backend_;
   std::mutex forward_mu_;
   bool async_reads_ = true;
+  int64_t max_pass_tokens_ = 0;
   std::unique_ptr<Courier> courier_;
   std::shared_future<void> pending_;  // the last pass's asynchronous reads
   std::vector<double> inv_freq_;

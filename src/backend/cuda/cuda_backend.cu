@@ -275,6 +275,7 @@ CudaBackend::CudaBackend(int device) : impl_(std::make_shared<Impl>()) {
 CudaBackend::~CudaBackend() = default;
 
 const CudaPlan& CudaBackend::plan() const { return impl_->plan; }
+int64_t CudaBackend::max_pass_tokens() const { return impl_->plan.max_batch_tokens; }
 uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
 void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
 void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }

@@ -49,6 +49,7 @@ class CudaBackend final : public Backend {
   void kv_append(KvState& kv, int64_t layer, const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C,
                  int64_t dr) override;
   int64_t kv_free_tokens(const ModelConfig& cfg) const override;
+  int64_t max_pass_tokens() const override;
   void kv_reserve(KvState& kv, int64_t tokens) override;
   void embed(const TensorInfo& table, const int32_t* ids, int64_t n, float* out) override;
   void rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
