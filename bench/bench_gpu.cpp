@@ -34,6 +34,7 @@
 #include "backend/cuda/cuda_backend.hpp"
 #include "model/make_model.hpp"
 #include "model/model.hpp"
+#include "util/error.hpp"
 
 using namespace kscope;
 using json = nlohmann::json;
@@ -117,6 +118,30 @@ std::vector<float> randn(int64_t n, uint64_t seed) {
   return v;
 }
 
+// One MoE block of layer `mw` at T tokens of random input, as the model runs it: router, top-k, routed experts,
+// shared expert added.
+struct MoeStep {
+  Backend& be;
+  const ModelConfig& cfg;
+  const MoeWeights& mw;
+  int64_t T;
+  Buf<float> x, rl, wt, y, sh;
+  Buf<int32_t> idx;
+  MoeStep(Backend& b, const ModelConfig& c, const MoeWeights& m, int64_t t)
+      : be(b), cfg(c), mw(m), T(t), x(b, randn(t * c.hidden_size, t)), rl(b, t * c.n_routed_experts),
+        wt(b, t * c.num_experts_per_tok), y(b, t * c.hidden_size), sh(b, t * c.hidden_size),
+        idx(b, t * c.num_experts_per_tok) {}
+  void operator()() {
+    be.linear(mw.router, x.data(), T, rl.data());
+    be.route(cfg, rl.data(), mw.score_bias, T, idx.data(), wt.data());
+    be.moe_experts(mw, x.data(), T, cfg.num_experts_per_tok, idx.data(), wt.data(), y.data());
+    if (mw.shared) {
+      be.mlp(*mw.shared, x.data(), T, sh.data());
+      be.add(y.data(), sh.data(), T * cfg.hidden_size);
+    }
+  }
+};
+
 int run(const std::string& dir, const std::string& json_path) {
   json out;
   cudaDeviceProp p{};
@@ -179,19 +204,9 @@ int run(const std::string& dir, const std::string& json_path) {
               static_cast<long long>(K), static_cast<long long>(E), format_name(g0.format));
   std::printf("%7s %10s %9s %12s %12s %9s\n", "tokens", "time us", "experts", "bw floor us", "tc floor us", "of floor");
   for (int64_t T : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}) {
-    Buf<float> x(be, randn(T * H, T)), rl(be, T * E), wt(be, T * K), y(be, T * H), sh(be, T * H);
-    Buf<int32_t> idx(be, T * K);
-    auto step = [&] {
-      be.linear(mw.router, x.data(), T, rl.data());
-      be.route(cfg, rl.data(), mw.score_bias, T, idx.data(), wt.data());
-      be.moe_experts(mw, x.data(), T, K, idx.data(), wt.data(), y.data());
-      if (mw.shared) {
-        be.mlp(*mw.shared, x.data(), T, sh.data());
-        be.add(y.data(), sh.data(), T * H);
-      }
-    };
+    MoeStep step(be, cfg, mw, T);
     const double s = time_it(step, T <= 256 ? 50 : 20);
-    const auto ih = idx.host();
+    const auto ih = step.idx.host();
     const std::set<int32_t> distinct(ih.begin(), ih.end());
     const double bytes = distinct.size() * expert_bytes + shared_bytes + router_bytes + 4.0 * T * H * 2;
     const double flops = 2.0 * T * (K * 3.0 * H * I + 3.0 * H * Ish + E * H);
@@ -321,22 +336,11 @@ int run_profile(const std::string& dir, int64_t T) {
   auto model = Model::load(dir, backend);
   const auto& cfg = model->config();
   Backend& be = model->backend();
-  const int64_t H = cfg.hidden_size, E = cfg.n_routed_experts, K = cfg.num_experts_per_tok;
   int64_t moe_layer = -1;
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
     if (model->weights().layers[l].moe) { moe_layer = l; break; }
-  const auto& mw = *model->weights().layers[moe_layer].moe;
-  Buf<float> x(be, randn(T * H, T)), rl(be, T * E), wt(be, T * K), y(be, T * H), sh(be, T * H);
-  Buf<int32_t> idx(be, T * K);
-  auto step = [&] {
-    be.linear(mw.router, x.data(), T, rl.data());
-    be.route(cfg, rl.data(), mw.score_bias, T, idx.data(), wt.data());
-    be.moe_experts(mw, x.data(), T, K, idx.data(), wt.data(), y.data());
-    if (mw.shared) {
-      be.mlp(*mw.shared, x.data(), T, sh.data());
-      be.add(y.data(), sh.data(), T * H);
-    }
-  };
+  KSCOPE_CHECK(moe_layer >= 0, input, dir, "no MoE layer to profile");
+  MoeStep step(be, cfg, *model->weights().layers[moe_layer].moe, T);
   const double s_moe = time_it(step, 20);
   CU(cudaProfilerStart());
   step();

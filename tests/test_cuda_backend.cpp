@@ -137,6 +137,14 @@ class CudaOps : public ::testing::Test {
     gpu_->prepare_moe(moe);
   }
 
+  // gate/up [I, H] and down [H, I] in one format, prepared on the device where they lie (known by address)
+  void make_mlp(MlpWeights& mlp, WeightFormat wf, int64_t H, int64_t I) {
+    mlp = MlpWeights{make_linear(wf, I, H), make_linear(wf, I, H), make_linear(wf, H, I)};
+    gpu_->prepare_linear(mlp.gate);
+    gpu_->prepare_linear(mlp.up);
+    gpu_->prepare_linear(mlp.down);
+  }
+
   // host -> device, NaN-poisoned device output of n floats, device -> host
   Buf<float> dev(const std::vector<float>& v) { return Buf<float>(*gpu_, v); }
   Buf<float> poisoned(int64_t n) {
@@ -254,10 +262,8 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
   // takes every token (120 rows: 4 row tiles) while the others share the rest
   const int64_t H = 512, I = 256, E = 16, K = 4;
   for (auto wf : kFormats) {
-    MlpWeights mlp{make_linear(wf, I, H), make_linear(wf, I, H), make_linear(wf, H, I)};
-    gpu_->prepare_linear(mlp.gate);
-    gpu_->prepare_linear(mlp.up);
-    gpu_->prepare_linear(mlp.down);
+    MlpWeights mlp;
+    make_mlp(mlp, wf, H, I);
     MoeWeights moe;
     make_moe(moe, wf, H, I, E);
     const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
@@ -386,10 +392,8 @@ TEST_F(CudaOps, router_choices_are_identical_and_weights_match) {
 TEST_F(CudaOps, mlp_and_grouped_moe_experts_in_every_format) {
   const int64_t H = 136, I = 72, E = 16, K = 4;
   for (auto wf : kFormats) {
-    MlpWeights mlp{make_linear(wf, I, H), make_linear(wf, I, H), make_linear(wf, H, I)};
-    gpu_->prepare_linear(mlp.gate);
-    gpu_->prepare_linear(mlp.up);
-    gpu_->prepare_linear(mlp.down);
+    MlpWeights mlp;
+    make_mlp(mlp, wf, H, I);
     MoeWeights moe;
     make_moe(moe, wf, H, I, E);
     const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
