@@ -2,6 +2,9 @@
 
 #include <cfloat>
 #include <climits>
+#include <mutex>
+#include <set>
+#include <tuple>
 
 #include "backend/cuda/kernels.cuh"
 
@@ -24,6 +27,18 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Opts a kernel in to `bytes` of dynamic shared memory (above the 48 KiB default) on the current device: an
+// attribute of the kernel per device, set once per (kernel, device, bytes).
+void allow_smem(const void* kernel, int bytes) {
+  static std::mutex mu;
+  static std::set<std::tuple<const void*, int, int>> done;
+  int dev = 0;
+  cudaGetDevice(&dev);
+  std::lock_guard<std::mutex> g(mu);
+  if (done.insert({kernel, dev, bytes}).second)
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
 
 // One weight element, dequantized (reference path of gemm_f32).
 __device__ __forceinline__ float weight_at(const DLin& W, int64_t n, int64_t k) {
@@ -1605,11 +1620,7 @@ bool same_shape(const DLin& a, const DLin& b) {
 template <int FMT, int NT, bool SB>
 void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                 const DLin& W2, const Groups& gr, int ksplit, float* part) {
-  static bool configured = false;
-  if (!configured) {
-    cudaFuncSetAttribute(k_gemm_few<FMT, NT, SB>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(few_smem<FMT>(NT)));
-    configured = true;
-  }
+  allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB>), int(few_smem<FMT>(NT)));
   k_gemm_few<FMT, NT, SB><<<grid, 128, smem, s>>>(X, M, Y, W, Y2, W2, gr, ksplit, part);
 }
 template <int FMT, bool SB>
@@ -1692,13 +1703,9 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   const bool aligned = W.K % kBK == 0 && (W.fmt != kFp8 || (W.bo % kBN == 0 && W.bi % kBK == 0)) &&
                        (W.fmt != kInt4 || W.g % 32 == 0);
   if (aligned && !g_simple_gemm) {
-    static bool configured = false;
-    if (!configured) {  // opt in to more than 48 KiB of shared memory, once
-      cudaFuncSetAttribute(k_gemm_pipe<kBf16>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pipe_smem<kBf16>()));
-      cudaFuncSetAttribute(k_gemm_pipe<kFp8>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pipe_smem<kFp8>()));
-      cudaFuncSetAttribute(k_gemm_pipe<kInt4>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pipe_smem<kInt4>()));
-      configured = true;
-    }
+    allow_smem(reinterpret_cast<const void*>(k_gemm_pipe<kBf16>), int(pipe_smem<kBf16>()));
+    allow_smem(reinterpret_cast<const void*>(k_gemm_pipe<kFp8>), int(pipe_smem<kFp8>()));
+    allow_smem(reinterpret_cast<const void*>(k_gemm_pipe<kInt4>), int(pipe_smem<kInt4>()));
     const DLin& w2 = W2 ? *W2 : W;
     switch (W.fmt) {
       case kFp8: k_gemm_pipe<kFp8><<<grid, 128, pipe_smem<kFp8>(), s>>>(X, M, Y, W, Y2, w2, groups); break;
@@ -1805,12 +1812,8 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   bf16* qcat = fast ? reinterpret_cast<bf16*>(olat) : nullptr;  // olat is free until the combine: q_lat || q_rope in bf16
   {
     const size_t smem = rows16_smem(d.dn);
-    static thread_local bool set = false;
-    if (!set) {
-      cudaFuncSetAttribute(k_qlat16, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(rows16_smem(1024)));
-      cudaFuncSetAttribute(k_uv16, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(rows16_smem(1024)));
-      set = true;
-    }
+    allow_smem(reinterpret_cast<const void*>(k_qlat16), static_cast<int>(rows16_smem(1024)));
+    allow_smem(reinterpret_cast<const void*>(k_uv16), static_cast<int>(rows16_smem(1024)));
     k_qlat16<<<dim3(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB)), 256, smem, s>>>(d, q, w_uk, rows,
                                                                                                               n_rows, qlat, qcat);
   }
@@ -1820,11 +1823,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
     const int chunk = ((max_len + splits - 1) / splits + kMlaT - 1) / kMlaT * kMlaT;
     const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(splits), static_cast<unsigned>((d.nh + kMlaH - 1) / kMlaH));
     auto launch = [&](auto kernel) {
-      static thread_local const void* configured = nullptr;  // one attribute call per instantiation and thread
-      if (configured != reinterpret_cast<const void*>(kernel)) {
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(mla_smem_bytes(512 + 128)));
-        configured = reinterpret_cast<const void*>(kernel);
-      }
+      allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(mla_smem_bytes(512 + 128)));
       kernel<<<grid, 256, smem, s>>>(d, qcat, rows, chunk, part);
     };
     switch (d.C / 32) {
