@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 
@@ -11,6 +12,9 @@
 
 #include "interp/capture.hpp"
 #include "model/make_model.hpp"
+#ifdef KSCOPE_HAVE_CUDA
+#include "backend/cuda/cuda_backend.hpp"
+#endif
 #include "util/thread_pool.hpp"
 
 using namespace kscope;
@@ -32,6 +36,9 @@ int main(int argc, char** argv) {
     s.preset = "mid";
     make_model(dir, s);
   }
+#ifdef KSCOPE_HAVE_CUDA
+  if (std::getenv("KSCOPE_NEXT_KERNELS")) CudaBackend::use_next_kernels(true);  // next-round kernels, to measure
+#endif
   auto model = Model::load(dir, make_backend(device));
   const auto& cfg = model->config();
   const int64_t H = cfg.hidden_size, L = cfg.num_hidden_layers;

@@ -298,17 +298,27 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
   }
 }
 
+// Turns the next-round kernels on for a scope (CudaBackend::use_next_kernels), off again at its end.
+struct NextKernels {
+  explicit NextKernels(bool on) { CudaBackend::use_next_kernels(on); }
+  ~NextKernels() { CudaBackend::use_next_kernels(false); }
+};
+
 TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {
-  const int64_t n = 7, d = 203;
-  const auto x = randn(n * (d + 5)), w = randn(d);
-  for (int64_t ld : {d, d + 5}) {
-    std::vector<float> want(n * d);
-    cpu_.rmsnorm(x.data(), w, n, d, 1e-6f, want.data(), ld);
-    auto xd = dev(x);
-    auto od = poisoned(n * d);
-    gpu_->rmsnorm(xd.data(), w, n, d, 1e-6f, od.data(), ld);
-    expect_close(od.host(), want, kF32Tol, fmt::format("rmsnorm ld={}", ld));
-  }
+  // RMSNorm at an odd width (strided rows too), Kimi-K2's hidden width and its kv_a rows (512 of 576), with the
+  // current kernel and the next-round one
+  struct Norm { int64_t n, d, ld; };
+  for (bool next : {false, true})
+    for (Norm c : {Norm{7, 203, 203}, Norm{7, 203, 208}, Norm{3, 7168, 7168}, Norm{4, 512, 576}}) {
+      NextKernels nk(next);
+      const auto x = randn(c.n * c.ld), w = randn(c.d);
+      std::vector<float> want(c.n * c.d);
+      cpu_.rmsnorm(x.data(), w, c.n, c.d, 1e-6f, want.data(), c.ld);
+      auto xd = dev(x);
+      auto od = poisoned(c.n * c.d);
+      gpu_->rmsnorm(xd.data(), w, c.n, c.d, 1e-6f, od.data(), c.ld);
+      expect_close(od.host(), want, kF32Tol, fmt::format("rmsnorm d={} ld={}{}", c.d, c.ld, next ? " next" : ""));
+    }
   // rope on 3 heads of stride 40 (rope part at offset 24, 16 dims), positions up to 5000
   std::vector<double> inv_freq(8);
   for (int i = 0; i < 8; ++i) inv_freq[i] = std::pow(50000.0, -2.0 * i / 16.0);
@@ -330,27 +340,27 @@ TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {
     gpu_->add(yd.data(), ad.data(), 1001);
     EXPECT_EQ(yd.host(), want);
   }
-  {
-    const auto src = randn(9 * 13);
+  for (int64_t wd : {13, 64, 2052}) {  // odd widths copy by element, multiples of 4 by 16 bytes
+    const auto src = randn(9 * wd);
     const std::vector<int64_t> rows = {8, 0, 3, 3};
-    std::vector<float> want(4 * 13);
-    cpu_.gather_rows(src.data(), rows.data(), 4, 13, want.data());
+    std::vector<float> want(4 * wd);
+    cpu_.gather_rows(src.data(), rows.data(), 4, wd, want.data());
     auto sd = dev(src);
     Buf<int64_t> rd(*gpu_, rows);
-    auto od = poisoned(4 * 13);
-    gpu_->gather_rows(sd.data(), rd.data(), 4, 13, od.data());
-    EXPECT_EQ(od.host(), want);
+    auto od = poisoned(4 * wd);
+    gpu_->gather_rows(sd.data(), rd.data(), 4, wd, od.data());
+    EXPECT_EQ(od.host(), want) << "gather width " << wd;
   }
-  {
-    const Linear& table = make_linear(WeightFormat::dense, 50, 37, "embed");
+  for (int64_t H : {37, 64, 2052}) {
+    const Linear& table = make_linear(WeightFormat::dense, 50, H, "embed");
     gpu_->prepare_embed(*table.weight);
     const std::vector<int32_t> ids = {49, 0, 7, 7, 31};
-    std::vector<float> want(5 * 37);
+    std::vector<float> want(5 * H);
     cpu_.embed(*table.weight, ids.data(), 5, want.data());
     Buf<int32_t> idd(*gpu_, ids);
-    auto od = poisoned(5 * 37);
+    auto od = poisoned(5 * H);
     gpu_->embed(*table.weight, idd.data(), 5, od.data());
-    EXPECT_EQ(od.host(), want);  // bf16 table: exact
+    EXPECT_EQ(od.host(), want) << "embed width " << H;  // bf16 table: exact
   }
 }
 
@@ -367,12 +377,16 @@ ModelConfig router_config(ScoringFunc f, TopkMethod m, int64_t E, int64_t K, int
   return c;
 }
 
+// The router in its four methods, with the current kernel and the next-round one (one warp per token where the
+// routing is ungrouped); then the router's fp32 matmul at 384 experts.
 TEST_F(CudaOps, router_choices_are_identical_and_weights_match) {
   struct Case { ScoringFunc f; TopkMethod m; int64_t E, K, G, TG; };
+  for (bool next : {false, true})
   for (Case c : {Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 384, 8, 1, 1},
                  Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 256, 8, 8, 4},
                  Case{ScoringFunc::softmax, TopkMethod::greedy, 64, 6, 1, 1},
                  Case{ScoringFunc::softmax, TopkMethod::group_limited_greedy, 160, 6, 8, 3}}) {
+    NextKernels nk(next);
     const auto cfg = router_config(c.f, c.m, c.E, c.K, c.G, c.TG);
     const int64_t n = 133;
     const auto logits = randn(n * c.E, 2.0f);
@@ -384,9 +398,22 @@ TEST_F(CudaOps, router_choices_are_identical_and_weights_match) {
     Buf<int32_t> id(*gpu_, n * c.K);
     auto wd = poisoned(n * c.K);
     gpu_->route(cfg, ld.data(), bias, n, id.data(), wd.data());
-    EXPECT_EQ(id.host(), idx) << "E=" << c.E << " G=" << c.G;
-    expect_close(wd.host(), wt, kF32Tol, fmt::format("route E={} K={} G={}", c.E, c.K, c.G));
+    EXPECT_EQ(id.host(), idx) << "E=" << c.E << " G=" << c.G << (next ? " next" : "");
+    expect_close(wd.host(), wt, kF32Tol, fmt::format("route E={} K={} G={}{}", c.E, c.K, c.G, next ? " next" : ""));
   }
+  MoeWeights moe;
+  make_moe(moe, WeightFormat::dense, 512, 16, 384);
+  for (bool next : {false, true})
+    for (int64_t n : {1, 5, 133}) {
+      NextKernels nk(next);
+      const auto x = randn(n * 512);
+      std::vector<float> want(n * 384);
+      cpu_.linear(moe.router, x.data(), n, want.data());
+      auto xd = dev(x);
+      auto od = poisoned(n * 384);
+      gpu_->linear(moe.router, xd.data(), n, od.data());
+      expect_close(od.host(), want, kF32Tol, fmt::format("router logits 384x512 n={}{}", n, next ? " next" : ""));
+    }
 }
 
 TEST_F(CudaOps, mlp_and_grouped_moe_experts_in_every_format) {

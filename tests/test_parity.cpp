@@ -6,7 +6,8 @@
 // only summation order differs; fp32 rounding (~6e-8) grown over a few layers and softmaxes stays near 1e-6.
 // We hold unquantized fixtures to a relative error of 1e-4 and quantized ones to 1e-3 (the bounds).
 //
-// KSCOPE_TEST_DEVICE=cuda runs the same tests on the CUDA backend (scripts/gpu/check.sh). There every matmul
+// KSCOPE_TEST_DEVICE=cuda runs the same tests on the CUDA backend (scripts/gpu/check.sh; with
+// KSCOPE_NEXT_KERNELS=1 on the next-round kernels, CudaBackend::use_next_kernels). There every matmul
 // rounds its inputs to bf16 (2^-9 relative each) and the latent cache is bf16: per layer about eight chained
 // roundings feed the residual, so we hold every hidden state and the logits to 2e-2 (five bf16 ulps at 1.0,
 // 5·2^-8). Greedy tokens must still be identical, and batching must not change a single bit.
@@ -27,6 +28,9 @@
 #include "model/model.hpp"
 #include "runtime/generate.hpp"
 #include "testutil.hpp"
+#ifdef KSCOPE_HAVE_CUDA
+#include "backend/cuda/cuda_backend.hpp"
+#endif
 
 using namespace kscope;
 namespace fs = std::filesystem;
@@ -145,6 +149,9 @@ class Parity : public ::testing::TestWithParam<std::string> {
     dir_ = test::fixtures() + "/reference/" + GetParam();
     const char* dev = std::getenv("KSCOPE_TEST_DEVICE");
     device_ = dev && *dev ? dev : "cpu";
+#ifdef KSCOPE_HAVE_CUDA
+    CudaBackend::use_next_kernels(device_ != "cpu" && std::getenv("KSCOPE_NEXT_KERNELS"));
+#endif
     model_ = Model::load(dir_, make_backend(device_));
     golden_ = std::make_unique<TensorStore>(TensorStore::open(dir_ + "/golden.safetensors"));
     tol_ = GetParam().find("bf16") != std::string::npos ? 1e-4 : 1e-3;

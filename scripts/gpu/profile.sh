@@ -3,7 +3,8 @@
 # (default bf16; LAYERS as bench.sh) optionally measures the interpretability overhead at batch 64 (INTERP=1) and
 # the slice benchmark (RUN=1: bench_gpu run, JSON under $OUT), and profiles with ncu (hardware clocks left alone)
 # the MoE block at PROFILE_TOKENS tokens (default "1 64"; empty: none) and one batch-1 decode step: every kernel's
-# time, largest first, and the sum, next to the wall times measured without the profiler.
+# time, largest first, and the sum, next to the wall times measured without the profiler. NEXT=1 profiles again
+# with the next-round kernels (KSCOPE_NEXT_KERNELS=1; the op tests check them either way).
 #   run: bash scripts/gpu/profile.sh   (carry .deps)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -23,6 +24,9 @@ maker=$!
 status=0
 KSCOPE_REQUIRE_CUDA=1 timeout 200 build-gpu/tests/test_cuda_backend >"$OUT/ops.txt" 2>&1 || status=1
 KSCOPE_TEST_DEVICE=cuda timeout 120 build-gpu/tests/test_parity >"$OUT/parity.txt" 2>&1 || status=1
+if [ -n "${NEXT:-}" ]; then  # the model against HF on the next-round kernels too
+  KSCOPE_NEXT_KERNELS=1 KSCOPE_TEST_DEVICE=cuda timeout 120 build-gpu/tests/test_parity >>"$OUT/parity.txt" 2>&1 || status=1
+fi
 grep -E "^\[  (PASSED|FAILED) |FAILED  \]" "$OUT/ops.txt" "$OUT/parity.txt"
 grep -B2 -A8 "Failure" "$OUT/ops.txt" "$OUT/parity.txt" | head -30
 grep "rel err" "$OUT/ops.txt" | awk '{for(i=1;i<=NF;i++) if($i=="err") e=$(i+1); k=$1" "$2; if(!(k in w)||e+0>w[k]+0) w[k]=e}
@@ -36,13 +40,20 @@ if [ "${RUN:-0}" = 1 ]; then
   timeout ${RUN_LIMIT:-240} build-gpu/bench/bench_gpu run $d --json "$OUT/kscope-$FORMAT.json" 2>&1 | tee "$OUT/kscope-$FORMAT.txt" | grep -v "^  writing"
   echo "bench: $(( $(date +%s) - t0 )) s"
 fi
-for T in ${PROFILE_TOKENS-1 64}; do
-  timeout 60 build-gpu/bench/bench_gpu profile $d --tokens $T 2>&1 | tail -1
-  timeout 150 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
-    build-gpu/bench/bench_gpu profile $d --tokens $T > "$OUT/ncu-$T.csv" 2>"$OUT/ncu-$T.err"
-  python3 bench/ncu_table.py "$OUT/ncu-$T.csv" "MoE block at $T tokens" "decode step, batch 1" | tee "$OUT/ncu-$T.txt"
-  rm -f "$OUT/ncu-$T.csv" "$OUT/ncu-$T.err"
+for next in 0 ${NEXT:+1}; do
+  [ "$next" = 0 ] && unset KSCOPE_NEXT_KERNELS || export KSCOPE_NEXT_KERNELS=1
+  for T in ${PROFILE_TOKENS-1 64}; do
+    tag=$T$([ "$next" = 1 ] && echo -next)
+    echo "== profile $tag"
+    timeout 60 build-gpu/bench/bench_gpu profile $d --tokens $T 2>&1 | tail -1
+    timeout 150 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+      build-gpu/bench/bench_gpu profile $d --tokens $T > "$OUT/ncu-$tag.csv" 2>"$OUT/ncu-$tag.err"
+    python3 bench/ncu_table.py "$OUT/ncu-$tag.csv" "MoE block at $T tokens" "decode step, batch 1" > "$OUT/ncu-$tag.txt"
+    head -12 "$OUT/ncu-$tag.txt"; grep -E "sum of kernel" "$OUT/ncu-$tag.txt"
+    rm -f "$OUT/ncu-$tag.csv" "$OUT/ncu-$tag.err"
+  done
 done
+unset KSCOPE_NEXT_KERNELS
 echo "total: $(( $(date +%s) - t0 )) s"
 rm -f "$OUT/cmake.log" "$OUT/build.log" "$OUT/make.txt"  # at most 8 files come back
 [ $status = 0 ] && rm -f "$OUT/ops.txt" "$OUT/parity.txt"

@@ -89,6 +89,9 @@ class CudaBackend final : public Backend {
   static void force_simple_gemm(bool on);
   // Tests and benchmarks: turn the few-row matmul (groups of ≤ 32 rows) off, so the tile kernels run everything.
   static void force_few_rows(bool on);
+  // Tests and benchmarks: the next-round kernels (RMSNorm, router matmul, routing), off until validated on a device;
+  // KSCOPE_NEXT_KERNELS=1 turns them on for bench_gpu and bench_interp.
+  static void use_next_kernels(bool on);
   // Tests: run absorbed (decode) attention with the CUDA-core kernel instead of the tensor-core one.
   static void force_simple_attention(bool on);
   // Overrides the plan's KV budget (tests of admission control; a server that shares the device).

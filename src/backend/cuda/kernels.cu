@@ -1601,6 +1601,141 @@ __global__ void k_sum_parts(const float* part, int ksplit, int64_t n, float* y, 
   }
 }
 
+// ---- next-round kernels, not yet the default (set_next_kernels): each replaces a kernel above that the batch-1
+// decode step's profile showed latency-bound, with the same result up to fp32 summation order (routing: the same
+// choices and weights, bit for bit).
+bool g_next = false;
+
+// RMSNorm: the row read once (16-byte loads where aligned) into shared memory, squares summed by warps, the output
+// written from shared memory (the old kernel re-read x after each store, since out may alias x).
+__global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ w, int64_t d,
+                                                      float eps, float* out) {
+  extern __shared__ float row[];  // [d]
+  __shared__ float part[32];
+  const int64_t t = blockIdx.x;
+  const float* xr = x + t * ld;
+  float ss = 0;
+  if ((d & 3) == 0 && (ld & 3) == 0) {
+    for (int64_t i = threadIdx.x; i < d / 4; i += blockDim.x) {
+      const float4 v = reinterpret_cast<const float4*>(xr)[i];
+      reinterpret_cast<float4*>(row)[i] = v;
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+      const float v = xr[i];
+      row[i] = v;
+      ss += v * v;
+    }
+  }
+  ss = warp_sum(ss);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+    v = warp_sum(v);
+    if (threadIdx.x == 0) part[0] = v;
+  }
+  __syncthreads();
+  const float r = 1.0f / sqrtf(part[0] / static_cast<float>(d) + eps);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (row[i] * r);
+}
+
+// fp32-input matmul (routers) for bf16 weights with K % 64 == 0: a block of 8 warps per output feature and up to 4
+// rows, each warp a slice of K read 16 bytes per lane, the slices added in warp order.
+__global__ void __launch_bounds__(256) k_gemm_f32_split(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
+  __shared__ float red[8][4];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x, m0 = blockIdx.y * 4, mr = min(4, M - m0);
+  const int slice = W.K / 8;  // a multiple of 8
+  const bf16* wr = reinterpret_cast<const bf16*>(W.w + static_cast<int64_t>(n) * W.w_ld) + warp * slice;
+  float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  for (int k = lane * 8; k < slice; k += 256) {
+    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr + k));
+    const uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
+    float wf[8];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ws[i]));
+      wf[2 * i] = f.x;
+      wf[2 * i + 1] = f.y;
+    }
+#pragma unroll
+    for (int r = 0; r < 4; ++r)
+      if (r < mr) {
+        const float4* xp = reinterpret_cast<const float4*>(X + static_cast<int64_t>(m0 + r) * W.K + warp * slice + k);
+        const float4 a = xp[0], b = xp[1];
+        acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+      }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const float v = warp_sum(acc[r]);
+    if (lane == 0) red[warp][r] = v;
+  }
+  __syncthreads();
+  if (threadIdx.x < mr) {
+    float v = 0;
+    for (int w = 0; w < 8; ++w) v += red[w][threadIdx.x];
+    Y[static_cast<int64_t>(m0 + threadIdx.x) * W.N + n] = v;
+  }
+}
+
+// Router for the ungrouped case (one group, or every group kept: Kimi-K2): one warp per token, each lane holding
+// the scores of experts lane, lane + 32, ...; each of the K picks a warp argmax in the serial scan's order.
+constexpr int kRouteWarpMax = 32;  // experts per lane: E <= 1024
+__global__ void __launch_bounds__(128) k_route_warp(RouteArgs a, int64_t n, const float* logits, const float* bias,
+                                                    int32_t* idx, float* weight) {
+  const int lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
+  if (t >= n) return;
+  const float* l = logits + t * a.E;
+  float sc[kRouteWarpMax], ch[kRouteWarpMax];
+  const int per = (a.E + 31) / 32;
+  uint32_t taken = 0;
+#pragma unroll
+  for (int j = 0; j < kRouteWarpMax; ++j) {
+    const int e = lane + 32 * j;
+    if (j < per && e < a.E) {
+      sc[j] = 1.0f / (1.0f + expf(-l[e]));
+      ch[j] = sc[j] + (bias ? bias[e] : 0.0f);
+    } else {
+      sc[j] = 0.0f;
+      ch[j] = 0.0f;
+      taken |= 1u << j;  // no such expert
+    }
+  }
+  float sum = 0;
+  for (int s = 0; s < a.K; ++s) {
+    float bv = 0.0f, bs = 0.0f;
+    int bi = -1;
+#pragma unroll
+    for (int j = 0; j < kRouteWarpMax; ++j)
+      if (j < per && !((taken >> j) & 1u) && route_better(ch[j], lane + 32 * j, bv, bi)) {
+        bv = ch[j];
+        bi = lane + 32 * j;
+        bs = sc[j];
+      }
+    for (int m = 16; m >= 1; m >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, m), os = __shfl_xor_sync(0xffffffffu, bs, m);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
+      if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; bs = os; }
+    }
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    sum += bs;
+    if (lane == 0) {
+      idx[t * a.K + s] = bi;
+      weight[t * a.K + s] = bs;  // normalized below
+    }
+  }
+  if (lane == 0)
+    for (int s = 0; s < a.K; ++s) {
+      float w = weight[t * a.K + s];
+      if (a.norm_topk) w /= (sum + 1e-20f);
+      weight[t * a.K + s] = w * a.scaling;
+    }
+}
+
 int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int64_t>(cdiv(n, block), 65535 * 8)); }
 
 bool g_few_rows = true;
@@ -1729,8 +1864,14 @@ void set_simple_gemm(bool on) { g_simple_gemm = on; }
 bool g_simple_attention = false;
 void set_simple_attention(bool on) { g_simple_attention = on; }
 bool simple_attention() { return g_simple_attention; }
+void set_next_kernels(bool on) { g_next = on; }
+bool next_kernels() { return g_next; }
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s) {
   if (M == 0) return;
+  if (g_next && W.fmt == kBf16 && W.K % 64 == 0) {
+    k_gemm_f32_split<<<dim3(static_cast<unsigned>(W.N), static_cast<unsigned>(cdiv(M, 4))), 256, 0, s>>>(X, M, Y, W);
+    return;
+  }
   k_gemm_f32<<<dim3(static_cast<unsigned>(cdiv(W.N, 4)), static_cast<unsigned>(cdiv(M, 4))), 128, 0, s>>>(X, M, Y, W);
 }
 void f32_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t s) {
@@ -1746,7 +1887,13 @@ void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t 
   if (n) k_embed<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s>>>(table, H, ids, out);
 }
 void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, cudaStream_t s) {
-  if (n) k_rmsnorm<<<static_cast<unsigned>(n), 256, 0, s>>>(x, ld, w, d, eps, out);
+  if (n == 0) return;
+  if (g_next && d * 4 <= 48 * 1024) {
+    const int block = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, cdiv(cdiv(d, 4), 32) * 32)));
+    k_rmsnorm_row<<<static_cast<unsigned>(n), block, d * sizeof(float), s>>>(x, ld, w, d, eps, out);
+    return;
+  }
+  k_rmsnorm<<<static_cast<unsigned>(n), 256, 0, s>>>(x, ld, w, d, eps, out);
 }
 void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
           const int64_t* pos, const float* inv_freq, float attn_factor, bool interleaved, cudaStream_t s) {
@@ -1764,6 +1911,10 @@ void silu_mul(const float* g, const float* u, int64_t n, bf16* out, cudaStream_t
 void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n, int32_t* idx, float* weight,
            cudaStream_t s) {
   if (n == 0) return;
+  if (g_next && a.sigmoid && (a.method == 0 || a.G <= 1 || a.topk_group >= a.G) && a.E <= 32 * kRouteWarpMax) {
+    k_route_warp<<<static_cast<unsigned>(cdiv(n, 4)), 128, 0, s>>>(a, n, logits, bias, idx, weight);
+    return;
+  }
   const size_t smem = (2 * a.E + a.G) * sizeof(float) + a.E;
   k_route<<<static_cast<unsigned>(n), kRouteThreads, smem, s>>>(a, logits, bias, idx, weight);
 }
