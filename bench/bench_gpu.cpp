@@ -8,7 +8,8 @@
 //                                                               at T tokens and one batch-1 decode step, each once
 //                                                               inside cudaProfilerStart/Stop, after warm-up; prints
 //                                                               the decode step's wall time without the profiler
-// KSCOPE_NEXT_KERNELS=1 runs any of them with the next-round kernels (CudaBackend::use_next_kernels).
+// KSCOPE_NEXT_KERNELS=1 runs any of them with the next-round kernels (CudaBackend::use_next_kernels),
+// KSCOPE_INVARIANT_ATTENTION=1 with decode attention split per row (CudaBackend::set_batch_invariant_attention).
 // Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
 // large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
 // 1..2048 tokens, MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
@@ -49,6 +50,12 @@ namespace {
     cudaError_t e_ = (x);                                                              \
     if (e_ != cudaSuccess) throw std::runtime_error(std::string(#x) + ": " + cudaGetErrorString(e_)); \
   } while (0)
+
+// An environment switch: set and not empty or "0".
+bool env_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v && *v && std::string(v) != "0";
+}
 
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
@@ -156,6 +163,7 @@ int run(const std::string& dir, const std::string& json_path) {
               bw / 1e9, tc / 1e12);
 
   auto backend = std::make_shared<CudaBackend>(0);
+  backend->set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
   const uint64_t base = used_bytes();
   auto model = Model::load(dir, backend);
   const CudaPlan& plan = backend->plan();
@@ -335,6 +343,7 @@ int run(const std::string& dir, const std::string& json_path) {
 // 20 unprofiled steps, to compare with the sum of its kernels.
 int run_profile(const std::string& dir, int64_t T) {
   auto backend = std::make_shared<CudaBackend>(0);
+  backend->set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
   auto model = Model::load(dir, backend);
   const auto& cfg = model->config();
   Backend& be = model->backend();
@@ -425,6 +434,7 @@ int run_mla(const std::string& json_out) {
   aw.q_proj.emplace();
   lin(*aw.q_proj, "q_proj", nh * dq, H);
   CudaBackend be(0);
+  be.set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
   be.prepare_attention(cfg, aw);
   json rows = json::array();
   std::printf("\n%6s %8s %12s %12s %8s %8s %10s\n", "batch", "context", "tensor us", "cuda-core us", "speedup", "% bw", "TFLOP/s");
@@ -477,7 +487,7 @@ int run_mla(const std::string& json_out) {
 }
 
 int main(int argc, char** argv) {
-  if (std::getenv("KSCOPE_NEXT_KERNELS")) CudaBackend::use_next_kernels(true);  // next-round kernels, to measure
+  if (env_on("KSCOPE_NEXT_KERNELS")) CudaBackend::use_next_kernels(true);  // next-round kernels, to measure
   try {
     if (argc >= 3 && std::string(argv[1]) == "make") {
       MakeModelSpec s;

@@ -563,6 +563,22 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     expect_close(fast.host(), want, kChainTol, what + " vs cpu");
     expect_close(simple.host(), want, kChainTol, what + " (cuda cores) vs cpu");
     expect_close(fast.host(), simple.host(), kChainTol, what + " vs cuda cores");
+    // the batch-invariant split (each row's parts from its own length): each row alone gives the bits it has in
+    // the batch, where the longer rows take more parts
+    gpu_->set_batch_invariant_attention(true);
+    auto inv = poisoned(N * nh * dv);
+    gpu_->mla_attention(cfg, a, qd.data(), gs, scale, inv.data());
+    const auto invh = inv.host();
+    expect_close(invh, want, kChainTol, what + " (batch-invariant split) vs cpu");
+    for (int64_t i = 0; i < N; ++i) {
+      auto qi = dev(std::vector<float>(q.begin() + i * nh * dq, q.begin() + (i + 1) * nh * dq));
+      auto oi = poisoned(nh * dv);
+      const std::vector<AttnSeq> one = {{0, 1, lens[i], gks[i].get(), 0, true}};
+      gpu_->mla_attention(cfg, a, qi.data(), one, scale, oi.data());
+      EXPECT_EQ(oi.host(), std::vector<float>(invh.begin() + i * nh * dv, invh.begin() + (i + 1) * nh * dv))
+          << what << ": row " << i << " (" << lens[i] << " cached) alone vs batched";
+    }
+    gpu_->set_batch_invariant_attention(false);
   }
 }
 

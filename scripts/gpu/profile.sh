@@ -54,6 +54,13 @@ for next in 0 ${NEXT:+1}; do
   done
 done
 unset KSCOPE_NEXT_KERNELS
+if [ -n "${NEXT:-}" ]; then  # what the batch-invariant attention split costs
+  for inv in "" 1; do
+    echo "== decode attention, split ${inv:+per row (batch-invariant)}${inv:-to fill the GPU}"
+    KSCOPE_INVARIANT_ATTENTION=$inv MLA_SIZES=1x4096,1x32768,8x4096,64x4096,128x4096 MLA_SKIP_SIMPLE=1 \
+      timeout 120 build-gpu/bench/bench_gpu mla 2>&1 | grep -vE "^device" | cut -c1-70
+  done
+fi
 echo "total: $(( $(date +%s) - t0 )) s"
 rm -f "$OUT/cmake.log" "$OUT/build.log" "$OUT/make.txt"  # at most 8 files come back
 [ $status = 0 ] && rm -f "$OUT/ops.txt" "$OUT/parity.txt"

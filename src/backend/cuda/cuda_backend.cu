@@ -81,6 +81,7 @@ struct CudaBackend::Impl {
   uint64_t kv_budget = UINT64_MAX;
   std::mutex mu;
   int sms = 0;  // multiprocessors (sizes the split of decode attention)
+  bool invariant_attention = false;  // decode attention split per row by its own length (set_batch_invariant_attention)
   // Two staging sets (Backend::stage_swap): a pinned arena for asynchronous copies (captures, row-op vectors) and
   // the events recorded by mark(), both reused when their set is recycled. A mark's id carries its set.
   struct StageSet {
@@ -280,6 +281,7 @@ uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
 void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
 void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }
 void CudaBackend::use_next_kernels(bool on) { cuda::set_next_kernels(on); }
+void CudaBackend::set_batch_invariant_attention(bool on) { impl_->invariant_attention = on; }
 void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> g(impl_->mu);
@@ -659,6 +661,13 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
       (s.absorbed ? abs_rows : exp_rows).push_back(r);
     }
   }
+  const bool invariant = m.invariant_attention && cuda::mla_fast_path(d) && !cuda::simple_attention();
+  int row_splits = 1;  // batch-invariant splits: the most any row takes
+  if (invariant)
+    for (auto& x : abs_rows) {
+      x.chunk = cuda::mla_row_chunk(x.len);
+      row_splits = std::max(row_splits, static_cast<int>(cdiv(x.len, x.chunk)));
+    }
   auto run = [&](std::vector<cuda::AttnRow>& rows, bool absorbed) {
     if (rows.empty()) return;
     Buf<uint8_t> dev(*this, static_cast<int64_t>(rows.size() * sizeof(cuda::AttnRow)));
@@ -671,7 +680,7 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
       Buf<float> qlat(*this, static_cast<int64_t>(n) * d.nh * d.C), olat(*this, static_cast<int64_t>(n) * d.nh * d.C);
       const bool fast = cuda::mla_fast_path(d) && !cuda::simple_attention();
       if (fast && m.sms == 0) cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, m.device);
-      const int splits = fast ? cuda::mla_splits(d, n, max_len, m.sms) : 1;
+      const int splits = !fast ? 1 : invariant ? row_splits : cuda::mla_splits(d, n, max_len, m.sms);
       Buf<float> part(*this, fast ? static_cast<int64_t>(n) * splits * d.nh * (d.C + 2) : 0);
       cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, n, max_len, splits, qlat.data(), olat.data(),
                                fast ? part.data() : nullptr, out, m.stream);

@@ -92,6 +92,10 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: the next-round kernels (RMSNorm, router matmul, routing), off until validated on a device;
   // KSCOPE_NEXT_KERNELS=1 turns them on for bench_gpu and bench_interp.
   static void use_next_kernels(bool on);
+  // Decode attention split per row by its own length (cuda::mla_row_chunk), so a sequence's decode logits are the
+  // same bits alone or batched at any context length; off by default until its cost is measured (the default
+  // split sizes the parts to fill the GPU, which depends on the batch).
+  void set_batch_invariant_attention(bool on);
   // Tests: run absorbed (decode) attention with the CUDA-core kernel instead of the tensor-core one.
   static void force_simple_attention(bool on);
   // Overrides the plan's KV budget (tests of admission control; a server that shares the device).

@@ -853,7 +853,8 @@ __global__ void __launch_bounds__(256, 1) k_mla_decode(AttnDims d, const bf16* q
   const AttnRow r = rows[row];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mt = warp >> 1, half = warp & 1;
   const int g = lane >> 2, tq = lane & 3, lj = lane >> 3, l8 = lane & 7;
-  const int t0 = split * chunk, t1 = min(r.len, t0 + chunk);
+  const int rc = r.chunk > 0 ? r.chunk : chunk;
+  const int t0 = split * rc, t1 = min(r.len, t0 + rc);
   const int ntiles = t1 > t0 ? (t1 - t0 + kMlaT - 1) / kMlaT : 0;
   auto load_tile = [&](int buf, int j0) {
     bf16* dst = k_s + buf * kMlaT * LS;
@@ -1954,6 +1955,10 @@ int mla_splits(const AttnDims& d, int n_rows, int max_len, int sms) {
   const int fit = sms / (n_rows * hgroups);
   // and at least 4 tiles per split: each block also loads the 64 heads' queries (twice a tile's bytes)
   return std::max(1, std::min(std::min(fit, kMlaMaxSplits), (max_len + 4 * kMlaT - 1) / (4 * kMlaT)));
+}
+int mla_row_chunk(int len) {
+  const int splits = std::max(1, std::min(kMlaMaxSplits, (len + kMlaRowChunk - 1) / kMlaRowChunk));
+  return ((len + splits - 1) / splits + kMlaT - 1) / kMlaT * kMlaT;
 }
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
                         int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s) {

@@ -109,6 +109,7 @@ struct AttnRow {
   const float* kvx;    // expanded form only: [T, heads, dn + dv]
   int len;             // keys attended (causal): past + i + 1
   int q_row;           // row in q / out
+  int chunk = 0;       // absorbed tensor-core decode: this row's tokens per split (0: the launch's)
 };
 struct AttnDims {
   int nh, dn, dr, dv, C;
@@ -122,6 +123,10 @@ void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, 
 // fill `sms` multiprocessors twice).
 bool mla_fast_path(const AttnDims& d);
 int mla_splits(const AttnDims& d, int n_rows, int max_len, int sms);
+// Batch-invariant split of one row's cached tokens: its tokens per split from its own length alone (parts of about
+// kMlaRowChunk tokens, at most kMlaMaxSplits of them), so its result is the same bits in any batch.
+constexpr int kMlaRowChunk = 512;
+int mla_row_chunk(int len);
 // qlat, olat: scratch [n_rows, heads, C] fp32; part: [n_rows, splits, heads, C + 2] fp32 for the fast path (null:
 // the CUDA-core kernel).
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
