@@ -327,6 +327,27 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
 
 bool g_simple_gemm = false;
 
+// acc[r] += x[r][0..8) · w[0..8) for up to 4 rows x (row stride ldx, 16-byte aligned) and 8 bf16 weights (one
+// 16-byte load).
+__device__ __forceinline__ void dot8_rows(const bf16* w, const float* x, int64_t ldx, int rows, float (&acc)[4]) {
+  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w));
+  const uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
+  float wf[8];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ws[i]));
+    wf[2 * i] = f.x;
+    wf[2 * i + 1] = f.y;
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+    if (r < rows) {
+      const float4* xp = reinterpret_cast<const float4*>(x + r * ldx);
+      const float4 a = xp[0], b = xp[1];
+      acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+    }
+}
+
 // One warp per output feature and up to 4 rows (the weights read once for them), fp32 inputs: exact dequantized
 // weights times fp32 activations. BF16 weights with K % 8 == 0 (routers) come in 16 bytes per lane.
 __global__ void k_gemm_f32(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
@@ -337,24 +358,7 @@ __global__ void k_gemm_f32(const float* __restrict__ X, int M, float* __restrict
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   if (W.fmt == kBf16 && (W.K & 7) == 0) {
     const bf16* wr = reinterpret_cast<const bf16*>(W.w + n * W.w_ld);
-    for (int k = lane * 8; k < W.K; k += 256) {
-      const uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr + k));
-      const uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
-      float wf[8];
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ws[i]));
-        wf[2 * i] = f.x;
-        wf[2 * i + 1] = f.y;
-      }
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        if (r < mr) {
-          const float4* x = reinterpret_cast<const float4*>(X + static_cast<int64_t>(m0 + r) * W.K + k);
-          const float4 a = x[0], b = x[1];
-          acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
-        }
-    }
+    for (int k = lane * 8; k < W.K; k += 256) dot8_rows(wr + k, X + static_cast<int64_t>(m0) * W.K + k, W.K, mr, acc);
   } else {
     for (int k = lane; k < W.K; k += 32) {
       const float w = weight_at(W, n, k);
@@ -1651,24 +1655,8 @@ __global__ void __launch_bounds__(256) k_gemm_f32_split(const float* __restrict_
   const int slice = W.K / 8;  // a multiple of 8
   const bf16* wr = reinterpret_cast<const bf16*>(W.w + static_cast<int64_t>(n) * W.w_ld) + warp * slice;
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int k = lane * 8; k < slice; k += 256) {
-    const uint4 wv = __ldg(reinterpret_cast<const uint4*>(wr + k));
-    const uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
-    float wf[8];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ws[i]));
-      wf[2 * i] = f.x;
-      wf[2 * i + 1] = f.y;
-    }
-#pragma unroll
-    for (int r = 0; r < 4; ++r)
-      if (r < mr) {
-        const float4* xp = reinterpret_cast<const float4*>(X + static_cast<int64_t>(m0 + r) * W.K + warp * slice + k);
-        const float4 a = xp[0], b = xp[1];
-        acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
-      }
-  }
+  for (int k = lane * 8; k < slice; k += 256)
+    dot8_rows(wr + k, X + static_cast<int64_t>(m0) * W.K + warp * slice + k, W.K, mr, acc);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const float v = warp_sum(acc[r]);
