@@ -689,9 +689,14 @@ TEST_F(CudaOps, device_steering_and_async_capture_equal_the_host_round_trip) {
   model->set_async_reads(false);
   const auto fast_sync = run(false);  // delivered before each forward() returns
   model->set_async_reads(true);
+  gpu_->set_capture_copy_stream(true);  // copied out from device snapshots on a second stream (opt-in)
+  const auto side = run(false);
+  gpu_->set_capture_copy_stream(false);
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(fast.first[i].tokens, fast_sync.first[i].tokens) << "seq " << i;
     EXPECT_EQ(fast.second[i].rows, fast_sync.second[i].rows) << "seq " << i << ": the delivery thread changed a capture";
+    EXPECT_EQ(fast.first[i].logprobs, side.first[i].logprobs) << "seq " << i;
+    EXPECT_EQ(fast.second[i].rows, side.second[i].rows) << "seq " << i << ": the copy stream changed a capture";
   }
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(fast.first[i].tokens, slow.first[i].tokens) << "seq " << i;

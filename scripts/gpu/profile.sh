@@ -3,8 +3,9 @@
 # (default bf16; LAYERS as bench.sh) optionally measures the interpretability overhead at batch 64 (INTERP=1) and
 # the slice benchmark (RUN=1: bench_gpu run, JSON under $OUT), and profiles with ncu (hardware clocks left alone)
 # the MoE block at PROFILE_TOKENS tokens (default "1 64"; empty: none) and one batch-1 decode step: every kernel's
-# time, largest first, and the sum, next to the wall times measured without the profiler. NEXT=1 profiles again
-# with the next-round kernels (KSCOPE_NEXT_KERNELS=1; the op tests check them either way).
+# time, largest first, and the sum, next to the wall times measured without the profiler. NEXT=1 also runs the
+# opt-in paths not yet checked on a device: parity and ncu with the next-round kernels (KSCOPE_NEXT_KERNELS=1; the
+# op tests check them either way), the batch-invariant attention split's cost, captures on the copy stream.
 #   run: bash scripts/gpu/profile.sh   (carry .deps)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -35,6 +36,10 @@ wait $maker
 echo "tests + slice: $(( $(date +%s) - t0 )) s"
 if [ "${INTERP:-0}" = 1 ]; then
   timeout 120 build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps 32 2>&1 | tee "$OUT/interp-$FORMAT.txt" | tail -6
+  if [ -n "${NEXT:-}" ]; then  # captures copied out on a second stream
+    echo "== interpretability overhead, captures on the copy stream"
+    KSCOPE_COPY_STREAM=1 timeout 120 build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps 32 2>&1 | tail -6
+  fi
 fi
 if [ "${RUN:-0}" = 1 ]; then
   timeout ${RUN_LIMIT:-240} build-gpu/bench/bench_gpu run $d --json "$OUT/kscope-$FORMAT.json" 2>&1 | tee "$OUT/kscope-$FORMAT.txt" | grep -v "^  writing"

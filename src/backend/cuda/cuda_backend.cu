@@ -89,11 +89,31 @@ struct CudaBackend::Impl {
     size_t arena_chunk = 0, arena_off = 0;
     std::vector<cudaEvent_t> marks;
     size_t mark_next = 0;
+    // copy-stream mode (set_capture_copy_stream): device snapshots of the rows being copied out, and the events
+    // that order each copy after its snapshot
+    std::vector<std::pair<uint8_t*, size_t>> snaps;
+    size_t snap_chunk = 0, snap_off = 0;
+    std::vector<cudaEvent_t> order;
+    size_t order_next = 0;
     void recycle() {
       arena_chunk = arena_off = 0;
       mark_next = 0;
+      snap_chunk = snap_off = 0;
+      order_next = 0;
     }
   };
+  cudaStream_t copy_stream = nullptr;  // captures' device-to-host copies, off the compute stream
+  bool use_copy_stream = false;
+  // An event of the current set, recorded on stream s (reused when the set is recycled).
+  cudaEvent_t next_event(std::vector<cudaEvent_t>& pool, size_t& next, cudaStream_t s) {
+    if (next == pool.size()) {
+      cudaEvent_t e;
+      CK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      pool.push_back(e);
+    }
+    CK(cudaEventRecord(pool[next], s));
+    return pool[next++];
+  }
   StageSet sets[2];
   int cur = 0;
   // pinned staging for uploads
@@ -106,11 +126,14 @@ struct CudaBackend::Impl {
 
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
+    if (copy_stream) cudaStreamSynchronize(copy_stream);
     for (void* p : owned) cudaFree(p);
     for (auto& set : sets) {
       for (auto& c : set.arena) cudaFreeHost(c.first);
       for (auto e : set.marks) cudaEventDestroy(e);
+      for (auto e : set.order) cudaEventDestroy(e);
     }
+    if (copy_stream) cudaStreamDestroy(copy_stream);
     for (int i = 0; i < 2; ++i) {
       if (stage[i]) cudaFreeHost(stage[i]);
       if (stage_ev[i]) cudaEventDestroy(stage_ev[i]);
@@ -895,9 +918,40 @@ void* CudaBackend::stage_host(size_t bytes) {
   return p;
 }
 void CudaBackend::download_async(void* host, const void* src, size_t bytes) {
-  CK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, impl_->stream));
+  Impl& m = *impl_;
+  if (!m.use_copy_stream) {
+    CK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, m.stream));
+    return;
+  }
+  // snapshot the rows on the device (the compute stream goes on and may overwrite them), then copy the snapshot
+  // out on the copy stream while the next kernels run
+  Impl::StageSet& set = m.sets[m.cur];
+  const size_t need = (bytes + 255) / 256 * 256;
+  while (set.snap_chunk < set.snaps.size() && set.snap_off + need > set.snaps[set.snap_chunk].second) {
+    ++set.snap_chunk;
+    set.snap_off = 0;
+  }
+  if (set.snap_chunk == set.snaps.size()) {
+    const size_t size = std::max<size_t>(need, 64u << 20);
+    set.snaps.push_back({static_cast<uint8_t*>(m.dmalloc(size, "capture snapshots")), size});  // freed with the backend
+    set.snap_off = 0;
+  }
+  uint8_t* snap = set.snaps[set.snap_chunk].first + set.snap_off;
+  set.snap_off += need;
+  CK(cudaMemcpyAsync(snap, src, bytes, cudaMemcpyDeviceToDevice, m.stream));
+  CK(cudaStreamWaitEvent(m.copy_stream, m.next_event(set.order, set.order_next, m.stream), 0));
+  CK(cudaMemcpyAsync(host, snap, bytes, cudaMemcpyDeviceToHost, m.copy_stream));
 }
-void CudaBackend::wait() { CK(cudaStreamSynchronize(impl_->stream)); }
+void CudaBackend::wait() {
+  CK(cudaStreamSynchronize(impl_->stream));
+  if (impl_->copy_stream) CK(cudaStreamSynchronize(impl_->copy_stream));
+}
+void CudaBackend::set_capture_copy_stream(bool on) {
+  Impl& m = *impl_;
+  if (on && !m.copy_stream) CK(cudaStreamCreateWithFlags(&m.copy_stream, cudaStreamNonBlocking));
+  wait();
+  m.use_copy_stream = on;
+}
 void CudaBackend::stage_reset() { impl_->sets[impl_->cur].recycle(); }
 void CudaBackend::stage_swap() {
   impl_->cur ^= 1;
@@ -905,15 +959,19 @@ void CudaBackend::stage_swap() {
 }
 // A mark's id is (set << 32) | index, so a mark of the set left behind by stage_swap() can still be waited for
 // (from the delivery thread) while the other set takes new marks.
+// With the copy stream, a mark is recorded there after it has waited for the compute stream: reached once both
+// the work and the copies issued before it are done.
 int64_t CudaBackend::mark() {
-  Impl::StageSet& m = impl_->sets[impl_->cur];
-  if (m.mark_next == m.marks.size()) {
-    cudaEvent_t e;
-    CK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
-    m.marks.push_back(e);
+  Impl& m = *impl_;
+  Impl::StageSet& set = m.sets[m.cur];
+  cudaStream_t s = m.stream;
+  if (m.use_copy_stream) {
+    CK(cudaStreamWaitEvent(m.copy_stream, m.next_event(set.order, set.order_next, m.stream), 0));
+    s = m.copy_stream;
   }
-  CK(cudaEventRecord(m.marks[m.mark_next], impl_->stream));
-  return (static_cast<int64_t>(impl_->cur) << 32) | static_cast<int64_t>(m.mark_next++);
+  const int64_t id = (static_cast<int64_t>(m.cur) << 32) | static_cast<int64_t>(set.mark_next);
+  m.next_event(set.marks, set.mark_next, s);
+  return id;
 }
 void CudaBackend::wait_mark(int64_t id) {
   if (id < 0) return;

@@ -96,6 +96,9 @@ class CudaBackend final : public Backend {
   // same bits alone or batched at any context length; off by default until its cost is measured (the default
   // split sizes the parts to fill the GPU, which depends on the batch).
   void set_batch_invariant_attention(bool on);
+  // Captures copied out on a second stream from a device snapshot, so the compute stream never waits for PCIe; off
+  // by default until a device run has checked and measured it (KSCOPE_COPY_STREAM=1 for bench_interp).
+  void set_capture_copy_stream(bool on);
   // Tests: run absorbed (decode) attention with the CUDA-core kernel instead of the tensor-core one.
   static void force_simple_attention(bool on);
   // Overrides the plan's KV budget (tests of admission control; a server that shares the device).
