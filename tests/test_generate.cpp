@@ -169,6 +169,34 @@ TEST_F(Generate, bad_requests_name_the_request_and_field) {
   expect(r, "temperature");
 }
 
+// A router hook that writes an expert id out of range, or the same expert twice for one token, gets a clear error
+// naming the layer and the expert (the MoE kernels count on k distinct experts per token).
+TEST_F(Generate, a_router_hook_writing_a_bad_choice_is_told_what_is_wrong) {
+  struct Bad : Hook {
+    bool twice = false;
+    bool wants(const Site& s) const override { return s.kind == SiteKind::router; }
+    bool writes(const Site&) const override { return true; }
+    void on(const Site&, int64_t, float*, int64_t, int64_t, int64_t) override {}
+    void on_router(int64_t, int64_t, const float*, int32_t* idx, float*, int64_t, int64_t e, int64_t k, int64_t) override {
+      if (twice && k > 1) idx[1] = idx[0];
+      else idx[0] = static_cast<int32_t>(e);
+    }
+  };
+  for (bool twice : {false, true}) {
+    Bad bad;
+    bad.twice = twice;
+    GenerateOptions o;
+    o.observer = &bad;
+    try {
+      generate(*model_, {req({1, 2, 3}, 2)}, o);
+      FAIL() << "no error";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(twice ? "twice" : "outside"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find("router hook"), std::string::npos) << e.what();
+    }
+  }
+}
+
 TEST_F(Generate, zero_new_tokens_returns_empty_rows) {
   const auto res = generate(*model_, {req({1, 2}, 0)});
   EXPECT_TRUE(res[0].tokens.empty());

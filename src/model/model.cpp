@@ -379,8 +379,11 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t
           if (items[i].n > 0)
             obs->on_router(l, static_cast<int64_t>(i), rlp + row0[i] * E, idxp + row0[i] * K, wtp + row0[i] * K,
                            items[i].n, E, K, items[i].cache->length);
-        for (int64_t j = 0; j < N * K; ++j)
+        for (int64_t j = 0; j < N * K; ++j) {
           KSCOPE_CHECK(idxp[j] >= 0 && idxp[j] < E, input, "router hook", "layer {}: expert id {} outside [0, {})", l, idxp[j], E);
+          for (int64_t o = j - j % K; o < j; ++o)  // a token's k experts are distinct (each expert one row per token)
+            KSCOPE_CHECK(idxp[o] != idxp[j], input, "router hook", "layer {}: row {} chose expert {} twice", l, j / K, idxp[j]);
+        }
         if (!host && obs->writes({SiteKind::router, l})) {
           be.upload(idx.data(), idxh.data(), idxh.size() * sizeof(int32_t));
           be.upload(wt.data(), wth.data(), wth.size() * sizeof(float));
