@@ -414,22 +414,28 @@ __global__ void k_silu_mul(const float* g, const float* u, int64_t n, bf16* out)
   }
 }
 
+// Sum of v over the block (every thread gets it): warps first, then the warps' sums by warp 0. part: 32 floats of
+// shared memory.
+__device__ __forceinline__ float block_sum(float v, float* part) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x < 32) {
+    float w = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
+    w = warp_sum(w);
+    if (threadIdx.x == 0) part[0] = w;
+  }
+  __syncthreads();
+  return part[0];
+}
+
 __global__ void k_rmsnorm(const float* x, int64_t ld, const float* w, int64_t d, float eps, float* out) {
   __shared__ float part[32];
   const int64_t t = blockIdx.x;
   const float* xr = x + t * ld;
   float ss = 0;
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
-    v = warp_sum(v);
-    if (threadIdx.x == 0) part[0] = v;
-  }
-  __syncthreads();
-  const float r = 1.0f / sqrtf(part[0] / static_cast<float>(d) + eps);
+  const float r = 1.0f / sqrtf(block_sum(ss, part) / static_cast<float>(d) + eps);
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (xr[i] * r);
 }
 
@@ -1444,6 +1450,8 @@ template <int FMT>
 __host__ __device__ constexpr int few_per16() { return FMT == kBf16 ? 8 : FMT == kFp8 ? 16 : 32; }  // elements per 16 B
 template <int FMT>
 __host__ __device__ constexpr int few_chunks() { return few_kc<FMT>() / (4 * few_per16<FMT>()); }
+// K per stage of a matrix in its format
+__host__ __device__ constexpr int few_stage_k(const DLin& W) { return W.fmt == kInt4 ? few_kc<kInt4>() : few_kc<kBf16>(); }
 template <int FMT>
 __host__ __device__ constexpr size_t few_smem(int nt) { return size_t(2) * 8 * nt * (few_kc<FMT>() + 8) * 2; }
 
@@ -1633,16 +1641,7 @@ __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld
       ss += v * v;
     }
   }
-  ss = warp_sum(ss);
-  if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = ss;
-  __syncthreads();
-  if (threadIdx.x < 32) {
-    float v = threadIdx.x < (blockDim.x >> 5) ? part[threadIdx.x] : 0.0f;
-    v = warp_sum(v);
-    if (threadIdx.x == 0) part[0] = v;
-  }
-  __syncthreads();
-  const float r = 1.0f / sqrtf(part[0] / static_cast<float>(d) + eps);
+  const float r = 1.0f / sqrtf(block_sum(ss, part) / static_cast<float>(d) + eps);
   for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (row[i] * r);
 }
 
@@ -1787,8 +1786,7 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
 
 bool few_rows_ok(const DLin& W) {
   if (!g_few_rows || g_simple_gemm) return false;
-  const int kc = W.fmt == kInt4 ? few_kc<kInt4>() : few_kc<kBf16>();
-  return W.K % kc == 0 && (W.fmt != kFp8 || (W.bi % 16 == 0 && W.bo > 0)) && (W.fmt != kInt4 || W.g % 32 == 0) &&
+  return W.K % few_stage_k(W) == 0 && (W.fmt != kFp8 || (W.bi % 16 == 0 && W.bo > 0)) && (W.fmt != kInt4 || W.g % 32 == 0) &&
          W.w_ld % 16 == 0;
 }
 void set_few_rows(bool on) { g_few_rows = on; }
@@ -1809,7 +1807,7 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
     // one dense matrix: K split until about four blocks per multiprocessor, by shape alone; rows in launches whose
     // partial sums stay within 64 MiB (both leave every output bit as it is)
     const int col_tiles = static_cast<int>(cdiv(W.N, kFewCols)) * (W2 ? 2 : 1);
-    const int nst = W.K / (W.fmt == kInt4 ? few_kc<kInt4>() : few_kc<kBf16>());
+    const int nst = W.K / few_stage_k(W);
     int ksplit = std::min(nst, std::max(1, (4 * sm_count() + col_tiles - 1) / col_tiles));
     const int per = (nst + ksplit - 1) / ksplit;
     ksplit = (nst + per - 1) / per;
