@@ -8,8 +8,8 @@
 //                                                               at T tokens and one batch-1 decode step, each once
 //                                                               inside cudaProfilerStart/Stop, after warm-up; prints
 //                                                               the decode step's wall time without the profiler
-// KSCOPE_NEXT_KERNELS=1 runs any of them with the next-round kernels (CudaBackend::use_next_kernels),
-// KSCOPE_INVARIANT_ATTENTION=1 with decode attention split per row (CudaBackend::set_batch_invariant_attention).
+// KSCOPE_INVARIANT_ATTENTION=1 runs any of them with decode attention split per row
+// (CudaBackend::set_batch_invariant_attention).
 // Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
 // large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
 // 1..2048 tokens, MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
@@ -487,7 +487,6 @@ int run_mla(const std::string& json_out) {
 }
 
 int main(int argc, char** argv) {
-  if (env_on("KSCOPE_NEXT_KERNELS")) CudaBackend::use_next_kernels(true);  // next-round kernels, to measure
   try {
     if (argc >= 3 && std::string(argv[1]) == "make") {
       MakeModelSpec s;

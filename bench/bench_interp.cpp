@@ -1,8 +1,7 @@
 // Interpretability overhead (not a test): plain batched decode against the same decode with (a) capture of 9
 // sites on every token, (b) a different steering vector and coefficient on every row, (c) both.
 //   bench_interp [MODEL_DIR] [--batch 16] [--steps 32] [--device cpu|cuda]
-// On cuda, KSCOPE_COPY_STREAM=1 copies captures out on a second stream, KSCOPE_NEXT_KERNELS=1 uses the next-round
-// kernels (both opt-in until checked on a device).
+// On cuda, KSCOPE_COPY_STREAM=0 copies captures out on the compute stream instead of the copy stream (to compare).
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -40,11 +39,9 @@ int main(int argc, char** argv) {
   }
   auto backend = make_backend(device);
 #ifdef KSCOPE_HAVE_CUDA
-  // opt-in device paths, to measure: next-round kernels, captures copied out on a second stream
-  auto on = [](const char* v) { return v && *v && std::string(v) != "0"; };
-  if (on(std::getenv("KSCOPE_NEXT_KERNELS"))) CudaBackend::use_next_kernels(true);
-  if (auto* cb = dynamic_cast<CudaBackend*>(backend.get()); cb && on(std::getenv("KSCOPE_COPY_STREAM")))
-    cb->set_capture_copy_stream(true);
+  const char* copy_env = std::getenv("KSCOPE_COPY_STREAM");
+  if (auto* cb = dynamic_cast<CudaBackend*>(backend.get()); cb && copy_env && std::string(copy_env) == "0")
+    cb->set_capture_copy_stream(false);
 #endif
   auto model = Model::load(dir, backend);
   const auto& cfg = model->config();

@@ -298,27 +298,19 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
   }
 }
 
-// Turns the next-round kernels on for a scope (CudaBackend::use_next_kernels), off again at its end.
-struct NextKernels {
-  explicit NextKernels(bool on) { CudaBackend::use_next_kernels(on); }
-  ~NextKernels() { CudaBackend::use_next_kernels(false); }
-};
-
 TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {
-  // RMSNorm at an odd width (strided rows too), Kimi-K2's hidden width and its kv_a rows (512 of 576), with the
-  // current kernel and the next-round one
+  // RMSNorm at an odd width (strided rows too), Kimi-K2's hidden width, its kv_a rows (512 of 576) and a row too
+  // wide for shared memory (read twice from global memory)
   struct Norm { int64_t n, d, ld; };
-  for (bool next : {false, true})
-    for (Norm c : {Norm{7, 203, 203}, Norm{7, 203, 208}, Norm{3, 7168, 7168}, Norm{4, 512, 576}}) {
-      NextKernels nk(next);
-      const auto x = randn(c.n * c.ld), w = randn(c.d);
-      std::vector<float> want(c.n * c.d);
-      cpu_.rmsnorm(x.data(), w, c.n, c.d, 1e-6f, want.data(), c.ld);
-      auto xd = dev(x);
-      auto od = poisoned(c.n * c.d);
-      gpu_->rmsnorm(xd.data(), w, c.n, c.d, 1e-6f, od.data(), c.ld);
-      expect_close(od.host(), want, kF32Tol, fmt::format("rmsnorm d={} ld={}{}", c.d, c.ld, next ? " next" : ""));
-    }
+  for (Norm c : {Norm{7, 203, 203}, Norm{7, 203, 208}, Norm{3, 7168, 7168}, Norm{4, 512, 576}, Norm{2, 13001, 13001}}) {
+    const auto x = randn(c.n * c.ld), w = randn(c.d);
+    std::vector<float> want(c.n * c.d);
+    cpu_.rmsnorm(x.data(), w, c.n, c.d, 1e-6f, want.data(), c.ld);
+    auto xd = dev(x);
+    auto od = poisoned(c.n * c.d);
+    gpu_->rmsnorm(xd.data(), w, c.n, c.d, 1e-6f, od.data(), c.ld);
+    expect_close(od.host(), want, kF32Tol, fmt::format("rmsnorm d={} ld={}", c.d, c.ld));
+  }
   // rope on 3 heads of stride 40 (rope part at offset 24, 16 dims), positions up to 5000
   std::vector<double> inv_freq(8);
   for (int i = 0; i < 8; ++i) inv_freq[i] = std::pow(50000.0, -2.0 * i / 16.0);
@@ -377,16 +369,14 @@ ModelConfig router_config(ScoringFunc f, TopkMethod m, int64_t E, int64_t K, int
   return c;
 }
 
-// The router in its four methods, with the current kernel and the next-round one (one warp per token where the
-// routing is ungrouped); then the router's fp32 matmul at 384 experts.
+// The router in its four methods; then the router's fp32 matmul at 384 experts (8 warps per expert) and at a K that
+// is not a multiple of 64 (the 4-row kernel).
 TEST_F(CudaOps, router_choices_are_identical_and_weights_match) {
   struct Case { ScoringFunc f; TopkMethod m; int64_t E, K, G, TG; };
-  for (bool next : {false, true})
   for (Case c : {Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 384, 8, 1, 1},
                  Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 256, 8, 8, 4},
                  Case{ScoringFunc::softmax, TopkMethod::greedy, 64, 6, 1, 1},
                  Case{ScoringFunc::softmax, TopkMethod::group_limited_greedy, 160, 6, 8, 3}}) {
-    NextKernels nk(next);
     const auto cfg = router_config(c.f, c.m, c.E, c.K, c.G, c.TG);
     const int64_t n = 133;
     const auto logits = randn(n * c.E, 2.0f);
@@ -398,22 +388,22 @@ TEST_F(CudaOps, router_choices_are_identical_and_weights_match) {
     Buf<int32_t> id(*gpu_, n * c.K);
     auto wd = poisoned(n * c.K);
     gpu_->route(cfg, ld.data(), bias, n, id.data(), wd.data());
-    EXPECT_EQ(id.host(), idx) << "E=" << c.E << " G=" << c.G << (next ? " next" : "");
-    expect_close(wd.host(), wt, kF32Tol, fmt::format("route E={} K={} G={}{}", c.E, c.K, c.G, next ? " next" : ""));
+    EXPECT_EQ(id.host(), idx) << "E=" << c.E << " G=" << c.G;
+    expect_close(wd.host(), wt, kF32Tol, fmt::format("route E={} K={} G={}", c.E, c.K, c.G));
   }
-  MoeWeights moe;
-  make_moe(moe, WeightFormat::dense, 512, 16, 384);
-  for (bool next : {false, true})
+  for (int64_t H : {512, 200}) {
+    MoeWeights moe;
+    make_moe(moe, WeightFormat::dense, H, 16, 384);
     for (int64_t n : {1, 5, 133}) {
-      NextKernels nk(next);
-      const auto x = randn(n * 512);
+      const auto x = randn(n * H);
       std::vector<float> want(n * 384);
       cpu_.linear(moe.router, x.data(), n, want.data());
       auto xd = dev(x);
       auto od = poisoned(n * 384);
       gpu_->linear(moe.router, xd.data(), n, od.data());
-      expect_close(od.host(), want, kF32Tol, fmt::format("router logits 384x512 n={}{}", n, next ? " next" : ""));
+      expect_close(od.host(), want, kF32Tol, fmt::format("router logits 384x{} n={}", H, n));
     }
+  }
 }
 
 TEST_F(CudaOps, mlp_and_grouped_moe_experts_in_every_format) {
@@ -424,7 +414,8 @@ TEST_F(CudaOps, mlp_and_grouped_moe_experts_in_every_format) {
     MoeWeights moe;
     make_moe(moe, wf, H, I, E);
     const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
-    for (int64_t n : {1, 3, 70}) {
+    // 1100 tokens: 4400 routed slots, past the one-block permutation (4096)
+    for (int64_t n : {1, 3, 70, 1100}) {
       const auto x = randn(n * H);
       std::vector<float> want(n * H);
       cpu_.mlp(mlp, x.data(), n, want.data());
@@ -526,7 +517,9 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     a.o_proj = make_linear(WeightFormat::dense, 40, nh * dv);
     a.q_proj = make_linear(WeightFormat::dense, nh * dq, 40);
     gpu_->prepare_attention(cfg, a);
-    const std::vector<int64_t> lens = {1500, 37, 3001};  // cached tokens before the decoded one
+    // cached tokens before the decoded one; five rows, so the batch takes the 16-row W_UK/W_UV kernels and a row
+    // alone the 4-row ones (the same bits, checked below)
+    const std::vector<int64_t> lens = {1500, 37, 3001, 5, 260};
     std::vector<std::unique_ptr<KvState>> cks, gks;
     rng_.seed(7);
     for (int64_t L : lens) {
@@ -564,7 +557,7 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     expect_close(simple.host(), want, kChainTol, what + " (cuda cores) vs cpu");
     expect_close(fast.host(), simple.host(), kChainTol, what + " vs cuda cores");
     // the batch-invariant split (each row's parts from its own length): each row alone gives the bits it has in
-    // the batch, where the longer rows take more parts
+    // the batch, where the longer rows take more parts and the absorption matmuls run 16 rows per block
     gpu_->set_batch_invariant_attention(true);
     auto inv = poisoned(N * nh * dv);
     gpu_->mla_attention(cfg, a, qd.data(), gs, scale, inv.data());
@@ -689,9 +682,9 @@ TEST_F(CudaOps, device_steering_and_async_capture_equal_the_host_round_trip) {
   model->set_async_reads(false);
   const auto fast_sync = run(false);  // delivered before each forward() returns
   model->set_async_reads(true);
-  gpu_->set_capture_copy_stream(true);  // copied out from device snapshots on a second stream (opt-in)
+  gpu_->set_capture_copy_stream(false);  // copied out on the compute stream, not from snapshots on the copy stream
   const auto side = run(false);
-  gpu_->set_capture_copy_stream(false);
+  gpu_->set_capture_copy_stream(true);
   for (int i = 0; i < 3; ++i) {
     EXPECT_EQ(fast.first[i].tokens, fast_sync.first[i].tokens) << "seq " << i;
     EXPECT_EQ(fast.second[i].rows, fast_sync.second[i].rows) << "seq " << i << ": the delivery thread changed a capture";

@@ -7,7 +7,7 @@
 // We hold unquantized fixtures to a relative error of 1e-4 and quantized ones to 1e-3 (the bounds).
 //
 // KSCOPE_TEST_DEVICE=cuda runs the same tests on the CUDA backend (scripts/gpu/check.sh; with
-// KSCOPE_NEXT_KERNELS=1 on the next-round kernels and the batch-invariant attention split). There every matmul
+// KSCOPE_INVARIANT_ATTENTION=1 on the batch-invariant decode attention split). There every matmul
 // rounds its inputs to bf16 (2^-9 relative each) and the latent cache is bf16: per layer about eight chained
 // roundings feed the residual, so we hold every hidden state and the logits to 2e-2 (five bf16 ulps at 1.0,
 // 5·2^-8). Greedy tokens must still be identical, and batching must not change a single bit.
@@ -151,9 +151,8 @@ class Parity : public ::testing::TestWithParam<std::string> {
     device_ = dev && *dev ? dev : "cpu";
     auto backend = make_backend(device_);
 #ifdef KSCOPE_HAVE_CUDA
-    const bool next = device_ != "cpu" && std::getenv("KSCOPE_NEXT_KERNELS");
-    CudaBackend::use_next_kernels(next);
-    if (auto* cb = dynamic_cast<CudaBackend*>(backend.get())) cb->set_batch_invariant_attention(next);
+    const char* inv = std::getenv("KSCOPE_INVARIANT_ATTENTION");  // decode attention split per row
+    if (auto* cb = dynamic_cast<CudaBackend*>(backend.get())) cb->set_batch_invariant_attention(inv && *inv && std::string(inv) != "0");
 #endif
     model_ = Model::load(dir_, backend);
     golden_ = std::make_unique<TensorStore>(TensorStore::open(dir_ + "/golden.safetensors"));

@@ -3,9 +3,8 @@
 # (default bf16; LAYERS as bench.sh) optionally measures the interpretability overhead at batch 64 (INTERP=1) and
 # the slice benchmark (RUN=1: bench_gpu run, JSON under $OUT), and profiles with ncu (hardware clocks left alone)
 # the MoE block at PROFILE_TOKENS tokens (default "1 64"; empty: none) and one batch-1 decode step: every kernel's
-# time, largest first, and the sum, next to the wall times measured without the profiler. NEXT=1 also runs the
-# opt-in paths not yet checked on a device: parity and ncu with the next-round kernels (KSCOPE_NEXT_KERNELS=1; the
-# op tests check them either way), the batch-invariant attention split's cost, captures on the copy stream.
+# time, largest first, and the sum, next to the wall times measured without the profiler. INVARIANT=1 also runs
+# the parity tests with the batch-invariant decode attention split and measures what that split costs.
 #   run: bash scripts/gpu/profile.sh   (carry .deps)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -25,8 +24,8 @@ maker=$!
 status=0
 KSCOPE_REQUIRE_CUDA=1 timeout 200 build-gpu/tests/test_cuda_backend >"$OUT/ops.txt" 2>&1 || status=1
 KSCOPE_TEST_DEVICE=cuda timeout 120 build-gpu/tests/test_parity >"$OUT/parity.txt" 2>&1 || status=1
-if [ -n "${NEXT:-}" ]; then  # the model against HF on the next-round kernels too
-  KSCOPE_NEXT_KERNELS=1 KSCOPE_TEST_DEVICE=cuda timeout 120 build-gpu/tests/test_parity >>"$OUT/parity.txt" 2>&1 || status=1
+if [ -n "${INVARIANT:-}" ]; then  # the model against HF with decode attention split per row
+  KSCOPE_INVARIANT_ATTENTION=1 KSCOPE_TEST_DEVICE=cuda timeout 120 build-gpu/tests/test_parity >>"$OUT/parity.txt" 2>&1 || status=1
 fi
 grep -E "^\[  (PASSED|FAILED) |FAILED  \]" "$OUT/ops.txt" "$OUT/parity.txt"
 grep -B2 -A8 "Failure" "$OUT/ops.txt" "$OUT/parity.txt" | head -30
@@ -36,30 +35,26 @@ wait $maker
 echo "tests + slice: $(( $(date +%s) - t0 )) s"
 if [ "${INTERP:-0}" = 1 ]; then
   timeout 120 build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps 32 2>&1 | tee "$OUT/interp-$FORMAT.txt" | tail -6
-  if [ -n "${NEXT:-}" ]; then  # captures copied out on a second stream
-    echo "== interpretability overhead, captures on the copy stream"
-    KSCOPE_COPY_STREAM=1 timeout 120 build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps 32 2>&1 | tail -6
+  if [ -n "${COMPARE_COPY:-}" ]; then  # captures copied out on the compute stream, to compare
+    echo "== interpretability overhead, captures copied on the compute stream"
+    KSCOPE_COPY_STREAM=0 timeout 120 build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps 32 2>&1 | tail -6
   fi
 fi
 if [ "${RUN:-0}" = 1 ]; then
   timeout ${RUN_LIMIT:-240} build-gpu/bench/bench_gpu run $d --json "$OUT/kscope-$FORMAT.json" 2>&1 | tee "$OUT/kscope-$FORMAT.txt" | grep -v "^  writing"
   echo "bench: $(( $(date +%s) - t0 )) s"
 fi
-for next in 0 ${NEXT:+1}; do
-  [ "$next" = 0 ] && unset KSCOPE_NEXT_KERNELS || export KSCOPE_NEXT_KERNELS=1
-  for T in ${PROFILE_TOKENS-1 64}; do
-    tag=$T$([ "$next" = 1 ] && echo -next)
-    echo "== profile $tag"
-    timeout 60 build-gpu/bench/bench_gpu profile $d --tokens $T 2>&1 | tail -1
-    timeout 150 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
-      build-gpu/bench/bench_gpu profile $d --tokens $T > "$OUT/ncu-$tag.csv" 2>"$OUT/ncu-$tag.err"
-    python3 bench/ncu_table.py "$OUT/ncu-$tag.csv" "MoE block at $T tokens" "decode step, batch 1" > "$OUT/ncu-$tag.txt"
-    head -12 "$OUT/ncu-$tag.txt"; grep -E "sum of kernel" "$OUT/ncu-$tag.txt"
-    rm -f "$OUT/ncu-$tag.csv" "$OUT/ncu-$tag.err"
-  done
+for T in ${PROFILE_TOKENS-1 64}; do
+  tag=$T
+  echo "== profile $tag"
+  timeout 60 build-gpu/bench/bench_gpu profile $d --tokens $T 2>&1 | tail -1
+  timeout 150 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
+    build-gpu/bench/bench_gpu profile $d --tokens $T > "$OUT/ncu-$tag.csv" 2>"$OUT/ncu-$tag.err"
+  python3 bench/ncu_table.py "$OUT/ncu-$tag.csv" "MoE block at $T tokens" "decode step, batch 1" > "$OUT/ncu-$tag.txt"
+  head -12 "$OUT/ncu-$tag.txt"; grep -E "sum of kernel" "$OUT/ncu-$tag.txt"
+  rm -f "$OUT/ncu-$tag.csv" "$OUT/ncu-$tag.err"
 done
-unset KSCOPE_NEXT_KERNELS
-if [ -n "${NEXT:-}" ]; then  # what the batch-invariant attention split costs
+if [ -n "${INVARIANT:-}" ]; then  # what the batch-invariant attention split costs
   for inv in "" 1; do
     echo "== decode attention, split ${inv:+per row (batch-invariant)}${inv:-to fill the GPU}"
     KSCOPE_INVARIANT_ATTENTION=$inv MLA_SIZES=1x4096,1x32768,8x4096,64x4096,128x4096 MLA_SKIP_SIMPLE=1 \

@@ -359,6 +359,26 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t
     if (lw.moe) {
       const auto& m = *lw.moe;
       const int64_t E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
+      // the shared expert runs beside the router and the routed experts (same kernels, same bits; on a GPU its
+      // weight streaming overlaps the routing's small kernels); joined before its output is added, or on an error
+      Buf<float> sh;
+      struct Join {
+        Backend& be;
+        bool open = false;
+        ~Join() { if (open) be.join_side(); }
+      } join{be};
+      if (m.shared) {
+        sh = Buf<float>(be, N * H);
+        be.begin_side();
+        join.open = true;
+        try {
+          be.mlp(*m.shared, x.data(), N, sh.data());
+        } catch (...) {
+          be.end_side();
+          throw;
+        }
+        be.end_side();
+      }
       Buf<float> rl(be, N * E), wt(be, N * K);
       Buf<int32_t> idx(be, N * K);
       be.linear(m.router, x.data(), N, rl.data());
@@ -391,8 +411,8 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t
       }
       be.moe_experts(m, x.data(), N, K, idx.data(), wt.data(), y.data());
       if (m.shared) {
-        Buf<float> sh(be, N * H);
-        be.mlp(*m.shared, x.data(), N, sh.data());
+        be.join_side();
+        join.open = false;
         be.add(y.data(), sh.data(), N * H);
       }
     } else {

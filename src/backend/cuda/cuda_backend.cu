@@ -89,21 +89,26 @@ struct CudaBackend::Impl {
     size_t arena_chunk = 0, arena_off = 0;
     std::vector<cudaEvent_t> marks;
     size_t mark_next = 0;
-    // copy-stream mode (set_capture_copy_stream): device snapshots of the rows being copied out, and the events
-    // that order each copy after its snapshot
-    std::vector<std::pair<uint8_t*, size_t>> snaps;
-    size_t snap_chunk = 0, snap_off = 0;
+    // copy-stream mode (set_capture_copy_stream): device snapshots of the rows being copied out (one buffer of
+    // kSnapBytes per set, part of the plan's reserve), and the events that order each copy after its snapshot
+    uint8_t* snap = nullptr;
+    size_t snap_off = 0;
     std::vector<cudaEvent_t> order;
     size_t order_next = 0;
     void recycle() {
       arena_chunk = arena_off = 0;
       mark_next = 0;
-      snap_chunk = snap_off = 0;
+      snap_off = 0;
       order_next = 0;
     }
   };
+  static constexpr size_t kSnapBytes = 64u << 20;
+  // begin_side/end_side/join_side: the side stream, the main stream while the side one is current, the events that
+  // fork and join them
+  cudaStream_t side_stream = nullptr, main_stream = nullptr;
+  cudaEvent_t side_fork = nullptr, side_done = nullptr;
   cudaStream_t copy_stream = nullptr;  // captures' device-to-host copies, off the compute stream
-  bool use_copy_stream = false;
+  bool use_copy_stream = false;  // on from the constructor (set_capture_copy_stream)
   // An event of the current set, recorded on stream s (reused when the set is recycled).
   cudaEvent_t next_event(std::vector<cudaEvent_t>& pool, size_t& next, cudaStream_t s) {
     if (next == pool.size()) {
@@ -127,6 +132,7 @@ struct CudaBackend::Impl {
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
     if (copy_stream) cudaStreamSynchronize(copy_stream);
+    if (side_stream) cudaStreamSynchronize(side_stream);
     for (void* p : owned) cudaFree(p);
     for (auto& set : sets) {
       for (auto& c : set.arena) cudaFreeHost(c.first);
@@ -134,6 +140,9 @@ struct CudaBackend::Impl {
       for (auto e : set.order) cudaEventDestroy(e);
     }
     if (copy_stream) cudaStreamDestroy(copy_stream);
+    if (side_stream) cudaStreamDestroy(side_stream);
+    if (side_fork) cudaEventDestroy(side_fork);
+    if (side_done) cudaEventDestroy(side_done);
     for (int i = 0; i < 2; ++i) {
       if (stage[i]) cudaFreeHost(stage[i]);
       if (stage_ev[i]) cudaEventDestroy(stage_ev[i]);
@@ -285,6 +294,11 @@ CudaBackend::CudaBackend(int device) : impl_(std::make_shared<Impl>()) {
   impl_->device = device;
   CK(cudaSetDevice(device));
   CK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking));
+  CK(cudaStreamCreateWithFlags(&impl_->copy_stream, cudaStreamNonBlocking));
+  CK(cudaStreamCreateWithFlags(&impl_->side_stream, cudaStreamNonBlocking));
+  CK(cudaEventCreateWithFlags(&impl_->side_fork, cudaEventDisableTiming));
+  CK(cudaEventCreateWithFlags(&impl_->side_done, cudaEventDisableTiming));
+  impl_->use_copy_stream = true;
   // keep freed workspace in the stream-ordered pool instead of returning it to the driver every step
   cudaMemPool_t pool;
   CK(cudaDeviceGetDefaultMemPool(&pool, device));
@@ -303,7 +317,6 @@ int64_t CudaBackend::max_pass_tokens() const { return impl_->plan.max_batch_toke
 uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
 void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
 void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }
-void CudaBackend::use_next_kernels(bool on) { cuda::set_next_kernels(on); }
 void CudaBackend::set_batch_invariant_attention(bool on) { impl_->invariant_attention = on; }
 void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
@@ -493,7 +506,8 @@ void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
                              K * (2 * H + 4 * 2 * cfg.moe_intermediate_size + 2 * cfg.moe_intermediate_size + 4 * H) +
                              4 * 3 * I;
   p.kv_bytes_per_token = static_cast<uint64_t>(cfg.num_hidden_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2;
-  const uint64_t reserve = 512ull << 20;  // CUDA context growth, cuBLAS-free kernels, fragmentation
+  // CUDA context growth, fragmentation, the two capture snapshot buffers
+  const uint64_t reserve = (512ull << 20) + 2 * Impl::kSnapBytes;
   const uint64_t usable = free1 > reserve ? free1 - reserve : 0;
   p.workspace_bytes = std::min<uint64_t>(usable / 4, std::max<uint64_t>(per_token * 16384, 1ull << 30));
   p.workspace_bytes = std::min(p.workspace_bytes, usable);
@@ -788,6 +802,24 @@ void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out
 
 void CudaBackend::add(float* y, const float* x, int64_t n) { cuda::add(y, x, n, impl_->stream); }
 
+// The side stream becomes the current one (every launch and stream-ordered allocation goes to impl_->stream).
+void CudaBackend::begin_side() {
+  Impl& m = *impl_;
+  KSCOPE_CHECK(!m.main_stream, internal, "cuda", "begin_side() inside begin_side()");
+  CK(cudaEventRecord(m.side_fork, m.stream));
+  CK(cudaStreamWaitEvent(m.side_stream, m.side_fork, 0));
+  m.main_stream = m.stream;
+  m.stream = m.side_stream;
+}
+void CudaBackend::end_side() {
+  Impl& m = *impl_;
+  if (!m.main_stream) return;
+  CK(cudaEventRecord(m.side_done, m.side_stream));
+  m.stream = m.main_stream;
+  m.main_stream = nullptr;
+}
+void CudaBackend::join_side() { CK(cudaStreamWaitEvent(impl_->stream, impl_->side_done, 0)); }
+
 void CudaBackend::gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) {
   cuda::gather_rows(src, rows, n, width, dst, impl_->stream);
 }
@@ -919,24 +951,17 @@ void* CudaBackend::stage_host(size_t bytes) {
 }
 void CudaBackend::download_async(void* host, const void* src, size_t bytes) {
   Impl& m = *impl_;
-  if (!m.use_copy_stream) {
+  // snapshot the rows on the device (the compute stream goes on and may overwrite them), then copy the snapshot
+  // out on the copy stream while the next kernels run; what no longer fits the set's snapshot buffer (large
+  // prefill captures) is copied on the compute stream, which waits for it
+  Impl::StageSet& set = m.sets[m.cur];
+  const size_t need = (bytes + 255) / 256 * 256;
+  if (!m.use_copy_stream || set.snap_off + need > Impl::kSnapBytes) {
     CK(cudaMemcpyAsync(host, src, bytes, cudaMemcpyDeviceToHost, m.stream));
     return;
   }
-  // snapshot the rows on the device (the compute stream goes on and may overwrite them), then copy the snapshot
-  // out on the copy stream while the next kernels run
-  Impl::StageSet& set = m.sets[m.cur];
-  const size_t need = (bytes + 255) / 256 * 256;
-  while (set.snap_chunk < set.snaps.size() && set.snap_off + need > set.snaps[set.snap_chunk].second) {
-    ++set.snap_chunk;
-    set.snap_off = 0;
-  }
-  if (set.snap_chunk == set.snaps.size()) {
-    const size_t size = std::max<size_t>(need, 64u << 20);
-    set.snaps.push_back({static_cast<uint8_t*>(m.dmalloc(size, "capture snapshots")), size});  // freed with the backend
-    set.snap_off = 0;
-  }
-  uint8_t* snap = set.snaps[set.snap_chunk].first + set.snap_off;
+  if (!set.snap) set.snap = static_cast<uint8_t*>(m.dmalloc(Impl::kSnapBytes, "capture snapshots"));  // freed with the backend
+  uint8_t* snap = set.snap + set.snap_off;
   set.snap_off += need;
   CK(cudaMemcpyAsync(snap, src, bytes, cudaMemcpyDeviceToDevice, m.stream));
   CK(cudaStreamWaitEvent(m.copy_stream, m.next_event(set.order, set.order_next, m.stream), 0));
@@ -944,11 +969,11 @@ void CudaBackend::download_async(void* host, const void* src, size_t bytes) {
 }
 void CudaBackend::wait() {
   CK(cudaStreamSynchronize(impl_->stream));
+  if (impl_->side_stream) CK(cudaStreamSynchronize(impl_->side_stream));
   if (impl_->copy_stream) CK(cudaStreamSynchronize(impl_->copy_stream));
 }
 void CudaBackend::set_capture_copy_stream(bool on) {
   Impl& m = *impl_;
-  if (on && !m.copy_stream) CK(cudaStreamCreateWithFlags(&m.copy_stream, cudaStreamNonBlocking));
   wait();
   m.use_copy_stream = on;
 }

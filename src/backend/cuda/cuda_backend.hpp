@@ -65,6 +65,9 @@ class CudaBackend final : public Backend {
                    float* out) override;
   void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;
   void add(float* y, const float* x, int64_t n) override;
+  void begin_side() override;
+  void end_side() override;
+  void join_side() override;
   void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) override;
   void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum, float* top_v,
                   int32_t* top_i) override;
@@ -89,15 +92,13 @@ class CudaBackend final : public Backend {
   static void force_simple_gemm(bool on);
   // Tests and benchmarks: turn the few-row matmul (groups of ≤ 32 rows) off, so the tile kernels run everything.
   static void force_few_rows(bool on);
-  // Tests and benchmarks: the next-round kernels (RMSNorm, router matmul, routing), off until validated on a device;
-  // KSCOPE_NEXT_KERNELS=1 turns them on for bench_gpu and bench_interp.
-  static void use_next_kernels(bool on);
   // Decode attention split per row by its own length (cuda::mla_row_chunk), so a sequence's decode logits are the
-  // same bits alone or batched at any context length; off by default until its cost is measured (the default
-  // split sizes the parts to fill the GPU, which depends on the batch).
+  // same bits alone or batched at any context length. Off by default: it costs 5-50% more attention time at small
+  // batches (bench/RESULTS.md, round 4), where the default split sizes the parts to fill the GPU, which depends on
+  // the batch. KSCOPE_INVARIANT_ATTENTION=1 turns it on for bench_gpu and the parity tests.
   void set_batch_invariant_attention(bool on);
-  // Captures copied out on a second stream from a device snapshot, so the compute stream never waits for PCIe; off
-  // by default until a device run has checked and measured it (KSCOPE_COPY_STREAM=1 for bench_interp).
+  // Captures copied out on a second stream from a device snapshot, so the compute stream never waits for PCIe (the
+  // default; off: copied on the compute stream, which then waits for each copy. Tests compare the two bit for bit).
   void set_capture_copy_stream(bool on);
   // Tests: run absorbed (decode) attention with the CUDA-core kernel instead of the tensor-core one.
   static void force_simple_attention(bool on);

@@ -429,16 +429,6 @@ __device__ __forceinline__ float block_sum(float v, float* part) {
   return part[0];
 }
 
-__global__ void k_rmsnorm(const float* x, int64_t ld, const float* w, int64_t d, float eps, float* out) {
-  __shared__ float part[32];
-  const int64_t t = blockIdx.x;
-  const float* xr = x + t * ld;
-  float ss = 0;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
-  const float r = 1.0f / sqrtf(block_sum(ss, part) / static_cast<float>(d) + eps);
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (xr[i] * r);
-}
-
 __global__ void k_rope(float* x, int64_t row_stride, int64_t head_stride, int64_t offset, int dim, const int64_t* pos,
                        const float* inv_freq, float attn_factor, bool interleaved) {
   const int64_t r = blockIdx.x, h = blockIdx.y;
@@ -571,10 +561,9 @@ __global__ void k_moe_count(const int32_t* idx, int64_t n, int* counts) {
     atomicAdd(&counts[idx[i]], 1);
 }
 // Offsets of each expert's rows and row tiles, in expert order: one block, each thread a run of experts, a
-// Hillis-Steele scan over the threads' sums.
+// Hillis-Steele scan over the threads' sums. counts and cursor may be shared or global memory.
 constexpr int kScanThreads = 512;
-__global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, int E, int* row_off, int* tile_off,
-                                                           int* cursor) {
+__device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_off, int* cursor) {
   __shared__ int sr[kScanThreads], st[kScanThreads];
   const int per = (E + kScanThreads - 1) / kScanThreads;
   const int e0 = min(E, static_cast<int>(threadIdx.x) * per), e1 = min(E, e0 + per);
@@ -606,6 +595,28 @@ __global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, in
   if (threadIdx.x == kScanThreads - 1) {
     row_off[E] = sr[threadIdx.x];
     tile_off[E] = st[threadIdx.x];
+  }
+  __syncthreads();
+}
+__global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, int E, int* row_off, int* tile_off,
+                                                           int* cursor) {
+  moe_offsets(counts, E, row_off, tile_off, cursor);
+}
+// The whole permutation in one block for few routed slots (decode steps): counts, offsets and cursors in shared
+// memory, one launch instead of a memset and three.
+constexpr int kPermuteSmallSlots = 4096, kPermuteSmallExperts = 2048;
+__global__ void __launch_bounds__(kScanThreads) k_moe_permute_small(const int32_t* idx, int n, int E, int* row_off,
+                                                                    int* tile_off, int* perm, int* slot_pos) {
+  __shared__ int counts[kPermuteSmallExperts], cursor[kPermuteSmallExperts];
+  for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
+  __syncthreads();
+  for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&counts[idx[i]], 1);
+  __syncthreads();
+  moe_offsets(counts, E, row_off, tile_off, cursor);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) {
+    const int p = atomicAdd(&cursor[idx[i]], 1);
+    perm[p] = i;
+    slot_pos[i] = p;
   }
 }
 __global__ void k_moe_scatter(const int32_t* idx, int64_t n, int* cursor, int* perm, int* slot_pos) {
@@ -1065,46 +1076,59 @@ __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, con
 
 constexpr int kRB = 16, kCB = 128;  // rows per block, output columns per block (4 per thread, 8 reduction parts)
 
-// y[rr][n] = Σ_k x[rr][k] · W[k][n] for 16 rows and 128 columns of W (bf16, row stride ldw): each thread keeps 16 x 4
-// sums over its eighth of k; the eight partial sums are added in a fixed order (deterministic).
-__device__ __forceinline__ void rows16_matmul(const float* xT /* [K][16] smem */, const bf16* W, int64_t ldw, int K, int N,
-                                              int n0, float* red /* [8][16][kCB] smem */) {
+// y[rr][n] = Σ_k x[rr][k] · W[k][n] for the first R (16 or 4) of the block's 16 rows and 128 columns of W (bf16, row
+// stride ldw): each thread keeps R x 4 sums over its eighth of k; the eight partial sums are added in a fixed order
+// (deterministic). A row's arithmetic does not depend on R: R = 4 (at most 4 live rows, the batch-1 decode step)
+// only frees the registers to keep 16 weight loads in flight instead of 4 (the kernel is latency-bound there).
+template <int R>
+__device__ __forceinline__ void rows_matmul(const float* xT /* [K][16] smem */, const bf16* W, int64_t ldw, int K, int N,
+                                            int n0, float* red /* [8][16][kCB] smem */) {
+  constexpr int U = R <= 4 ? 16 : 4;  // weight loads in flight per thread
   const int cg = threadIdx.x & 31, part = threadIdx.x >> 5, n = n0 + 4 * cg;
-  float acc[kRB][4];
+  float acc[R][4];
 #pragma unroll
-  for (int rr = 0; rr < kRB; ++rr) acc[rr][0] = acc[rr][1] = acc[rr][2] = acc[rr][3] = 0.0f;
+  for (int rr = 0; rr < R; ++rr) acc[rr][0] = acc[rr][1] = acc[rr][2] = acc[rr][3] = 0.0f;
   const int per = (K + 7) / 8, k0 = part * per, k1 = min(K, k0 + per);
+  auto step = [&](int k, const float (&w)[4]) {
+    const float4* xr = reinterpret_cast<const float4*>(xT + k * kRB);
+#pragma unroll
+    for (int q4 = 0; q4 < R / 4; ++q4) {
+      const float4 x = xr[q4];
+      const float xs[4] = {x.x, x.y, x.z, x.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[q4 * 4 + i][j] += xs[i] * w[j];
+    }
+  };
   if (n < N) {
-    const bool vec = n + 3 < N && (ldw % 4) == 0;
-#pragma unroll 4
-    for (int k = k0; k < k1; ++k) {
-      float w[4];
-      const bf16* wr = W + static_cast<int64_t>(k) * ldw + n;
-      if (vec) {
-        const uint2 u = *reinterpret_cast<const uint2*>(wr);
-        const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(&u.x), hi = *reinterpret_cast<const __nv_bfloat162*>(&u.y);
-        w[0] = __low2float(lo);
-        w[1] = __high2float(lo);
-        w[2] = __low2float(hi);
-        w[3] = __high2float(hi);
-      } else {
+    if (n + 3 < N && (ldw % 4) == 0) {
+      for (int kb = k0; kb < k1; kb += U) {
+        uint2 u[U];
+#pragma unroll
+        for (int q = 0; q < U; ++q)
+          if (kb + q < k1) u[q] = *reinterpret_cast<const uint2*>(W + static_cast<int64_t>(kb + q) * ldw + n);
+#pragma unroll
+        for (int q = 0; q < U; ++q)
+          if (kb + q < k1) {
+            const __nv_bfloat162 lo = *reinterpret_cast<const __nv_bfloat162*>(&u[q].x),
+                                 hi = *reinterpret_cast<const __nv_bfloat162*>(&u[q].y);
+            const float w[4] = {__low2float(lo), __high2float(lo), __low2float(hi), __high2float(hi)};
+            step(kb + q, w);
+          }
+      }
+    } else {
+      for (int k = k0; k < k1; ++k) {
+        const bf16* wr = W + static_cast<int64_t>(k) * ldw + n;
+        float w[4];
 #pragma unroll
         for (int j = 0; j < 4; ++j) w[j] = n + j < N ? bf(wr[j]) : 0.0f;
-      }
-      const float4* xr = reinterpret_cast<const float4*>(xT + k * kRB);
-#pragma unroll
-      for (int q4 = 0; q4 < kRB / 4; ++q4) {
-        const float4 x = xr[q4];
-        const float xs[4] = {x.x, x.y, x.z, x.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-          for (int j = 0; j < 4; ++j) acc[q4 * 4 + i][j] += xs[i] * w[j];
+        step(k, w);
       }
     }
   }
 #pragma unroll
-  for (int rr = 0; rr < kRB; ++rr)
+  for (int rr = 0; rr < R; ++rr)
 #pragma unroll
     for (int j = 0; j < 4; ++j) red[(part * kRB + rr) * kCB + 4 * cg + j] = acc[rr][j];
   __syncthreads();
@@ -1121,6 +1145,7 @@ __device__ __forceinline__ float rows16_sum(const float* red, int rr, int j) {
 size_t rows16_smem(int K) { return (static_cast<size_t>(K) * kRB + 8 * kRB * kCB) * sizeof(float); }
 
 // q_lat = W_UK[h]ᵀ q_nope (also written in bf16 with q_rope after it, for the tensor-core kernel, when qcat is given).
+template <int R>
 __global__ void __launch_bounds__(256) k_qlat16(AttnDims d, const float* q, const bf16* w_uk, const AttnRow* rows, int n_rows,
                                                 float* qlat, bf16* qcat) {
   extern __shared__ float sm16[];
@@ -1139,7 +1164,7 @@ __global__ void __launch_bounds__(256) k_qlat16(AttnDims d, const float* q, cons
           __float2bfloat16(q[(static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh + h) * dq + d.dn + k]);
     }
   __syncthreads();
-  rows16_matmul(xT, w_uk + static_cast<int64_t>(h) * d.dn * d.C, d.C, d.dn, d.C, n0, red);
+  rows_matmul<R>(xT, w_uk + static_cast<int64_t>(h) * d.dn * d.C, d.C, d.dn, d.C, n0, red);
   for (int i = threadIdx.x; i < nr * kCB; i += blockDim.x) {
     const int rr = i / kCB, c = n0 + i % kCB;
     if (c >= d.C) continue;
@@ -1150,6 +1175,7 @@ __global__ void __launch_bounds__(256) k_qlat16(AttnDims d, const float* q, cons
 }
 
 // out = W_UV[h] o_lat
+template <int R>
 __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, const AttnRow* rows, int n_rows, const float* olat,
                                               float* out) {
   extern __shared__ float sm16[];
@@ -1162,7 +1188,7 @@ __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, con
     xT[c * kRB + rr] = rr < nr ? olat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C + c] : 0.0f;
   }
   __syncthreads();
-  rows16_matmul(xT, w_uvt + static_cast<int64_t>(h) * d.C * d.dv, d.dv, d.C, d.dv, n0, red);
+  rows_matmul<R>(xT, w_uvt + static_cast<int64_t>(h) * d.C * d.dv, d.dv, d.C, d.dv, n0, red);
   for (int i = threadIdx.x; i < nr * kCB; i += blockDim.x) {
     const int rr = i / kCB, v = n0 + i % kCB;
     if (v >= d.dv) continue;
@@ -1614,20 +1640,21 @@ __global__ void k_sum_parts(const float* part, int ksplit, int64_t n, float* y, 
   }
 }
 
-// ---- next-round kernels, not yet the default (set_next_kernels): each replaces a kernel above that the batch-1
-// decode step's profile showed latency-bound, with the same result up to fp32 summation order (routing: the same
-// choices and weights, bit for bit).
-bool g_next = false;
-
-// RMSNorm: the row read once (16-byte loads where aligned) into shared memory, squares summed by warps, the output
-// written from shared memory (the old kernel re-read x after each store, since out may alias x).
+// RMSNorm, one block per row: the row read once (16-byte loads where aligned) into shared memory when it fits there
+// (row_in_smem; out may alias x, so a row that does not fit is read again from x), squares summed by warps.
 __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ w, int64_t d,
-                                                      float eps, float* out) {
-  extern __shared__ float row[];  // [d]
+                                                      float eps, float* out, bool row_in_smem) {
+  extern __shared__ float row[];  // [d] when row_in_smem
   __shared__ float part[32];
   const int64_t t = blockIdx.x;
   const float* xr = x + t * ld;
   float ss = 0;
+  if (!row_in_smem) {
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
+    const float r = 1.0f / sqrtf(block_sum(ss, part) / static_cast<float>(d) + eps);
+    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (xr[i] * r);
+    return;
+  }
   if ((d & 3) == 0 && (ld & 3) == 0) {
     for (int64_t i = threadIdx.x; i < d / 4; i += blockDim.x) {
       const float4 v = reinterpret_cast<const float4*>(xr)[i];
@@ -1667,61 +1694,6 @@ __global__ void __launch_bounds__(256) k_gemm_f32_split(const float* __restrict_
     for (int w = 0; w < 8; ++w) v += red[w][threadIdx.x];
     Y[static_cast<int64_t>(m0 + threadIdx.x) * W.N + n] = v;
   }
-}
-
-// Router for the ungrouped case (one group, or every group kept: Kimi-K2): one warp per token, each lane holding
-// the scores of experts lane, lane + 32, ...; each of the K picks a warp argmax in the serial scan's order.
-constexpr int kRouteWarpMax = 32;  // experts per lane: E <= 1024
-__global__ void __launch_bounds__(128) k_route_warp(RouteArgs a, int64_t n, const float* logits, const float* bias,
-                                                    int32_t* idx, float* weight) {
-  const int lane = threadIdx.x & 31;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * 4 + (threadIdx.x >> 5);
-  if (t >= n) return;
-  const float* l = logits + t * a.E;
-  float sc[kRouteWarpMax], ch[kRouteWarpMax];
-  const int per = (a.E + 31) / 32;
-  uint32_t taken = 0;
-#pragma unroll
-  for (int j = 0; j < kRouteWarpMax; ++j) {
-    const int e = lane + 32 * j;
-    if (j < per && e < a.E) {
-      sc[j] = 1.0f / (1.0f + expf(-l[e]));
-      ch[j] = sc[j] + (bias ? bias[e] : 0.0f);
-    } else {
-      sc[j] = 0.0f;
-      ch[j] = 0.0f;
-      taken |= 1u << j;  // no such expert
-    }
-  }
-  float sum = 0;
-  for (int s = 0; s < a.K; ++s) {
-    float bv = 0.0f, bs = 0.0f;
-    int bi = -1;
-#pragma unroll
-    for (int j = 0; j < kRouteWarpMax; ++j)
-      if (j < per && !((taken >> j) & 1u) && route_better(ch[j], lane + 32 * j, bv, bi)) {
-        bv = ch[j];
-        bi = lane + 32 * j;
-        bs = sc[j];
-      }
-    for (int m = 16; m >= 1; m >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, m), os = __shfl_xor_sync(0xffffffffu, bs, m);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
-      if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; bs = os; }
-    }
-    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
-    sum += bs;
-    if (lane == 0) {
-      idx[t * a.K + s] = bi;
-      weight[t * a.K + s] = bs;  // normalized below
-    }
-  }
-  if (lane == 0)
-    for (int s = 0; s < a.K; ++s) {
-      float w = weight[t * a.K + s];
-      if (a.norm_topk) w /= (sum + 1e-20f);
-      weight[t * a.K + s] = w * a.scaling;
-    }
 }
 
 int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int64_t>(cdiv(n, block), 65535 * 8)); }
@@ -1851,11 +1823,9 @@ void set_simple_gemm(bool on) { g_simple_gemm = on; }
 bool g_simple_attention = false;
 void set_simple_attention(bool on) { g_simple_attention = on; }
 bool simple_attention() { return g_simple_attention; }
-void set_next_kernels(bool on) { g_next = on; }
-bool next_kernels() { return g_next; }
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s) {
   if (M == 0) return;
-  if (g_next && W.fmt == kBf16 && W.K % 64 == 0) {
+  if (W.fmt == kBf16 && W.K % 64 == 0) {
     k_gemm_f32_split<<<dim3(static_cast<unsigned>(W.N), static_cast<unsigned>(cdiv(M, 4))), 256, 0, s>>>(X, M, Y, W);
     return;
   }
@@ -1875,12 +1845,9 @@ void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t 
 }
 void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, cudaStream_t s) {
   if (n == 0) return;
-  if (g_next && d * 4 <= 48 * 1024) {
-    const int block = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, cdiv(cdiv(d, 4), 32) * 32)));
-    k_rmsnorm_row<<<static_cast<unsigned>(n), block, d * sizeof(float), s>>>(x, ld, w, d, eps, out);
-    return;
-  }
-  k_rmsnorm<<<static_cast<unsigned>(n), 256, 0, s>>>(x, ld, w, d, eps, out);
+  const bool in_smem = d * 4 <= 48 * 1024;
+  const int block = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, cdiv(cdiv(d, 4), 32) * 32)));
+  k_rmsnorm_row<<<static_cast<unsigned>(n), block, in_smem ? d * sizeof(float) : 0, s>>>(x, ld, w, d, eps, out, in_smem);
 }
 void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
           const int64_t* pos, const float* inv_freq, float attn_factor, bool interleaved, cudaStream_t s) {
@@ -1898,15 +1865,15 @@ void silu_mul(const float* g, const float* u, int64_t n, bf16* out, cudaStream_t
 void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n, int32_t* idx, float* weight,
            cudaStream_t s) {
   if (n == 0) return;
-  if (g_next && a.sigmoid && (a.method == 0 || a.G <= 1 || a.topk_group >= a.G) && a.E <= 32 * kRouteWarpMax) {
-    k_route_warp<<<static_cast<unsigned>(cdiv(n, 4)), 128, 0, s>>>(a, n, logits, bias, idx, weight);
-    return;
-  }
   const size_t smem = (2 * a.E + a.G) * sizeof(float) + a.E;
   k_route<<<static_cast<unsigned>(n), kRouteThreads, smem, s>>>(a, logits, bias, idx, weight);
 }
 void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
                  int* perm, int* slot_pos, cudaStream_t s) {
+  if (n_slots <= kPermuteSmallSlots && E <= kPermuteSmallExperts) {
+    k_moe_permute_small<<<1, kScanThreads, 0, s>>>(idx, static_cast<int>(n_slots), E, row_off, tile_off, perm, slot_pos);
+    return;
+  }
   cudaMemsetAsync(counts, 0, E * sizeof(int), s);
   if (n_slots) k_moe_count<<<grid_for(n_slots), 256, 0, s>>>(idx, n_slots, counts);
   k_moe_scan<<<1, kScanThreads, 0, s>>>(counts, E, row_off, tile_off, cursor);
@@ -1954,10 +1921,13 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   bf16* qcat = fast ? reinterpret_cast<bf16*>(olat) : nullptr;  // olat is free until the combine: q_lat || q_rope in bf16
   {
     const size_t smem = rows16_smem(d.dn);
-    allow_smem(reinterpret_cast<const void*>(k_qlat16), static_cast<int>(rows16_smem(1024)));
-    allow_smem(reinterpret_cast<const void*>(k_uv16), static_cast<int>(rows16_smem(1024)));
-    k_qlat16<<<dim3(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB)), 256, smem, s>>>(d, q, w_uk, rows,
-                                                                                                              n_rows, qlat, qcat);
+    const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB));
+    auto launch = [&](auto kernel) {
+      allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(rows16_smem(1024)));
+      kernel<<<grid, 256, smem, s>>>(d, q, w_uk, rows, n_rows, qlat, qcat);
+    };
+    if (n_rows <= 4) launch(k_qlat16<4>);
+    else launch(k_qlat16<16>);
   }
   if (fast) {
     const int D = d.C + d.dr;
@@ -1986,8 +1956,13 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
     else if (d.C <= 512) k_attn_latent<16, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
     else k_attn_latent<32, 8><<<groups8(n_rows, d.nh), 8 * 32, 0, s>>>(d, q, qlat, rows, olat);
   }
-  k_uv16<<<dim3(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.dv + kCB - 1) / kCB)), 256, rows16_smem(d.C), s>>>(
-      d, w_uvt, rows, n_rows, olat, out);
+  const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.dv + kCB - 1) / kCB));
+  auto launch_uv = [&](auto kernel) {
+    allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(rows16_smem(1024)));
+    kernel<<<grid, 256, rows16_smem(d.C), s>>>(d, w_uvt, rows, n_rows, olat, out);
+  };
+  if (n_rows <= 4) launch_uv(k_uv16<4>);
+  else launch_uv(k_uv16<16>);
 }
 
 size_t logits_top_scratch(int64_t R, int64_t V, int M) {

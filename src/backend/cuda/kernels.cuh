@@ -55,10 +55,6 @@ bool few_rows_ok(const DLin& W);
 // Tests: force the single-stage kernel (the pipelined one must give the same bits; also turns the streamed kernel
 // off).
 void set_simple_gemm(bool on);
-// Next-round kernels (RMSNorm with the row in shared memory, the router matmul split over 8 warps, one warp per
-// token for ungrouped routing), off by default until they have run on a device: tests run both.
-void set_next_kernels(bool on);
-bool next_kernels();
 // Tests and benchmarks: turn the streamed-weight kernel off (on by default), so the tile kernels run everything.
 void set_few_rows(bool on);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
