@@ -127,27 +127,23 @@ std::vector<float> randn(int64_t n, uint64_t seed) {
   return v;
 }
 
-// One MoE block of layer `mw` at T tokens of random input, as the model runs it: router, top-k, routed experts,
-// shared expert added.
+// One MoE block of layer `mw` at T tokens of random input, run by the model's own moe_block (router, top-k, routed
+// experts, the shared expert beside them and added).
 struct MoeStep {
   Backend& be;
   const ModelConfig& cfg;
   const MoeWeights& mw;
   int64_t T;
-  Buf<float> x, rl, wt, y, sh;
-  Buf<int32_t> idx;
+  Buf<float> x, y;
   MoeStep(Backend& b, const ModelConfig& c, const MoeWeights& m, int64_t t)
-      : be(b), cfg(c), mw(m), T(t), x(b, randn(t * c.hidden_size, t)), rl(b, t * c.n_routed_experts),
-        wt(b, t * c.num_experts_per_tok), y(b, t * c.hidden_size), sh(b, t * c.hidden_size),
-        idx(b, t * c.num_experts_per_tok) {}
-  void operator()() {
-    be.linear(mw.router, x.data(), T, rl.data());
-    be.route(cfg, rl.data(), mw.score_bias, T, idx.data(), wt.data());
-    be.moe_experts(mw, x.data(), T, cfg.num_experts_per_tok, idx.data(), wt.data(), y.data());
-    if (mw.shared) {
-      be.mlp(*mw.shared, x.data(), T, sh.data());
-      be.add(y.data(), sh.data(), T * cfg.hidden_size);
-    }
+      : be(b), cfg(c), mw(m), T(t), x(b, randn(t * c.hidden_size, t)), y(b, t * c.hidden_size) {}
+  void operator()() { moe_block(be, cfg, mw, x.data(), T, y.data()); }
+  // the experts one more step chooses (the same every step: the input does not change)
+  std::vector<int32_t> chosen() {
+    std::vector<int32_t> ids(T * cfg.num_experts_per_tok);
+    moe_block(be, cfg, mw, x.data(), T, y.data(),
+              [&](float*, int32_t* idx, float*) { be.download(ids.data(), idx, ids.size() * sizeof(int32_t)); });
+    return ids;
   }
 };
 
@@ -216,7 +212,7 @@ int run(const std::string& dir, const std::string& json_path) {
   for (int64_t T : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}) {
     MoeStep step(be, cfg, mw, T);
     const double s = time_it(step, T <= 256 ? 50 : 20);
-    const auto ih = step.idx.host();
+    const auto ih = step.chosen();
     const std::set<int32_t> distinct(ih.begin(), ih.end());
     const double bytes = distinct.size() * expert_bytes + shared_bytes + router_bytes + 4.0 * T * H * 2;
     const double flops = 2.0 * T * (K * 3.0 * H * I + 3.0 * H * Ish + E * H);

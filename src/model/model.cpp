@@ -83,6 +83,43 @@ void HookList::on_router(int64_t layer, int64_t seq, const float* logits, int32_
     if (h->wants({SiteKind::router, layer})) h->on_router(layer, seq, logits, idx, weight, n, e, k, pos0);
 }
 
+// One MoE block: the shared expert starts on the side queue (its weight streaming overlaps the router's small
+// kernels; same kernels, same bits), the router's fp32 logits and top-k, on_route (the model's router hooks), the
+// routed experts into y, then the shared expert's output added once the side work is joined (also on an error).
+void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const float* x, int64_t N, float* y,
+               const std::function<void(float*, int32_t*, float*)>& on_route) {
+  const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, H = cfg.hidden_size;
+  Buf<float> sh;
+  struct Join {
+    Backend& be;
+    bool open = false;
+    ~Join() { if (open) be.join_side(); }
+  } join{be};
+  if (m.shared) {
+    sh = Buf<float>(be, N * H);
+    be.begin_side();
+    join.open = true;
+    try {
+      be.mlp(*m.shared, x, N, sh.data());
+    } catch (...) {
+      be.end_side();
+      throw;
+    }
+    be.end_side();
+  }
+  Buf<float> rl(be, N * E), wt(be, N * K);
+  Buf<int32_t> idx(be, N * K);
+  be.linear(m.router, x, N, rl.data());
+  be.route(cfg, rl.data(), m.score_bias, N, idx.data(), wt.data());
+  if (on_route) on_route(rl.data(), idx.data(), wt.data());
+  be.moe_experts(m, x, N, K, idx.data(), wt.data(), y);
+  if (m.shared) {
+    be.join_side();
+    join.open = false;
+    be.add(y, sh.data(), N * H);
+  }
+}
+
 Model::Model(ModelConfig cfg, ModelWeights weights, std::shared_ptr<Backend> backend)
     : cfg_(std::move(cfg)), w_(std::move(weights)), backend_(std::move(backend)) {
   if (!backend_) backend_ = std::make_shared<CpuBackend>();
@@ -357,64 +394,39 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t
     emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H, later);
     be.rmsnorm(h.data(), lw.post_attention_norm, N, H, eps, x.data());
     if (lw.moe) {
-      const auto& m = *lw.moe;
       const int64_t E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
-      // the shared expert runs beside the router and the routed experts (same kernels, same bits; on a GPU its
-      // weight streaming overlaps the routing's small kernels); joined before its output is added, or on an error
-      Buf<float> sh;
-      struct Join {
-        Backend& be;
-        bool open = false;
-        ~Join() { if (open) be.join_side(); }
-      } join{be};
-      if (m.shared) {
-        sh = Buf<float>(be, N * H);
-        be.begin_side();
-        join.open = true;
-        try {
-          be.mlp(*m.shared, x.data(), N, sh.data());
-        } catch (...) {
-          be.end_side();
-          throw;
-        }
-        be.end_side();
-      }
-      Buf<float> rl(be, N * E), wt(be, N * K);
-      Buf<int32_t> idx(be, N * K);
-      be.linear(m.router, x.data(), N, rl.data());
-      be.route(cfg_, rl.data(), m.score_bias, N, idx.data(), wt.data());
-      if (obs && obs->wants({SiteKind::router, l})) {
-        const bool host = be.host_memory();
-        std::vector<float> rlh, wth;
-        std::vector<int32_t> idxh;
-        if (!host) {
-          rlh = rl.host();
-          wth = wt.host();
-          idxh = idx.host();
-        }
-        float* rlp = host ? rl.data() : rlh.data();
-        float* wtp = host ? wt.data() : wth.data();
-        int32_t* idxp = host ? idx.data() : idxh.data();
-        for (size_t i = 0; i < items.size(); ++i)
-          if (items[i].n > 0)
-            obs->on_router(l, static_cast<int64_t>(i), rlp + row0[i] * E, idxp + row0[i] * K, wtp + row0[i] * K,
-                           items[i].n, E, K, items[i].cache->length);
-        for (int64_t j = 0; j < N * K; ++j) {
-          KSCOPE_CHECK(idxp[j] >= 0 && idxp[j] < E, input, "router hook", "layer {}: expert id {} outside [0, {})", l, idxp[j], E);
-          for (int64_t o = j - j % K; o < j; ++o)  // a token's k experts are distinct (each expert one row per token)
-            KSCOPE_CHECK(idxp[o] != idxp[j], input, "router hook", "layer {}: row {} chose expert {} twice", l, j / K, idxp[j]);
-        }
-        if (!host && obs->writes({SiteKind::router, l})) {
-          be.upload(idx.data(), idxh.data(), idxh.size() * sizeof(int32_t));
-          be.upload(wt.data(), wth.data(), wth.size() * sizeof(float));
-        }
-      }
-      be.moe_experts(m, x.data(), N, K, idx.data(), wt.data(), y.data());
-      if (m.shared) {
-        be.join_side();
-        join.open = false;
-        be.add(y.data(), sh.data(), N * H);
-      }
+      std::function<void(float*, int32_t*, float*)> on_route;
+      if (obs && obs->wants({SiteKind::router, l}))
+        on_route = [&](float* rl, int32_t* idx, float* wt) {
+          const bool host = be.host_memory();
+          std::vector<float> rlh, wth;
+          std::vector<int32_t> idxh;
+          if (!host) {
+            rlh.resize(N * E);
+            wth.resize(N * K);
+            idxh.resize(N * K);
+            be.download(rlh.data(), rl, rlh.size() * sizeof(float));
+            be.download(wth.data(), wt, wth.size() * sizeof(float));
+            be.download(idxh.data(), idx, idxh.size() * sizeof(int32_t));
+          }
+          float* rlp = host ? rl : rlh.data();
+          float* wtp = host ? wt : wth.data();
+          int32_t* idxp = host ? idx : idxh.data();
+          for (size_t i = 0; i < items.size(); ++i)
+            if (items[i].n > 0)
+              obs->on_router(l, static_cast<int64_t>(i), rlp + row0[i] * E, idxp + row0[i] * K, wtp + row0[i] * K,
+                             items[i].n, E, K, items[i].cache->length);
+          for (int64_t j = 0; j < N * K; ++j) {
+            KSCOPE_CHECK(idxp[j] >= 0 && idxp[j] < E, input, "router hook", "layer {}: expert id {} outside [0, {})", l, idxp[j], E);
+            for (int64_t o = j - j % K; o < j; ++o)  // a token's k experts are distinct (each expert one row per token)
+              KSCOPE_CHECK(idxp[o] != idxp[j], input, "router hook", "layer {}: row {} chose expert {} twice", l, j / K, idxp[j]);
+          }
+          if (!host && obs->writes({SiteKind::router, l})) {
+            be.upload(idx, idxh.data(), idxh.size() * sizeof(int32_t));
+            be.upload(wt, wth.data(), wth.size() * sizeof(float));
+          }
+        };
+      moe_block(be, cfg_, *lw.moe, x.data(), N, y.data(), on_route);
     } else {
       be.mlp(*lw.mlp, x.data(), N, y.data());
     }
