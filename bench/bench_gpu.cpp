@@ -128,7 +128,7 @@ std::vector<float> randn(int64_t n, uint64_t seed) {
 }
 
 // One MoE block of layer `mw` at T tokens of random input, run by the model's own moe_block (router, top-k, routed
-// experts, the shared expert beside them and added).
+// experts, shared expert added).
 struct MoeStep {
   Backend& be;
   const ModelConfig& cfg;

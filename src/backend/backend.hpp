@@ -102,13 +102,6 @@ class Backend {
   virtual void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) = 0;
   // y += x
   virtual void add(float* y, const float* x, int64_t n) = 0;
-  // Work that may run beside the main work (the shared expert beside the router and the routed experts): after
-  // begin_side() calls are issued on a side queue, ordered after everything issued before; end_side() returns to
-  // the main queue while the side work goes on; join_side() orders the main queue after the side work. Only
-  // device calls with no host copies belong between begin_side() and end_side(). The CPU runs everything in order.
-  virtual void begin_side() {}
-  virtual void end_side() {}
-  virtual void join_side() {}
   // dst[i, :] = src[rows[i], :]   (rows: backend memory, n entries)
   virtual void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) = 0;
   // Per row r of logits [R, V] (backend memory) into host arrays: the max, log Σ exp(l − max) (double), and the

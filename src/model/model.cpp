@@ -83,30 +83,12 @@ void HookList::on_router(int64_t layer, int64_t seq, const float* logits, int32_
     if (h->wants({SiteKind::router, layer})) h->on_router(layer, seq, logits, idx, weight, n, e, k, pos0);
 }
 
-// One MoE block: the shared expert starts on the side queue (its weight streaming overlaps the router's small
-// kernels; same kernels, same bits), the router's fp32 logits and top-k, on_route (the model's router hooks), the
-// routed experts into y, then the shared expert's output added once the side work is joined (also on an error).
+// One MoE block: the router's fp32 logits and top-k, on_route (the model's router hooks), the routed experts into y,
+// the shared expert added. (Running the shared expert on a second stream beside the router was measured slower at
+// one token on the H100: its matmul fills every multiprocessor, so the router's one-block kernels wait for it.)
 void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const float* x, int64_t N, float* y,
                const std::function<void(float*, int32_t*, float*)>& on_route) {
   const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, H = cfg.hidden_size;
-  Buf<float> sh;
-  struct Join {
-    Backend& be;
-    bool open = false;
-    ~Join() { if (open) be.join_side(); }
-  } join{be};
-  if (m.shared) {
-    sh = Buf<float>(be, N * H);
-    be.begin_side();
-    join.open = true;
-    try {
-      be.mlp(*m.shared, x, N, sh.data());
-    } catch (...) {
-      be.end_side();
-      throw;
-    }
-    be.end_side();
-  }
   Buf<float> rl(be, N * E), wt(be, N * K);
   Buf<int32_t> idx(be, N * K);
   be.linear(m.router, x, N, rl.data());
@@ -114,8 +96,8 @@ void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const f
   if (on_route) on_route(rl.data(), idx.data(), wt.data());
   be.moe_experts(m, x, N, K, idx.data(), wt.data(), y);
   if (m.shared) {
-    be.join_side();
-    join.open = false;
+    Buf<float> sh(be, N * H);
+    be.mlp(*m.shared, x, N, sh.data());
     be.add(y, sh.data(), N * H);
   }
 }

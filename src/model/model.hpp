@@ -146,7 +146,7 @@ struct ForwardItem {
   bool all_logits = false;       // logits for every new token, else only the last
 };
 
-// One MoE block as the model runs it (router, top-k, routed experts, shared expert beside them and added): y[N, H]
+// One MoE block as the model runs it (router, top-k, routed experts, shared expert added): y[N, H]
 // from the normed input x[N, H]. on_route, when given, sees the router's logits [N, E], choices and weights [N, K]
 // in backend memory before the experts run, and may rewrite the choices and weights (the model's router hooks).
 void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const float* x, int64_t N, float* y,

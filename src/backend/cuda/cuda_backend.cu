@@ -103,10 +103,6 @@ struct CudaBackend::Impl {
     }
   };
   static constexpr size_t kSnapBytes = 64u << 20;
-  // begin_side/end_side/join_side: the side stream, the main stream while the side one is current, the events that
-  // fork and join them
-  cudaStream_t side_stream = nullptr, main_stream = nullptr;
-  cudaEvent_t side_fork = nullptr, side_done = nullptr;
   cudaStream_t copy_stream = nullptr;  // captures' device-to-host copies, off the compute stream
   bool use_copy_stream = false;  // on from the constructor (set_capture_copy_stream)
   // An event of the current set, recorded on stream s (reused when the set is recycled).
@@ -132,7 +128,6 @@ struct CudaBackend::Impl {
   ~Impl() {
     if (stream) cudaStreamSynchronize(stream);
     if (copy_stream) cudaStreamSynchronize(copy_stream);
-    if (side_stream) cudaStreamSynchronize(side_stream);
     for (void* p : owned) cudaFree(p);
     for (auto& set : sets) {
       for (auto& c : set.arena) cudaFreeHost(c.first);
@@ -140,9 +135,6 @@ struct CudaBackend::Impl {
       for (auto e : set.order) cudaEventDestroy(e);
     }
     if (copy_stream) cudaStreamDestroy(copy_stream);
-    if (side_stream) cudaStreamDestroy(side_stream);
-    if (side_fork) cudaEventDestroy(side_fork);
-    if (side_done) cudaEventDestroy(side_done);
     for (int i = 0; i < 2; ++i) {
       if (stage[i]) cudaFreeHost(stage[i]);
       if (stage_ev[i]) cudaEventDestroy(stage_ev[i]);
@@ -295,9 +287,6 @@ CudaBackend::CudaBackend(int device) : impl_(std::make_shared<Impl>()) {
   CK(cudaSetDevice(device));
   CK(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking));
   CK(cudaStreamCreateWithFlags(&impl_->copy_stream, cudaStreamNonBlocking));
-  CK(cudaStreamCreateWithFlags(&impl_->side_stream, cudaStreamNonBlocking));
-  CK(cudaEventCreateWithFlags(&impl_->side_fork, cudaEventDisableTiming));
-  CK(cudaEventCreateWithFlags(&impl_->side_done, cudaEventDisableTiming));
   impl_->use_copy_stream = true;
   // keep freed workspace in the stream-ordered pool instead of returning it to the driver every step
   cudaMemPool_t pool;
@@ -802,24 +791,6 @@ void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out
 
 void CudaBackend::add(float* y, const float* x, int64_t n) { cuda::add(y, x, n, impl_->stream); }
 
-// The side stream becomes the current one (every launch and stream-ordered allocation goes to impl_->stream).
-void CudaBackend::begin_side() {
-  Impl& m = *impl_;
-  KSCOPE_CHECK(!m.main_stream, internal, "cuda", "begin_side() inside begin_side()");
-  CK(cudaEventRecord(m.side_fork, m.stream));
-  CK(cudaStreamWaitEvent(m.side_stream, m.side_fork, 0));
-  m.main_stream = m.stream;
-  m.stream = m.side_stream;
-}
-void CudaBackend::end_side() {
-  Impl& m = *impl_;
-  if (!m.main_stream) return;
-  CK(cudaEventRecord(m.side_done, m.side_stream));
-  m.stream = m.main_stream;
-  m.main_stream = nullptr;
-}
-void CudaBackend::join_side() { CK(cudaStreamWaitEvent(impl_->stream, impl_->side_done, 0)); }
-
 void CudaBackend::gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) {
   cuda::gather_rows(src, rows, n, width, dst, impl_->stream);
 }
@@ -969,7 +940,6 @@ void CudaBackend::download_async(void* host, const void* src, size_t bytes) {
 }
 void CudaBackend::wait() {
   CK(cudaStreamSynchronize(impl_->stream));
-  if (impl_->side_stream) CK(cudaStreamSynchronize(impl_->side_stream));
   if (impl_->copy_stream) CK(cudaStreamSynchronize(impl_->copy_stream));
 }
 void CudaBackend::set_capture_copy_stream(bool on) {

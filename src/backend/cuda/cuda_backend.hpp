@@ -65,9 +65,6 @@ class CudaBackend final : public Backend {
                    float* out) override;
   void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;
   void add(float* y, const float* x, int64_t n) override;
-  void begin_side() override;
-  void end_side() override;
-  void join_side() override;
   void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) override;
   void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum, float* top_v,
                   int32_t* top_i) override;
