@@ -1542,8 +1542,11 @@ __global__ void __launch_bounds__(128, 4) k_gemm_few(const bf16* __restrict__ X,
   float acc[NT][4];
 #pragma unroll
   for (int j = 0; j < NT; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
-  // this lane's weights of stage st: 16 bytes per chunk for each of its two rows, with their scales
-  auto load_w = [&](int st, uint4 (&wa)[CH], uint4 (&wv)[CH], float (&sa)[CH], float (&sv)[CH]) {
+  if (st0 < st1) stage_x(st0, 0);
+  for (int st = st0; st < st1; ++st) {
+    const int buf = (st - st0) & 1;
+    uint4 wa[CH], wv[CH];
+    float sa[CH], sv[CH];
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
       const int k = st * KC + c * CW + tq * E16;  // first element of this lane's 16 bytes
@@ -1557,25 +1560,6 @@ __global__ void __launch_bounds__(128, 4) k_gemm_few(const bf16* __restrict__ X,
         sa[c] = okA ? __ldg(sb + static_cast<int64_t>(nA) * W.s_cols + k / W.g) : 0.0f;
         sv[c] = okB ? __ldg(sb + static_cast<int64_t>(nB) * W.s_cols + k / W.g) : 0.0f;
       }
-    }
-  };
-  // FP8 and INT4 stages hold half the bytes of a bf16 one (256 fp8 / 512 int4 elements per row against 256 bf16),
-  // so their next stage's weights are loaded into registers while the current one is multiplied: the same bytes
-  // in flight per warp as bf16 (the registers bf16 would need for that are not there, nor are they for 32-row
-  // tiles: NT = 4 would spill). Only the loads move; no arithmetic changes, so the bits are the same either way.
-  constexpr bool kAhead = FMT != kBf16 && NT <= 2;
-  uint4 wa[CH], wv[CH];
-  float sa[CH], sv[CH];
-  if (kAhead && st0 < st1) load_w(st0, wa, wv, sa, sv);
-  if (st0 < st1) stage_x(st0, 0);
-  for (int st = st0; st < st1; ++st) {
-    const int buf = (st - st0) & 1;
-    uint4 na[CH], nv[CH];
-    float nsa[CH], nsv[CH];
-    if constexpr (kAhead) {
-      if (st + 1 < st1) load_w(st + 1, na, nv, nsa, nsv);
-    } else {
-      load_w(st, wa, wv, sa, sv);
     }
     if (st + 1 < st1) stage_x(st + 1, buf ^ 1);
     else cp_async_commit();
@@ -1630,15 +1614,6 @@ __global__ void __launch_bounds__(128, 4) k_gemm_few(const bf16* __restrict__ X,
       }
     }
     __syncthreads();  // every warp is done with this buffer before it is staged again
-    if constexpr (kAhead) {
-#pragma unroll
-      for (int c = 0; c < CH; ++c) {
-        wa[c] = na[c];
-        wv[c] = nv[c];
-        sa[c] = nsa[c];
-        sv[c] = nsv[c];
-      }
-    }
   }
   cp_async_wait<0>();
   float* out = part ? part + static_cast<int64_t>(ks) * M * W.N : Y;
