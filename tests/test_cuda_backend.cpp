@@ -444,6 +444,60 @@ TEST_F(CudaOps, mlp_and_grouped_moe_experts_in_every_format) {
   }
 }
 
+// A shared expert of the routed experts' format and shape runs inside the expert launches (stacked as one more
+// expert, added after the routed sum); one in another format (INT4 checkpoints keep it bf16) is left to mlp().
+// Either way the block equals the CPU's routed experts + shared MLP, and a token alone gets its batched bits.
+TEST_F(CudaOps, shared_expert_in_the_expert_launches_or_beside_them) {
+  const int64_t H = 512, I = 256, E = 12, K = 3;
+  struct Case { WeightFormat routed, shared; bool stacked; };
+  for (Case c : {Case{WeightFormat::dense, WeightFormat::dense, true}, Case{WeightFormat::fp8_block, WeightFormat::fp8_block, true},
+                 Case{WeightFormat::int4_group, WeightFormat::int4_group, true}, Case{WeightFormat::int4_group, WeightFormat::dense, false}}) {
+    MoeWeights moe;
+    moe.router = make_linear(WeightFormat::dense, E, H, "router");
+    for (int64_t e = 0; e < E; ++e) moe.experts.push_back({make_linear(c.routed, I, H), make_linear(c.routed, I, H), make_linear(c.routed, H, I)});
+    moe.shared = MlpWeights{make_linear(c.shared, I, H), make_linear(c.shared, I, H), make_linear(c.shared, H, I)};
+    gpu_->prepare_moe(moe);
+    const std::string what = fmt::format("shared expert, routed {} shared {}", format_name(c.routed), format_name(c.shared));
+    EXPECT_EQ(gpu_->moe_includes_shared(moe), c.stacked) << what;
+    const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
+    const int64_t n = 37;
+    const auto x = randn(n * H);
+    std::vector<float> rl(n * E);
+    cpu_.linear(moe.router, x.data(), n, rl.data());
+    std::vector<int32_t> idx(n * K);
+    std::vector<float> wt(n * K);
+    cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
+    std::vector<float> want(n * H), sh(n * H);
+    cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
+    cpu_.mlp(*moe.shared, x.data(), n, sh.data());
+    for (int64_t i = 0; i < n * H; ++i) want[i] += sh[i];
+    auto xd = dev(x);
+    Buf<int32_t> id(*gpu_, idx);
+    auto wd = dev(wt);
+    auto yd = poisoned(n * H);
+    gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), yd.data());
+    if (!gpu_->moe_includes_shared(moe)) {
+      auto sd = poisoned(n * H);
+      gpu_->mlp(*moe.shared, xd.data(), n, sd.data());
+      gpu_->add(yd.data(), sd.data(), n * H);
+    }
+    const auto got = yd.host();
+    expect_close(got, want, kChainTol, what);
+    // the last token alone
+    auto x1 = dev(std::vector<float>(x.end() - H, x.end()));
+    Buf<int32_t> id1(*gpu_, std::vector<int32_t>(idx.end() - K, idx.end()));
+    auto wd1 = dev(std::vector<float>(wt.end() - K, wt.end()));
+    auto y1 = poisoned(H);
+    gpu_->moe_experts(moe, x1.data(), 1, K, id1.data(), wd1.data(), y1.data());
+    if (!gpu_->moe_includes_shared(moe)) {
+      auto s1 = poisoned(H);
+      gpu_->mlp(*moe.shared, x1.data(), 1, s1.data());
+      gpu_->add(y1.data(), s1.data(), H);
+    }
+    EXPECT_EQ(y1.host(), std::vector<float>(got.end() - H, got.end())) << what << ": token alone vs in " << n;
+  }
+}
+
 TEST_F(CudaOps, mla_attention_expanded_and_absorbed_over_the_latent_cache) {
   ModelConfig cfg;
   cfg.num_attention_heads = 3;

@@ -95,9 +95,13 @@ class Backend {
   // logits [n, E] (fp32) -> idx [n, k], weight [n, k]
   virtual void route(const ModelConfig& cfg, const float* logits, const std::vector<float>& bias, int64_t n,
                      int32_t* idx, float* weight) = 0;
-  // out[n, H] = Σ_k weight[t,k] · expert_{idx[t,k]}(x[t])   (experts combined in ascending expert id)
+  // out[n, H] = Σ_k weight[t,k] · expert_{idx[t,k]}(x[t])   (experts combined in ascending expert id), plus the
+  // shared expert's output added after that sum when moe_includes_shared(w)
   virtual void moe_experts(const MoeWeights& w, const float* x, int64_t n, int64_t k, const int32_t* idx,
                            const float* weight, float* out) = 0;
+  // Whether moe_experts also runs w.shared (as one more expert of the same launches); else the caller runs it
+  // with mlp() and adds it.
+  virtual bool moe_includes_shared(const MoeWeights& w) const { return false; }
   // out[n, H] = down(silu(gate(x)) * up(x))
   virtual void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) = 0;
   // y += x

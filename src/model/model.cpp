@@ -84,7 +84,7 @@ void HookList::on_router(int64_t layer, int64_t seq, const float* logits, int32_
 }
 
 // One MoE block: the router's fp32 logits and top-k, on_route (the model's router hooks), the routed experts into y,
-// the shared expert added. (Running the shared expert on a second stream beside the router was measured slower at
+// the shared expert added (by the backend's expert launches when it stacks the shared expert with the routed ones). (Running the shared expert on a second stream beside the router was measured slower at
 // one token on the H100: its matmul fills every multiprocessor, so the router's one-block kernels wait for it.)
 void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const float* x, int64_t N, float* y,
                const std::function<void(float*, int32_t*, float*)>& on_route) {
@@ -95,7 +95,7 @@ void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const f
   be.route(cfg, rl.data(), m.score_bias, N, idx.data(), wt.data());
   if (on_route) on_route(rl.data(), idx.data(), wt.data());
   be.moe_experts(m, x, N, K, idx.data(), wt.data(), y);
-  if (m.shared) {
+  if (m.shared && !be.moe_includes_shared(m)) {
     Buf<float> sh(be, N * H);
     be.mlp(*m.shared, x, N, sh.data());
     be.add(y, sh.data(), N * H);

@@ -59,7 +59,10 @@ struct CudaBackend::Impl {
   cudaStream_t stream = nullptr;
   std::unordered_map<const Linear*, DLin> lin;
   std::unordered_set<const Linear*> fp32_input;  // routers: fp32 activations, as the reference computes them
-  struct DMoe { DLin gate, up, down; };
+  struct DMoe {
+    DLin gate, up, down;
+    bool shared = false;  // the shared expert is stacked as expert E (moe_includes_shared)
+  };
   std::unordered_map<const MoeWeights*, DMoe> moe;
   struct DAttn { bf16* w_uk = nullptr; bf16* w_uvt = nullptr; };
   std::unordered_map<const AttentionWeights*, DAttn> attn;
@@ -352,15 +355,25 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
   if (m.current(Impl::kMoe, &mw, mw.experts[0].gate.weight->data)) return;
   KSCOPE_CHECK(!mw.experts.empty(), weights, mw.router.name, "MoE layer without experts");
   const int64_t E = static_cast<int64_t>(mw.experts.size());
+  // A shared expert of the routed experts' format and shape is stacked after them as expert E, so the expert
+  // launches run it too (one more row group; its output added after the routed sum, as the reference adds it).
+  // Checkpoints that keep it in another format (INT4 ones leave it bf16) run it through mlp().
+  auto same = [](const Linear& a, const Linear& b) {
+    return a.format == b.format && a.out == b.out && a.in == b.in && a.block_out == b.block_out &&
+           a.block_in == b.block_in && a.group == b.group;
+  };
+  const MlpWeights& x0 = mw.experts[0];
+  const bool fuse = mw.shared && same(mw.shared->gate, x0.gate) && same(mw.shared->up, x0.up) && same(mw.shared->down, x0.down);
+  const int64_t S = E + (fuse ? 1 : 0);
   auto stack = [&](auto get) {
     const Linear& l0 = get(mw.experts[0]);
     DLin d = Impl::describe(l0);
     const size_t wb = Impl::weight_bytes(l0), sc = Impl::scale_count(l0);
     d.s_bf16 = true;
-    auto* w = static_cast<uint8_t*>(m.dmalloc(wb * E, l0.name + " (all experts)"));
-    float* s = sc ? static_cast<float*>(m.dmalloc(sc * E * 4, l0.name + " scales (all experts)")) : nullptr;
-    for (int64_t e = 0; e < E; ++e) {
-      const Linear& l = get(mw.experts[e]);
+    auto* w = static_cast<uint8_t*>(m.dmalloc(wb * S, l0.name + " (all experts)"));
+    float* s = sc ? static_cast<float*>(m.dmalloc(sc * S * 4, l0.name + " scales (all experts)")) : nullptr;
+    for (int64_t e = 0; e < S; ++e) {
+      const Linear& l = get(e < E ? mw.experts[e] : *mw.shared);
       KSCOPE_CHECK(l.format == l0.format && l.out == l0.out && l.in == l0.in && l.block_out == l0.block_out &&
                        l.block_in == l0.block_in && l.group == l0.group,
                    weights, l.name, "experts of one layer must share format and shape ({} vs {})", format_name(l.format),
@@ -377,6 +390,7 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
   dm.gate = stack([](const MlpWeights& x) -> const Linear& { return x.gate; });
   dm.up = stack([](const MlpWeights& x) -> const Linear& { return x.up; });
   dm.down = stack([](const MlpWeights& x) -> const Linear& { return x.down; });
+  dm.shared = fuse;
   m.moe[&mw] = dm;
   m.source[{Impl::kMoe, &mw}] = mw.experts[0].gate.weight->data;
   prepare_linear(mw.router);
@@ -386,7 +400,7 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
     CK(cudaMemcpy(b, mw.score_bias.data(), mw.score_bias.size() * 4, cudaMemcpyHostToDevice));
     m.params[mw.score_bias.data()] = b;
   }
-  if (mw.shared) {
+  if (mw.shared && !fuse) {
     prepare_linear(mw.shared->gate);
     prepare_linear(mw.shared->up);
     prepare_linear(mw.shared->down);
@@ -487,7 +501,8 @@ void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
   p.weight_bytes = free0 > free1 ? free0 - free1 : 0;
   p.free_after_load = free1;
   p.load_seconds = std::chrono::duration<double>(t1 - t0).count();
-  const int64_t H = cfg.hidden_size, K = std::max<int64_t>(1, cfg.num_experts_per_tok);
+  // (routed slots per token: top-k, plus the shared expert where it is stacked with the routed ones)
+  const int64_t H = cfg.hidden_size, K = std::max<int64_t>(1, cfg.num_experts_per_tok) + std::max<int64_t>(0, cfg.n_shared_experts);
   const int64_t I = std::max(cfg.intermediate_size, cfg.moe_intermediate_size * std::max<int64_t>(1, cfg.n_shared_experts));
   const int64_t nh = cfg.num_attention_heads;
   const uint64_t per_token = 4 * (4 * H + nh * (cfg.qk_head_dim() + cfg.v_head_dim) + cfg.kv_lora_rank * 2 +
@@ -742,16 +757,33 @@ void CudaBackend::route(const ModelConfig& cfg, const float* logits, const std::
   cuda::route(a, logits, b, n, idx, weight, impl_->stream);
 }
 
+bool CudaBackend::moe_includes_shared(const MoeWeights& w) const {
+  auto it = impl_->moe.find(&w);
+  return it != impl_->moe.end() && it->second.shared;
+}
+
 void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, int64_t k, const int32_t* idx,
                               const float* weight, float* out) {
   Impl& m = *impl_;
   auto it = m.moe.find(&w);
   KSCOPE_CHECK(it != m.moe.end() && !w.experts.empty() && m.current(Impl::kMoe, &w, w.experts[0].gate.weight->data), internal, "cuda", "MoE weights '{}' were not prepared", w.router.name);
   const auto& dm = it->second;
-  const int E = static_cast<int>(w.experts.size());
-  const int64_t H = dm.down.N, I = dm.gate.N, M = n * k;
-  KSCOPE_CHECK(k <= 64, unsupported, "cuda", "top-{} routing unsupported", k);
+  const int64_t H = dm.down.N, I = dm.gate.N;
+  KSCOPE_CHECK(k + (dm.shared ? 1 : 0) <= 64, unsupported, "cuda", "top-{} routing unsupported", k);
   if (n == 0) return;
+  Buf<int32_t> idx_ext;
+  Buf<float> w_ext;
+  if (dm.shared) {  // each token's slots, then one for the shared expert (id E, weight 1)
+    idx_ext = Buf<int32_t>(*this, n * (k + 1));
+    w_ext = Buf<float>(*this, n * (k + 1));
+    cuda::moe_add_shared_slot(idx, weight, n, static_cast<int>(k), static_cast<int>(w.experts.size()), idx_ext.data(),
+                              w_ext.data(), m.stream);
+    idx = idx_ext.data();
+    weight = w_ext.data();
+    ++k;
+  }
+  const int E = static_cast<int>(w.experts.size()) + (dm.shared ? 1 : 0);
+  const int64_t M = n * k;
   Buf<int> counts(*this, E), row_off(*this, E + 1), tile_off(*this, E + 1), cursor(*this, E), perm(*this, M), slot_pos(*this, M);
   cuda::moe_permute(idx, M, E, counts.data(), row_off.data(), tile_off.data(), cursor.data(), perm.data(), slot_pos.data(),
                     m.stream);

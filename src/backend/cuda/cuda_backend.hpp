@@ -61,6 +61,7 @@ class CudaBackend final : public Backend {
                      float scale, float* out) override;
   void route(const ModelConfig& cfg, const float* logits, const std::vector<float>& bias, int64_t n, int32_t* idx,
              float* weight) override;
+  bool moe_includes_shared(const MoeWeights& w) const override;
   void moe_experts(const MoeWeights& w, const float* x, int64_t n, int64_t k, const int32_t* idx, const float* weight,
                    float* out) override;
   void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;

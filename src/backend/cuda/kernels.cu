@@ -626,6 +626,17 @@ __global__ void k_moe_scatter(const int32_t* idx, int64_t n, int* cursor, int* p
     slot_pos[i] = p;
   }
 }
+// Token t's k routed slots followed by the shared expert's (id E, weight 1): its output then comes last in the
+// combine's ascending-id sum, added once as acc + shared, as the reference adds the shared expert to the routed sum.
+__global__ void k_moe_add_shared_slot(const int32_t* idx, const float* weight, int64_t n, int k, int E, int32_t* idx_ext,
+                                      float* w_ext) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * (k + 1); i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / (k + 1);
+    const int j = static_cast<int>(i - t * (k + 1));
+    idx_ext[i] = j < k ? idx[t * k + j] : E;
+    w_ext[i] = j < k ? weight[t * k + j] : 1.0f;
+  }
+}
 // grid (slots, column blocks of 4 * blockDim); H % 4 == 0 takes 16-byte loads
 __global__ void k_moe_gather(const float* x, const int* perm, int k, int64_t H, bf16* xp) {
   const int64_t p = blockIdx.x;
@@ -1881,6 +1892,10 @@ void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* r
 }
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s) {
   if (n_slots) k_moe_gather<<<dim3(static_cast<unsigned>(n_slots), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s>>>(x, perm, k, H, xp);
+}
+void moe_add_shared_slot(const int32_t* idx, const float* weight, int64_t n, int k, int E, int32_t* idx_ext, float* w_ext,
+                         cudaStream_t s) {
+  if (n) k_moe_add_shared_slot<<<grid_for(n * (k + 1)), 256, 0, s>>>(idx, weight, n, k, E, idx_ext, w_ext);
 }
 void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int64_t n, int k,
                  int64_t H, float* out, cudaStream_t s) {

@@ -91,6 +91,9 @@ void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* r
 // Xp[pos] = bf16(x[perm[pos] / k])
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s);
 // out[t] = Σ over t's slots in ascending expert id: weight · D[slot_pos[slot]]
+// idx_ext/w_ext [n, k+1]: each token's k slots, then one for the shared expert stacked as expert E (weight 1)
+void moe_add_shared_slot(const int32_t* idx, const float* weight, int64_t n, int k, int E, int32_t* idx_ext, float* w_ext,
+                         cudaStream_t s);
 void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int64_t n, int k,
                  int64_t H, float* out, cudaStream_t s);
 
