@@ -45,14 +45,13 @@ if [ "${RUN:-0}" = 1 ]; then
   echo "bench: $(( $(date +%s) - t0 )) s"
 fi
 for T in ${PROFILE_TOKENS-1 64}; do
-  tag=$T
-  echo "== profile $tag"
+  echo "== profile $T"
   timeout 60 build-gpu/bench/bench_gpu profile $d --tokens $T 2>&1 | tail -1
   timeout 150 ncu --clock-control none --profile-from-start off --metrics gpu__time_duration.sum --csv \
-    build-gpu/bench/bench_gpu profile $d --tokens $T > "$OUT/ncu-$tag.csv" 2>"$OUT/ncu-$tag.err"
-  python3 bench/ncu_table.py "$OUT/ncu-$tag.csv" "MoE block at $T tokens" "decode step, batch 1" > "$OUT/ncu-$tag.txt"
-  head -12 "$OUT/ncu-$tag.txt"; grep -E "sum of kernel" "$OUT/ncu-$tag.txt"
-  rm -f "$OUT/ncu-$tag.csv" "$OUT/ncu-$tag.err"
+    build-gpu/bench/bench_gpu profile $d --tokens $T > "$OUT/ncu-$T.csv" 2>"$OUT/ncu-$T.err"
+  python3 bench/ncu_table.py "$OUT/ncu-$T.csv" "MoE block at $T tokens" "decode step, batch 1" > "$OUT/ncu-$T.txt"
+  head -12 "$OUT/ncu-$T.txt"; grep -E "sum of kernel" "$OUT/ncu-$T.txt"
+  rm -f "$OUT/ncu-$T.csv" "$OUT/ncu-$T.err"
 done
 if [ -n "${INVARIANT:-}" ]; then  # what the batch-invariant attention split costs
   for inv in "" 1; do

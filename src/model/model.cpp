@@ -84,8 +84,9 @@ void HookList::on_router(int64_t layer, int64_t seq, const float* logits, int32_
 }
 
 // One MoE block: the router's fp32 logits and top-k, on_route (the model's router hooks), the routed experts into y,
-// the shared expert added (by the backend's expert launches when it stacks the shared expert with the routed ones). (Running the shared expert on a second stream beside the router was measured slower at
-// one token on the H100: its matmul fills every multiprocessor, so the router's one-block kernels wait for it.)
+// the shared expert added (inside the expert launches where the backend stacks it with the routed experts). Running
+// the shared expert on a second stream beside the router was measured slower at one token on the H100: its matmul
+// fills every multiprocessor, so the router's one-block kernels wait for it.
 void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const float* x, int64_t N, float* y,
                const std::function<void(float*, int32_t*, float*)>& on_route) {
   const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, H = cfg.hidden_size;

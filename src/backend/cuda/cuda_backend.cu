@@ -374,9 +374,7 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
     float* s = sc ? static_cast<float*>(m.dmalloc(sc * S * 4, l0.name + " scales (all experts)")) : nullptr;
     for (int64_t e = 0; e < S; ++e) {
       const Linear& l = get(e < E ? mw.experts[e] : *mw.shared);
-      KSCOPE_CHECK(l.format == l0.format && l.out == l0.out && l.in == l0.in && l.block_out == l0.block_out &&
-                       l.block_in == l0.block_in && l.group == l0.group,
-                   weights, l.name, "experts of one layer must share format and shape ({} vs {})", format_name(l.format),
+      KSCOPE_CHECK(same(l, l0), weights, l.name, "experts of one layer must share format and shape ({} vs {})", format_name(l.format),
                    format_name(l0.format));
       m.put_linear(l, w + e * wb, s ? s + e * sc : nullptr, &d.s_bf16);
     }
@@ -782,7 +780,7 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
     weight = w_ext.data();
     ++k;
   }
-  const int E = static_cast<int>(w.experts.size()) + (dm.shared ? 1 : 0);
+  const int E = static_cast<int>(w.experts.size()) + (dm.shared ? 1 : 0);  // row groups
   const int64_t M = n * k;
   Buf<int> counts(*this, E), row_off(*this, E + 1), tile_off(*this, E + 1), cursor(*this, E), perm(*this, M), slot_pos(*this, M);
   cuda::moe_permute(idx, M, E, counts.data(), row_off.data(), tile_off.data(), cursor.data(), perm.data(), slot_pos.data(),

@@ -1660,27 +1660,22 @@ __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld
   const int64_t t = blockIdx.x;
   const float* xr = x + t * ld;
   float ss = 0;
-  if (!row_in_smem) {
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) ss += xr[i] * xr[i];
-    const float r = 1.0f / sqrtf(block_sum(ss, part) / static_cast<float>(d) + eps);
-    for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (xr[i] * r);
-    return;
-  }
   if ((d & 3) == 0 && (ld & 3) == 0) {
     for (int64_t i = threadIdx.x; i < d / 4; i += blockDim.x) {
       const float4 v = reinterpret_cast<const float4*>(xr)[i];
-      reinterpret_cast<float4*>(row)[i] = v;
+      if (row_in_smem) reinterpret_cast<float4*>(row)[i] = v;
       ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
   } else {
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
       const float v = xr[i];
-      row[i] = v;
+      if (row_in_smem) row[i] = v;
       ss += v * v;
     }
   }
   const float r = 1.0f / sqrtf(block_sum(ss, part) / static_cast<float>(d) + eps);
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (row[i] * r);
+  const float* src = row_in_smem ? row : xr;
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (src[i] * r);
 }
 
 // fp32-input matmul (routers) for bf16 weights with K % 64 == 0: a block of 8 warps per output feature and up to 4
