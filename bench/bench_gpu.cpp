@@ -4,12 +4,18 @@
 //   bench_gpu run DIR [--json FILE]                             measure
 //   bench_gpu mla [--json FILE]                                  absorbed decode attention alone at K2's attention
 //                                                               shapes: tensor-core kernel vs the CUDA-core one
-//   bench_gpu profile DIR [--tokens T]                          for ncu (--profile-from-start off): the MoE block
+//   bench_gpu profile DIR [--tokens T] [--prefill T]            for ncu (--profile-from-start off): the MoE block
 //                                                               at T tokens and one batch-1 decode step, each once
 //                                                               inside cudaProfilerStart/Stop, after warm-up; prints
-//                                                               the decode step's wall time without the profiler
+//                                                               the decode step's wall time without the profiler.
+//                                                               --prefill T: one prefill of 1 x T tokens instead
+//   bench_gpu gemm [--json FILE]                                the dense matmul kernels alone at K2 shapes in every
+//                                                               format, 1-4096 rows: streamed vs many-row tile kernel
+//                                                               vs cuBLAS (bf16), against the floors
 // KSCOPE_INVARIANT_ATTENTION=1 runs any of them with decode attention split per row
-// (CudaBackend::set_batch_invariant_attention).
+// (CudaBackend::set_batch_invariant_attention); KSCOPE_TILE_ROWS=dense,group sets when the many-row matmul kernel
+// takes over (CudaBackend::set_tile_rows; 0 never, 1 always); MOE_COMPARE=1 also times each MoE block of `run`
+// from 64 tokens with the many-row kernel off.
 // Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
 // large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
 // 1..2048 tokens, MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
@@ -35,6 +41,7 @@
 #include <nlohmann/json.hpp>
 
 #include "backend/cuda/cuda_backend.hpp"
+#include "backend/cuda/kernels.cuh"
 #include "model/make_model.hpp"
 #include "model/model.hpp"
 #include "util/error.hpp"
@@ -55,6 +62,17 @@ namespace {
 bool env_on(const char* name) {
   const char* v = std::getenv(name);
   return v && *v && std::string(v) != "0";
+}
+
+// KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows)
+void apply_tile_env() {
+  const char* v = std::getenv("KSCOPE_TILE_ROWS");
+  if (!v || !*v) return;
+  const std::string s = v;
+  const size_t c = s.find(',');
+  const int d = std::stoi(s.substr(0, c)), g = c == std::string::npos ? d : std::stoi(s.substr(c + 1));
+  CudaBackend::set_tile_rows(d, g);
+  std::printf("many-row matmul from %d dense rows, %d rows per expert on average\n", d, g);
 }
 
 double median(std::vector<double> v) {
@@ -160,6 +178,7 @@ int run(const std::string& dir, const std::string& json_path) {
 
   auto backend = std::make_shared<CudaBackend>(0);
   backend->set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
+  apply_tile_env();
   const uint64_t base = used_bytes();
   auto model = Model::load(dir, backend);
   const CudaPlan& plan = backend->plan();
@@ -208,17 +227,28 @@ int run(const std::string& dir, const std::string& json_path) {
   json moe = json::array();
   std::printf("\nMoE block (layer %lld: router + top-%lld of %lld + shared), %s\n", static_cast<long long>(moe_layer),
               static_cast<long long>(K), static_cast<long long>(E), format_name(g0.format));
-  std::printf("%7s %10s %9s %12s %12s %9s\n", "tokens", "time us", "experts", "bw floor us", "tc floor us", "of floor");
+  const bool compare = env_on("MOE_COMPARE");
+  std::printf("%7s %10s %9s %12s %12s %9s%s\n", "tokens", "time us", "experts", "bw floor us", "tc floor us", "of floor",
+              compare ? "  streamed only us" : "");
   for (int64_t T : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}) {
     MoeStep step(be, cfg, mw, T);
     const double s = time_it(step, T <= 256 ? 50 : 20);
+    double s_few = NAN;
+    if (compare && T >= 64) {
+      CudaBackend::set_tile_rows(0, 0);
+      s_few = time_it(step, T <= 256 ? 50 : 20);
+      CudaBackend::set_tile_rows(-1, -1);
+      apply_tile_env();
+    }
     const auto ih = step.chosen();
     const std::set<int32_t> distinct(ih.begin(), ih.end());
     const double bytes = distinct.size() * expert_bytes + shared_bytes + router_bytes + 4.0 * T * H * 2;
     const double flops = 2.0 * T * (K * 3.0 * H * I + 3.0 * H * Ish + E * H);
     const double fb = bytes / bw, fc = flops / tc, floor = std::max(fb, fc);
-    std::printf("%7lld %10.1f %9zu %12.1f %12.1f %8.0f%%\n", static_cast<long long>(T), s * 1e6, distinct.size(), fb * 1e6,
+    std::printf("%7lld %10.1f %9zu %12.1f %12.1f %8.0f%%", static_cast<long long>(T), s * 1e6, distinct.size(), fb * 1e6,
                 fc * 1e6, 100 * floor / s);
+    if (!std::isnan(s_few)) std::printf("  %16.1f", s_few * 1e6);
+    std::printf("\n");
     moe.push_back({{"tokens", T}, {"seconds", s}, {"experts", distinct.size()}, {"bytes", bytes}, {"flops", flops},
                    {"bw_floor", fb}, {"tc_floor", fc}});
   }
@@ -337,12 +367,30 @@ int run(const std::string& dir, const std::string& json_path) {
 // One MoE block at T tokens and one batch-1 decode step, each run once between cudaProfilerStart/Stop after
 // warm-up, for `ncu --profile-from-start off` (per-kernel times); also prints the decode step's wall time over
 // 20 unprofiled steps, to compare with the sum of its kernels.
-int run_profile(const std::string& dir, int64_t T) {
+int run_profile(const std::string& dir, int64_t T, int64_t prefill) {
   auto backend = std::make_shared<CudaBackend>(0);
   backend->set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
+  apply_tile_env();
   auto model = Model::load(dir, backend);
   const auto& cfg = model->config();
   Backend& be = model->backend();
+  if (prefill > 0) {  // one prefill of 1 x `prefill` tokens
+    std::vector<int32_t> prompt;
+    for (int64_t t = 0; t < prefill; ++t) prompt.push_back(static_cast<int32_t>((t * 31 + 5) % cfg.vocab_size));
+    auto once = [&] {
+      KvCache cache = model->new_cache();
+      std::vector<ForwardItem> items{{&cache, prompt.data(), prefill, false}};
+      std::vector<std::vector<float>> logits;
+      model->forward(items, logits);
+      backend->synchronize();
+    };
+    const double s = time_it(once, 3, 1);
+    CU(cudaProfilerStart());
+    once();
+    CU(cudaProfilerStop());
+    std::printf("prefill 1 x %lld tokens: %.2f ms (wall, median of 3)\n", static_cast<long long>(prefill), s * 1e3);
+    return 0;
+  }
   int64_t moe_layer = -1;
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l)
     if (model->weights().layers[l].moe) { moe_layer = l; break; }
@@ -482,6 +530,106 @@ int run_mla(const std::string& json_out) {
   return 0;
 }
 
+// The dense matmul kernels alone at Kimi-K2 shapes, in every format, over 1-4096 rows: the streamed-weight kernel
+// (set_tile_rows(0, 0)) and the many-row tile kernel (set_tile_rows(1, 1)) on the same device weights (random
+// values of the format), cuBLAS BF16 (fp32 accumulation, bf16 output) on the bf16 shape as the peer, each against
+// the bandwidth floor (weights + X + fp32 Y once) and the tensor-core floor.
+int run_gemm(const std::string& json_out) {
+  const double bw = hbm_bandwidth(), tc = bf16_tensor_rate();
+  std::printf("device: HBM %.0f GB/s (copy), BF16 tensor cores %.0f TFLOP/s (cuBLAS)\n", bw / 1e9, tc / 1e12);
+  struct Shape { const char* name; int N, K; bool pair; };
+  const Shape shapes[] = {{"q_a 1536x7168", 1536, 7168, false}, {"o_proj 7168x8192", 7168, 8192, false},
+                          {"gate+up 2x18432x7168", 18432, 7168, true}, {"down 7168x18432", 7168, 18432, false}};
+  const int rows[] = {1, 8, 32, 64, 128, 256, 512, 1024, 4096};
+  const int maxM = 4096;
+  std::mt19937 rng(5);
+  auto random_bytes = [&](size_t n, uint8_t mask) {  // device bytes from a repeated 16 MiB random pattern
+    std::vector<uint8_t> h(std::min<size_t>(n, 16 << 20));
+    for (auto& b : h) b = static_cast<uint8_t>(rng()) & mask;
+    uint8_t* d = nullptr;
+    CU(cudaMalloc(&d, n));
+    for (size_t o = 0; o < n; o += h.size()) CU(cudaMemcpy(d + o, h.data(), std::min(h.size(), n - o), cudaMemcpyHostToDevice));
+    return d;
+  };
+  auto const_floats = [&](size_t n, float v) {
+    std::vector<float> h(n, v);
+    float* d = nullptr;
+    CU(cudaMalloc(&d, n * 4));
+    CU(cudaMemcpy(d, h.data(), n * 4, cudaMemcpyHostToDevice));
+    return d;
+  };
+  cuda::bf16* X = reinterpret_cast<cuda::bf16*>(random_bytes(size_t(maxM) * 18432 * 2, 0xbf));  // |x| < 2 in bf16 (sign, exponent <= 127)
+  float *Y = nullptr, *Y2 = nullptr;
+  CU(cudaMalloc(&Y, size_t(maxM) * 18432 * 4));
+  CU(cudaMalloc(&Y2, size_t(maxM) * 18432 * 4));
+  cublasHandle_t h;
+  cublasCreate(&h);
+  json out = json::array();
+  cudaStream_t st = nullptr;
+  std::printf("\n%-22s %-5s %5s %10s %10s %10s %8s %8s %9s\n", "matrix", "fmt", "rows", "streamed", "tile", "cuBLAS",
+              "tile bw%", "tile tc%", "tile/cuBLAS");
+  for (const Shape& sh : shapes)
+    for (int fmt : {cuda::kBf16, cuda::kFp8, cuda::kInt4}) {
+      cuda::DLin W;
+      W.fmt = fmt;
+      W.N = sh.N;
+      W.K = sh.K;
+      const size_t wbytes = fmt == cuda::kBf16 ? size_t(sh.N) * sh.K * 2 : fmt == cuda::kFp8 ? size_t(sh.N) * sh.K : size_t(sh.N) * sh.K / 2;
+      W.w_ld = static_cast<int64_t>(wbytes / sh.N);
+      // bf16 values |w| < 2 (exponent byte <= 0x3f), e4m3 without NaN (exponent <= 7), any nibbles
+      W.w = random_bytes(wbytes * (sh.pair ? 2 : 1), fmt == cuda::kBf16 ? 0xbf : fmt == cuda::kFp8 ? 0xbf : 0xff);
+      cuda::DLin W2 = W;  // the pair's second matrix: the next rows of the same allocation (cuBLAS: one [2N, K])
+      W2.w = W.w + wbytes;
+      if (fmt == cuda::kFp8) {
+        W.bo = W.bi = 128;
+        W.s_cols = sh.K / 128;
+        W.s = const_floats(size_t(sh.N / 128 + 1) * W.s_cols, 1.0f / 64);
+      } else if (fmt == cuda::kInt4) {
+        W.g = 32;
+        W.s_cols = sh.K / 32;
+        W.s = const_floats(size_t(sh.N) * W.s_cols, 1.0f / 64);
+        W.s_bf16 = true;
+      }
+      for (int M : rows) {
+        auto call = [&] { cuda::gemm(X, M, Y, W, {}, (M + cuda::kBM - 1) / cuda::kBM, st, sh.pair ? Y2 : nullptr, sh.pair ? &W2 : nullptr); };
+        CudaBackend::set_tile_rows(0, 0);
+        const double t_few = time_it(call, 10);
+        CudaBackend::set_tile_rows(1, 1);
+        const double t_tile = time_it(call, 10);
+        CudaBackend::set_tile_rows(-1, -1);
+        double t_cublas = NAN;
+        if (fmt == cuda::kBf16) {
+          const float one = 1, zero = 0;
+          const int n_all = sh.N * (sh.pair ? 2 : 1);
+          // C[n_all, M] (column-major) = W[n_all, K] · Xᵀ: Y row-major [M, n_all]; weights reused for the pair
+          t_cublas = time_it([&] {
+            cublasGemmEx(h, CUBLAS_OP_T, CUBLAS_OP_N, n_all, M, sh.K, &one, W.w, CUDA_R_16BF, sh.K, X, CUDA_R_16BF, sh.K, &zero, Y,
+                         CUDA_R_16BF, n_all, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+          }, 10);
+        }
+        const double mats = sh.pair ? 2.0 : 1.0;
+        const double flops = 2.0 * M * double(sh.N) * sh.K * mats;
+        const double bytes = mats * (wbytes + (W.s ? 4.0 * sh.N * sh.K / (fmt == cuda::kFp8 ? 16384 : 32) : 0)) +
+                             2.0 * M * sh.K + mats * 4.0 * M * sh.N;
+        const double floor = std::max(bytes / bw, flops / tc);
+        std::printf("%-22s %-5s %5d %10.1f %10.1f %10.1f %7.0f%% %7.0f%% %9.2f   (floor %.0f%%)\n", sh.name,
+                    fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4", M, t_few * 1e6, t_tile * 1e6,
+                    t_cublas * 1e6, 100 * bytes / bw / t_tile, 100 * flops / tc / t_tile, t_tile / t_cublas,
+                    100 * floor / std::min(t_few, t_tile));
+        out.push_back({{"matrix", sh.name}, {"fmt", fmt}, {"rows", M}, {"streamed_s", t_few}, {"tile_s", t_tile},
+                       {"cublas_s", std::isnan(t_cublas) ? json(nullptr) : json(t_cublas)}, {"flops", flops}, {"bytes", bytes}});
+      }
+      cudaFree(const_cast<uint8_t*>(W.w));
+      if (W.s) cudaFree(const_cast<float*>(W.s));
+    }
+  cublasDestroy(h);
+  cudaFree(X);
+  cudaFree(Y);
+  cudaFree(Y2);
+  if (!json_out.empty()) std::ofstream(json_out) << json({{"hbm_bytes_per_s", bw}, {"bf16_flops", tc}, {"gemm", out}}).dump(1) << "\n";
+  return 0;
+}
+
 int main(int argc, char** argv) {
   try {
     if (argc >= 3 && std::string(argv[1]) == "make") {
@@ -515,12 +663,20 @@ int main(int argc, char** argv) {
       return run_mla(js);
     }
     if (argc >= 3 && std::string(argv[1]) == "profile") {
-      int64_t T = 1;
-      for (int i = 3; i < argc; ++i)
+      int64_t T = 1, prefill = 0;
+      for (int i = 3; i < argc; ++i) {
         if (std::string(argv[i]) == "--tokens" && i + 1 < argc) T = std::stoll(argv[++i]);
-      return run_profile(argv[2], T);
+        else if (std::string(argv[i]) == "--prefill" && i + 1 < argc) prefill = std::stoll(argv[++i]);
+      }
+      return run_profile(argv[2], T, prefill);
     }
-    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T]\n");
+    if (argc >= 2 && std::string(argv[1]) == "gemm") {
+      std::string js;
+      for (int i = 2; i < argc; ++i)
+        if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
+      return run_gemm(js);
+    }
+    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T] [--prefill T] | bench_gpu gemm [--json FILE]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());

@@ -298,6 +298,78 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
   }
 }
 
+// The many-row tile kernel runs the streamed kernel's chain of operations per output element. Made to take
+// everything it can (set_tile_rows(1, 1)) it must give the streamed kernel's bits (set_tile_rows(0, 0)) in every
+// format: dense matrices with K split (13 and 130 wide: 16 and 6 parts; 300x7168: 5 uneven parts) and whole, widths
+// that leave partial 128-feature and 16-feature tiles, INT4 scales off the bf16 grid, row counts that leave partial
+// 64/128-row tiles, the gate/up pair, and MoE experts with one group spanning three row tiles. And match the CPU.
+TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
+  struct Restore {
+    ~Restore() { CudaBackend::set_tile_rows(-1, -1); }
+  } restore;
+  struct Shape { int64_t out, in; bool f32_scales; };
+  for (auto wf : kFormats)
+    for (Shape sh : {Shape{200, 512, false}, Shape{13, 4096, false}, Shape{130, 1536, false}, Shape{77, 1024, true},
+                     Shape{300, 7168, false}}) {
+      if (sh.f32_scales && wf != WeightFormat::int4_group) continue;
+      const Linear& l = make_linear(wf, sh.out, sh.in, "w", sh.f32_scales);
+      gpu_->prepare_linear(l);
+      const auto x = randn(300 * sh.in);
+      auto xd = dev(x);
+      for (int64_t n : {1, 9, 130, 300}) {
+        const std::string what = fmt::format("tile {} {}x{}{} n={}", format_name(wf), sh.out, sh.in, sh.f32_scales ? " f32 scales" : "", n);
+        auto y1 = poisoned(n * sh.out), y2 = poisoned(n * sh.out);
+        CudaBackend::set_tile_rows(0, 0);
+        gpu_->linear(l, xd.data(), n, y1.data());
+        CudaBackend::set_tile_rows(1, 1);
+        gpu_->linear(l, xd.data(), n, y2.data());
+        const auto got = y2.host();
+        EXPECT_EQ(got, y1.host()) << what;
+        if (sh.in <= 1536) {
+          std::vector<float> want(n * sh.out);
+          cpu_.linear(l, x.data(), n, want.data());
+          expect_close(got, want, kMatmulTol, what);
+        }
+      }
+    }
+  const int64_t H = 512, I = 256, E = 16, K = 4;
+  for (auto wf : kFormats) {
+    MlpWeights mlp;
+    make_mlp(mlp, wf, H, I);
+    MoeWeights moe;
+    make_moe(moe, wf, H, I, E);
+    const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
+    for (int64_t n : {40, 300}) {
+      const auto x = randn(n * H);
+      auto xd = dev(x);
+      auto o1 = poisoned(n * H), o2 = poisoned(n * H);
+      CudaBackend::set_tile_rows(0, 0);
+      gpu_->mlp(mlp, xd.data(), n, o1.data());
+      CudaBackend::set_tile_rows(1, 1);
+      gpu_->mlp(mlp, xd.data(), n, o2.data());
+      EXPECT_EQ(o2.host(), o1.host()) << "tile mlp " << format_name(wf) << " n=" << n;
+      // expert 0 takes every token (up to 300 rows: three 128-row tiles), the others share the rest
+      std::vector<float> rl(n * E), wt(n * K);
+      std::vector<int32_t> idx(n * K);
+      cpu_.linear(moe.router, x.data(), n, rl.data());
+      for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;
+      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
+      std::vector<float> want(n * H);
+      cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
+      Buf<int32_t> id(*gpu_, idx);
+      auto wd = dev(wt);
+      auto m1 = poisoned(n * H), m2 = poisoned(n * H);
+      CudaBackend::set_tile_rows(0, 0);
+      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), m1.data());
+      CudaBackend::set_tile_rows(1, 1);
+      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), m2.data());
+      const auto got = m2.host();
+      EXPECT_EQ(got, m1.host()) << "tile moe " << format_name(wf) << " n=" << n;
+      expect_close(got, want, kChainTol, fmt::format("tile moe {} n={}", format_name(wf), n));
+    }
+  }
+}
+
 TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {
   // RMSNorm at an odd width (strided rows too), Kimi-K2's hidden width, its kv_a rows (512 of 576) and a row too
   // wide for shared memory (read twice from global memory)

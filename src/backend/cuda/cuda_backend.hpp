@@ -88,8 +88,13 @@ class CudaBackend final : public Backend {
   uint64_t kv_bytes() const;
   // Tests: run every matmul with the single-stage kernel instead of the pipelined one.
   static void force_simple_gemm(bool on);
-  // Tests and benchmarks: turn the few-row matmul (groups of ≤ 32 rows) off, so the tile kernels run everything.
+  // Tests and benchmarks: turn the streamed-weight matmul (and the many-row kernel that shares its arithmetic) off,
+  // so the older tile kernels run everything.
   static void force_few_rows(bool on);
+  // Tests and benchmarks: from how many rows the many-row matmul kernel takes over from the streamed one (the same
+  // bits; cuda::set_tile_rows): dense matmuls of >= dense_rows rows, grouped ones averaging >= group_rows per group.
+  // 0 never, 1 always, negative the default (128 and 24). bench_gpu reads KSCOPE_TILE_ROWS=dense,group.
+  static void set_tile_rows(int dense_rows, int group_rows);
   // Decode attention split per row by its own length (cuda::mla_row_chunk), so a sequence's decode logits are the
   // same bits alone or batched at any context length. Off by default: it costs 5-50% more attention time at small
   // batches (bench/RESULTS.md, round 4), where the default split sizes the parts to fill the GPU, which depends on

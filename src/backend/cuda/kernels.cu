@@ -1651,6 +1651,204 @@ __global__ void k_sum_parts(const float* part, int ksplit, int64_t n, float* y, 
   }
 }
 
+// ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
+// of 128 output features × 16·WN rows that a cp.async ring stages in shared memory, so that a weight byte is read
+// once per 128 rows (the streamed kernel reads it once per 32) and each lane's fragments serve 8 n-tiles (weights)
+// and 4 m-tiles (rows). Every mma gets the operands k_gemm_few gives it, in the same places: a lane's 16 bytes of a
+// weight row per chunk, dequantized by the same functions, and the X elements of the same k; an output element's
+// mmas run in the same k order from zero, K is split where the streamed kernel splits it (dense narrow matrices),
+// and the splits' sums are added in k_sum_parts' order, here in registers. So a row's bits are those of the
+// streamed kernel at any row count, and the two kernels can be chosen by batch size alone.
+// Shared memory per stage: the weight tile [128][64 bytes] (one chunk: 32 bf16 / 64 fp8 / 128 int4 k), then the X
+// tile [R][chunk] with each lane's 16-byte pieces placed side by side for the four lanes of a quad, rows of 128
+// bytes and more XOR-swizzled by row parity (conflict-free 16-byte reads for every quarter-warp).
+constexpr int kTileF = 128, kTileThreads = 128;
+template <int FMT>
+__host__ __device__ constexpr int tile_cw() { return 4 * few_per16<FMT>(); }  // k per chunk
+template <int FMT>
+__host__ __device__ constexpr int tile_stages() { return FMT == kBf16 ? 4 : FMT == kFp8 ? 3 : 2; }
+template <int FMT, int WN>
+__host__ __device__ constexpr int tile_stage_bytes() { return kTileF * 64 + 16 * WN * tile_cw<FMT>() * 2; }
+template <int FMT, int WN>
+__host__ __device__ constexpr size_t tile_smem() { return size_t(tile_stages<FMT>()) * tile_stage_bytes<FMT, WN>(); }
+
+__device__ __forceinline__ void mma16816_nv(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM of them
+template <int FMT, int WN, bool SPLIT, bool SB>
+__global__ void __launch_bounds__(kTileThreads, 2) k_gemm_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y,
+                                                                DLin W, float* __restrict__ Y2, DLin W2, Groups gr, int cps) {
+  constexpr int CW = tile_cw<FMT>(), XP = CW / 8, PL = XP / 4, NS = tile_stages<FMT>(), R = 16 * WN;
+  constexpr int SW = XP >= 8 ? 4 : 0, STAGE = tile_stage_bytes<FMT, WN>(), E16 = few_per16<FMT>();
+  if (blockIdx.z == 1) {
+    W = W2;
+    Y = Y2;
+  }
+  int g = 0, r0, r1;
+  if (gr.row_off) {
+    if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
+    if ((blockIdx.y - gr.tile_off[g]) % (R / kBM)) return;  // another block's
+    r1 = min(r0 + R, gr.row_off[g + 1]);
+  } else {
+    r0 = blockIdx.y * R;
+    r1 = min(r0 + R, M);
+    if (r0 >= r1) return;
+  }
+  const int rows = r1 - r0, n0 = blockIdx.x * kTileF;
+  const uint8_t* wb = W.w + g * W.w_stride;
+  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  extern __shared__ __align__(128) uint8_t tile_sm[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const int wf = (warp & 1) * 64, wr = (warp >> 1) * WN * 8;  // the warp's first feature and row in the tile
+  const int nch = W.K / CW;
+  auto stage = [&](int c, int buf) {
+    uint8_t* ws = tile_sm + buf * STAGE;
+    bf16* xs = reinterpret_cast<bf16*>(ws + kTileF * 64);
+    for (int p = threadIdx.x; p < kTileF * 4; p += kTileThreads) {
+      const int n = n0 + (p >> 2);
+      const bool ok = n < W.N;
+      cp_async16(ws + p * 16, wb + static_cast<int64_t>(ok ? n : 0) * W.w_ld + static_cast<int64_t>(c) * 64 + (p & 3) * 16,
+                 ok ? 16 : 0);
+    }
+    for (int p = threadIdx.x; p < R * XP; p += kTileThreads) {
+      const int r = p / XP, q = p - r * XP;  // piece q of the row's chunk: lane q / PL's piece q % PL
+      const int pos = ((q % PL) * 4 + q / PL) ^ ((r & 1) * SW);
+      const bool ok = r < rows;
+      cp_async16(xs + r * CW + pos * 8, X + static_cast<int64_t>(r0 + (ok ? r : 0)) * W.K + static_cast<int64_t>(c) * CW + q * 8,
+                 ok ? 16 : 0);
+    }
+  };
+  float acc[4][WN][4];
+  float tot[SPLIT ? 4 : 1][SPLIT ? WN : 1][4];
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+    for (int j = 0; j < WN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        acc[mt][j][e] = 0.0f;
+        if constexpr (SPLIT) tot[mt][j][e] = 0.0f;
+      }
+#pragma unroll
+  for (int s = 0; s < NS - 1; ++s) {
+    if (s < nch) stage(s, s);
+    cp_async_commit();
+  }
+  for (int c = 0; c < nch; ++c) {
+    float sc[4][2];  // the lane's scales of this chunk, rows gq and gq + 8 of each m-tile
+    if constexpr (FMT != kBf16) {
+      const int k = c * CW + tq * E16;
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int n = n0 + wf + mt * 16 + gq + 8 * hf;
+          sc[mt][hf] = n >= W.N ? 0.0f
+                       : FMT == kFp8 ? __ldg(sb + (n / W.bo) * W.s_cols + k / W.bi)
+                                     : __ldg(sb + static_cast<int64_t>(n) * W.s_cols + k / W.g);
+        }
+    }
+    cp_async_wait<NS - 2>();
+    __syncthreads();  // chunk c is in; every warp is done with the buffer staged next
+    if (c + NS - 1 < nch) stage(c + NS - 1, (c + NS - 1) % NS);
+    cp_async_commit();
+    const uint8_t* ws = tile_sm + (c % NS) * STAGE;
+    const bf16* xs = reinterpret_cast<const bf16*>(ws + kTileF * 64);
+    uint4 wa[4][2];
+#pragma unroll
+    for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        wa[mt][hf] = *reinterpret_cast<const uint4*>(ws + (wf + mt * 16 + gq + 8 * hf) * 64 + tq * 16);
+#pragma unroll
+    for (int u = 0; u < PL; ++u) {
+      uint32_t a[4][2][4];  // [m-tile][mma of the piece]
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh) {
+          if constexpr (FMT == kBf16) {
+            a[mt][hh][0] = word_of(wa[mt][0], 2 * hh);
+            a[mt][hh][1] = word_of(wa[mt][1], 2 * hh);
+            a[mt][hh][2] = word_of(wa[mt][0], 2 * hh + 1);
+            a[mt][hh][3] = word_of(wa[mt][1], 2 * hh + 1);
+          } else if constexpr (FMT == kFp8) {
+            const uint32_t pa = word_of(wa[mt][0], 2 * u + hh), pb = word_of(wa[mt][1], 2 * u + hh);
+            a[mt][hh][0] = fp8x2_deq(pa, sc[mt][0]);
+            a[mt][hh][1] = fp8x2_deq(pb, sc[mt][1]);
+            a[mt][hh][2] = fp8x2_deq(pa >> 16, sc[mt][0]);
+            a[mt][hh][3] = fp8x2_deq(pb >> 16, sc[mt][1]);
+          } else {
+            const uint32_t pa = word_of(wa[mt][0], u), pb = word_of(wa[mt][1], u);
+            const __nv_bfloat162 s2a = __floats2bfloat162_rn(sc[mt][0], sc[mt][0]), s2b = __floats2bfloat162_rn(sc[mt][1], sc[mt][1]);
+            a[mt][hh][0] = int4x2_deq<SB>(pa >> (8 * hh), sc[mt][0], s2a);
+            a[mt][hh][1] = int4x2_deq<SB>(pb >> (8 * hh), sc[mt][1], s2b);
+            a[mt][hh][2] = int4x2_deq<SB>(pa >> (8 * hh + 4), sc[mt][0], s2a);
+            a[mt][hh][3] = int4x2_deq<SB>(pb >> (8 * hh + 4), sc[mt][1], s2b);
+          }
+        }
+#pragma unroll
+      for (int j = 0; j < WN; ++j)
+        if (wr + j * 8 < rows) {
+          const int r = wr + j * 8 + gq;
+          const uint4 b = *reinterpret_cast<const uint4*>(xs + r * CW + ((u * 4 + tq) ^ ((r & 1) * SW)) * 8);
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            uint32_t b0, b1;
+            if constexpr (FMT == kInt4) {
+              const uint32_t lo = hh == 0 ? b.x : b.y, hi = hh == 0 ? b.z : b.w;
+              b0 = __byte_perm(lo, hi, 0x5410);
+              b1 = __byte_perm(lo, hi, 0x7632);
+            } else {
+              b0 = hh == 0 ? b.x : b.z;
+              b1 = hh == 0 ? b.y : b.w;
+            }
+#pragma unroll
+            for (int mt = 0; mt < 4; ++mt) mma16816_nv(acc[mt][j], a[mt][hh], b0, b1);
+          }
+        }
+    }
+    if constexpr (SPLIT) {
+      if ((c + 1) % cps == 0 || c + 1 == nch) {  // the end of a split: its sum joins the total, as k_sum_parts adds
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+          for (int j = 0; j < WN; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              tot[mt][j][e] += acc[mt][j][e];
+              acc[mt][j][e] = 0.0f;
+            }
+      }
+    }
+  }
+  cp_async_wait<0>();
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+    const int n = n0 + wf + mt * 16 + gq;
+#pragma unroll
+    for (int j = 0; j < WN; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int tok = wr + j * 8 + 2 * tq + e;
+        if (tok < rows) {
+          float* y = Y + static_cast<int64_t>(r0 + tok) * W.N;
+          if constexpr (SPLIT) {
+            if (n < W.N) y[n] = tot[mt][j][e];
+            if (n + 8 < W.N) y[n + 8] = tot[mt][j][2 + e];
+          } else {
+            if (n < W.N) y[n] = acc[mt][j][e];
+            if (n + 8 < W.N) y[n + 8] = acc[mt][j][2 + e];
+          }
+        }
+      }
+  }
+}
+
 // RMSNorm, one block per row: the row read once (16-byte loads where aligned) into shared memory when it fits there
 // (row_in_smem; out may alias x, so a row that does not fit is read again from x), squares summed by warps.
 __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ w, int64_t d,
@@ -1760,7 +1958,49 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
   }
 }
 
+template <int FMT, int WN, bool SPLIT, bool SB>
+void launch_tile(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
+                 const Groups& gr, int cps) {
+  const void* k = reinterpret_cast<const void*>(k_gemm_tile<FMT, WN, SPLIT, SB>);
+  allow_smem(k, int(tile_smem<FMT, WN>()));
+  k_gemm_tile<FMT, WN, SPLIT, SB><<<grid, kTileThreads, tile_smem<FMT, WN>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
+}
+template <int FMT, bool SB>
+void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
+                     const DLin& W2, const Groups& gr, int cps) {
+  if (split) launch_tile<FMT, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  else launch_tile<FMT, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+}
+// One launch of the tile kernel: grouped (row_tiles: the kBM-row tiles of the groups) or dense (all M rows), K split
+// into ksplit parts of the streamed kernel's stages (1: whole).
+void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
+               cudaStream_t s, float* Y2, const DLin* W2) {
+  const bool split = ksplit > 1;
+  const int R = split ? 64 : 128;
+  const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
+  const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : W.fmt == kFp8 ? tile_cw<kFp8>() : tile_cw<kInt4>();
+  const int cps = sps * (few_stage_k(W) / cw);
+  const unsigned y = groups.row_off ? static_cast<unsigned>(row_tiles) : static_cast<unsigned>(cdiv(M, R));
+  const dim3 grid(static_cast<unsigned>(cdiv(W.N, kTileF)), y, W2 ? 2u : 1u);
+  const DLin& w2 = W2 ? *W2 : W;
+  switch (W.fmt) {
+    case kFp8: launch_tile_fmt<kFp8, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps); break;
+    case kInt4:
+      if (W.s_bf16) launch_tile_fmt<kInt4, true>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
+      else launch_tile_fmt<kInt4, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
+      break;
+    default: launch_tile_fmt<kBf16, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps); break;
+  }
+}
+constexpr int kTileDenseRows = 128, kTileGroupRows = 24;
+int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows;
+
 }  // namespace
+
+void set_tile_rows(int dense_rows, int group_rows) {
+  g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;
+  g_tile_group_rows = group_rows < 0 ? kTileGroupRows : group_rows;
+}
 
 bool few_rows_ok(const DLin& W) {
   if (!g_few_rows || g_simple_gemm) return false;
@@ -1779,6 +2019,10 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   }
   if (few_rows_ok(W)) {
     if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
+      if (g_tile_group_rows > 0 && M >= static_cast<int64_t>(g_tile_group_rows) * groups.G) {
+        gemm_tile(X, M, Y, W, groups, max_row_tiles, 1, s, Y2, W2);
+        return;
+      }
       gemm_few(X, M, Y, W, groups, max_row_tiles, std::min(max_rows, kBM), 1, s, Y2, W2);
       return;
     }
@@ -1789,6 +2033,10 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
     int ksplit = std::min(nst, std::max(1, (4 * sm_count() + col_tiles - 1) / col_tiles));
     const int per = (nst + ksplit - 1) / ksplit;
     ksplit = (nst + per - 1) / per;
+    if (g_tile_dense_rows > 0 && M >= g_tile_dense_rows) {  // many rows: the tile kernel, splits summed in registers
+      gemm_tile(X, M, Y, W, groups, 0, ksplit, s, Y2, W2);
+      return;
+    }
     int64_t chunk = M;
     if (ksplit > 1)
       chunk = std::max<int64_t>(kBM, (int64_t(64) << 20) / (int64_t(4) * W.N * ksplit * (W2 ? 2 : 1)) / kBM * kBM);

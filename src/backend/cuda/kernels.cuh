@@ -57,6 +57,10 @@ bool few_rows_ok(const DLin& W);
 void set_simple_gemm(bool on);
 // Tests and benchmarks: turn the streamed-weight kernel off (on by default), so the tile kernels run everything.
 void set_few_rows(bool on);
+// When the many-row tile kernel takes a streamed-kernel shape (the same bits either way, so only speed depends on
+// it): a dense matmul of at least dense_rows rows, a grouped one whose groups average at least group_rows rows.
+// 0 turns it off, 1 makes it take everything (tests), negative restores the default (128 and 24).
+void set_tile_rows(int dense_rows, int group_rows);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
 void set_simple_attention(bool on);
 bool simple_attention();
