@@ -11,7 +11,8 @@
 //                                                               --prefill T: one prefill of 1 x T tokens instead
 //   bench_gpu gemm [--json FILE]                                the dense matmul kernels alone at K2 shapes in every
 //                                                               format, 1-4096 rows: streamed vs many-row tile kernel
-//                                                               vs cuBLAS (bf16), against the floors
+//                                                               (128- and 256-feature blocks) vs cuBLAS (bf16),
+//                                                               against the floors
 // KSCOPE_INVARIANT_ATTENTION=1 runs any of them with decode attention split per row
 // (CudaBackend::set_batch_invariant_attention); KSCOPE_TILE_ROWS=dense,group sets when the many-row matmul kernel
 // takes over (CudaBackend::set_tile_rows; 0 never, 1 always); MOE_COMPARE=1 also times each MoE block of `run`
@@ -566,8 +567,8 @@ int run_gemm(const std::string& json_out) {
   cublasCreate(&h);
   json out = json::array();
   cudaStream_t st = nullptr;
-  std::printf("\n%-22s %-5s %5s %10s %10s %10s %8s %8s %9s\n", "matrix", "fmt", "rows", "streamed", "tile", "cuBLAS",
-              "tile bw%", "tile tc%", "tile/cuBLAS");
+  std::printf("\n%-22s %-5s %5s %10s %10s %10s %10s %8s %8s %9s\n", "matrix", "fmt", "rows", "streamed", "tile 128",
+              "tile 256", "cuBLAS", "tile bw%", "tile tc%", "tile/cuBLAS");
   for (const Shape& sh : shapes)
     for (int fmt : {cuda::kBf16, cuda::kFp8, cuda::kInt4}) {
       cuda::DLin W;
@@ -578,8 +579,6 @@ int run_gemm(const std::string& json_out) {
       W.w_ld = static_cast<int64_t>(wbytes / sh.N);
       // bf16 values |w| < 2 (exponent byte <= 0x3f), e4m3 without NaN (exponent <= 7), any nibbles
       W.w = random_bytes(wbytes * (sh.pair ? 2 : 1), fmt == cuda::kBf16 ? 0xbf : fmt == cuda::kFp8 ? 0xbf : 0xff);
-      cuda::DLin W2 = W;  // the pair's second matrix: the next rows of the same allocation (cuBLAS: one [2N, K])
-      W2.w = W.w + wbytes;
       if (fmt == cuda::kFp8) {
         W.bo = W.bi = 128;
         W.s_cols = sh.K / 128;
@@ -590,11 +589,16 @@ int run_gemm(const std::string& json_out) {
         W.s = const_floats(size_t(sh.N) * W.s_cols, 1.0f / 64);
         W.s_bf16 = true;
       }
+      cuda::DLin W2 = W;  // the pair's second matrix: the next rows of the same allocation (cuBLAS: one [2N, K])
+      W2.w = W.w + wbytes;
       for (int M : rows) {
         auto call = [&] { cuda::gemm(X, M, Y, W, {}, (M + cuda::kBM - 1) / cuda::kBM, st, sh.pair ? Y2 : nullptr, sh.pair ? &W2 : nullptr); };
         CudaBackend::set_tile_rows(0, 0);
         const double t_few = time_it(call, 10);
         CudaBackend::set_tile_rows(1, 1);
+        cuda::set_tile_warps(2);
+        const double t_tile2 = time_it(call, 10);
+        cuda::set_tile_warps(4);
         const double t_tile = time_it(call, 10);
         CudaBackend::set_tile_rows(-1, -1);
         double t_cublas = NAN;
@@ -612,11 +616,11 @@ int run_gemm(const std::string& json_out) {
         const double bytes = mats * (wbytes + (W.s ? 4.0 * sh.N * sh.K / (fmt == cuda::kFp8 ? 16384 : 32) : 0)) +
                              2.0 * M * sh.K + mats * 4.0 * M * sh.N;
         const double floor = std::max(bytes / bw, flops / tc);
-        std::printf("%-22s %-5s %5d %10.1f %10.1f %10.1f %7.0f%% %7.0f%% %9.2f   (floor %.0f%%)\n", sh.name,
-                    fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4", M, t_few * 1e6, t_tile * 1e6,
-                    t_cublas * 1e6, 100 * bytes / bw / t_tile, 100 * flops / tc / t_tile, t_tile / t_cublas,
+        std::printf("%-22s %-5s %5d %10.1f %10.1f %10.1f %10.1f %7.0f%% %7.0f%% %9.2f   (floor %.0f%%)\n", sh.name,
+                    fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4", M, t_few * 1e6, t_tile2 * 1e6,
+                    t_tile * 1e6, t_cublas * 1e6, 100 * bytes / bw / t_tile, 100 * flops / tc / t_tile, t_tile / t_cublas,
                     100 * floor / std::min(t_few, t_tile));
-        out.push_back({{"matrix", sh.name}, {"fmt", fmt}, {"rows", M}, {"streamed_s", t_few}, {"tile_s", t_tile},
+        out.push_back({{"matrix", sh.name}, {"fmt", fmt}, {"rows", M}, {"streamed_s", t_few}, {"tile_s", t_tile}, {"tile128_s", t_tile2},
                        {"cublas_s", std::isnan(t_cublas) ? json(nullptr) : json(t_cublas)}, {"flops", flops}, {"bytes", bytes}});
       }
       cudaFree(const_cast<uint8_t*>(W.w));

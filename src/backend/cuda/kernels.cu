@@ -5,6 +5,7 @@
 #include <mutex>
 #include <set>
 #include <tuple>
+#include <type_traits>
 
 #include "backend/cuda/kernels.cuh"
 
@@ -1652,25 +1653,27 @@ __global__ void k_sum_parts(const float* part, int ksplit, int64_t n, float* y, 
 }
 
 // ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
-// of 128 output features × 16·WN rows that a cp.async ring stages in shared memory, so that a weight byte is read
-// once per 128 rows (the streamed kernel reads it once per 32) and each lane's fragments serve 8 n-tiles (weights)
-// and 4 m-tiles (rows). Every mma gets the operands k_gemm_few gives it, in the same places: a lane's 16 bytes of a
-// weight row per chunk, dequantized by the same functions, and the X elements of the same k; an output element's
-// mmas run in the same k order from zero, K is split where the streamed kernel splits it (dense narrow matrices),
-// and the splits' sums are added in k_sum_parts' order, here in registers. So a row's bits are those of the
-// streamed kernel at any row count, and the two kernels can be chosen by batch size alone.
-// Shared memory per stage: the weight tile [128][64 bytes] (one chunk: 32 bf16 / 64 fp8 / 128 int4 k), then the X
-// tile [R][chunk] with each lane's 16-byte pieces placed side by side for the four lanes of a quad, rows of 128
-// bytes and more XOR-swizzled by row parity (conflict-free 16-byte reads for every quarter-warp).
-constexpr int kTileF = 128, kTileThreads = 128;
+// of 64·FW output features × 16·WN rows that a cp.async ring stages in shared memory, so that a weight byte is read
+// once per tile of rows (the streamed kernel reads it once per 32) and each lane's fragments serve WN n-tiles
+// (weights) and 4 m-tiles (rows). Every mma gets the operands k_gemm_few gives it, in the same places: a lane's 16
+// bytes of a weight row per chunk, dequantized by the same functions, and the X elements of the same k; an output
+// element's mmas run in the same k order from zero, K is split where the streamed kernel splits it (dense narrow
+// matrices), and the splits' sums are added in k_sum_parts' order, here in registers. So a row's bits are those of
+// the streamed kernel at any row count, and the two kernels can be chosen by batch size alone.
+// Warps: FW along the features (64 each) × 2 along the rows (8·WN each). Shared memory per stage: the weight tile
+// [64·FW][64 bytes] (one chunk: 32 bf16 / 64 fp8 / 128 int4 k), then the X tile [R][chunk] with each lane's 16-byte
+// pieces side by side for the four lanes of a quad, rows of 128 bytes and more XOR-swizzled by row parity
+// (conflict-free 16-byte reads for every quarter-warp). Dense launches are one-dimensional and walk the tiles in
+// groups of 16 row tiles per column tile, so that the blocks resident at once share their X and weight tiles in L2.
+constexpr int kTileThreadsPerFW = 64, kTileRaster = 16;
 template <int FMT>
 __host__ __device__ constexpr int tile_cw() { return 4 * few_per16<FMT>(); }  // k per chunk
 template <int FMT>
 __host__ __device__ constexpr int tile_stages() { return FMT == kBf16 ? 4 : FMT == kFp8 ? 3 : 2; }
-template <int FMT, int WN>
-__host__ __device__ constexpr int tile_stage_bytes() { return kTileF * 64 + 16 * WN * tile_cw<FMT>() * 2; }
-template <int FMT, int WN>
-__host__ __device__ constexpr size_t tile_smem() { return size_t(tile_stages<FMT>()) * tile_stage_bytes<FMT, WN>(); }
+template <int FMT, int FW, int WN>
+__host__ __device__ constexpr int tile_stage_bytes() { return 64 * FW * 64 + 16 * WN * tile_cw<FMT>() * 2; }
+template <int FMT, int FW, int WN>
+__host__ __device__ constexpr size_t tile_smem() { return size_t(tile_stages<FMT>()) * tile_stage_bytes<FMT, FW, WN>(); }
 
 __device__ __forceinline__ void mma16816_nv(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -1679,42 +1682,52 @@ __device__ __forceinline__ void mma16816_nv(float (&c)[4], const uint32_t (&a)[4
 }
 
 // cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM of them
-template <int FMT, int WN, bool SPLIT, bool SB>
-__global__ void __launch_bounds__(kTileThreads, 2) k_gemm_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y,
-                                                                DLin W, float* __restrict__ Y2, DLin W2, Groups gr, int cps) {
+template <int FMT, int FW, int WN, bool SPLIT, bool SB>
+__global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
+    k_gemm_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2, DLin W2,
+                Groups gr, int cps) {
+  constexpr int NT = kTileThreadsPerFW * FW, BF = 64 * FW;
   constexpr int CW = tile_cw<FMT>(), XP = CW / 8, PL = XP / 4, NS = tile_stages<FMT>(), R = 16 * WN;
-  constexpr int SW = XP >= 8 ? 4 : 0, STAGE = tile_stage_bytes<FMT, WN>(), E16 = few_per16<FMT>();
+  constexpr int SW = XP >= 8 ? 4 : 0, STAGE = tile_stage_bytes<FMT, FW, WN>(), E16 = few_per16<FMT>();
   if (blockIdx.z == 1) {
     W = W2;
     Y = Y2;
   }
-  int g = 0, r0, r1;
+  int g = 0, r0, r1, ct;
   if (gr.row_off) {
+    ct = blockIdx.x;
     if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
     if ((blockIdx.y - gr.tile_off[g]) % (R / kBM)) return;  // another block's
     r1 = min(r0 + R, gr.row_off[g + 1]);
-  } else {
-    r0 = blockIdx.y * R;
+  } else {  // grouped rasterization: kTileRaster row tiles per column tile
+    const int rts = (M + R - 1) / R, cts = (W.N + BF - 1) / BF, b = blockIdx.x, per = kTileRaster * cts;
+    const int first = b / per * kTileRaster, gs = min(rts - first, kTileRaster), in = b - first * cts;
+    const int rt = first + in % gs;
+    ct = in / gs;
+    r0 = rt * R;
     r1 = min(r0 + R, M);
     if (r0 >= r1) return;
   }
-  const int rows = r1 - r0, n0 = blockIdx.x * kTileF;
+  const int rows = r1 - r0, n0 = ct * BF;
   const uint8_t* wb = W.w + g * W.w_stride;
   const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
   extern __shared__ __align__(128) uint8_t tile_sm[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-  const int wf = (warp & 1) * 64, wr = (warp >> 1) * WN * 8;  // the warp's first feature and row in the tile
+  const int wf = (warp % FW) * 64, wr = (warp / FW) * WN * 8;  // the warp's first feature and row in the tile
   const int nch = W.K / CW;
+  const bool full = wr + WN * 8 <= rows;  // every n-tile of the warp has rows
   auto stage = [&](int c, int buf) {
     uint8_t* ws = tile_sm + buf * STAGE;
-    bf16* xs = reinterpret_cast<bf16*>(ws + kTileF * 64);
-    for (int p = threadIdx.x; p < kTileF * 4; p += kTileThreads) {
+    bf16* xs = reinterpret_cast<bf16*>(ws + BF * 64);
+#pragma unroll
+    for (int p = threadIdx.x; p < BF * 4; p += NT) {
       const int n = n0 + (p >> 2);
       const bool ok = n < W.N;
       cp_async16(ws + p * 16, wb + static_cast<int64_t>(ok ? n : 0) * W.w_ld + static_cast<int64_t>(c) * 64 + (p & 3) * 16,
                  ok ? 16 : 0);
     }
-    for (int p = threadIdx.x; p < R * XP; p += kTileThreads) {
+#pragma unroll
+    for (int p = threadIdx.x; p < R * XP; p += NT) {
       const int r = p / XP, q = p - r * XP;  // piece q of the row's chunk: lane q / PL's piece q % PL
       const int pos = ((q % PL) * 4 + q / PL) ^ ((r & 1) * SW);
       const bool ok = r < rows;
@@ -1738,26 +1751,9 @@ __global__ void __launch_bounds__(kTileThreads, 2) k_gemm_tile(const bf16* __res
     if (s < nch) stage(s, s);
     cp_async_commit();
   }
-  for (int c = 0; c < nch; ++c) {
-    float sc[4][2];  // the lane's scales of this chunk, rows gq and gq + 8 of each m-tile
-    if constexpr (FMT != kBf16) {
-      const int k = c * CW + tq * E16;
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int n = n0 + wf + mt * 16 + gq + 8 * hf;
-          sc[mt][hf] = n >= W.N ? 0.0f
-                       : FMT == kFp8 ? __ldg(sb + (n / W.bo) * W.s_cols + k / W.bi)
-                                     : __ldg(sb + static_cast<int64_t>(n) * W.s_cols + k / W.g);
-        }
-    }
-    cp_async_wait<NS - 2>();
-    __syncthreads();  // chunk c is in; every warp is done with the buffer staged next
-    if (c + NS - 1 < nch) stage(c + NS - 1, (c + NS - 1) % NS);
-    cp_async_commit();
-    const uint8_t* ws = tile_sm + (c % NS) * STAGE;
-    const bf16* xs = reinterpret_cast<const bf16*>(ws + kTileF * 64);
+  // one chunk's mmas; FULL: every n-tile has rows (no per-tile test, so the fragment loads can run ahead)
+  auto chunk = [&](auto full_tag, const uint8_t* ws, const bf16* xs, const float (&sc)[4][2]) {
+    constexpr bool FULL = decltype(full_tag)::value;
     uint4 wa[4][2];
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
@@ -1793,7 +1789,7 @@ __global__ void __launch_bounds__(kTileThreads, 2) k_gemm_tile(const bf16* __res
         }
 #pragma unroll
       for (int j = 0; j < WN; ++j)
-        if (wr + j * 8 < rows) {
+        if (FULL || wr + j * 8 < rows) {
           const int r = wr + j * 8 + gq;
           const uint4 b = *reinterpret_cast<const uint4*>(xs + r * CW + ((u * 4 + tq) ^ ((r & 1) * SW)) * 8);
 #pragma unroll
@@ -1811,6 +1807,33 @@ __global__ void __launch_bounds__(kTileThreads, 2) k_gemm_tile(const bf16* __res
             for (int mt = 0; mt < 4; ++mt) mma16816_nv(acc[mt][j], a[mt][hh], b0, b1);
           }
         }
+    }
+  };
+  for (int c = 0; c < nch; ++c) {
+    float sc[4][2];  // the lane's scales of this chunk, rows gq and gq + 8 of each m-tile
+    if constexpr (FMT != kBf16) {
+      const int k = c * CW + tq * E16;
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          const int n = n0 + wf + mt * 16 + gq + 8 * hf;
+          sc[mt][hf] = n >= W.N ? 0.0f
+                       : FMT == kFp8 ? __ldg(sb + (n / W.bo) * W.s_cols + k / W.bi)
+                                     : __ldg(sb + static_cast<int64_t>(n) * W.s_cols + k / W.g);
+        }
+    }
+    cp_async_wait<NS - 2>();
+    __syncthreads();  // chunk c is in; every warp is done with the buffer staged next
+    if (c + NS - 1 < nch) stage(c + NS - 1, (c + NS - 1) % NS);
+    cp_async_commit();
+    const uint8_t* ws = tile_sm + (c % NS) * STAGE;
+    const bf16* xs = reinterpret_cast<const bf16*>(ws + BF * 64);
+    if constexpr (FMT == kBf16) {  // (FP8/INT4: one path; their registers go to dequantizing)
+      if (full) chunk(std::true_type{}, ws, xs, sc);
+      else if (wr < rows) chunk(std::false_type{}, ws, xs, sc);
+    } else if (wr < rows) {
+      chunk(std::false_type{}, ws, xs, sc);
     }
     if constexpr (SPLIT) {
       if ((c + 1) % cps == 0 || c + 1 == nch) {  // the end of a split: its sum joins the total, as k_sum_parts adds
@@ -1958,30 +1981,37 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
   }
 }
 
-template <int FMT, int WN, bool SPLIT, bool SB>
+template <int FMT, int FW, int WN, bool SPLIT, bool SB>
 void launch_tile(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
                  const Groups& gr, int cps) {
-  const void* k = reinterpret_cast<const void*>(k_gemm_tile<FMT, WN, SPLIT, SB>);
-  allow_smem(k, int(tile_smem<FMT, WN>()));
-  k_gemm_tile<FMT, WN, SPLIT, SB><<<grid, kTileThreads, tile_smem<FMT, WN>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
+  const void* k = reinterpret_cast<const void*>(k_gemm_tile<FMT, FW, WN, SPLIT, SB>);
+  allow_smem(k, int(tile_smem<FMT, FW, WN>()));
+  k_gemm_tile<FMT, FW, WN, SPLIT, SB><<<grid, kTileThreadsPerFW * FW, tile_smem<FMT, FW, WN>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
 }
+int g_tile_fw = 4;  // feature warps per block (2: 128 x 128 tiles, two blocks per SM; 4: 256 x 128, one)
 template <int FMT, bool SB>
 void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                      const DLin& W2, const Groups& gr, int cps) {
-  if (split) launch_tile<FMT, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
-  else launch_tile<FMT, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  if (g_tile_fw == 2) {
+    if (split) launch_tile<FMT, 2, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    else launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  } else {
+    if (split) launch_tile<FMT, 4, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    else launch_tile<FMT, 4, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  }
 }
 // One launch of the tile kernel: grouped (row_tiles: the kBM-row tiles of the groups) or dense (all M rows), K split
 // into ksplit parts of the streamed kernel's stages (1: whole).
 void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
                cudaStream_t s, float* Y2, const DLin* W2) {
   const bool split = ksplit > 1;
-  const int R = split ? 64 : 128;
+  const int R = split ? 64 : 128, BF = 64 * g_tile_fw;
   const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
   const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : W.fmt == kFp8 ? tile_cw<kFp8>() : tile_cw<kInt4>();
   const int cps = sps * (few_stage_k(W) / cw);
-  const unsigned y = groups.row_off ? static_cast<unsigned>(row_tiles) : static_cast<unsigned>(cdiv(M, R));
-  const dim3 grid(static_cast<unsigned>(cdiv(W.N, kTileF)), y, W2 ? 2u : 1u);
+  const int64_t cts = cdiv(W.N, BF);
+  const dim3 grid = groups.row_off ? dim3(static_cast<unsigned>(cts), static_cast<unsigned>(row_tiles), W2 ? 2u : 1u)
+                                   : dim3(static_cast<unsigned>(cts * cdiv(M, R)), 1u, W2 ? 2u : 1u);
   const DLin& w2 = W2 ? *W2 : W;
   switch (W.fmt) {
     case kFp8: launch_tile_fmt<kFp8, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps); break;
@@ -1997,6 +2027,7 @@ int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows;
 
 }  // namespace
 
+void set_tile_warps(int fw) { g_tile_fw = fw == 2 ? 2 : 4; }
 void set_tile_rows(int dense_rows, int group_rows) {
   g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;
   g_tile_group_rows = group_rows < 0 ? kTileGroupRows : group_rows;
