@@ -541,7 +541,10 @@ int run_gemm(const std::string& json_out) {
   struct Shape { const char* name; int N, K; bool pair; };
   const Shape shapes[] = {{"q_a 1536x7168", 1536, 7168, false}, {"o_proj 7168x8192", 7168, 8192, false},
                           {"gate+up 2x18432x7168", 18432, 7168, true}, {"down 7168x18432", 7168, 18432, false}};
-  const int rows[] = {1, 8, 32, 64, 128, 256, 512, 1024, 4096};
+  std::vector<int> rows = {1, 8, 32, 64, 128, 256, 512, 1024, 4096};
+  if (const char* e = std::getenv("GEMM_ROWS")) rows = {std::atoi(e)};  // one case (profiling): GEMM_ROWS,
+  const char* only_matrix = std::getenv("GEMM_MATRIX");                  // GEMM_MATRIX (a part of its name),
+  const char* only_fmt = std::getenv("GEMM_FMT");                        // GEMM_FMT (bf16, fp8, int4)
   const int maxM = 4096;
   std::mt19937 rng(5);
   auto random_bytes = [&](size_t n, uint8_t mask) {  // device bytes from a repeated 16 MiB random pattern
@@ -571,6 +574,8 @@ int run_gemm(const std::string& json_out) {
               "tile 256", "cuBLAS", "tile bw%", "tile tc%", "tile/cuBLAS");
   for (const Shape& sh : shapes)
     for (int fmt : {cuda::kBf16, cuda::kFp8, cuda::kInt4}) {
+      const char* fname = fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4";
+      if ((only_matrix && !std::strstr(sh.name, only_matrix)) || (only_fmt && std::string(only_fmt) != fname)) continue;
       cuda::DLin W;
       W.fmt = fmt;
       W.N = sh.N;
