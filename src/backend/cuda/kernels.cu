@@ -202,6 +202,9 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src
   const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
 }
+__device__ __forceinline__ void cp_async16_s(uint32_t smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
@@ -1716,23 +1719,30 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
   const int wf = (warp % FW) * 64, wr = (warp / FW) * WN * 8;  // the warp's first feature and row in the tile
   const int nch = W.K / CW;
   const bool full = wr + WN * 8 <= rows;  // every n-tile of the warp has rows
+  // Staging, with every address but the chunk's offset fixed per thread: its weight pieces are rows (tid >> 2) +
+  // i·NT/4, piece tid & 3; its X pieces rows tid / XP + i·NT/XP (same parity: NT/XP is even), piece tid % XP.
+  // Pieces past the matrix or the tile are zero-filled from a valid address.
+  constexpr int WPT = BF * 4 / NT, XPT = R * XP / NT, XRS = NT / XP;
+  const int tid = threadIdx.x, xr = tid / XP, xq = tid % XP;
+  const int xpos = ((xq % PL) * 4 + xq / PL) ^ ((xr & 1) * SW);
+  const uint8_t* wsrc = wb + static_cast<int64_t>(min(n0 + (tid >> 2), W.N - 1)) * W.w_ld + (tid & 3) * 16;
+  const int64_t wstep = static_cast<int64_t>(NT / 4) * W.w_ld, xstep = static_cast<int64_t>(XRS) * W.K;
+  const bf16* xsrc = X + static_cast<int64_t>(r0 + min(xr, rows - 1)) * W.K + xq * 8;
+  const int wvalid = W.N - n0 - (tid >> 2), xvalid = rows - xr;  // piece i is in when i·NT/4 < wvalid (i·XRS < xvalid)
+  const uint32_t sm0 = static_cast<uint32_t>(__cvta_generic_to_shared(tile_sm));
+  const uint32_t wdst = sm0 + tid * 16, xdst = sm0 + BF * 64 + (xr * CW + xpos * 8) * 2;
   auto stage = [&](int c, int buf) {
-    uint8_t* ws = tile_sm + buf * STAGE;
-    bf16* xs = reinterpret_cast<bf16*>(ws + BF * 64);
+    const uint8_t* w = wsrc + static_cast<int64_t>(c) * 64;
+    const bf16* x = xsrc + static_cast<int64_t>(c) * CW;
 #pragma unroll
-    for (int p = threadIdx.x; p < BF * 4; p += NT) {
-      const int n = n0 + (p >> 2);
-      const bool ok = n < W.N;
-      cp_async16(ws + p * 16, wb + static_cast<int64_t>(ok ? n : 0) * W.w_ld + static_cast<int64_t>(c) * 64 + (p & 3) * 16,
-                 ok ? 16 : 0);
+    for (int i = 0; i < WPT; ++i) {
+      const bool ok = i * (NT / 4) < wvalid;
+      cp_async16_s(wdst + buf * STAGE + i * NT * 16, ok ? w + i * wstep : w, ok ? 16 : 0);
     }
 #pragma unroll
-    for (int p = threadIdx.x; p < R * XP; p += NT) {
-      const int r = p / XP, q = p - r * XP;  // piece q of the row's chunk: lane q / PL's piece q % PL
-      const int pos = ((q % PL) * 4 + q / PL) ^ ((r & 1) * SW);
-      const bool ok = r < rows;
-      cp_async16(xs + r * CW + pos * 8, X + static_cast<int64_t>(r0 + (ok ? r : 0)) * W.K + static_cast<int64_t>(c) * CW + q * 8,
-                 ok ? 16 : 0);
+    for (int i = 0; i < XPT; ++i) {
+      const bool ok = i * XRS < xvalid;
+      cp_async16_s(xdst + buf * STAGE + i * XRS * CW * 2, ok ? x + i * xstep : x, ok ? 16 : 0);
     }
   };
   float acc[4][WN][4];
@@ -1809,25 +1819,40 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
         }
     }
   };
+  // scales: FP8 one per lane and chunk (the tile kernel takes FP8 only with bo % 64 == 0, so a warp's 64 features
+  // lie in one block of rows); INT4 one per row and chunk, rows nA + 8·i (i = 2·mt + hf)
+  const int nA = n0 + wf + gq;
+  const float* srow = nullptr;
+  int64_t sstep = 0;
+  if constexpr (FMT == kFp8) srow = sb + static_cast<int64_t>(min(nA, W.N - 1) / W.bo) * W.s_cols;
+  if constexpr (FMT == kInt4) {
+    srow = sb + static_cast<int64_t>(nA) * W.s_cols;
+    sstep = static_cast<int64_t>(8) * W.s_cols;
+  }
+  const int sdiv = FMT == kFp8 ? W.bi : W.g;
+  int buf = 0, sbuf = (NS - 1) % NS, left = cps;
   for (int c = 0; c < nch; ++c) {
     float sc[4][2];  // the lane's scales of this chunk, rows gq and gq + 8 of each m-tile
     if constexpr (FMT != kBf16) {
-      const int k = c * CW + tq * E16;
+      const int kc = (c * CW + tq * E16) / sdiv;
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          const int n = n0 + wf + mt * 16 + gq + 8 * hf;
-          sc[mt][hf] = n >= W.N ? 0.0f
-                       : FMT == kFp8 ? __ldg(sb + (n / W.bo) * W.s_cols + k / W.bi)
-                                     : __ldg(sb + static_cast<int64_t>(n) * W.s_cols + k / W.g);
+          if constexpr (FMT == kFp8) {
+            sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? __ldg(srow + kc) : 0.0f;
+          } else {
+            sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? __ldg(srow + (2 * mt + hf) * sstep + kc) : 0.0f;
+          }
         }
     }
     cp_async_wait<NS - 2>();
     __syncthreads();  // chunk c is in; every warp is done with the buffer staged next
-    if (c + NS - 1 < nch) stage(c + NS - 1, (c + NS - 1) % NS);
+    if (c + NS - 1 < nch) stage(c + NS - 1, sbuf);
     cp_async_commit();
-    const uint8_t* ws = tile_sm + (c % NS) * STAGE;
+    sbuf = sbuf + 1 == NS ? 0 : sbuf + 1;
+    const uint8_t* ws = tile_sm + buf * STAGE;
+    buf = buf + 1 == NS ? 0 : buf + 1;
     const bf16* xs = reinterpret_cast<const bf16*>(ws + BF * 64);
     if constexpr (FMT == kBf16) {  // (FP8/INT4: one path; their registers go to dequantizing)
       if (full) chunk(std::true_type{}, ws, xs, sc);
@@ -1836,7 +1861,8 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
       chunk(std::false_type{}, ws, xs, sc);
     }
     if constexpr (SPLIT) {
-      if ((c + 1) % cps == 0 || c + 1 == nch) {  // the end of a split: its sum joins the total, as k_sum_parts adds
+      if (--left == 0 || c + 1 == nch) {  // the end of a split: its sum joins the total, as k_sum_parts adds
+        left = cps;
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -2022,6 +2048,8 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
     default: launch_tile_fmt<kBf16, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps); break;
   }
 }
+// shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
+bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
 constexpr int kTileDenseRows = 128, kTileGroupRows = 24;
 int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows;
 
@@ -2050,7 +2078,7 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   }
   if (few_rows_ok(W)) {
     if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
-      if (g_tile_group_rows > 0 && M >= static_cast<int64_t>(g_tile_group_rows) * groups.G) {
+      if (tile_ok(W) && g_tile_group_rows > 0 && M >= static_cast<int64_t>(g_tile_group_rows) * groups.G) {
         gemm_tile(X, M, Y, W, groups, max_row_tiles, 1, s, Y2, W2);
         return;
       }
@@ -2064,7 +2092,7 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
     int ksplit = std::min(nst, std::max(1, (4 * sm_count() + col_tiles - 1) / col_tiles));
     const int per = (nst + ksplit - 1) / ksplit;
     ksplit = (nst + per - 1) / per;
-    if (g_tile_dense_rows > 0 && M >= g_tile_dense_rows) {  // many rows: the tile kernel, splits summed in registers
+    if (tile_ok(W) && g_tile_dense_rows > 0 && M >= g_tile_dense_rows) {  // many rows: the tile kernel, splits summed in registers
       gemm_tile(X, M, Y, W, groups, 0, ksplit, s, Y2, W2);
       return;
     }
