@@ -1830,39 +1830,41 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
     sstep = static_cast<int64_t>(8) * W.s_cols;
   }
   const int sdiv = FMT == kFp8 ? W.bi : W.g;
-  int buf = 0, sbuf = (NS - 1) % NS, left = cps;
-  for (int c = 0; c < nch; ++c) {
-    float sc[4][2];  // the lane's scales of this chunk, rows gq and gq + 8 of each m-tile
-    if constexpr (FMT != kBf16) {
-      const int kc = (c * CW + tq * E16) / sdiv;
+  // The k loop, instantiated per kind of warp (2: every n-tile has rows, 1: some do, 0: none; it only stages and
+  // waits), so that no path joins inside it (a join of the paths costs register moves of every accumulator), and
+  // split by split (the end of one adds its sum to the total).
+  auto k_loop = [&](auto mode) {
+    constexpr int MODE = decltype(mode)::value;
+    int buf = 0, sbuf = (NS - 1) % NS;
+    const int per = SPLIT ? cps : nch;
+    for (int c0 = 0; c0 < nch; c0 += per) {
+      const int c1 = min(nch, c0 + per);
+      for (int c = c0; c < c1; ++c) {
+        float sc[4][2];  // the lane's scales of this chunk, rows gq and gq + 8 of each m-tile
+        if constexpr (FMT != kBf16 && MODE != 0) {
+          const int kc = (c * CW + tq * E16) / sdiv;
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
+          for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          if constexpr (FMT == kFp8) {
-            sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? __ldg(srow + kc) : 0.0f;
-          } else {
-            sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? __ldg(srow + (2 * mt + hf) * sstep + kc) : 0.0f;
-          }
+            for (int hf = 0; hf < 2; ++hf) {
+              if constexpr (FMT == kFp8) {
+                sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? __ldg(srow + kc) : 0.0f;
+              } else {
+                sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? __ldg(srow + (2 * mt + hf) * sstep + kc) : 0.0f;
+              }
+            }
         }
-    }
-    cp_async_wait<NS - 2>();
-    __syncthreads();  // chunk c is in; every warp is done with the buffer staged next
-    if (c + NS - 1 < nch) stage(c + NS - 1, sbuf);
-    cp_async_commit();
-    sbuf = sbuf + 1 == NS ? 0 : sbuf + 1;
-    const uint8_t* ws = tile_sm + buf * STAGE;
-    buf = buf + 1 == NS ? 0 : buf + 1;
-    const bf16* xs = reinterpret_cast<const bf16*>(ws + BF * 64);
-    if constexpr (FMT == kBf16) {  // (FP8/INT4: one path; their registers go to dequantizing)
-      if (full) chunk(std::true_type{}, ws, xs, sc);
-      else if (wr < rows) chunk(std::false_type{}, ws, xs, sc);
-    } else if (wr < rows) {
-      chunk(std::false_type{}, ws, xs, sc);
-    }
-    if constexpr (SPLIT) {
-      if (--left == 0 || c + 1 == nch) {  // the end of a split: its sum joins the total, as k_sum_parts adds
-        left = cps;
+        cp_async_wait<NS - 2>();
+        __syncthreads();  // chunk c is in; every warp is done with the buffer staged next
+        if (c + NS - 1 < nch) stage(c + NS - 1, sbuf);
+        cp_async_commit();
+        sbuf = sbuf + 1 == NS ? 0 : sbuf + 1;
+        const uint8_t* ws = tile_sm + buf * STAGE;
+        buf = buf + 1 == NS ? 0 : buf + 1;
+        if constexpr (MODE == 2) chunk(std::true_type{}, ws, reinterpret_cast<const bf16*>(ws + BF * 64), sc);
+        if constexpr (MODE == 1) chunk(std::false_type{}, ws, reinterpret_cast<const bf16*>(ws + BF * 64), sc);
+      }
+      if constexpr (SPLIT) {  // the end of a split: its sum joins the total, as k_sum_parts adds
 #pragma unroll
         for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
@@ -1874,6 +1876,14 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
             }
       }
     }
+  };
+  if constexpr (FMT == kBf16) {  // (FP8/INT4: no separate full path; their registers go to dequantizing)
+    if (full) k_loop(std::integral_constant<int, 2>{});
+    else if (wr < rows) k_loop(std::integral_constant<int, 1>{});
+    else k_loop(std::integral_constant<int, 0>{});
+  } else {
+    if (wr < rows) k_loop(std::integral_constant<int, 1>{});
+    else k_loop(std::integral_constant<int, 0>{});
   }
   cp_async_wait<0>();
 #pragma unroll
