@@ -1764,6 +1764,30 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
   // one chunk's mmas; FULL: every n-tile has rows (no per-tile test, so the fragment loads can run ahead)
   auto chunk = [&](auto full_tag, const uint8_t* ws, const bf16* xs, const float (&sc)[4][2]) {
     constexpr bool FULL = decltype(full_tag)::value;
+    if constexpr (FMT == kBf16) {
+      // every n-tile's X piece first, then one m-tile's two weight rows at a time: each A fragment is assembled
+      // once (two 16-byte rows -> two interleaved quads) and used WN times; an accumulator's two mmas of the chunk
+      // are WN mmas apart
+      uint4 bx[WN];
+#pragma unroll
+      for (int j = 0; j < WN; ++j) {
+        const int r = wr + j * 8 + gq;
+        bx[j] = FULL || wr + j * 8 < rows ? *reinterpret_cast<const uint4*>(xs + r * CW + tq * 8) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        const uint4 ra = *reinterpret_cast<const uint4*>(ws + (wf + mt * 16 + gq) * 64 + tq * 16);
+        const uint4 rb = *reinterpret_cast<const uint4*>(ws + (wf + mt * 16 + gq + 8) * 64 + tq * 16);
+        const uint32_t a0[4] = {ra.x, rb.x, ra.y, rb.y}, a1[4] = {ra.z, rb.z, ra.w, rb.w};
+#pragma unroll
+        for (int j = 0; j < WN; ++j)
+          if (FULL || wr + j * 8 < rows) mma16816_nv(acc[mt][j], a0, bx[j].x, bx[j].y);
+#pragma unroll
+        for (int j = 0; j < WN; ++j)
+          if (FULL || wr + j * 8 < rows) mma16816_nv(acc[mt][j], a1, bx[j].z, bx[j].w);
+      }
+      return;
+    }
     uint4 wa[4][2];
 #pragma unroll
     for (int mt = 0; mt < 4; ++mt)
