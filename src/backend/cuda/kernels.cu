@@ -1686,7 +1686,7 @@ __device__ __forceinline__ void mma16816_nv(float (&c)[4], const uint32_t (&a)[4
 
 // cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM of them
 template <int FMT, int FW, int WN, bool SPLIT, bool SB>
-__global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
+__global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? (WN == 4 && !SPLIT && FMT == kBf16 ? 3 : 2) : 1)
     k_gemm_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2, DLin W2,
                 Groups gr, int cps) {
   constexpr int NT = kTileThreadsPerFW * FW, BF = 64 * FW;
@@ -2052,7 +2052,9 @@ int g_tile_fw = 4;  // feature warps per block (2: 128 x 128 tiles, two blocks p
 template <int FMT, bool SB>
 void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                      const DLin& W2, const Groups& gr, int cps) {
-  if (g_tile_fw == 2) {
+  if (gr.row_off) {  // grouped (experts: bandwidth-bound, tens of rows per group): 128 x 64 tiles, several per SM
+    launch_tile<FMT, 2, 4, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  } else if (g_tile_fw == 2) {
     if (split) launch_tile<FMT, 2, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
     else launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else {
@@ -2065,7 +2067,7 @@ void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M
 void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
                cudaStream_t s, float* Y2, const DLin* W2) {
   const bool split = ksplit > 1;
-  const int R = split ? 64 : 128, BF = 64 * g_tile_fw;
+  const int R = split || groups.row_off ? 64 : 128, BF = groups.row_off ? 128 : 64 * g_tile_fw;
   const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
   const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : W.fmt == kFp8 ? tile_cw<kFp8>() : tile_cw<kInt4>();
   const int cps = sps * (few_stage_k(W) / cw);
