@@ -621,6 +621,66 @@ TEST_F(CudaOps, mla_attention_expanded_and_absorbed_over_the_latent_cache) {
   }
 }
 
+// Prefill (expanded-form) attention on tensor cores at Kimi-K2's head shapes (nope 128 + rope 64, v 128): a
+// sequence of 75 new tokens after 70 cached (two 64-row tiles, keys past the diagonal masked, 64-key tiles with a
+// partial last one) and one of 5 new tokens with no past, against the CPU and against the CUDA-core kernel; the
+// short sequence alone gets its batched bits. Tolerance: Q·Kᵀ and P·V each round both inputs to bf16 (one matmul's
+// 2 bf16 ulps each) after kv_b_proj's bf16 matmul: three chained matmuls, 3 × 7.8e-3.
+TEST_F(CudaOps, prefill_attention_on_tensor_cores_at_k2_head_shapes) {
+  ModelConfig cfg;
+  cfg.num_attention_heads = 2;
+  cfg.qk_nope_head_dim = 128;
+  cfg.qk_rope_head_dim = 64;
+  cfg.v_head_dim = 128;
+  cfg.kv_lora_rank = 64;
+  cfg.num_hidden_layers = 1;
+  const int64_t nh = 2, dq = 192, dv = 128, C = 64, dr = 64;
+  const double tol = 3 * kMatmulTol;
+  AttentionWeights a;
+  a.kv_a_proj = make_linear(WeightFormat::dense, C + dr, 64);
+  a.kv_b_proj = make_linear(WeightFormat::dense, nh * (128 + dv), C);
+  a.o_proj = make_linear(WeightFormat::dense, 64, nh * dv);
+  a.q_proj = make_linear(WeightFormat::dense, nh * dq, 64);
+  gpu_->prepare_attention(cfg, a);
+  auto append = [&](KvState& ck, KvState& gk, int64_t n) {
+    auto ckv = randn(n * (C + dr));
+    for (auto& v : ckv) v = bf16_to_f32(f32_to_bf16(v));  // the device cache holds bf16
+    std::vector<float> lat(n * C);
+    for (int64_t t = 0; t < n; ++t) std::copy(ckv.begin() + t * (C + dr), ckv.begin() + t * (C + dr) + C, lat.begin() + t * C);
+    cpu_.kv_append(ck, 0, lat.data(), ckv.data(), 0, n, C, dr);
+    auto cd = dev(ckv), ld = dev(lat);
+    gpu_->kv_append(gk, 0, ld.data(), cd.data(), 0, n, C, dr);
+  };
+  auto c0 = cpu_.new_kv(cfg), c1 = cpu_.new_kv(cfg);
+  auto g0 = gpu_->new_kv(cfg), g1 = gpu_->new_kv(cfg);
+  rng_.seed(7);
+  append(*c0, *g0, 70);
+  append(*c0, *g0, 75);
+  append(*c1, *g1, 5);
+  const int64_t N = 80;
+  const auto q = randn(N * nh * dq);
+  const float scale = 1.0f / std::sqrt(192.0f);
+  std::vector<AttnSeq> cs = {{0, 75, 70, c0.get(), 0, false}, {75, 5, 0, c1.get(), 0, false}};
+  std::vector<AttnSeq> gs = {{0, 75, 70, g0.get(), 0, false}, {75, 5, 0, g1.get(), 0, false}};
+  std::vector<float> want(N * nh * dv);
+  cpu_.mla_attention(cfg, a, q.data(), cs, scale, want.data());
+  auto qd = dev(q);
+  auto o1 = poisoned(N * nh * dv), o2 = poisoned(N * nh * dv);
+  gpu_->mla_attention(cfg, a, qd.data(), gs, scale, o1.data());
+  const auto got = o1.host();
+  expect_close(got, want, tol, "prefill attention, tensor cores vs cpu");
+  CudaBackend::force_simple_attention(true);
+  gpu_->mla_attention(cfg, a, qd.data(), gs, scale, o2.data());
+  CudaBackend::force_simple_attention(false);
+  expect_close(got, o2.host(), tol, "prefill attention, tensor cores vs cuda cores");
+  // the short sequence alone (its q rows first)
+  auto q1 = dev(std::vector<float>(q.begin() + 75 * nh * dq, q.end()));
+  auto o3 = poisoned(5 * nh * dv);
+  std::vector<AttnSeq> alone = {{0, 5, 0, g1.get(), 0, false}};
+  gpu_->mla_attention(cfg, a, q1.data(), alone, scale, o3.data());
+  EXPECT_EQ(o3.host(), std::vector<float>(got.begin() + 75 * nh * dv, got.end())) << "a sequence alone vs batched";
+}
+
 // Decode attention at Kimi-K2's shapes (64 heads, kv_lora 512, rope 64) and at a head count that is not a
 // multiple of 16, over caches long enough to split across blocks, with partial tiles and a short sequence whose
 // later splits are empty: the tensor-core kernel against the CPU and against the CUDA-core kernel.

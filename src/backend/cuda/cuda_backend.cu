@@ -710,8 +710,19 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
     }
   auto run = [&](std::vector<cuda::AttnRow>& rows, bool absorbed) {
     if (rows.empty()) return;
-    Buf<uint8_t> dev(*this, static_cast<int64_t>(rows.size() * sizeof(cuda::AttnRow)));
-    upload(dev.data(), rows.data(), rows.size() * sizeof(cuda::AttnRow));
+    // expanded rows on tensor cores: tiles of consecutive rows of one sequence, uploaded after the rows
+    std::vector<cuda::AttnTile> tiles;
+    if (!absorbed && cuda::flash_expanded_ok(d))
+      for (int i = 0; i < static_cast<int>(rows.size()); ++i) {
+        if (tiles.empty() || tiles.back().count == cuda::kFlashTileRows || rows[i].kvx != rows[i - 1].kvx ||
+            rows[i].k_rope != rows[i - 1].k_rope)
+          tiles.push_back({i, 0});
+        ++tiles.back().count;
+      }
+    const size_t rbytes = rows.size() * sizeof(cuda::AttnRow), tbytes = tiles.size() * sizeof(cuda::AttnTile);
+    Buf<uint8_t> dev(*this, static_cast<int64_t>(rbytes + tbytes));
+    upload(dev.data(), rows.data(), rbytes);
+    if (tbytes) upload(dev.data() + rbytes, tiles.data(), tbytes);
     const auto* r = reinterpret_cast<const cuda::AttnRow*>(dev.data());
     if (absorbed) {
       const int n = static_cast<int>(rows.size());
@@ -725,6 +736,9 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
       cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, n, max_len, splits, qlat.data(), olat.data(),
                                fast ? part.data() : nullptr, out, m.stream);
     }
+    else if (!tiles.empty())
+      cuda::attention_expanded_tiles(d, q, r, reinterpret_cast<const cuda::AttnTile*>(dev.data() + rbytes),
+                                     static_cast<int>(tiles.size()), out, m.stream);
     else cuda::attention_expanded(d, q, r, static_cast<int>(rows.size()), out, m.stream);
   };
   run(exp_rows, false);

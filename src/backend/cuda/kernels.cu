@@ -866,6 +866,163 @@ __device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const bf16* p) {
   const uint32_t a = static_cast<uint32_t>(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
+
+// ---- expanded-form (prefill) attention on tensor cores, flash-attention style: one block per (tile of up to 64
+// query rows of one sequence, head), 4 warps of 16 rows. Q (fp32) and each 64-key tile of K = [k_nope from kvx,
+// k_rope from the cache] and V (kvx) are rounded to bf16 in shared memory (as the reference's bf16 attention
+// rounds them); S = Q·Kᵀ and O += P·V are m16n8k16 mmas with fp32 accumulation, the softmax online in fp32 (base 2,
+// scale folded in), P rounded to bf16 as the A operand straight from the S registers. Row i attends keys
+// [0, len_i). A row's result depends only on its own keys: the same alone or batched.
+constexpr int kFlashBM = kFlashTileRows, kFlashBN = 64;
+template <int DQ, int DV>
+__host__ __device__ constexpr size_t flash_smem() {
+  return size_t(2) * (kFlashBM * (DQ + 8) + kFlashBN * (DQ + 8) + kFlashBN * (DV + 8));
+}
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <int DQ, int DV>
+__global__ void __launch_bounds__(128) k_flash_expanded(AttnDims d, const float* __restrict__ q, const AttnRow* rows,
+                                                        const AttnTile* tiles, float* __restrict__ out) {
+  constexpr int QP = DQ + 8, VP = DV + 8, KS = DQ / 16, NV = DV / 8;
+  extern __shared__ __align__(16) uint8_t flash_sm[];
+  bf16* Qs = reinterpret_cast<bf16*>(flash_sm);
+  bf16* Ks = Qs + kFlashBM * QP;
+  bf16* Vs = Ks + kFlashBN * QP;
+  const AttnTile tile = tiles[blockIdx.x];
+  const int h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
+  const AttnRow r0 = rows[tile.first];
+  const int dkv = d.dn + d.dv, max_len = rows[tile.first + tile.count - 1].len;
+  // Q rows (zero past the tile's count)
+  for (int i = threadIdx.x; i < kFlashBM * (DQ / 4); i += 128) {
+    const int r = i / (DQ / 4), c = (i - r * (DQ / 4)) * 4;
+    float4 v = make_float4(0, 0, 0, 0);
+    if (r < tile.count) v = *reinterpret_cast<const float4*>(q + (static_cast<int64_t>(rows[tile.first + r].q_row) * d.nh + h) * DQ + c);
+    *reinterpret_cast<uint2*>(Qs + r * QP + c) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+  }
+  // each lane's two rows: their key counts (0 past the tile: nothing attended, nothing written)
+  const int ra = warp * 16 + gq, rb = ra + 8;
+  const int len_a = ra < tile.count ? rows[tile.first + ra].len : 0, len_b = rb < tile.count ? rows[tile.first + rb].len : 0;
+  __syncthreads();
+  uint32_t qf[KS][4];
+#pragma unroll
+  for (int ks = 0; ks < KS; ++ks) ldsm4(qf[ks], Qs + (warp * 16 + (lane & 15)) * QP + ks * 16 + (lane >> 4) * 8);
+  float o[NV][4];
+#pragma unroll
+  for (int n = 0; n < NV; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+  const float sc = d.scale * 1.4426950408889634f;
+  for (int k0 = 0; k0 < max_len; k0 += kFlashBN) {
+    __syncthreads();  // every warp is done with the previous tile
+    for (int i = threadIdx.x; i < kFlashBN * (d.dn / 4); i += 128) {  // k_nope
+      const int j = i / (d.dn / 4), c = (i - j * (d.dn / 4)) * 4;
+      float4 v = make_float4(0, 0, 0, 0);
+      if (k0 + j < max_len) v = *reinterpret_cast<const float4*>(r0.kvx + (static_cast<int64_t>(k0 + j) * d.nh + h) * dkv + c);
+      *reinterpret_cast<uint2*>(Ks + j * QP + c) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+    }
+    for (int i = threadIdx.x; i < kFlashBN * (d.dr / 8); i += 128) {  // k_rope (bf16 in the cache)
+      const int j = i / (d.dr / 8), c = (i - j * (d.dr / 8)) * 8;
+      uint4 v = make_uint4(0, 0, 0, 0);
+      if (k0 + j < max_len) v = *reinterpret_cast<const uint4*>(r0.k_rope + static_cast<int64_t>(k0 + j) * d.dr + c);
+      *reinterpret_cast<uint4*>(Ks + j * QP + d.dn + c) = v;
+    }
+    for (int i = threadIdx.x; i < kFlashBN * (DV / 4); i += 128) {  // v
+      const int j = i / (DV / 4), c = (i - j * (DV / 4)) * 4;
+      float4 v = make_float4(0, 0, 0, 0);
+      if (k0 + j < max_len) v = *reinterpret_cast<const float4*>(r0.kvx + (static_cast<int64_t>(k0 + j) * d.nh + h) * dkv + d.dn + c);
+      *reinterpret_cast<uint2*>(Vs + j * VP + c) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
+    }
+    __syncthreads();
+    if (k0 >= len_a && k0 >= len_b) continue;  // (warp-divergent only at the diagonal; no sync below)
+    float s[8][4];
+#pragma unroll
+    for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+    for (int ks = 0; ks < KS; ++ks)
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {  // key n-tiles 2np, 2np + 1
+        uint32_t b[4];
+        ldsm4(b, Ks + (np * 16 + ((lane >> 4) << 3) + (lane & 7)) * QP + ks * 16 + ((lane >> 3) & 1) * 8);
+        mma16816(s[2 * np], qf[ks], b[0], b[1]);
+        mma16816(s[2 * np + 1], qf[ks], b[2], b[3]);
+      }
+    // online softmax in base 2: rows a (elements 0, 1) and b (2, 3)
+    float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 8; ++n)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int key = k0 + n * 8 + 2 * tq + e;
+        s[n][e] = key < len_a ? s[n][e] * sc : -INFINITY;
+        s[n][2 + e] = key < len_b ? s[n][2 + e] * sc : -INFINITY;
+        mx_a = fmaxf(mx_a, s[n][e]);
+        mx_b = fmaxf(mx_b, s[n][2 + e]);
+      }
+#pragma unroll
+    for (int m = 1; m <= 2; m <<= 1) {
+      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, m));
+      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, m));
+    }
+    const float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
+    // a row with no key yet keeps max -inf: its p are 0 and nothing is rescaled
+    const float base_a = nm_a == -INFINITY ? 0.0f : nm_a, base_b = nm_b == -INFINITY ? 0.0f : nm_b;
+    const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
+    m_a = nm_a;
+    m_b = nm_b;
+    float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+      s[n][0] = exp2f(s[n][0] - base_a);
+      s[n][1] = exp2f(s[n][1] - base_a);
+      s[n][2] = exp2f(s[n][2] - base_b);
+      s[n][3] = exp2f(s[n][3] - base_b);
+      sum_a += s[n][0] + s[n][1];
+      sum_b += s[n][2] + s[n][3];
+    }
+    l_a = l_a * corr_a + sum_a;
+    l_b = l_b * corr_b + sum_b;
+#pragma unroll
+    for (int n = 0; n < NV; ++n) {
+      o[n][0] *= corr_a;
+      o[n][1] *= corr_a;
+      o[n][2] *= corr_b;
+      o[n][3] *= corr_b;
+    }
+    // O += P·V: P's A fragments from the S registers (keys 16kk .. 16kk + 15)
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const uint32_t pa[4] = {pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
+                              pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]), pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int np = 0; np < NV / 2; ++np) {  // dim n-tiles 2np, 2np + 1
+        uint32_t b[4];
+        ldsm4t(b, Vs + (kk * 16 + ((lane >> 3) & 1) * 8 + (lane & 7)) * VP + np * 16 + (lane >> 4) * 8);
+        mma16816(o[2 * np], pa, b[0], b[1]);
+        mma16816(o[2 * np + 1], pa, b[2], b[3]);
+      }
+    }
+  }
+  // the row sums over the quad, then O / l
+#pragma unroll
+  for (int m = 1; m <= 2; m <<= 1) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, m);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, m);
+  }
+  if (ra < tile.count) {
+    float* oa = out + (static_cast<int64_t>(rows[tile.first + ra].q_row) * d.nh + h) * DV;
+    const float inv = 1.0f / l_a;
+#pragma unroll
+    for (int n = 0; n < NV; ++n) *reinterpret_cast<float2*>(oa + n * 8 + 2 * tq) = make_float2(o[n][0] * inv, o[n][1] * inv);
+  }
+  if (rb < tile.count) {
+    float* ob = out + (static_cast<int64_t>(rows[tile.first + rb].q_row) * d.nh + h) * DV;
+    const float inv = 1.0f / l_b;
+#pragma unroll
+    for (int n = 0; n < NV; ++n) *reinterpret_cast<float2*>(ob + n * 8 + 2 * tq) = make_float2(o[n][2] * inv, o[n][3] * inv);
+  }
+}
 __device__ __forceinline__ void pair_sync(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1)); }
 
 constexpr int kMlaH = 64, kMlaT = 32, kMlaPs = 40, kMlaStages = 3, kMlaMaxSplits = 128;  // heads per block, tokens per tile, P row stride, tiles in flight
@@ -2242,6 +2399,16 @@ void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const 
 void kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr, bf16* lat_dst,
                bf16* rope_dst, cudaStream_t s) {
   if (n) k_kv_append<<<grid_for(n * (C + dr)), 256, 0, s>>>(latent, ckv, row0, n, C, dr, lat_dst, rope_dst);
+}
+bool flash_expanded_ok(const AttnDims& d) {
+  return !g_simple_attention && d.dn + d.dr == 192 && d.dv == 128 && d.dn % 8 == 0 && d.dr % 8 == 0;
+}
+void attention_expanded_tiles(const AttnDims& d, const float* q, const AttnRow* rows, const AttnTile* tiles, int n_tiles,
+                              float* out, cudaStream_t s) {
+  if (n_tiles == 0) return;
+  allow_smem(reinterpret_cast<const void*>(k_flash_expanded<192, 128>), int(flash_smem<192, 128>()));
+  k_flash_expanded<192, 128><<<dim3(static_cast<unsigned>(n_tiles), static_cast<unsigned>(d.nh)), 128,
+                               flash_smem<192, 128>(), s>>>(d, q, rows, tiles, out);
 }
 void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, int n_rows, float* out, cudaStream_t s) {
   if (n_rows == 0) return;

@@ -124,6 +124,16 @@ struct AttnDims {
 // Expanded form over per-token keys/values (kvx); absorbed form over the latent (W_UK [nh, dn, C],
 // W_UVt [nh, C, dv] in bf16).
 void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, int n_rows, float* out, cudaStream_t s);
+// The same on tensor cores (Q, K, V and P rounded to bf16, as the reference's bf16 attention does; fp32 accumulation
+// and softmax) for K2/DeepSeek-V3 head shapes (nope + rope = 192, v = 128) when the CUDA-core kernel is not forced:
+// tiles of up to kFlashTileRows consecutive rows of one sequence (the same kvx and k_rope).
+constexpr int kFlashTileRows = 64;
+struct AttnTile {
+  int first, count;  // rows [first, first + count) of the row array
+};
+bool flash_expanded_ok(const AttnDims& d);
+void attention_expanded_tiles(const AttnDims& d, const float* q, const AttnRow* rows, const AttnTile* tiles, int n_tiles,
+                              float* out, cudaStream_t s);
 // Whether the tensor-core decode kernel takes these dimensions (C a multiple of 32 up to 512, dr of 16 up to 128);
 // others run the CUDA-core kernel. mla_splits: how many parts the cached tokens are split into (enough blocks to
 // fill `sms` multiprocessors twice).
