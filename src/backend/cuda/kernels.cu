@@ -935,7 +935,8 @@ __global__ void __launch_bounds__(128) k_flash_expanded(AttnDims d, const float*
       *reinterpret_cast<uint2*>(Vs + j * VP + c) = make_uint2(pack_bf16(v.x, v.y), pack_bf16(v.z, v.w));
     }
     __syncthreads();
-    if (k0 >= len_a && k0 >= len_b) continue;  // (warp-divergent only at the diagonal; no sync below)
+    // a warp none of whose rows reaches this tile skips it (as a whole: the softmax below shuffles across lanes)
+    if (__all_sync(0xffffffffu, k0 >= len_a && k0 >= len_b)) continue;
     float s[8][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
