@@ -2207,11 +2207,14 @@ void launch_tile(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, cons
   k_gemm_tile<FMT, FW, WN, SPLIT, SB><<<grid, kTileThreadsPerFW * FW, tile_smem<FMT, FW, WN>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
 }
 int g_tile_fw = 4;  // feature warps per block (2: 128 x 128 tiles, two blocks per SM; 4: 256 x 128, one)
+int g_tile_group_r = 64;  // grouped launches' rows per tile (set per launch by gemm(); 64 or 128)
 template <int FMT, bool SB>
 void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                      const DLin& W2, const Groups& gr, int cps) {
-  if (gr.row_off) {  // grouped (experts: bandwidth-bound, tens of rows per group): 128 x 64 tiles, several per SM
+  if (gr.row_off && g_tile_group_r == 64) {  // grouped (experts, bandwidth-bound): 128 x 64 tiles, several per SM
     launch_tile<FMT, 2, 4, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  } else if (gr.row_off) {  // grouped, many rows per expert: 128 x 128
+    launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (g_tile_fw == 2) {
     if (split) launch_tile<FMT, 2, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
     else launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
@@ -2225,7 +2228,7 @@ void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M
 void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
                cudaStream_t s, float* Y2, const DLin* W2) {
   const bool split = ksplit > 1;
-  const int R = split || groups.row_off ? 64 : 128, BF = groups.row_off ? 128 : 64 * g_tile_fw;
+  const int R = groups.row_off ? g_tile_group_r : split ? 64 : 128, BF = groups.row_off ? 128 : 64 * g_tile_fw;
   const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
   const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : W.fmt == kFp8 ? tile_cw<kFp8>() : tile_cw<kInt4>();
   const int cps = sps * (few_stage_k(W) / cw);
@@ -2244,12 +2247,13 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
 }
 // shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
 bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
-constexpr int kTileDenseRows = 128, kTileGroupRows = 24;
-int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows;
+constexpr int kTileDenseRows = 128, kTileGroupRows = 24, kTileGroupRows128 = 40;
+int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows, g_tile_group_r128 = kTileGroupRows128;
 
 }  // namespace
 
 void set_tile_warps(int fw) { g_tile_fw = fw == 2 ? 2 : 4; }
+void set_tile_group_rows128(int rows) { g_tile_group_r128 = rows < 0 ? kTileGroupRows128 : rows; }
 void set_tile_rows(int dense_rows, int group_rows) {
   g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;
   g_tile_group_rows = group_rows < 0 ? kTileGroupRows : group_rows;
@@ -2273,6 +2277,9 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   if (few_rows_ok(W)) {
     if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
       if (tile_ok(W) && g_tile_group_rows > 0 && M >= static_cast<int64_t>(g_tile_group_rows) * groups.G) {
+        // 128-row tiles once the groups average g_tile_group_r128 rows (then most touched experts have more than
+        // 64), else 64
+        g_tile_group_r = g_tile_group_r128 > 0 && M >= static_cast<int64_t>(g_tile_group_r128) * groups.G ? 128 : 64;
         gemm_tile(X, M, Y, W, groups, max_row_tiles, 1, s, Y2, W2);
         return;
       }

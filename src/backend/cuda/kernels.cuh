@@ -64,6 +64,9 @@ void set_tile_rows(int dense_rows, int group_rows);
 // Benchmarks: the tile kernel's block, 2 feature warps (128 x 128 tiles, two blocks per multiprocessor) or 4
 // (256 x 128, one; the default). The same bits either way.
 void set_tile_warps(int feature_warps);
+// Grouped launches use 64-row tiles, and 128-row ones from an average of `rows` rows per group (default 40; 0:
+// never, negative: the default). The same bits either way.
+void set_tile_group_rows128(int rows);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
 void set_simple_attention(bool on);
 bool simple_attention();
