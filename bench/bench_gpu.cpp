@@ -614,6 +614,7 @@ int run_gemm(const std::string& json_out) {
         const double t_tile2 = time_it(call, 10);
         cuda::set_tile_warps(4);
         const double t_tile = time_it(call, 10);
+        cuda::set_tile_warps(0);
         CudaBackend::set_tile_rows(-1, -1);
         double t_cublas = NAN;
         if (fmt == cuda::kBf16) {

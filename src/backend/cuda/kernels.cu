@@ -2206,7 +2206,9 @@ void launch_tile(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, cons
   allow_smem(k, int(tile_smem<FMT, FW, WN>()));
   k_gemm_tile<FMT, FW, WN, SPLIT, SB><<<grid, kTileThreadsPerFW * FW, tile_smem<FMT, FW, WN>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
 }
-int g_tile_fw = 4;  // feature warps per block (2: 128 x 128 tiles, two blocks per SM; 4: 256 x 128, one)
+// dense launches' feature warps per block (2: 128 x 128 tiles, two blocks per SM; 4: 256 x 128, one; 0: by format,
+// 2 for bf16 and 4 for FP8/INT4, whose dequantization is then shared by more rows per block: bench_gpu gemm)
+int g_tile_fw = 0;
 int g_tile_group_r = 64;  // grouped launches' rows per tile (set per launch by gemm(); 64 or 128)
 template <int FMT, bool SB>
 void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
@@ -2215,7 +2217,7 @@ void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M
     launch_tile<FMT, 2, 4, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (gr.row_off) {  // grouped, many rows per expert: 128 x 128
     launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
-  } else if (g_tile_fw == 2) {
+  } else if (g_tile_fw == 2 || (g_tile_fw == 0 && FMT == kBf16)) {
     if (split) launch_tile<FMT, 2, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
     else launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else {
@@ -2228,7 +2230,8 @@ void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M
 void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
                cudaStream_t s, float* Y2, const DLin* W2) {
   const bool split = ksplit > 1;
-  const int R = groups.row_off ? g_tile_group_r : split ? 64 : 128, BF = groups.row_off ? 128 : 64 * g_tile_fw;
+  const int fw = g_tile_fw ? g_tile_fw : W.fmt == kBf16 ? 2 : 4;
+  const int R = groups.row_off ? g_tile_group_r : split ? 64 : 128, BF = groups.row_off ? 128 : 64 * fw;
   const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
   const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : W.fmt == kFp8 ? tile_cw<kFp8>() : tile_cw<kInt4>();
   const int cps = sps * (few_stage_k(W) / cw);
@@ -2252,7 +2255,7 @@ int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows, g_ti
 
 }  // namespace
 
-void set_tile_warps(int fw) { g_tile_fw = fw == 2 ? 2 : 4; }
+void set_tile_warps(int fw) { g_tile_fw = fw == 2 || fw == 4 ? fw : 0; }
 void set_tile_group_rows128(int rows) { g_tile_group_r128 = rows < 0 ? kTileGroupRows128 : rows; }
 void set_tile_rows(int dense_rows, int group_rows) {
   g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;

@@ -61,8 +61,9 @@ void set_few_rows(bool on);
 // it): a dense matmul of at least dense_rows rows, a grouped one whose groups average at least group_rows rows.
 // 0 turns it off, 1 makes it take everything (tests), negative restores the default (128 and 24).
 void set_tile_rows(int dense_rows, int group_rows);
-// Benchmarks: the tile kernel's block, 2 feature warps (128 x 128 tiles, two blocks per multiprocessor) or 4
-// (256 x 128, one; the default). The same bits either way.
+// Benchmarks: the tile kernel's block in dense launches, 2 feature warps (128 x 128 tiles, two blocks per
+// multiprocessor) or 4 (256 x 128, one); anything else: by format (2 for bf16, 4 for FP8/INT4; the default). The
+// same bits either way.
 void set_tile_warps(int feature_warps);
 // Grouped launches use 64-row tiles, and 128-row ones from an average of `rows` rows per group (default 40; 0:
 // never, negative: the default). The same bits either way.
