@@ -16,8 +16,7 @@
 // KSCOPE_INVARIANT_ATTENTION=1 runs any of them with decode attention split per row
 // (CudaBackend::set_batch_invariant_attention); KSCOPE_TILE_ROWS=dense,group sets when the many-row matmul kernel
 // takes over (CudaBackend::set_tile_rows; 0 never, 1 always); MOE_COMPARE=1 also times each MoE block of `run`
-// from 64 tokens with each expert-kernel choice: the streamed kernel only, the tile kernel with 64-row and with
-// 128-row tiles.
+// from 64 tokens with the experts on the streamed kernel only.
 // Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
 // large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
 // 1..2048 tokens, MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
@@ -233,20 +232,14 @@ int run(const std::string& dir, const std::string& json_path) {
               static_cast<long long>(K), static_cast<long long>(E), format_name(g0.format));
   const bool compare = env_on("MOE_COMPARE");
   std::printf("%7s %10s %9s %12s %12s %9s%s\n", "tokens", "time us", "experts", "bw floor us", "tc floor us", "of floor",
-              compare ? "  streamed only us  tile 64-row us  tile 128-row us" : "");
+              compare ? "  streamed only us" : "");
   for (int64_t T : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}) {
     MoeStep step(be, cfg, mw, T);
     const double s = time_it(step, T <= 256 ? 50 : 20);
-    double s_few = NAN, s_t64 = NAN, s_t128 = NAN;
-    if (compare && T >= 64) {  // each kernel choice for the experts, the same bits
+    double s_few = NAN;
+    if (compare && T >= 64) {  // the experts on the streamed kernel only (the same bits)
       CudaBackend::set_tile_rows(0, 0);
       s_few = time_it(step, T <= 256 ? 50 : 20);
-      CudaBackend::set_tile_rows(-1, 1);
-      cuda::set_tile_group_rows128(0);
-      s_t64 = time_it(step, T <= 256 ? 50 : 20);
-      cuda::set_tile_group_rows128(1);
-      s_t128 = time_it(step, T <= 256 ? 50 : 20);
-      cuda::set_tile_group_rows128(-1);
       CudaBackend::set_tile_rows(-1, -1);
       apply_tile_env();
     }
@@ -257,7 +250,7 @@ int run(const std::string& dir, const std::string& json_path) {
     const double fb = bytes / bw, fc = flops / tc, floor = std::max(fb, fc);
     std::printf("%7lld %10.1f %9zu %12.1f %12.1f %8.0f%%", static_cast<long long>(T), s * 1e6, distinct.size(), fb * 1e6,
                 fc * 1e6, 100 * floor / s);
-    if (!std::isnan(s_few)) std::printf("  %16.1f  %14.1f  %15.1f", s_few * 1e6, s_t64 * 1e6, s_t128 * 1e6);
+    if (!std::isnan(s_few)) std::printf("  %16.1f", s_few * 1e6);
     std::printf("\n");
     moe.push_back({{"tokens", T}, {"seconds", s}, {"experts", distinct.size()}, {"bytes", bytes}, {"flops", flops},
                    {"bw_floor", fb}, {"tc_floor", fc}});

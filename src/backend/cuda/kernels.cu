@@ -1844,7 +1844,7 @@ __device__ __forceinline__ void mma16816_nv(float (&c)[4], const uint32_t (&a)[4
 
 // cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM of them
 template <int FMT, int FW, int WN, bool SPLIT, bool SB>
-__global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? (WN == 4 && !SPLIT && FMT == kBf16 ? 3 : 2) : 1)
+__global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
     k_gemm_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2, DLin W2,
                 Groups gr, int cps) {
   constexpr int NT = kTileThreadsPerFW * FW, BF = 64 * FW;
@@ -2209,13 +2209,10 @@ void launch_tile(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, cons
 // dense launches' feature warps per block (2: 128 x 128 tiles, two blocks per SM; 4: 256 x 128, one; 0: by format,
 // 2 for bf16 and 4 for FP8/INT4, whose dequantization is then shared by more rows per block: bench_gpu gemm)
 int g_tile_fw = 0;
-int g_tile_group_r = 64;  // grouped launches' rows per tile (set per launch by gemm(); 64 or 128)
 template <int FMT, bool SB>
 void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                      const DLin& W2, const Groups& gr, int cps) {
-  if (gr.row_off && g_tile_group_r == 64) {  // grouped (experts, bandwidth-bound): 128 x 64 tiles, several per SM
-    launch_tile<FMT, 2, 4, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
-  } else if (gr.row_off) {  // grouped, many rows per expert: 128 x 128
+  if (gr.row_off) {  // grouped (experts): 128 x 128 tiles (64-row ones measured slower at every size: NOTES 25)
     launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (g_tile_fw == 2 || (g_tile_fw == 0 && FMT == kBf16)) {
     if (split) launch_tile<FMT, 2, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
@@ -2231,7 +2228,7 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
                cudaStream_t s, float* Y2, const DLin* W2) {
   const bool split = ksplit > 1;
   const int fw = g_tile_fw ? g_tile_fw : W.fmt == kBf16 ? 2 : 4;
-  const int R = groups.row_off ? g_tile_group_r : split ? 64 : 128, BF = groups.row_off ? 128 : 64 * fw;
+  const int R = split ? 64 : 128, BF = groups.row_off ? 128 : 64 * fw;
   const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
   const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : W.fmt == kFp8 ? tile_cw<kFp8>() : tile_cw<kInt4>();
   const int cps = sps * (few_stage_k(W) / cw);
@@ -2250,13 +2247,12 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
 }
 // shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
 bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
-constexpr int kTileDenseRows = 128, kTileGroupRows = 24, kTileGroupRows128 = 40;
-int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows, g_tile_group_r128 = kTileGroupRows128;
+constexpr int kTileDenseRows = 128, kTileGroupRows = 24;
+int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows;
 
 }  // namespace
 
 void set_tile_warps(int fw) { g_tile_fw = fw == 2 || fw == 4 ? fw : 0; }
-void set_tile_group_rows128(int rows) { g_tile_group_r128 = rows < 0 ? kTileGroupRows128 : rows; }
 void set_tile_rows(int dense_rows, int group_rows) {
   g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;
   g_tile_group_rows = group_rows < 0 ? kTileGroupRows : group_rows;
@@ -2280,9 +2276,6 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   if (few_rows_ok(W)) {
     if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
       if (tile_ok(W) && g_tile_group_rows > 0 && M >= static_cast<int64_t>(g_tile_group_rows) * groups.G) {
-        // 128-row tiles once the groups average g_tile_group_r128 rows (then most touched experts have more than
-        // 64), else 64
-        g_tile_group_r = g_tile_group_r128 > 0 && M >= static_cast<int64_t>(g_tile_group_r128) * groups.G ? 128 : 64;
         gemm_tile(X, M, Y, W, groups, max_row_tiles, 1, s, Y2, W2);
         return;
       }

@@ -65,9 +65,6 @@ void set_tile_rows(int dense_rows, int group_rows);
 // multiprocessor) or 4 (256 x 128, one); anything else: by format (2 for bf16, 4 for FP8/INT4; the default). The
 // same bits either way.
 void set_tile_warps(int feature_warps);
-// Grouped launches use 64-row tiles, and 128-row ones from an average of `rows` rows per group (default 40; 0:
-// never, negative: the default). The same bits either way.
-void set_tile_group_rows128(int rows);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
 void set_simple_attention(bool on);
 bool simple_attention();
