@@ -1830,11 +1830,14 @@ constexpr int kTileThreadsPerFW = 64, kTileRaster = 16;
 template <int FMT>
 __host__ __device__ constexpr int tile_cw() { return 4 * few_per16<FMT>(); }  // k per chunk
 template <int FMT>
-__host__ __device__ constexpr int tile_stages() { return FMT == kBf16 ? 4 : FMT == kFp8 ? 3 : 2; }
+__host__ __device__ constexpr int tile_stages() { return FMT == kBf16 ? 5 : FMT == kFp8 ? 3 : 2; }
 template <int FMT, int FW, int WN>
 __host__ __device__ constexpr int tile_stage_bytes() { return 64 * FW * 64 + 16 * WN * tile_cw<FMT>() * 2; }
 template <int FMT, int FW, int WN>
-__host__ __device__ constexpr size_t tile_smem() { return size_t(tile_stages<FMT>()) * tile_stage_bytes<FMT, FW, WN>(); }
+__host__ __device__ constexpr size_t tile_smem() {
+  // bf16: two more buffers of the weight tile rearranged into mma fragment order (k_gemm_tile's quads)
+  return size_t(tile_stages<FMT>()) * tile_stage_bytes<FMT, FW, WN>() + (FMT == kBf16 ? size_t(2) * 64 * FW * 64 : 0);
+}
 
 __device__ __forceinline__ void mma16816_nv(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -1934,9 +1937,10 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
       }
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt) {
-        const uint4 ra = *reinterpret_cast<const uint4*>(ws + (wf + mt * 16 + gq) * 64 + tq * 16);
-        const uint4 rb = *reinterpret_cast<const uint4*>(ws + (wf + mt * 16 + gq + 8) * 64 + tq * 16);
-        const uint32_t a0[4] = {ra.x, rb.x, ra.y, rb.y}, a1[4] = {ra.z, rb.z, ra.w, rb.w};
+        // ws is the quad buffer here: the m-tile's fragments in mma order, one 16-byte load each
+        const uint8_t* qa = ws + ((wf / 16 + mt) * 8 + gq) * 128 + tq * 32;
+        const uint4 q0 = *reinterpret_cast<const uint4*>(qa + (gq & 1) * 16), q1 = *reinterpret_cast<const uint4*>(qa + ((gq & 1) ^ 1) * 16);
+        const uint32_t a0[4] = {q0.x, q0.y, q0.z, q0.w}, a1[4] = {q1.x, q1.y, q1.z, q1.w};
 #pragma unroll
         for (int j = 0; j < WN; ++j)
           if (FULL || wr + j * 8 < rows) mma16816_nv(acc[mt][j], a0, bx[j].x, bx[j].y);
@@ -2015,10 +2019,34 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
   // The k loop, instantiated per kind of warp (2: every n-tile has rows, 1: some do, 0: none; it only stages and
   // waits), so that no path joins inside it (a join of the paths costs register moves of every accumulator), and
   // split by split (the end of one adds its sum to the total).
+  // bf16: each chunk's weight tile is rearranged once per block into the A fragments' order ("quads": rows g and
+  // g + 8 of an m-tile interleaved by 4-byte words, the two 16-byte halves swapped on odd g so that a quarter-warp's
+  // loads miss no bank), so a warp loads each fragment with one 16-byte read instead of assembling it from two rows
+  // with register moves. Chunk c + 1 is rearranged while chunk c is multiplied (from the other quad buffer).
+  uint8_t* quads = tile_sm + NS * STAGE;
+  auto rearrange = [&](int raw_buf, int qbuf) {
+    const uint8_t* raw = tile_sm + raw_buf * STAGE;
+    uint8_t* q = quads + qbuf * BF * 64;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {  // 2·BF (unit, piece) items: unit = m-tile · 8 + g
+      const int it = tid + i * NT, u = it >> 2, pc = it & 3, g = u & 7, ra = (u >> 3) * 16 + g;
+      const uint4 a = *reinterpret_cast<const uint4*>(raw + ra * 64 + pc * 16);
+      const uint4 b = *reinterpret_cast<const uint4*>(raw + (ra + 8) * 64 + pc * 16);
+      uint8_t* dst = q + u * 128 + pc * 32;
+      *reinterpret_cast<uint4*>(dst + (g & 1) * 16) = make_uint4(a.x, b.x, a.y, b.y);
+      *reinterpret_cast<uint4*>(dst + ((g & 1) ^ 1) * 16) = make_uint4(a.z, b.z, a.w, b.w);
+    }
+  };
   auto k_loop = [&](auto mode) {
     constexpr int MODE = decltype(mode)::value;
+    constexpr bool XF = FMT == kBf16;
     int buf = 0, sbuf = (NS - 1) % NS;
     const int per = SPLIT ? cps : nch;
+    if constexpr (XF) {  // chunk 0's quads
+      cp_async_wait<NS - 2>();
+      __syncthreads();
+      rearrange(0, 0);
+    }
     for (int c0 = 0; c0 < nch; c0 += per) {
       const int c1 = min(nch, c0 + per);
       for (int c = c0; c < c1; ++c) {
@@ -2036,15 +2064,21 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
               }
             }
         }
-        cp_async_wait<NS - 2>();
-        __syncthreads();  // chunk c is in; every warp is done with the buffer staged next
+        if constexpr (XF) cp_async_wait<NS - 3>();  // chunk c + 1 is in (to be rearranged)
+        else cp_async_wait<NS - 2>();                 // chunk c is in
+        __syncthreads();  // ... and every warp is done with the buffers written next
         if (c + NS - 1 < nch) stage(c + NS - 1, sbuf);
         cp_async_commit();
         sbuf = sbuf + 1 == NS ? 0 : sbuf + 1;
         const uint8_t* ws = tile_sm + buf * STAGE;
+        const bf16* xs = reinterpret_cast<const bf16*>(ws + BF * 64);
         buf = buf + 1 == NS ? 0 : buf + 1;
-        if constexpr (MODE == 2) chunk(std::true_type{}, ws, reinterpret_cast<const bf16*>(ws + BF * 64), sc);
-        if constexpr (MODE == 1) chunk(std::false_type{}, ws, reinterpret_cast<const bf16*>(ws + BF * 64), sc);
+        if constexpr (XF) {
+          if (c + 1 < nch) rearrange(buf, (c + 1) & 1);
+          ws = quads + (c & 1) * BF * 64;
+        }
+        if constexpr (MODE == 2) chunk(std::true_type{}, ws, xs, sc);
+        if constexpr (MODE == 1) chunk(std::false_type{}, ws, xs, sc);
       }
       if constexpr (SPLIT) {  // the end of a split: its sum joins the total, as k_sum_parts adds
 #pragma unroll
