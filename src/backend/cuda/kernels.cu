@@ -1935,19 +1935,24 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
         const int r = wr + j * 8 + gq;
         bx[j] = FULL || wr + j * 8 < rows ? *reinterpret_cast<const uint4*>(xs + r * CW + tq * 8) : make_uint4(0, 0, 0, 0);
       }
+      // ws is the quad buffer here: each m-tile's fragments in mma order, one 16-byte load each. The chunk's first
+      // mma of every accumulator, then its second (32 mmas apart); the second half's fragments load meanwhile.
+      uint4 qf[2][4];
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        // ws is the quad buffer here: the m-tile's fragments in mma order, one 16-byte load each
-        const uint8_t* qa = ws + ((wf / 16 + mt) * 8 + gq) * 128 + tq * 32;
-        const uint4 q0 = *reinterpret_cast<const uint4*>(qa + (gq & 1) * 16), q1 = *reinterpret_cast<const uint4*>(qa + ((gq & 1) ^ 1) * 16);
-        const uint32_t a0[4] = {q0.x, q0.y, q0.z, q0.w}, a1[4] = {q1.x, q1.y, q1.z, q1.w};
+      for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
+          qf[hh][mt] = *reinterpret_cast<const uint4*>(ws + ((wf / 16 + mt) * 8 + gq) * 128 + tq * 32 + ((gq & 1) ^ hh) * 16);
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
 #pragma unroll
         for (int j = 0; j < WN; ++j)
-          if (FULL || wr + j * 8 < rows) mma16816_nv(acc[mt][j], a0, bx[j].x, bx[j].y);
+          if (FULL || wr + j * 8 < rows)
 #pragma unroll
-        for (int j = 0; j < WN; ++j)
-          if (FULL || wr + j * 8 < rows) mma16816_nv(acc[mt][j], a1, bx[j].z, bx[j].w);
-      }
+            for (int mt = 0; mt < 4; ++mt) {
+              const uint32_t a[4] = {qf[hh][mt].x, qf[hh][mt].y, qf[hh][mt].z, qf[hh][mt].w};
+              mma16816_nv(acc[mt][j], a, hh ? bx[j].z : bx[j].x, hh ? bx[j].w : bx[j].y);
+            }
       return;
     }
     uint4 wa[4][2];
