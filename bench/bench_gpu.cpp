@@ -574,6 +574,8 @@ int run_gemm(const std::string& json_out) {
   cudaStream_t st = nullptr;
   std::printf("\n%-22s %-5s %5s %10s %10s %10s %10s %8s %8s %9s\n", "matrix", "fmt", "rows", "streamed", "tile 128",
               "tile 256", "cuBLAS", "tile bw%", "tile tc%", "tile/cuBLAS");
+  std::printf("(tile bw%%, tc%%, /cuBLAS: the format's default block, 128 features for bf16, 256 for FP8/INT4; floor%%: the\n"
+              " faster kernel of the row count against max(bandwidth, tensor-core) floor)\n");
   for (const Shape& sh : shapes)
     for (int fmt : {cuda::kBf16, cuda::kFp8, cuda::kInt4}) {
       const char* fname = fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4";
@@ -624,9 +626,10 @@ int run_gemm(const std::string& json_out) {
         const double bytes = mats * (wbytes + (W.s ? 4.0 * sh.N * sh.K / (fmt == cuda::kFp8 ? 16384 : 32) : 0)) +
                              2.0 * M * sh.K + mats * 4.0 * M * sh.N;
         const double floor = std::max(bytes / bw, flops / tc);
+        const double t_def = fmt == cuda::kBf16 ? t_tile2 : t_tile;  // the default block width of the format
         std::printf("%-22s %-5s %5d %10.1f %10.1f %10.1f %10.1f %7.0f%% %7.0f%% %9.2f   (floor %.0f%%)\n", sh.name,
                     fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4", M, t_few * 1e6, t_tile2 * 1e6,
-                    t_tile * 1e6, t_cublas * 1e6, 100 * bytes / bw / t_tile, 100 * flops / tc / t_tile, t_tile / t_cublas,
+                    t_tile * 1e6, t_cublas * 1e6, 100 * bytes / bw / t_def, 100 * flops / tc / t_def, t_def / t_cublas,
                     100 * floor / std::min(t_few, t_tile));
         out.push_back({{"matrix", sh.name}, {"fmt", fmt}, {"rows", M}, {"streamed_s", t_few}, {"tile_s", t_tile}, {"tile128_s", t_tile2},
                        {"cublas_s", std::isnan(t_cublas) ? json(nullptr) : json(t_cublas)}, {"flops", flops}, {"bytes", bytes}});
