@@ -153,6 +153,50 @@ class CudaOps : public ::testing::Test {
     return b;
   }
 
+  // MLA attention weights of cfg's shapes in one format (hidden size `hidden`), prepared on the device where they
+  // lie (the backend knows them by address)
+  void make_attention(AttentionWeights& a, const ModelConfig& cfg, WeightFormat wf, int64_t hidden) {
+    const int64_t nh = cfg.num_attention_heads, dn = cfg.qk_nope_head_dim, dr = cfg.qk_rope_head_dim;
+    const int64_t dv = cfg.v_head_dim, C = cfg.kv_lora_rank;
+    a.kv_a_proj = make_linear(wf, C + dr, hidden);
+    a.kv_b_proj = make_linear(wf, nh * (dn + dv), C);
+    a.o_proj = make_linear(wf, hidden, nh * dv);
+    a.q_proj = make_linear(wf, nh * (dn + dr), hidden);
+    gpu_->prepare_attention(cfg, a);
+  }
+
+  // n random cache rows (latent C + rope dr) appended to a CPU and a device cache at `layer`, in bf16-representable
+  // values (the device cache holds bf16), so only the attention math differs
+  void append_latents(KvState& ck, KvState& gk, int64_t layer, int64_t n, int64_t C, int64_t dr) {
+    auto ckv = randn(n * (C + dr));
+    for (auto& v : ckv) v = bf16_to_f32(f32_to_bf16(v));
+    std::vector<float> lat(n * C);
+    for (int64_t t = 0; t < n; ++t) std::copy(ckv.begin() + t * (C + dr), ckv.begin() + t * (C + dr) + C, lat.begin() + t * C);
+    cpu_.kv_append(ck, layer, lat.data(), ckv.data(), 0, n, C, dr);
+    auto cd = dev(ckv), ld = dev(lat);
+    gpu_->kv_append(gk, layer, ld.data(), cd.data(), 0, n, C, dr);
+  }
+
+  // Two sequences for an attention call: sequence 0 with `past` cached tokens then n0 new ones (query rows
+  // [0, n0)), sequence 1 with n1 new ones and no past (rows [n0, n0 + n1)); the same random latents in the CPU's
+  // caches and the device's, at `layer`
+  struct TwoSeqs {
+    std::unique_ptr<KvState> c0, c1, g0, g1;
+    std::vector<AttnSeq> cs, gs;
+  };
+  TwoSeqs two_sequences(const ModelConfig& cfg, int64_t layer, int64_t past, int64_t n0, int64_t n1, bool absorbed,
+                        uint32_t seed) {
+    const int64_t C = cfg.kv_lora_rank, dr = cfg.qk_rope_head_dim;
+    TwoSeqs t{cpu_.new_kv(cfg), cpu_.new_kv(cfg), gpu_->new_kv(cfg), gpu_->new_kv(cfg), {}, {}};
+    rng_.seed(seed);
+    append_latents(*t.c0, *t.g0, layer, past, C, dr);
+    append_latents(*t.c0, *t.g0, layer, n0, C, dr);
+    append_latents(*t.c1, *t.g1, layer, n1, C, dr);
+    t.cs = {{0, n0, past, t.c0.get(), layer, absorbed}, {n0, n1, 0, t.c1.get(), layer, absorbed}};
+    t.gs = {{0, n0, past, t.g0.get(), layer, absorbed}, {n0, n1, 0, t.g1.get(), layer, absorbed}};
+    return t;
+  }
+
   void expect_close(const std::vector<float>& got, const std::vector<float>& want, double tol, const std::string& what) {
     const double e = test::rel_err(got, want);
     EXPECT_LE(e, tol) << what;
@@ -259,7 +303,11 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
       }
     }
   // MLP (gate and up in one launch, K split) and MoE experts at aligned shapes, with routing skewed so that expert 0
-  // takes every token (120 rows: 4 row tiles) while the others share the rest
+  // takes every token (up to 300 rows: 10 streamed row tiles, 3 of the tile kernel) while the others share the
+  // rest; on the streamed kernel alone, and (from 40 tokens) on the many-row tile kernel, which must give its bits
+  struct Restore {
+    ~Restore() { CudaBackend::set_tile_rows(-1, -1); }
+  } restore;
   const int64_t H = 512, I = 256, E = 16, K = 4;
   for (auto wf : kFormats) {
     MlpWeights mlp;
@@ -267,14 +315,23 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
     MoeWeights moe;
     make_moe(moe, wf, H, I, E);
     const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
-    for (int64_t n : {1, 5, 40, 120}) {
+    for (int64_t n : {1, 5, 40, 120, 300}) {
+      CudaBackend::set_tile_rows(0, 0);
       const auto x = randn(n * H);
       auto xd = dev(x);
       std::vector<float> want(n * H);
       cpu_.mlp(mlp, x.data(), n, want.data());
       auto od = poisoned(n * H);
       gpu_->mlp(mlp, xd.data(), n, od.data());
-      expect_close(od.host(), want, kChainTol, fmt::format("streamed mlp {} n={}", format_name(wf), n));
+      const auto mlp_got = od.host();
+      expect_close(mlp_got, want, kChainTol, fmt::format("streamed mlp {} n={}", format_name(wf), n));
+      if (n >= 40) {
+        auto ot = poisoned(n * H);
+        CudaBackend::set_tile_rows(1, 1);
+        gpu_->mlp(mlp, xd.data(), n, ot.data());
+        CudaBackend::set_tile_rows(0, 0);
+        EXPECT_EQ(ot.host(), mlp_got) << "tile mlp " << format_name(wf) << " n=" << n;
+      }
       std::vector<float> rl(n * E), wt(n * K);
       std::vector<int32_t> idx(n * K);
       cpu_.linear(moe.router, x.data(), n, rl.data());
@@ -287,6 +344,13 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
       gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), md.data());
       const auto got = md.host();
       expect_close(got, want, kChainTol, fmt::format("streamed moe {} n={}", format_name(wf), n));
+      if (n >= 40) {
+        auto mt = poisoned(n * H);
+        CudaBackend::set_tile_rows(1, 1);
+        gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mt.data());
+        CudaBackend::set_tile_rows(0, 0);
+        EXPECT_EQ(mt.host(), got) << "tile moe " << format_name(wf) << " n=" << n;
+      }
       // the last token alone, with its routing: the same bits as in the batch
       auto x1 = dev(std::vector<float>(x.end() - H, x.end()));
       Buf<int32_t> id1(*gpu_, std::vector<int32_t>(idx.end() - K, idx.end()));
@@ -302,7 +366,8 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
 // everything it can (set_tile_rows(1, 1)) it must give the streamed kernel's bits (set_tile_rows(0, 0)) in every
 // format: dense matrices with K split (13 and 130 wide: 16 and 6 parts; 300x7168: 5 uneven parts) and whole, widths
 // that leave partial 128-feature and 16-feature tiles, INT4 scales off the bf16 grid, row counts that leave partial
-// 64/128-row tiles, the gate/up pair, and MoE experts with one group spanning three row tiles. And match the CPU.
+// 64/128-row tiles; and match the CPU. (The gate/up pair and MoE experts with a group spanning three row tiles:
+// the streamed test above.)
 TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
   struct Restore {
     ~Restore() { CudaBackend::set_tile_rows(-1, -1); }
@@ -332,42 +397,6 @@ TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
         }
       }
     }
-  const int64_t H = 512, I = 256, E = 16, K = 4;
-  for (auto wf : kFormats) {
-    MlpWeights mlp;
-    make_mlp(mlp, wf, H, I);
-    MoeWeights moe;
-    make_moe(moe, wf, H, I, E);
-    const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
-    for (int64_t n : {40, 300}) {
-      const auto x = randn(n * H);
-      auto xd = dev(x);
-      auto o1 = poisoned(n * H), o2 = poisoned(n * H);
-      CudaBackend::set_tile_rows(0, 0);
-      gpu_->mlp(mlp, xd.data(), n, o1.data());
-      CudaBackend::set_tile_rows(1, 1);
-      gpu_->mlp(mlp, xd.data(), n, o2.data());
-      EXPECT_EQ(o2.host(), o1.host()) << "tile mlp " << format_name(wf) << " n=" << n;
-      // expert 0 takes every token (up to 300 rows: three 128-row tiles), the others share the rest
-      std::vector<float> rl(n * E), wt(n * K);
-      std::vector<int32_t> idx(n * K);
-      cpu_.linear(moe.router, x.data(), n, rl.data());
-      for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;
-      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
-      std::vector<float> want(n * H);
-      cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
-      Buf<int32_t> id(*gpu_, idx);
-      auto wd = dev(wt);
-      auto m1 = poisoned(n * H), m2 = poisoned(n * H);
-      CudaBackend::set_tile_rows(0, 0);
-      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), m1.data());
-      CudaBackend::set_tile_rows(1, 1);
-      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), m2.data());
-      const auto got = m2.host();
-      EXPECT_EQ(got, m1.host()) << "tile moe " << format_name(wf) << " n=" << n;
-      expect_close(got, want, kChainTol, fmt::format("tile moe {} n={}", format_name(wf), n));
-    }
-  }
 }
 
 TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {
@@ -570,46 +599,31 @@ TEST_F(CudaOps, shared_expert_in_the_expert_launches_or_beside_them) {
   }
 }
 
-TEST_F(CudaOps, mla_attention_expanded_and_absorbed_over_the_latent_cache) {
+// An MLA attention configuration: heads, nope, rope and v head dimensions, kv_lora rank, layers.
+ModelConfig mla_config(int64_t nh, int64_t dn, int64_t dr, int64_t dv, int64_t C, int64_t layers) {
   ModelConfig cfg;
-  cfg.num_attention_heads = 3;
-  cfg.qk_nope_head_dim = 32;
-  cfg.qk_rope_head_dim = 16;
-  cfg.v_head_dim = 24;
-  cfg.kv_lora_rank = 72;
-  cfg.num_hidden_layers = 2;
-  const int64_t nh = 3, dq = 48, dv = 24, C = 72, dr = 16;
+  cfg.num_attention_heads = nh;
+  cfg.qk_nope_head_dim = dn;
+  cfg.qk_rope_head_dim = dr;
+  cfg.v_head_dim = dv;
+  cfg.kv_lora_rank = C;
+  cfg.num_hidden_layers = layers;
+  return cfg;
+}
+
+TEST_F(CudaOps, mla_attention_expanded_and_absorbed_over_the_latent_cache) {
+  const ModelConfig cfg = mla_config(3, 32, 16, 24, 72, 2);
+  const int64_t nh = 3, dq = 48, dv = 24;
   for (auto wf : kFormats) {
     AttentionWeights a;
-    a.kv_a_proj = make_linear(wf, C + dr, 40);
-    a.kv_b_proj = make_linear(wf, nh * (32 + dv), C);
-    a.o_proj = make_linear(wf, 40, nh * dv);
-    a.q_proj = make_linear(wf, nh * dq, 40);
-    gpu_->prepare_attention(cfg, a);
-    auto append = [&](KvState& ck, KvState& gk, int64_t n) {
-      const auto ckv = randn(n * (C + dr));
-      std::vector<float> lat(n * C);
-      for (int64_t t = 0; t < n; ++t) std::copy(ckv.begin() + t * (C + dr), ckv.begin() + t * (C + dr) + C, lat.begin() + t * C);
-      // the device cache holds bf16: give both sides bf16-representable values so only the math differs
-      std::vector<float> ckv_r = ckv, lat_r = lat;
-      for (auto& v : ckv_r) v = bf16_to_f32(f32_to_bf16(v));
-      for (auto& v : lat_r) v = bf16_to_f32(f32_to_bf16(v));
-      cpu_.kv_append(ck, 1, lat_r.data(), ckv_r.data(), 0, n, C, dr);
-      auto cd = dev(ckv_r), ld = dev(lat_r);
-      gpu_->kv_append(gk, 1, ld.data(), cd.data(), 0, n, C, dr);
-    };
+    make_attention(a, cfg, wf, 40);
     for (bool absorbed : {false, true}) {
       // new tokens: 3 for seq 0 (after 5 cached), 4 for seq 1 — appended then attended
-      auto c0 = cpu_.new_kv(cfg), c1 = cpu_.new_kv(cfg);
-      auto g0 = gpu_->new_kv(cfg), g1 = gpu_->new_kv(cfg);
-      rng_.seed(99);
-      append(*c0, *g0, 5);
-      append(*c0, *g0, 3);
-      append(*c1, *g1, 4);
+      const TwoSeqs t = two_sequences(cfg, 1, 5, 3, 4, absorbed, 99);
+      const auto& cs = t.cs;
+      const auto& gs = t.gs;
       const int64_t N = 7;
       const auto q = randn(N * nh * dq);
-      std::vector<AttnSeq> cs = {{0, 3, 5, c0.get(), 1, absorbed}, {3, 4, 0, c1.get(), 1, absorbed}};
-      std::vector<AttnSeq> gs = {{0, 3, 5, g0.get(), 1, absorbed}, {3, 4, 0, g1.get(), 1, absorbed}};
       std::vector<float> want(N * nh * dv);
       cpu_.mla_attention(cfg, a, q.data(), cs, 0.17f, want.data());
       auto qd = dev(q);
@@ -627,41 +641,17 @@ TEST_F(CudaOps, mla_attention_expanded_and_absorbed_over_the_latent_cache) {
 // short sequence alone gets its batched bits. Tolerance: Q·Kᵀ and P·V each round both inputs to bf16 (one matmul's
 // 2 bf16 ulps each) after kv_b_proj's bf16 matmul: three chained matmuls, 3 × 7.8e-3.
 TEST_F(CudaOps, prefill_attention_on_tensor_cores_at_k2_head_shapes) {
-  ModelConfig cfg;
-  cfg.num_attention_heads = 2;
-  cfg.qk_nope_head_dim = 128;
-  cfg.qk_rope_head_dim = 64;
-  cfg.v_head_dim = 128;
-  cfg.kv_lora_rank = 64;
-  cfg.num_hidden_layers = 1;
-  const int64_t nh = 2, dq = 192, dv = 128, C = 64, dr = 64;
+  const ModelConfig cfg = mla_config(2, 128, 64, 128, 64, 1);
+  const int64_t nh = 2, dq = 192, dv = 128;
   const double tol = 3 * kMatmulTol;
   AttentionWeights a;
-  a.kv_a_proj = make_linear(WeightFormat::dense, C + dr, 64);
-  a.kv_b_proj = make_linear(WeightFormat::dense, nh * (128 + dv), C);
-  a.o_proj = make_linear(WeightFormat::dense, 64, nh * dv);
-  a.q_proj = make_linear(WeightFormat::dense, nh * dq, 64);
-  gpu_->prepare_attention(cfg, a);
-  auto append = [&](KvState& ck, KvState& gk, int64_t n) {
-    auto ckv = randn(n * (C + dr));
-    for (auto& v : ckv) v = bf16_to_f32(f32_to_bf16(v));  // the device cache holds bf16
-    std::vector<float> lat(n * C);
-    for (int64_t t = 0; t < n; ++t) std::copy(ckv.begin() + t * (C + dr), ckv.begin() + t * (C + dr) + C, lat.begin() + t * C);
-    cpu_.kv_append(ck, 0, lat.data(), ckv.data(), 0, n, C, dr);
-    auto cd = dev(ckv), ld = dev(lat);
-    gpu_->kv_append(gk, 0, ld.data(), cd.data(), 0, n, C, dr);
-  };
-  auto c0 = cpu_.new_kv(cfg), c1 = cpu_.new_kv(cfg);
-  auto g0 = gpu_->new_kv(cfg), g1 = gpu_->new_kv(cfg);
-  rng_.seed(7);
-  append(*c0, *g0, 70);
-  append(*c0, *g0, 75);
-  append(*c1, *g1, 5);
+  make_attention(a, cfg, WeightFormat::dense, 64);
+  const TwoSeqs t = two_sequences(cfg, 0, 70, 75, 5, false, 7);
+  const auto& cs = t.cs;
+  const auto& gs = t.gs;
   const int64_t N = 80;
   const auto q = randn(N * nh * dq);
   const float scale = 1.0f / std::sqrt(192.0f);
-  std::vector<AttnSeq> cs = {{0, 75, 70, c0.get(), 0, false}, {75, 5, 0, c1.get(), 0, false}};
-  std::vector<AttnSeq> gs = {{0, 75, 70, g0.get(), 0, false}, {75, 5, 0, g1.get(), 0, false}};
   std::vector<float> want(N * nh * dv);
   cpu_.mla_attention(cfg, a, q.data(), cs, scale, want.data());
   auto qd = dev(q);
@@ -676,7 +666,7 @@ TEST_F(CudaOps, prefill_attention_on_tensor_cores_at_k2_head_shapes) {
   // the short sequence alone (its q rows first)
   auto q1 = dev(std::vector<float>(q.begin() + 75 * nh * dq, q.end()));
   auto o3 = poisoned(5 * nh * dv);
-  std::vector<AttnSeq> alone = {{0, 5, 0, g1.get(), 0, false}};
+  std::vector<AttnSeq> alone = {{0, 5, 0, t.g1.get(), 0, false}};
   gpu_->mla_attention(cfg, a, q1.data(), alone, scale, o3.data());
   EXPECT_EQ(o3.host(), std::vector<float>(got.begin() + 75 * nh * dv, got.end())) << "a sequence alone vs batched";
 }
@@ -689,20 +679,10 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     int64_t nh, dn, dr, dv, C;
   };
   for (const Shape sh : {Shape{64, 128, 64, 128, 512}, Shape{20, 32, 16, 24, 128}}) {
-    ModelConfig cfg;
-    cfg.num_attention_heads = sh.nh;
-    cfg.qk_nope_head_dim = sh.dn;
-    cfg.qk_rope_head_dim = sh.dr;
-    cfg.v_head_dim = sh.dv;
-    cfg.kv_lora_rank = sh.C;
-    cfg.num_hidden_layers = 1;
+    const ModelConfig cfg = mla_config(sh.nh, sh.dn, sh.dr, sh.dv, sh.C, 1);
     const int64_t nh = sh.nh, dq = sh.dn + sh.dr, dv = sh.dv, C = sh.C, dr = sh.dr;
     AttentionWeights a;
-    a.kv_a_proj = make_linear(WeightFormat::dense, C + dr, 40);
-    a.kv_b_proj = make_linear(WeightFormat::dense, nh * (sh.dn + dv), C);
-    a.o_proj = make_linear(WeightFormat::dense, 40, nh * dv);
-    a.q_proj = make_linear(WeightFormat::dense, nh * dq, 40);
-    gpu_->prepare_attention(cfg, a);
+    make_attention(a, cfg, WeightFormat::dense, 40);
     // cached tokens before the decoded one; five rows, so the batch takes the 16-row W_UK/W_UV kernels and a row
     // alone the 4-row ones (the same bits, checked below)
     const std::vector<int64_t> lens = {1500, 37, 3001, 5, 260};
@@ -711,14 +691,7 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     for (int64_t L : lens) {
       cks.push_back(cpu_.new_kv(cfg));
       gks.push_back(gpu_->new_kv(cfg));
-      const int64_t n = L + 1;
-      auto ckv = randn(n * (C + dr));
-      for (auto& v : ckv) v = bf16_to_f32(f32_to_bf16(v));
-      std::vector<float> lat(n * C);
-      for (int64_t t = 0; t < n; ++t) std::copy(ckv.begin() + t * (C + dr), ckv.begin() + t * (C + dr) + C, lat.begin() + t * C);
-      cpu_.kv_append(*cks.back(), 0, lat.data(), ckv.data(), 0, n, C, dr);
-      auto cd = dev(ckv), ld = dev(lat);
-      gpu_->kv_append(*gks.back(), 0, ld.data(), cd.data(), 0, n, C, dr);
+      append_latents(*cks.back(), *gks.back(), 0, L + 1, C, dr);
     }
     const int64_t N = static_cast<int64_t>(lens.size());
     const auto q = randn(N * nh * dq, 2.0f);  // peaked enough that the running max matters

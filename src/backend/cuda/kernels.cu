@@ -1908,15 +1908,18 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
   };
   float acc[4][WN][4];
   float tot[SPLIT ? 4 : 1][SPLIT ? WN : 1][4];
+  auto each_acc = [&](auto f) {  // f(m-tile, n-tile, element) over every accumulator
 #pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
+    for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-    for (int j = 0; j < WN; ++j)
+      for (int j = 0; j < WN; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        acc[mt][j][e] = 0.0f;
-        if constexpr (SPLIT) tot[mt][j][e] = 0.0f;
-      }
+        for (int e = 0; e < 4; ++e) f(mt, j, e);
+  };
+  each_acc([&](int mt, int j, int e) {
+    acc[mt][j][e] = 0.0f;
+    if constexpr (SPLIT) tot[mt][j][e] = 0.0f;
+  });
 #pragma unroll
   for (int s = 0; s < NS - 1; ++s) {
     if (s < nch) stage(s, s);
@@ -2086,15 +2089,10 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
         if constexpr (MODE == 1) chunk(std::false_type{}, ws, xs, sc);
       }
       if constexpr (SPLIT) {  // the end of a split: its sum joins the total, as k_sum_parts adds
-#pragma unroll
-        for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-          for (int j = 0; j < WN; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              tot[mt][j][e] += acc[mt][j][e];
-              acc[mt][j][e] = 0.0f;
-            }
+        each_acc([&](int mt, int j, int e) {
+          tot[mt][j][e] += acc[mt][j][e];
+          acc[mt][j][e] = 0.0f;
+        });
       }
     }
   };
