@@ -93,7 +93,7 @@ class CudaBackend final : public Backend {
   static void force_few_rows(bool on);
   // Tests and benchmarks: from how many rows the many-row matmul kernel takes over from the streamed one (the same
   // bits; cuda::set_tile_rows): dense matmuls of >= dense_rows rows, grouped ones averaging >= group_rows per group.
-  // 0 never, 1 always, negative the default (128 and 24). bench_gpu reads KSCOPE_TILE_ROWS=dense,group.
+  // 0 never, 1 always, negative the default (48 and 24). bench_gpu reads KSCOPE_TILE_ROWS=dense,group.
   static void set_tile_rows(int dense_rows, int group_rows);
   // Decode attention split per row by its own length (cuda::mla_row_chunk), so a sequence's decode logits are the
   // same bits alone or batched at any context length. Off by default: it costs 5-50% more attention time at small

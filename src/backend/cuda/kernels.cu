@@ -2284,7 +2284,7 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
 }
 // shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
 bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
-constexpr int kTileDenseRows = 128, kTileGroupRows = 24;
+constexpr int kTileDenseRows = 48, kTileGroupRows = 24;
 int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows;
 
 }  // namespace
