@@ -1863,7 +1863,7 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
     if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
     if ((blockIdx.y - gr.tile_off[g]) % (R / kBM)) return;  // another block's
     r1 = min(r0 + R, gr.row_off[g + 1]);
-  } else {  // grouped rasterization: kTileRaster row tiles per column tile
+  } else {  // rasterized: kTileRaster row tiles per column tile, then the next column tile
     const int rts = (M + R - 1) / R, cts = (W.N + BF - 1) / BF, b = blockIdx.x, per = kTileRaster * cts;
     const int first = b / per * kTileRaster, gs = min(rts - first, kTileRaster), in = b - first * cts;
     const int rt = first + in % gs;
@@ -1929,9 +1929,7 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
   auto chunk = [&](auto full_tag, const uint8_t* ws, const bf16* xs, const float (&sc)[4][2]) {
     constexpr bool FULL = decltype(full_tag)::value;
     if constexpr (FMT == kBf16) {
-      // every n-tile's X piece first, then one m-tile's two weight rows at a time: each A fragment is assembled
-      // once (two 16-byte rows -> two interleaved quads) and used WN times; an accumulator's two mmas of the chunk
-      // are WN mmas apart
+      // every n-tile's X piece first (each serves both mmas of the chunk)
       uint4 bx[WN];
 #pragma unroll
       for (int j = 0; j < WN; ++j) {
@@ -2249,7 +2247,7 @@ int g_tile_fw = 0;
 template <int FMT, bool SB>
 void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                      const DLin& W2, const Groups& gr, int cps) {
-  if (gr.row_off) {  // grouped (experts): 128 x 128 tiles (64-row ones measured slower at every size: NOTES 25)
+  if (gr.row_off) {  // grouped (experts): 128 x 128 tiles (64-row ones measured slower at every size: NOTES 26)
     launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (g_tile_fw == 2 || (g_tile_fw == 0 && FMT == kBf16)) {
     if (split) launch_tile<FMT, 2, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
