@@ -431,8 +431,9 @@ int run_profile(const std::string& dir, int64_t T, int64_t prefill) {
 
 
 // Absorbed (decode) MLA attention at Kimi-K2's attention shapes (64 heads, nope 128, rope 64, v 128, kv_lora 512),
-// over random bf16 caches, for several batch x context sizes: the tensor-core kernel and the CUDA-core kernel in
-// the same run, against the bandwidth floor (the cache read once) and the tensor-core floor.
+// over random bf16 caches, for several batch x context sizes: the warpgroup-MMA kernel (the default), the mma.sync
+// kernel and the CUDA-core kernel in the same run, against the bandwidth floor (the cache read once) and the
+// tensor-core floor; speedup is mma.sync / wgmma.
 int run_mla(const std::string& json_out) {
   const double bw = hbm_bandwidth(), tc = bf16_tensor_rate();
   std::printf("device: HBM %.0f GB/s (copy), BF16 tensor cores %.0f TFLOP/s (cuBLAS)\n", bw / 1e9, tc / 1e12);
@@ -484,7 +485,8 @@ int run_mla(const std::string& json_out) {
   be.set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
   be.prepare_attention(cfg, aw);
   json rows = json::array();
-  std::printf("\n%6s %8s %12s %12s %8s %8s %10s\n", "batch", "context", "tensor us", "cuda-core us", "speedup", "% bw", "TFLOP/s");
+  std::printf("\n%6s %8s %10s %12s %12s %8s %8s %10s\n", "batch", "context", "wgmma us", "mma.sync us", "cuda-core us", "speedup",
+              "% bw", "TFLOP/s");
   std::vector<std::pair<int64_t, int64_t>> sizes = {{1, 4096}, {1, 32768}, {8, 4096}, {64, 1024}, {64, 4096}, {128, 4096}, {256, 1024}};
   if (const char* e = std::getenv("MLA_SIZES")) {  // e.g. "1x4096,64x4096"
     sizes.clear();
@@ -512,6 +514,9 @@ int run_mla(const std::string& json_out) {
     Buf<float> q(be, randn(B * nh * dq, 9)), o1(be, B * nh * dv), o2(be, B * nh * dv);
     const float scale = 1.0f / std::sqrt(static_cast<float>(dq));
     const double t_fast = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o1.data()); }, 10);
+    CudaBackend::force_mla_mma_sync(true);
+    const double t_mma = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data()); }, 10);
+    CudaBackend::force_mla_mma_sync(false);
     CudaBackend::force_simple_attention(true);
     const double t_simple = skip_simple ? NAN : time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data()); }, B * T > 300000 ? 3 : 10, 1);
     if (skip_simple) be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data());
@@ -524,9 +529,10 @@ int run_mla(const std::string& json_out) {
     }
     const double bytes = double(B) * T * (C + dr) * 2;
     const double flops = double(B) * nh * T * (C + dr + C) * 2;
-    std::printf("%6lld %8lld %12.1f %12.1f %7.1fx %7.0f%% %10.1f   (rel diff %.1e)\n", static_cast<long long>(B), static_cast<long long>(T),
-                t_fast * 1e6, t_simple * 1e6, t_simple / t_fast, 100 * bytes / bw / t_fast, flops / t_fast / 1e12, std::sqrt(num / den));
-    rows.push_back({{"batch", B}, {"context", T}, {"tensor_s", t_fast}, {"cuda_core_s", t_simple}, {"bytes", bytes}, {"flops", flops},
+    std::printf("%6lld %8lld %10.1f %12.1f %12.1f %7.2fx %7.0f%% %10.1f   (rel diff %.1e)\n", static_cast<long long>(B),
+                static_cast<long long>(T), t_fast * 1e6, t_mma * 1e6, t_simple * 1e6, t_mma / t_fast, 100 * bytes / bw / t_fast,
+                flops / t_fast / 1e12, std::sqrt(num / den));
+    rows.push_back({{"batch", B}, {"context", T}, {"tensor_s", t_fast}, {"mma_sync_s", t_mma}, {"cuda_core_s", t_simple}, {"bytes", bytes}, {"flops", flops},
                     {"bw_floor_s", bytes / bw}, {"tc_floor_s", flops / tc}, {"rel_diff", std::sqrt(num / den)}});
   }
   if (!json_out.empty()) std::ofstream(json_out) << json({{"hbm_bytes_per_s", bw}, {"bf16_flops", tc}, {"mla", rows}}).dump(2) << "\n";

@@ -672,8 +672,9 @@ TEST_F(CudaOps, prefill_attention_on_tensor_cores_at_k2_head_shapes) {
 }
 
 // Decode attention at Kimi-K2's shapes (64 heads, kv_lora 512, rope 64) and at a head count that is not a
-// multiple of 16, over caches long enough to split across blocks, with partial tiles and a short sequence whose
-// later splits are empty: the tensor-core kernel against the CPU and against the CUDA-core kernel.
+// multiple of 16 with an odd number of 16-wide k-steps (kv_lora 128 + rope 16), over caches long enough to split
+// across blocks, with partial tiles and a short sequence whose later splits are empty: both tensor-core kernels
+// (warpgroup MMA, mma.sync) against the CPU, the CUDA-core kernel and each other.
 TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
   struct Shape {
     int64_t nh, dn, dr, dv, C;
@@ -683,8 +684,9 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     const int64_t nh = sh.nh, dq = sh.dn + sh.dr, dv = sh.dv, C = sh.C, dr = sh.dr;
     AttentionWeights a;
     make_attention(a, cfg, WeightFormat::dense, 40);
-    // cached tokens before the decoded one; five rows, so the batch takes the 16-row W_UK/W_UV kernels and a row
-    // alone the 4-row ones (the same bits, checked below)
+    // cached tokens before the decoded one; five rows, so on the previous path the batch takes the 16-row
+    // W_UK/W_UV kernels and a row alone the 4-row ones, and on the default path the tensor-core absorption matmuls
+    // run one m-tile either way (the same bits alone and batched, checked below)
     const std::vector<int64_t> lens = {1500, 37, 3001, 5, 260};
     std::vector<std::unique_ptr<KvState>> cks, gks;
     rng_.seed(7);
@@ -704,33 +706,43 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     std::vector<float> want(N * nh * dv);
     cpu_.mla_attention(cfg, a, q.data(), cs, scale, want.data());
     auto qd = dev(q);
-    auto fast = poisoned(N * nh * dv), simple = poisoned(N * nh * dv);
-    gpu_->mla_attention(cfg, a, qd.data(), gs, scale, fast.data());
+    auto simple = poisoned(N * nh * dv);
     CudaBackend::force_simple_attention(true);
     gpu_->mla_attention(cfg, a, qd.data(), gs, scale, simple.data());
     CudaBackend::force_simple_attention(false);
-    const std::string what = fmt::format("mla decode nh {} C {}", nh, C);
-    // Q and P are rounded to bf16 on the tensor cores (one more bf16 rounding than the CUDA-core kernel):
-    // within the two-matmul chain tolerance of the CPU, and of the CUDA-core kernel
-    expect_close(fast.host(), want, kChainTol, what + " vs cpu");
-    expect_close(simple.host(), want, kChainTol, what + " (cuda cores) vs cpu");
-    expect_close(fast.host(), simple.host(), kChainTol, what + " vs cuda cores");
-    // the batch-invariant split (each row's parts from its own length): each row alone gives the bits it has in
-    // the batch, where the longer rows take more parts and the absorption matmuls run 16 rows per block
-    gpu_->set_batch_invariant_attention(true);
-    auto inv = poisoned(N * nh * dv);
-    gpu_->mla_attention(cfg, a, qd.data(), gs, scale, inv.data());
-    const auto invh = inv.host();
-    expect_close(invh, want, kChainTol, what + " (batch-invariant split) vs cpu");
-    for (int64_t i = 0; i < N; ++i) {
-      auto qi = dev(std::vector<float>(q.begin() + i * nh * dq, q.begin() + (i + 1) * nh * dq));
-      auto oi = poisoned(nh * dv);
-      const std::vector<AttnSeq> one = {{0, 1, lens[i], gks[i].get(), 0, true}};
-      gpu_->mla_attention(cfg, a, qi.data(), one, scale, oi.data());
-      EXPECT_EQ(oi.host(), std::vector<float>(invh.begin() + i * nh * dv, invh.begin() + (i + 1) * nh * dv))
-          << what << ": row " << i << " (" << lens[i] << " cached) alone vs batched";
+    expect_close(simple.host(), want, kChainTol, fmt::format("mla decode nh {} C {} (cuda cores) vs cpu", nh, C));
+    std::vector<float> first;
+    // the warpgroup-MMA kernel (the default) and the mma.sync one
+    for (bool mma_sync : {false, true}) {
+      CudaBackend::force_mla_mma_sync(mma_sync);
+      const std::string what = fmt::format("mla decode nh {} C {} ({})", nh, C, mma_sync ? "mma.sync" : "wgmma");
+      auto fast = poisoned(N * nh * dv);
+      gpu_->mla_attention(cfg, a, qd.data(), gs, scale, fast.data());
+      // Q and P are rounded to bf16 on the tensor cores (one more bf16 rounding than the CUDA-core kernel):
+      // within the two-matmul chain tolerance of the CPU, and of the CUDA-core kernel
+      const auto fh = fast.host();
+      expect_close(fh, want, kChainTol, what + " vs cpu");
+      expect_close(fh, simple.host(), kChainTol, what + " vs cuda cores");
+      if (first.empty()) first = fh;
+      else expect_close(fh, first, kChainTol, what + " vs wgmma");
+      // the batch-invariant split (each row's parts from its own length): each row alone gives the bits it has in
+      // the batch, where the longer rows take more parts and the absorption matmuls run 16 rows per block
+      gpu_->set_batch_invariant_attention(true);
+      auto inv = poisoned(N * nh * dv);
+      gpu_->mla_attention(cfg, a, qd.data(), gs, scale, inv.data());
+      const auto invh = inv.host();
+      expect_close(invh, want, kChainTol, what + " (batch-invariant split) vs cpu");
+      for (int64_t i = 0; i < N; ++i) {
+        auto qi = dev(std::vector<float>(q.begin() + i * nh * dq, q.begin() + (i + 1) * nh * dq));
+        auto oi = poisoned(nh * dv);
+        const std::vector<AttnSeq> one = {{0, 1, lens[i], gks[i].get(), 0, true}};
+        gpu_->mla_attention(cfg, a, qi.data(), one, scale, oi.data());
+        EXPECT_EQ(oi.host(), std::vector<float>(invh.begin() + i * nh * dv, invh.begin() + (i + 1) * nh * dv))
+            << what << ": row " << i << " (" << lens[i] << " cached) alone vs batched";
+      }
+      gpu_->set_batch_invariant_attention(false);
     }
-    gpu_->set_batch_invariant_attention(false);
+    CudaBackend::force_mla_mma_sync(false);
   }
 }
 

@@ -312,6 +312,7 @@ void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }
 void CudaBackend::set_tile_rows(int dense_rows, int group_rows) { cuda::set_tile_rows(dense_rows, group_rows); }
 void CudaBackend::set_batch_invariant_attention(bool on) { impl_->invariant_attention = on; }
 void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
+void CudaBackend::force_mla_mma_sync(bool on) { cuda::set_mla_mma_sync(on); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> g(impl_->mu);
   impl_->kv_budget = bytes;

@@ -105,6 +105,9 @@ class CudaBackend final : public Backend {
   void set_capture_copy_stream(bool on);
   // Tests: run absorbed (decode) attention with the CUDA-core kernel instead of the tensor-core one.
   static void force_simple_attention(bool on);
+  // Tests and benchmarks: absorbed decode attention on the previous kernels (mma.sync attention, CUDA-core fp32
+  // absorption matmuls) instead of the warpgroup-MMA attention and the tensor-core absorption matmuls.
+  static void force_mla_mma_sync(bool on);
   // Overrides the plan's KV budget (tests of admission control; a server that shares the device).
   void set_kv_budget(uint64_t bytes);
 

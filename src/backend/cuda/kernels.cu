@@ -8,6 +8,7 @@
 #include <type_traits>
 
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/wgmma.cuh"
 
 namespace kscope::cuda {
 
@@ -26,6 +27,8 @@ __device__ __forceinline__ float warp_sum(float v) {
   for (int m = 16; m >= 1; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
   return v;
 }
+
+__device__ __forceinline__ uint32_t u32_of(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
 
 int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -1211,6 +1214,203 @@ __global__ void __launch_bounds__(256, 1) k_mla_decode(AttnDims d, const bf16* q
   }
 }
 
+// ---- absorbed decode attention on Hopper's warpgroup MMA (wgmma): the same blocks, splits and partial results as
+// k_mla_decode (one block per row, split of its cache and group of 64 heads; 32-token tiles in a 3-stage cp.async
+// ring), with the tensor-core work issued per warpgroup from shared memory. The two warpgroups split S = Q·Kᵀ
+// (64 heads × 32 tokens) by k (the first and second half of the C + dr dimensions, each a chain of m64n32k16 with
+// Q and K from shared memory), exchange their partial sums through shared memory and both add them in the same
+// order (part 0 + part 1), so both hold the same S, run the same online softmax, and multiply their P (bf16, in
+// registers) into their half of O = P·V (64 heads × C/2 latent columns, m64n(C/2)k16 with V read transposed from
+// the same tile). Each of the 64·C/2 accumulators per warpgroup stays in registers for the whole split. Shared
+// memory holds Q and the tiles in the no-swizzle core-matrix layout (8 rows × 16 bytes in 128 contiguous bytes; k
+// pieces of all rows, then the next piece), so one layout serves K (K-major) and V (MN-major, transposed).
+constexpr int kWgStages = 3, kWgXs = kMlaT + 8;  // tiles in flight; S partial row stride (floats, conflict-free)
+
+size_t mla_wg_smem(int D) {
+  D = (D + 31) / 32 * 32;  // k-steps padded to an even count
+  return (static_cast<size_t>(kMlaH) * D + static_cast<size_t>(kWgStages) * kMlaT * D) * sizeof(bf16) +
+         2 * kMlaH * kWgXs * sizeof(float);
+}
+bool mla_wg_ok(const AttnDims& d) { return (d.C == 128 || d.C == 256 || d.C == 512) && (d.dr == 16 || d.dr == 32 || d.dr == 64); }
+
+// cp.async of R rows × CH 16-byte pieces into [CH][R][16 B] by 256 threads: each warp takes 8 rows × 4 consecutive
+// pieces at a time (64 contiguous bytes of each global row; every 8 lanes write 128 contiguous bytes of shared
+// memory), a thread one row and every (256 / R)-th group of 4 pieces. src(row, piece, bytes) gives the source.
+template <int R, class Src>
+__device__ __forceinline__ void wg_stage(unsigned char* dst, int CH, Src src) {
+  constexpr int RG = R / 8, STEP = 4 * (8 / RG);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = (warp % RG) * 8 + (lane & 7);
+  for (int c = (warp / RG) * 4 + ((lane >> 3) & 3); c < CH; c += STEP) {
+    int bytes;
+    const void* p = src(row, c, bytes);
+    cp_async16(dst + (c * R + row) * 16, p, bytes);
+  }
+}
+
+// 2^x on the special-function unit (ex2.approx.ftz: ~2 ulp; -inf gives 0): the softmax's exponentials
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// NC = C / 2: the latent columns of O per warpgroup; KSH: 16-wide k-steps of S per warpgroup, (C + dr) / 32 rounded
+// up (the dimensions padded with zeros to an even count of k-steps). Both are compile-time so that each
+// warpgroup's chain of wgmma is unrolled and issued back to back (ptxas serializes a chain inside a runtime loop).
+template <int NC, int KSH>
+__global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat, const AttnRow* rows, int chunk, float* part) {
+  extern __shared__ __align__(128) unsigned char wg_smem[];
+  constexpr int Dp = 32 * KSH, CHp = Dp / 8;
+  const int D = d.C + d.dr, CH = D / 8;
+  unsigned char* q_s = wg_smem;                           // [CHp][64 heads][16 B]
+  unsigned char* k_s = q_s + kMlaH * Dp * 2;              // stages × [CHp][32 tokens][16 B]
+  float* x_s = reinterpret_cast<float*>(k_s + kWgStages * kMlaT * Dp * 2);  // [2][64][kWgXs] partial S
+  const int row = blockIdx.x, split = blockIdx.y, hg = blockIdx.z, splits = gridDim.y;
+  const AttnRow r = rows[row];
+  const int wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int rc = r.chunk > 0 ? r.chunk : chunk;
+  const int t0 = split * rc, t1 = min(r.len, t0 + rc);
+  const int ntiles = t1 > t0 ? (t1 - t0 + kMlaT - 1) / kMlaT : 0;
+  const int C8 = d.C / 8;
+  auto load_tile = [&](int buf, int j0) {
+    wg_stage<kMlaT>(k_s + buf * kMlaT * Dp * 2, CHp, [&](int t, int c, int& bytes) -> const void* {
+      const int j = j0 + t, jj = j < t1 ? j : t0;
+      bytes = j < t1 && c < CH ? 16 : 0;
+      if (c >= CH) c = 0;
+      return c < C8 ? static_cast<const void*>(r.latent + static_cast<int64_t>(jj) * d.C + c * 8)
+                    : static_cast<const void*>(r.k_rope + static_cast<int64_t>(jj) * d.dr + (c - C8) * 8);
+    });
+    cp_async_commit();
+  };
+  if (ntiles > 0) {  // Q (bf16 q_lat || q_rope) with the first tile; heads past nh are zero
+    const bf16* qrow = qcat + static_cast<int64_t>(row) * d.nh * D;
+    wg_stage<kMlaH>(q_s, CHp, [&](int hh, int c, int& bytes) -> const void* {
+      const int h = hg * kMlaH + hh;
+      bytes = h < d.nh && c < CH ? 16 : 0;
+      if (c >= CH) c = 0;
+      return qrow + static_cast<int64_t>(h < d.nh ? h : 0) * D + c * 8;
+    });
+    load_tile(0, t0);
+    if (ntiles > 1) load_tile(1, t0 + kMlaT);
+    else cp_async_commit();
+  }
+  float o[NC / 2];
+#pragma unroll
+  for (int i = 0; i < NC / 2; ++i) o[i] = 0.0f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
+  const float sl = d.scale * 1.4426950408889634f;
+  const int rr0 = 16 * warp + g;  // this thread's heads (of the 64): rr0 and rr0 + 8
+  const int kb = wgi * KSH;  // this warpgroup's k-steps: [kb, kb + KSH)
+  for (int it = 0; it < ntiles; ++it) {
+    cp_async_wait<1>();  // this thread's pieces of tile it (and Q) have landed
+    wg::fence_smem();
+    __syncthreads();     // everyone's; and every thread is past tile it-1, whose buffer the prefetch below reuses
+    const unsigned char* kt = k_s + (it % kWgStages) * kMlaT * Dp * 2;
+    float s[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i) s[i] = 0.0f;
+    wg::fence();
+    // descriptors advance by address / 16 in their low bits: a k-step is 2 pieces of 64 heads / 32 tokens
+    const uint64_t qd = wg::smem_desc(q_s + kb * 2 * kMlaH * 16, kMlaH * 16, 128),
+                   kd = wg::smem_desc(kt + kb * 2 * kMlaT * 16, kMlaT * 16, 128);
+#pragma unroll
+    for (int i = 0; i < KSH; ++i) wg::mma_ss<32, 0, 0>(s, qd + i * (2 * kMlaH), kd + i * (2 * kMlaT), 1);
+    wg::commit();
+    // the prefetch of tile it + 2 is issued while the tensor cores work on S
+    if (it + 2 < ntiles) load_tile((it + 2) % kWgStages, t0 + (it + 2) * kMlaT);
+    else cp_async_commit();
+    wg::wait<0>();
+    float* xw = x_s + wgi * kMlaH * kWgXs;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      *reinterpret_cast<float2*>(xw + rr0 * kWgXs + 8 * j + 2 * tq) = make_float2(s[4 * j], s[4 * j + 1]);
+      *reinterpret_cast<float2*>(xw + (rr0 + 8) * kWgXs + 8 * j + 2 * tq) = make_float2(s[4 * j + 2], s[4 * j + 3]);
+    }
+    __syncthreads();
+    const float* xo = x_s + (wgi ^ 1) * kMlaH * kWgXs;
+    // keys past the split's end (only in its last tile) are masked; every tile has a valid first key, so the running
+    // maxima are finite from the first tile on and ex2(-inf) = 0 covers the initial m = -inf and masked keys
+    const int jb = t0 + it * kMlaT;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = 8 * j + 2 * tq + (e & 1);
+        const float other = xo[(rr0 + 8 * (e >> 1)) * kWgXs + col];
+        const float v = wgi == 0 ? s[4 * j + e] + other : other + s[4 * j + e];  // part 0 + part 1 in both
+        s[4 * j + e] = jb + col < t1 ? v * sl : -INFINITY;
+      }
+    float pm[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      pm[0] = fmaxf(pm[0], fmaxf(s[4 * j], s[4 * j + 1]));
+      pm[1] = fmaxf(pm[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    float corr[2], ps[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 1));
+      pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 2));
+      const float mnew = fmaxf(m_r[i], pm[i]);
+      corr[i] = ex2(m_r[i] - mnew);
+      m_r[i] = mnew;
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = e >> 1;
+        const float p = ex2(s[4 * j + e] - m_r[i]);
+        s[4 * j + e] = p;
+        ps[i] += p;
+      }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 1);
+      ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 2);
+      l_r[i] = l_r[i] * corr[i] + ps[i];
+    }
+#pragma unroll
+    for (int j = 0; j < NC / 8; ++j) {  // (unconditionally: a branch around it would serialize the wgmma chain)
+      o[4 * j] *= corr[0];
+      o[4 * j + 1] *= corr[0];
+      o[4 * j + 2] *= corr[1];
+      o[4 * j + 3] *= corr[1];
+    }
+    // P as the A operand (registers): k-step kk is tokens 16kk..16kk+15, S's 8-column tiles 2kk and 2kk+1
+    uint32_t pa[2][4];
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      pa[kk][0] = u32_of(__floats2bfloat162_rn(s[8 * kk], s[8 * kk + 1]));
+      pa[kk][1] = u32_of(__floats2bfloat162_rn(s[8 * kk + 2], s[8 * kk + 3]));
+      pa[kk][2] = u32_of(__floats2bfloat162_rn(s[8 * kk + 4], s[8 * kk + 5]));
+      pa[kk][3] = u32_of(__floats2bfloat162_rn(s[8 * kk + 6], s[8 * kk + 7]));
+    }
+    wg::fence();
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)  // V: tokens along k (8 per 128 bytes), columns along n (a piece per 512 bytes)
+      wg::mma_rs<NC, 1>(o, pa[kk], wg::smem_desc(kt + kk * 256 + wgi * (NC / 8) * kMlaT * 16, 128, kMlaT * 16), 1);
+    wg::commit();
+    wg::wait<0>();
+  }
+  cp_async_wait<0>();
+  // partial results as k_mla_decode's: [row][split][head][C + 2] = unnormalized O, then max (log2 domain) and sum
+  const int stride = d.C + 2;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int h = hg * kMlaH + rr0 + 8 * i;
+    if (h >= d.nh) continue;
+    float* dst = part + ((static_cast<int64_t>(row) * splits + split) * d.nh + h) * stride + wgi * NC;
+#pragma unroll
+    for (int j = 0; j < NC / 8; ++j) *reinterpret_cast<float2*>(dst + 8 * j + 2 * tq) = make_float2(o[4 * j + 2 * i], o[4 * j + 2 * i + 1]);
+    if (wgi == 0 && tq == 0) {
+      dst[d.C] = m_r[i];
+      dst[d.C + 1] = l_r[i];
+    }
+  }
+}
+
 __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* part, float* olat) {
   __shared__ float w_s[kMlaMaxSplits];
   __shared__ float inv_l;
@@ -1368,6 +1568,91 @@ __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, con
     out[static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh * d.dv + h * d.dv + v] = rows16_sum(red, rr, i % kCB);
   }
 }
+
+// The absorption matmuls on tensor cores, per head h: q_lat = q_nope · W_UK[h] (K = dn, N = C) and out = o_lat ·
+// W_UV[h] (K = C, N = dv), with the activations rounded to bf16 (the reference's q_nope is bf16, and it rounds the
+// attention output to bf16 too) and fp32 accumulation. A block is 64 output columns (16 per warp) × up to 64 rows
+// (m-tiles past the rows skipped), K in 32-wide stages: X converted to bf16 into shared memory, the W stage [32 k][64
+// n] by cp.async, both double-buffered. Each output's chain of mma runs over k in order from zero, whatever the
+// number of rows: a row's bits do not depend on the batch.
+constexpr int kHmRows = 64, kHmCols = 64, kHmK = 32, kHmXL = kHmK + 8, kHmWL = kHmCols + 8;
+template <bool QLAT>
+__global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __restrict__ X, const bf16* __restrict__ W,
+                                                 const AttnRow* rows, int n_rows, float* __restrict__ Y, bf16* __restrict__ qcat) {
+  __shared__ __align__(16) bf16 xs[2][kHmRows * kHmXL];
+  __shared__ __align__(16) bf16 ws[2][kHmK * kHmWL];
+  const int r0 = blockIdx.x * kHmRows, h = blockIdx.y, n0 = blockIdx.z * kHmCols;
+  const int K = QLAT ? d.dn : d.C, N = QLAT ? d.C : d.dv, D = d.C + d.dr, dq = d.dn + d.dr;
+  const int nr = min(kHmRows, n_rows - r0), mts = (nr + 15) / 16;
+  const bf16* wh = W + static_cast<int64_t>(h) * K * N;
+  auto xrow = [&](int rr) -> const float* {  // row rr's K inputs for this head
+    return QLAT ? X + (static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh + h) * dq : X + (static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C;
+  };
+  auto stage = [&](int buf, int k0) {
+    for (int i = threadIdx.x; i < kHmK * (kHmCols / 8); i += blockDim.x) {  // W: 32 k × 8 pieces of 8 columns
+      const int kk = i >> 3, c = n0 + (i & 7) * 8;
+      cp_async16(&ws[buf][kk * kHmWL + (i & 7) * 8], wh + static_cast<int64_t>(k0 + kk) * N + (c < N ? c : 0), c < N ? 16 : 0);
+    }
+    cp_async_commit();
+    for (int i = threadIdx.x; i < mts * 16 * (kHmK / 4); i += blockDim.x) {  // X: rows × 8 float4, to bf16
+      const int rr = i >> 3, k4 = (i & 7) * 4;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (rr < nr) v = *reinterpret_cast<const float4*>(xrow(rr) + k0 + k4);
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(&xs[buf][rr * kHmXL + k4]);
+      dst[0] = __floats2bfloat162_rn(v.x, v.y);
+      dst[1] = __floats2bfloat162_rn(v.z, v.w);
+    }
+  };
+  if (QLAT && qcat && blockIdx.z == 0)  // the rope part, copied once per (rows, head)
+    for (int i = threadIdx.x; i < nr * d.dr; i += blockDim.x) {
+      const int rr = i / d.dr, k = i % d.dr;
+      qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + d.C + k] = __float2bfloat16(xrow(rr)[d.dn + k]);
+    }
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3, lj = lane >> 3, l8 = lane & 7;
+  float acc[4][2][4];
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+#pragma unroll
+    for (int n = 0; n < 2; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
+  const int nst = K / kHmK;
+  stage(0, 0);
+  for (int st = 0; st < nst; ++st) {
+    const int buf = st & 1;
+    cp_async_wait<0>();
+    __syncthreads();  // stage st is in; every warp is done with stage st - 1's buffer
+    if (st + 1 < nst) stage(buf ^ 1, (st + 1) * kHmK);
+#pragma unroll
+    for (int kk = 0; kk < kHmK / 16; ++kk) {
+      uint32_t b[4];
+      ldsm4t(b, &ws[buf][(kk * 16 + l8 + 8 * (lj & 1)) * kHmWL + warp * 16 + 8 * (lj >> 1)]);
+#pragma unroll
+      for (int m = 0; m < 4; ++m)
+        if (m < mts) {
+          uint32_t a[4];
+          ldsm4(a, &xs[buf][(m * 16 + l8 + 8 * (lj & 1)) * kHmXL + kk * 16 + 8 * (lj >> 1)]);
+          mma16816(acc[m][0], a, b[0], b[1]);
+          mma16816(acc[m][1], a, b[2], b[3]);
+        }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < 4; ++m)
+#pragma unroll
+    for (int n = 0; n < 2; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int rr = m * 16 + g + 8 * (e >> 1), c = n0 + warp * 16 + n * 8 + 2 * tq + (e & 1);
+        if (m >= mts || rr >= nr || c >= N) continue;
+        const float v = acc[m][n][e];
+        if (QLAT) {
+          Y[(static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C + c] = v;
+          if (qcat) qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + c] = __float2bfloat16(v);
+        } else {
+          Y[static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh * d.dv + h * d.dv + c] = v;
+        }
+      }
+}
+bool head_mm_ok(const AttnDims& d) { return d.dn % kHmK == 0 && d.C % kHmK == 0 && d.C % 8 == 0 && d.dv % 8 == 0; }
 
 // (value, id) ordered as the samplers order logits: larger value first, then lower id.
 __device__ __forceinline__ bool before(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
@@ -1654,7 +1939,6 @@ __host__ __device__ constexpr int few_stage_k(const DLin& W) { return W.fmt == k
 template <int FMT>
 __host__ __device__ constexpr size_t few_smem(int nt) { return size_t(2) * 8 * nt * (few_kc<FMT>() + 8) * 2; }
 
-__device__ __forceinline__ uint32_t u32_of(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 // two e4m3 bytes (low byte first) -> bf16x2 of bf16(fp8 · sc), as load_w_tile computes each
 __device__ __forceinline__ uint32_t fp8x2_deq(uint32_t two, float sc) {
@@ -2365,7 +2649,8 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   }
 }
 void set_simple_gemm(bool on) { g_simple_gemm = on; }
-bool g_simple_attention = false;
+bool g_simple_attention = false, g_mla_mma_sync = false;
+void set_mla_mma_sync(bool on) { g_mla_mma_sync = on; }
 void set_simple_attention(bool on) { g_simple_attention = on; }
 bool simple_attention() { return g_simple_attention; }
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s) {
@@ -2478,7 +2763,14 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   const unsigned rchunks = static_cast<unsigned>((n_rows + kRB - 1) / kRB);
   const bool fast = mla_fast_path(d) && part;
   bf16* qcat = fast ? reinterpret_cast<bf16*>(olat) : nullptr;  // olat is free until the combine: q_lat || q_rope in bf16
-  {
+  // the absorption matmuls on tensor cores where the tensor-core attention runs (bf16 inputs, as its Q is)
+  const bool hm = fast && head_mm_ok(d) && !g_mla_mma_sync;
+  const dim3 hm_grid(static_cast<unsigned>((n_rows + kHmRows - 1) / kHmRows), static_cast<unsigned>(d.nh), 0);
+  if (hm) {
+    dim3 g = hm_grid;
+    g.z = static_cast<unsigned>((d.C + kHmCols - 1) / kHmCols);
+    k_head_mm<true><<<g, 128, 0, s>>>(d, q, w_uk, rows, n_rows, qlat, qcat);
+  } else {
     const size_t smem = rows16_smem(d.dn);
     const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB));
     auto launch = [&](auto kernel) {
@@ -2497,7 +2789,16 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
       allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(mla_smem_bytes(512 + 128)));
       kernel<<<grid, 256, smem, s>>>(d, qcat, rows, chunk, part);
     };
-    switch (d.C / 32) {
+    if (!g_mla_mma_sync && mla_wg_ok(d)) {
+      auto launch_wg = [&](auto kernel) {
+        allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(mla_wg_smem(512 + 128)));
+        kernel<<<grid, 256, mla_wg_smem(D), s>>>(d, qcat, rows, chunk, part);
+      };
+      const bool two = d.dr == 64;  // (C + dr) / 32 rounded up: C / 32 + 1, or + 2 with rope 64
+      if (d.C == 128) two ? launch_wg(k_mla_wg<64, 6>) : launch_wg(k_mla_wg<64, 5>);
+      else if (d.C == 256) two ? launch_wg(k_mla_wg<128, 10>) : launch_wg(k_mla_wg<128, 9>);
+      else two ? launch_wg(k_mla_wg<256, 18>) : launch_wg(k_mla_wg<256, 17>);
+    } else switch (d.C / 32) {
       case 1: launch(k_mla_decode<2>); break;
       case 2: launch(k_mla_decode<4>); break;
       case 3: launch(k_mla_decode<6>); break;
@@ -2514,6 +2815,12 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
     if (d.C <= 128) k_attn_latent<4, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
     else if (d.C <= 512) k_attn_latent<16, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
     else k_attn_latent<32, 8><<<groups8(n_rows, d.nh), 8 * 32, 0, s>>>(d, q, qlat, rows, olat);
+  }
+  if (hm) {
+    dim3 g = hm_grid;
+    g.z = static_cast<unsigned>((d.dv + kHmCols - 1) / kHmCols);
+    k_head_mm<false><<<g, 128, 0, s>>>(d, olat, w_uvt, rows, n_rows, out, nullptr);
+    return;
   }
   const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.dv + kCB - 1) / kCB));
   auto launch_uv = [&](auto kernel) {

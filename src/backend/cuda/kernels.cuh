@@ -68,6 +68,10 @@ void set_tile_warps(int feature_warps);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
 void set_simple_attention(bool on);
 bool simple_attention();
+// Tests and benchmarks: absorbed decode attention as it was before the warpgroup-MMA kernel — the mma.sync
+// attention kernel (k_mla_decode) and the CUDA-core fp32 absorption matmuls (k_qlat16, k_uv16) — instead of
+// k_mla_wg (the default where kv_lora is 128, 256 or 512 and rope 16, 32 or 64) and k_head_mm.
+void set_mla_mma_sync(bool on);
 // Y[m, N] (fp32) = X[m, K] (fp32) · W[N, K]ᵀ with fp32 inputs (router logits, as the reference computes them).
 void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s);
 
