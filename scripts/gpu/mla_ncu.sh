@@ -9,10 +9,10 @@ source scripts/gpu/env.sh
 gpu_build bench_gpu || exit 1
 for size in 1x64 64x4096; do
   echo "== $size"
-  MLA_SIZES=$size MLA_SKIP_SIMPLE=1 timeout 200 ncu --clock-control none -k regex:'k_(qlat16|mla_decode|mla_wg|mla_combine|uv16)' \
+  MLA_SIZES=$size MLA_SKIP_SIMPLE=1 timeout 200 ncu --clock-control none -k regex:'k_(qlat16|mla_decode|mla_wg|mla_combine|uv16|head_mm)' \
     --launch-skip 4 --launch-count 4 --section SpeedOfLight --section Occupancy --section LaunchStats \
     --section WarpStateStats build-gpu/bench/bench_gpu mla > "$OUT/mla-ncu-$size.txt" 2>&1
-  grep -E "k_(qlat16|mla_decode|mla_wg|mla_combine|uv16)|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Limit|Stall|Warp Cycles Per Issued|Grid Size" \
+  grep -E "k_(qlat16|mla_decode|mla_wg|mla_combine|uv16|head_mm)|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Block Limit|Stall|Warp Cycles Per Issued|Grid Size" \
     "$OUT/mla-ncu-$size.txt" | head -80
 done
 rm -f "$OUT/cmake.log" "$OUT/build.log"

@@ -1574,40 +1574,57 @@ __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, con
 // attention output to bf16 too) and fp32 accumulation. A block is 64 output columns (16 per warp) × up to 64 rows
 // (m-tiles past the rows skipped), K in 32-wide stages: X converted to bf16 into shared memory, the W stage [32 k][64
 // n] by cp.async, both double-buffered. Each output's chain of mma runs over k in order from zero, whatever the
-// number of rows: a row's bits do not depend on the batch.
+// number of rows: a row's bits do not depend on the batch. The next stage's loads (W by cp.async, X into registers)
+// are in flight while the current one is multiplied.
 constexpr int kHmRows = 64, kHmCols = 64, kHmK = 32, kHmXL = kHmK + 8, kHmWL = kHmCols + 8;
 template <bool QLAT>
 __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __restrict__ X, const bf16* __restrict__ W,
                                                  const AttnRow* rows, int n_rows, float* __restrict__ Y, bf16* __restrict__ qcat) {
   __shared__ __align__(16) bf16 xs[2][kHmRows * kHmXL];
   __shared__ __align__(16) bf16 ws[2][kHmK * kHmWL];
+  __shared__ int64_t xoff[kHmRows];  // where each row's K inputs for this head start in X
   const int r0 = blockIdx.x * kHmRows, h = blockIdx.y, n0 = blockIdx.z * kHmCols;
   const int K = QLAT ? d.dn : d.C, N = QLAT ? d.C : d.dv, D = d.C + d.dr, dq = d.dn + d.dr;
   const int nr = min(kHmRows, n_rows - r0), mts = (nr + 15) / 16;
   const bf16* wh = W + static_cast<int64_t>(h) * K * N;
-  auto xrow = [&](int rr) -> const float* {  // row rr's K inputs for this head
-    return QLAT ? X + (static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh + h) * dq : X + (static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C;
-  };
-  auto stage = [&](int buf, int k0) {
-    for (int i = threadIdx.x; i < kHmK * (kHmCols / 8); i += blockDim.x) {  // W: 32 k × 8 pieces of 8 columns
+  for (int rr = threadIdx.x; rr < nr; rr += blockDim.x)
+    xoff[rr] = QLAT ? (static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh + h) * dq : (static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C;
+  __syncthreads();
+  if (QLAT && qcat) {  // the rope part (bf16) after q_lat, 4 values per thread, spread over the column blocks
+    const int q4 = d.dr / 4;
+    for (int i = threadIdx.x + blockIdx.z * blockDim.x; i < nr * q4; i += blockDim.x * gridDim.z) {
+      const int rr = i / q4, k = (i - rr * q4) * 4;
+      const float4 v = __ldg(reinterpret_cast<const float4*>(X + xoff[rr] + d.dn + k));
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(qcat + (static_cast<int64_t>(r0 + rr) * d.nh + h) * D + d.C + k);
+      dst[0] = __floats2bfloat162_rn(v.x, v.y);
+      dst[1] = __floats2bfloat162_rn(v.z, v.w);
+    }
+  }
+  auto load_w = [&](int buf, int k0) {  // W: 32 k × 8 pieces of 8 columns
+    for (int i = threadIdx.x; i < kHmK * (kHmCols / 8); i += blockDim.x) {
       const int kk = i >> 3, c = n0 + (i & 7) * 8;
       cp_async16(&ws[buf][kk * kHmWL + (i & 7) * 8], wh + static_cast<int64_t>(k0 + kk) * N + (c < N ? c : 0), c < N ? 16 : 0);
     }
     cp_async_commit();
-    for (int i = threadIdx.x; i < mts * 16 * (kHmK / 4); i += blockDim.x) {  // X: rows × 8 float4, to bf16
-      const int rr = i >> 3, k4 = (i & 7) * 4;
-      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-      if (rr < nr) v = *reinterpret_cast<const float4*>(xrow(rr) + k0 + k4);
-      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(&xs[buf][rr * kHmXL + k4]);
-      dst[0] = __floats2bfloat162_rn(v.x, v.y);
-      dst[1] = __floats2bfloat162_rn(v.z, v.w);
+  };
+  constexpr int XPT = kHmRows * (kHmK / 4) / 128;  // float4 of X per thread and stage
+  float4 xv[XPT];
+  auto load_x = [&](int k0) {  // into registers; stored (as bf16) after the current stage's mma
+#pragma unroll
+    for (int u = 0; u < XPT; ++u) {
+      const int i = threadIdx.x + 128 * u, rr = i >> 3;
+      xv[u] = rr < nr ? __ldg(reinterpret_cast<const float4*>(X + xoff[rr] + k0 + (i & 7) * 4)) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     }
   };
-  if (QLAT && qcat && blockIdx.z == 0)  // the rope part, copied once per (rows, head)
-    for (int i = threadIdx.x; i < nr * d.dr; i += blockDim.x) {
-      const int rr = i / d.dr, k = i % d.dr;
-      qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + d.C + k] = __float2bfloat16(xrow(rr)[d.dn + k]);
+  auto store_x = [&](int buf) {
+#pragma unroll
+    for (int u = 0; u < XPT; ++u) {
+      const int i = threadIdx.x + 128 * u;
+      __nv_bfloat162* dst = reinterpret_cast<__nv_bfloat162*>(&xs[buf][(i >> 3) * kHmXL + (i & 7) * 4]);
+      dst[0] = __floats2bfloat162_rn(xv[u].x, xv[u].y);
+      dst[1] = __floats2bfloat162_rn(xv[u].z, xv[u].w);
     }
+  };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3, lj = lane >> 3, l8 = lane & 7;
   float acc[4][2][4];
 #pragma unroll
@@ -1615,12 +1632,17 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __rest
 #pragma unroll
     for (int n = 0; n < 2; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
   const int nst = K / kHmK;
-  stage(0, 0);
+  load_w(0, 0);
+  load_x(0);
+  store_x(0);
   for (int st = 0; st < nst; ++st) {
     const int buf = st & 1;
     cp_async_wait<0>();
-    __syncthreads();  // stage st is in; every warp is done with stage st - 1's buffer
-    if (st + 1 < nst) stage(buf ^ 1, (st + 1) * kHmK);
+    __syncthreads();  // stage st is in; every warp is done with stage st - 1's buffers
+    if (st + 1 < nst) {  // the next stage's loads in flight during this one's mma
+      load_w(buf ^ 1, (st + 1) * kHmK);
+      load_x((st + 1) * kHmK);
+    }
 #pragma unroll
     for (int kk = 0; kk < kHmK / 16; ++kk) {
       uint32_t b[4];
@@ -1634,6 +1656,7 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __rest
           mma16816(acc[m][1], a, b[2], b[3]);
         }
     }
+    if (st + 1 < nst) store_x(buf ^ 1);  // (buffer buf ^ 1 was last read in stage st - 1, before the barrier)
   }
 #pragma unroll
   for (int m = 0; m < 4; ++m)
@@ -1652,7 +1675,7 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __rest
         }
       }
 }
-bool head_mm_ok(const AttnDims& d) { return d.dn % kHmK == 0 && d.C % kHmK == 0 && d.C % 8 == 0 && d.dv % 8 == 0; }
+bool head_mm_ok(const AttnDims& d) { return d.dn % kHmK == 0 && d.C % kHmK == 0 && d.dv % 8 == 0 && d.dr % 4 == 0; }
 
 // (value, id) ordered as the samplers order logits: larger value first, then lower id.
 __device__ __forceinline__ bool before(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
