@@ -65,8 +65,9 @@ bool env_on(const char* name) {
   return v && *v && std::string(v) != "0";
 }
 
-// KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows)
+// KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync)
 void apply_tile_env() {
+  if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   const char* v = std::getenv("KSCOPE_TILE_ROWS");
   if (!v || !*v) return;
   const std::string s = v;
