@@ -65,9 +65,11 @@ bool env_on(const char* name) {
   return v && *v && std::string(v) != "0";
 }
 
-// KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync)
+// KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync);
+// KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false))
 void apply_tile_env() {
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
+  if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
   const char* v = std::getenv("KSCOPE_TILE_ROWS");
   if (!v || !*v) return;
   const std::string s = v;
@@ -432,8 +434,8 @@ int run_profile(const std::string& dir, int64_t T, int64_t prefill) {
 
 
 // Absorbed (decode) MLA attention at Kimi-K2's attention shapes (64 heads, nope 128, rope 64, v 128, kv_lora 512),
-// over random bf16 caches, for several batch x context sizes: the warpgroup-MMA kernel (the default), the mma.sync
-// kernel and the CUDA-core kernel in the same run, against the bandwidth floor (the cache read once) and the
+// over random bf16 caches, for several batch x context sizes: the warpgroup-MMA kernel (the default: tiles by tensor
+// copies), the same with cp.async loads, the mma.sync kernel and the CUDA-core kernel in the same run, against the bandwidth floor (the cache read once) and the
 // tensor-core floor; speedup is mma.sync / wgmma.
 int run_mla(const std::string& json_out) {
   const double bw = hbm_bandwidth(), tc = bf16_tensor_rate();
@@ -486,8 +488,8 @@ int run_mla(const std::string& json_out) {
   be.set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
   be.prepare_attention(cfg, aw);
   json rows = json::array();
-  std::printf("\n%6s %8s %10s %12s %12s %8s %8s %10s\n", "batch", "context", "wgmma us", "mma.sync us", "cuda-core us", "speedup",
-              "% bw", "TFLOP/s");
+  std::printf("\n%6s %8s %10s %12s %12s %12s %8s %8s %10s\n", "batch", "context", "wgmma us", "cp.async us", "mma.sync us",
+              "cuda-core us", "speedup", "% bw", "TFLOP/s");
   std::vector<std::pair<int64_t, int64_t>> sizes = {{1, 4096}, {1, 32768}, {8, 4096}, {64, 1024}, {64, 4096}, {128, 4096}, {256, 1024}};
   if (const char* e = std::getenv("MLA_SIZES")) {  // e.g. "1x4096,64x4096"
     sizes.clear();
@@ -515,6 +517,9 @@ int run_mla(const std::string& json_out) {
     Buf<float> q(be, randn(B * nh * dq, 9)), o1(be, B * nh * dv), o2(be, B * nh * dv);
     const float scale = 1.0f / std::sqrt(static_cast<float>(dq));
     const double t_fast = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o1.data()); }, 10);
+    CudaBackend::set_mla_tma(false);
+    const double t_cpa = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data()); }, 10);
+    CudaBackend::set_mla_tma(true);
     CudaBackend::force_mla_mma_sync(true);
     const double t_mma = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data()); }, 10);
     CudaBackend::force_mla_mma_sync(false);
@@ -530,10 +535,10 @@ int run_mla(const std::string& json_out) {
     }
     const double bytes = double(B) * T * (C + dr) * 2;
     const double flops = double(B) * nh * T * (C + dr + C) * 2;
-    std::printf("%6lld %8lld %10.1f %12.1f %12.1f %7.2fx %7.0f%% %10.1f   (rel diff %.1e)\n", static_cast<long long>(B),
-                static_cast<long long>(T), t_fast * 1e6, t_mma * 1e6, t_simple * 1e6, t_mma / t_fast, 100 * bytes / bw / t_fast,
+    std::printf("%6lld %8lld %10.1f %12.1f %12.1f %12.1f %7.2fx %7.0f%% %10.1f   (rel diff %.1e)\n", static_cast<long long>(B),
+                static_cast<long long>(T), t_fast * 1e6, t_cpa * 1e6, t_mma * 1e6, t_simple * 1e6, t_mma / t_fast, 100 * bytes / bw / t_fast,
                 flops / t_fast / 1e12, std::sqrt(num / den));
-    rows.push_back({{"batch", B}, {"context", T}, {"tensor_s", t_fast}, {"mma_sync_s", t_mma}, {"cuda_core_s", t_simple}, {"bytes", bytes}, {"flops", flops},
+    rows.push_back({{"batch", B}, {"context", T}, {"tensor_s", t_fast}, {"cp_async_s", t_cpa}, {"mma_sync_s", t_mma}, {"cuda_core_s", t_simple}, {"bytes", bytes}, {"flops", flops},
                     {"bw_floor_s", bytes / bw}, {"tc_floor_s", flops / tc}, {"rel_diff", std::sqrt(num / den)}});
   }
   if (!json_out.empty()) std::ofstream(json_out) << json({{"hbm_bytes_per_s", bw}, {"bf16_flops", tc}, {"mla", rows}}).dump(2) << "\n";

@@ -672,14 +672,15 @@ TEST_F(CudaOps, prefill_attention_on_tensor_cores_at_k2_head_shapes) {
 }
 
 // Decode attention at Kimi-K2's shapes (64 heads, kv_lora 512, rope 64) and at a head count that is not a
-// multiple of 16 with an odd number of 16-wide k-steps (kv_lora 128 + rope 16), over caches long enough to split
-// across blocks, with partial tiles and a short sequence whose later splits are empty: both tensor-core kernels
-// (warpgroup MMA, mma.sync) against the CPU, the CUDA-core kernel and each other.
+// multiple of 16, with an odd number of 16-wide k-steps (kv_lora 128 + rope 16) or with rope 64 (tensor copies),
+// over caches long enough to split across blocks, with partial tiles and a short sequence whose later splits are
+// empty: the tensor-core kernels (warpgroup MMA with tensor-copy or cp.async loads, mma.sync) against the CPU, the
+// CUDA-core kernel and each other.
 TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
   struct Shape {
     int64_t nh, dn, dr, dv, C;
   };
-  for (const Shape sh : {Shape{64, 128, 64, 128, 512}, Shape{20, 32, 16, 24, 128}}) {
+  for (const Shape sh : {Shape{64, 128, 64, 128, 512}, Shape{20, 32, 16, 24, 128}, Shape{20, 32, 64, 24, 128}}) {
     const ModelConfig cfg = mla_config(sh.nh, sh.dn, sh.dr, sh.dv, sh.C, 1);
     const int64_t nh = sh.nh, dq = sh.dn + sh.dr, dv = sh.dv, C = sh.C, dr = sh.dr;
     AttentionWeights a;
@@ -712,18 +713,26 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     CudaBackend::force_simple_attention(false);
     expect_close(simple.host(), want, kChainTol, fmt::format("mla decode nh {} C {} (cuda cores) vs cpu", nh, C));
     std::vector<float> first;
-    // the warpgroup-MMA kernel (the default) and the mma.sync one
-    for (bool mma_sync : {false, true}) {
+    // the warpgroup-MMA kernel (the default; its tiles by tensor copies where rope is 64), the same with cp.async
+    // loads (the same bits), and the mma.sync kernel
+    for (int path : {0, 1, 2}) {
+      const bool mma_sync = path == 2;
       CudaBackend::force_mla_mma_sync(mma_sync);
-      const std::string what = fmt::format("mla decode nh {} C {} ({})", nh, C, mma_sync ? "mma.sync" : "wgmma");
+      CudaBackend::set_mla_tma(path == 0);
+      const std::string what = fmt::format("mla decode nh {} C {} rope {} ({})", nh, C, dr,
+                                           path == 0 ? "wgmma" : path == 1 ? "wgmma, cp.async" : "mma.sync");
       auto fast = poisoned(N * nh * dv);
+      const int64_t tma_before = CudaBackend::mla_tma_launches();
       gpu_->mla_attention(cfg, a, qd.data(), gs, scale, fast.data());
+      // tensor copies where rope is 64 (the default path), never where turned off
+      EXPECT_EQ(CudaBackend::mla_tma_launches() - tma_before, path == 0 && dr == 64 ? 1 : 0) << what;
       // Q and P are rounded to bf16 on the tensor cores (one more bf16 rounding than the CUDA-core kernel):
       // within the two-matmul chain tolerance of the CPU, and of the CUDA-core kernel
       const auto fh = fast.host();
       expect_close(fh, want, kChainTol, what + " vs cpu");
       expect_close(fh, simple.host(), kChainTol, what + " vs cuda cores");
       if (first.empty()) first = fh;
+      else if (path == 1) EXPECT_EQ(fh, first) << what << ": the loads must not change a bit";
       else expect_close(fh, first, kChainTol, what + " vs wgmma");
       // the batch-invariant split (each row's parts from its own length): each row alone gives the bits it has in
       // the batch, where the longer rows take more parts and the absorption matmuls run 16 rows per block
@@ -743,6 +752,7 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
       gpu_->set_batch_invariant_attention(false);
     }
     CudaBackend::force_mla_mma_sync(false);
+    CudaBackend::set_mla_tma(true);
   }
 }
 

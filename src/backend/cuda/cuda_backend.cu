@@ -313,6 +313,8 @@ void CudaBackend::set_tile_rows(int dense_rows, int group_rows) { cuda::set_tile
 void CudaBackend::set_batch_invariant_attention(bool on) { impl_->invariant_attention = on; }
 void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
 void CudaBackend::force_mla_mma_sync(bool on) { cuda::set_mla_mma_sync(on); }
+void CudaBackend::set_mla_tma(bool on) { cuda::set_mla_tma(on); }
+int64_t CudaBackend::mla_tma_launches() { return cuda::mla_tma_launches(); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> g(impl_->mu);
   impl_->kv_budget = bytes;
@@ -721,9 +723,17 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
         ++tiles.back().count;
       }
     const size_t rbytes = rows.size() * sizeof(cuda::AttnRow), tbytes = tiles.size() * sizeof(cuda::AttnTile);
-    Buf<uint8_t> dev(*this, static_cast<int64_t>(rbytes + tbytes));
+    // decode attention's tensor maps (two per row), 128-byte aligned after the rows
+    struct alignas(128) MapBytes {
+      unsigned char b[cuda::kMlaMapBytes];
+    };
+    std::vector<MapBytes> maps(absorbed ? 2 * rows.size() : 0);
+    const bool tma = absorbed && cuda::mla_tma_maps(d, rows.data(), static_cast<int>(rows.size()), maps.data());
+    const size_t moff = (rbytes + tbytes + 127) / 128 * 128, mbytes = tma ? maps.size() * sizeof(MapBytes) : 0;
+    Buf<uint8_t> dev(*this, static_cast<int64_t>(moff + mbytes));
     upload(dev.data(), rows.data(), rbytes);
     if (tbytes) upload(dev.data() + rbytes, tiles.data(), tbytes);
+    if (mbytes) upload(dev.data() + moff, maps.data(), mbytes);
     const auto* r = reinterpret_cast<const cuda::AttnRow*>(dev.data());
     if (absorbed) {
       const int n = static_cast<int>(rows.size());
@@ -735,7 +745,7 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
       const int splits = !fast ? 1 : invariant ? row_splits : cuda::mla_splits(d, n, max_len, m.sms);
       Buf<float> part(*this, fast ? static_cast<int64_t>(n) * splits * d.nh * (d.C + 2) : 0);
       cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, n, max_len, splits, qlat.data(), olat.data(),
-                               fast ? part.data() : nullptr, out, m.stream);
+                               fast ? part.data() : nullptr, out, m.stream, mbytes ? dev.data() + moff : nullptr);
     }
     else if (!tiles.empty())
       cuda::attention_expanded_tiles(d, q, r, reinterpret_cast<const cuda::AttnTile*>(dev.data() + rbytes),

@@ -108,6 +108,11 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: absorbed decode attention on the previous kernels (mma.sync attention, CUDA-core fp32
   // absorption matmuls) instead of the warpgroup-MMA attention and the tensor-core absorption matmuls.
   static void force_mla_mma_sync(bool on);
+  // Benchmarks and tests: decode attention's cache tiles by tensor copies (TMA; the default where rope is 64 and
+  // kv_lora 128/256/512) or, off, by per-thread cp.async (the same arithmetic, so the same bits).
+  static void set_mla_tma(bool on);
+  // Tests: decode attention launches that loaded their tiles by tensor copies so far.
+  static int64_t mla_tma_launches();
   // Overrides the plan's KV budget (tests of admission control; a server that shares the device).
   void set_kv_budget(uint64_t bytes);
 

@@ -1,6 +1,7 @@
 #include <mma.h>
 
 #include <cfloat>
+#include <atomic>
 #include <climits>
 #include <mutex>
 #include <set>
@@ -9,6 +10,9 @@
 
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/wgmma.cuh"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
 
 namespace kscope::cuda {
 
@@ -1228,10 +1232,38 @@ constexpr int kWgStages = 3, kWgXs = kMlaT + 8;  // tiles in flight; S partial r
 
 size_t mla_wg_smem(int D) {
   D = (D + 31) / 32 * 32;  // k-steps padded to an even count
-  return (static_cast<size_t>(kMlaH) * D + static_cast<size_t>(kWgStages) * kMlaT * D) * sizeof(bf16) +
-         2 * kMlaH * kWgXs * sizeof(float);
+  return 1024 /* alignment of the swizzled slabs */ + (static_cast<size_t>(kMlaH) * D + static_cast<size_t>(kWgStages) * kMlaT * D) * sizeof(bf16) +
+         2 * kMlaH * kWgXs * sizeof(float) + (kWgStages + 1) * sizeof(uint64_t);
 }
 bool mla_wg_ok(const AttnDims& d) { return (d.C == 128 || d.C == 256 || d.C == 512) && (d.dr == 16 || d.dr == 32 || d.dr == 64); }
+
+// Tensor copies (TMA) and their mbarriers, for the decode attention kernel.
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ __forceinline__ void mbar_init(uint64_t* b) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(b))); }
+__device__ __forceinline__ void tma_expect(uint64_t* b, int bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned phase) {
+  unsigned done = 0;
+  while (!done)
+    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                 : "=r"(done)
+                 : "r"(smem_u32(b)), "r"(phase)
+                 : "memory");
+}
+// box of the 2-D tensor map at (x = column, y = row) into shared memory, completing on mbarrier b
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* b) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+                   smem_u32(dst)),
+               "l"(map), "r"(x), "r"(y), "r"(smem_u32(b))
+               : "memory");
+}
+// descriptor of a K-major operand in 128-byte-swizzled slabs (sbo: bytes per 8 rows) or an MN-major one (lbo:
+// bytes per 64-element slab along M/N, sbo: bytes per 8 k-rows)
+__device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t sbo) { return wg::smem_desc(p, 16, sbo) | (uint64_t(1) << 62); }
+__device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo, uint32_t sbo) {
+  return wg::smem_desc(p, lbo, sbo) | (uint64_t(1) << 62);
+}
 
 // cp.async of R rows × CH 16-byte pieces into [CH][R][16 B] by 256 threads: each warp takes 8 rows × 4 consecutive
 // pieces at a time (64 contiguous bytes of each global row; every 8 lanes write 128 contiguous bytes of shared
@@ -1258,14 +1290,24 @@ __device__ __forceinline__ float ex2(float x) {
 // NC = C / 2: the latent columns of O per warpgroup; KSH: 16-wide k-steps of S per warpgroup, (C + dr) / 32 rounded
 // up (the dimensions padded with zeros to an even count of k-steps). Both are compile-time so that each
 // warpgroup's chain of wgmma is unrolled and issued back to back (ptxas serializes a chain inside a runtime loop).
-template <int NC, int KSH>
-__global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat, const AttnRow* rows, int chunk, float* part) {
-  extern __shared__ __align__(128) unsigned char wg_smem[];
-  constexpr int Dp = 32 * KSH, CHp = Dp / 8;
+//
+// TMA (rope 64, kv_lora a multiple of 64): the cache tiles and Q arrive by tensor copies (cp.async.bulk.tensor, one
+// thread issues them; an mbarrier per stage) in 64-wide slabs of 128-byte rows with the 128-byte swizzle, which
+// the wgmma descriptors name (K-major: +32 bytes per k-step inside a slab, 1024 bytes per 8 rows; V transposed: 4096
+// bytes per 64-column slab, 1024 per 8 tokens). Tensor copies stream the cache at the copy bandwidth where the
+// per-thread cp.async ring tops out at ~2/3 of it (bench/NOTES.md 33); rows past a cache's length come back as zeros.
+// maps: per row, the latent [len][C] and rope [len][64] tensor maps (mla_tma_maps); qmap: q_cat as [rows · nh][D].
+template <int NC, int KSH, bool TMA>
+__global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat, const AttnRow* rows, int chunk, float* part,
+                                                   const __grid_constant__ CUtensorMap qmap, const CUtensorMap* maps) {
+  extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
+  constexpr int Dp = 32 * KSH, CHp = Dp / 8, SLABS = Dp / 64;
   const int D = d.C + d.dr, CH = D / 8;
-  unsigned char* q_s = wg_smem;                           // [CHp][64 heads][16 B]
-  unsigned char* k_s = q_s + kMlaH * Dp * 2;              // stages × [CHp][32 tokens][16 B]
+  // (swizzled slabs need 1024-byte alignment)
+  unsigned char* q_s = wg_smem_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(wg_smem_raw)) & 1023)) & 1023);
+  unsigned char* k_s = q_s + kMlaH * Dp * 2;              // stages × [CHp][32 tokens][16 B] (TMA: [slab][32][128 B])
   float* x_s = reinterpret_cast<float*>(k_s + kWgStages * kMlaT * Dp * 2);  // [2][64][kWgXs] partial S
+  uint64_t* bars = reinterpret_cast<uint64_t*>(x_s + 2 * kMlaH * kWgXs);   // TMA: one per stage, then Q's
   const int row = blockIdx.x, split = blockIdx.y, hg = blockIdx.z, splits = gridDim.y;
   const AttnRow r = rows[row];
   const int wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
@@ -1274,6 +1316,15 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
   const int ntiles = t1 > t0 ? (t1 - t0 + kMlaT - 1) / kMlaT : 0;
   const int C8 = d.C / 8;
   auto load_tile = [&](int buf, int j0) {
+    if constexpr (TMA) {
+      if (threadIdx.x == 0) {
+        unsigned char* dst = k_s + buf * kMlaT * Dp * 2;
+        tma_expect(&bars[buf], kMlaT * Dp * 2);
+        for (int sl = 0; sl < SLABS - 1; ++sl) tma_load_2d(dst + sl * kMlaT * 128, &maps[2 * row], 64 * sl, j0, &bars[buf]);
+        tma_load_2d(dst + (SLABS - 1) * kMlaT * 128, &maps[2 * row + 1], 0, j0, &bars[buf]);
+      }
+      return;
+    }
     wg_stage<kMlaT>(k_s + buf * kMlaT * Dp * 2, CHp, [&](int t, int c, int& bytes) -> const void* {
       const int j = j0 + t, jj = j < t1 ? j : t0;
       bytes = j < t1 && c < CH ? 16 : 0;
@@ -1283,7 +1334,20 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
     });
     cp_async_commit();
   };
-  if (ntiles > 0) {  // Q (bf16 q_lat || q_rope) with the first tile; heads past nh are zero
+  if constexpr (TMA) {
+    if (threadIdx.x == 0) {
+      for (int i = 0; i <= kWgStages; ++i) mbar_init(&bars[i]);
+      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+    if (ntiles > 0 && threadIdx.x == 0) {  // Q: rows of heads past this row's nh are the next row's (unused) or zeros
+      tma_expect(&bars[kWgStages], kMlaH * Dp * 2);
+      for (int sl = 0; sl < SLABS; ++sl) tma_load_2d(q_s + sl * kMlaH * 128, &qmap, 64 * sl, row * d.nh + hg * kMlaH, &bars[kWgStages]);
+      load_tile(0, t0);
+      if (ntiles > 1) load_tile(1, t0 + kMlaT);
+    }
+    if (ntiles > 0) mbar_wait(&bars[kWgStages], 0);
+  } else if (ntiles > 0) {  // Q (bf16 q_lat || q_rope) with the first tile; heads past nh are zero
     const bf16* qrow = qcat + static_cast<int64_t>(row) * d.nh * D;
     wg_stage<kMlaH>(q_s, CHp, [&](int hh, int c, int& bytes) -> const void* {
       const int h = hg * kMlaH + hh;
@@ -1303,23 +1367,36 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
   const int rr0 = 16 * warp + g;  // this thread's heads (of the 64): rr0 and rr0 + 8
   const int kb = wgi * KSH;  // this warpgroup's k-steps: [kb, kb + KSH)
   for (int it = 0; it < ntiles; ++it) {
-    cp_async_wait<1>();  // this thread's pieces of tile it (and Q) have landed
-    wg::fence_smem();
+    if constexpr (TMA) {
+      mbar_wait(&bars[it % kWgStages], (it / kWgStages) & 1);
+    } else {
+      cp_async_wait<1>();  // this thread's pieces of tile it (and Q) have landed
+      wg::fence_smem();
+    }
     __syncthreads();     // everyone's; and every thread is past tile it-1, whose buffer the prefetch below reuses
     const unsigned char* kt = k_s + (it % kWgStages) * kMlaT * Dp * 2;
     float s[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i) s[i] = 0.0f;
     wg::fence();
-    // descriptors advance by address / 16 in their low bits: a k-step is 2 pieces of 64 heads / 32 tokens
-    const uint64_t qd = wg::smem_desc(q_s + kb * 2 * kMlaH * 16, kMlaH * 16, 128),
-                   kd = wg::smem_desc(kt + kb * 2 * kMlaT * 16, kMlaT * 16, 128);
+    if constexpr (TMA) {  // k-step ks: slab ks / 4, 32 bytes per k-step inside its 128-byte rows
 #pragma unroll
-    for (int i = 0; i < KSH; ++i) wg::mma_ss<32, 0, 0>(s, qd + i * (2 * kMlaH), kd + i * (2 * kMlaT), 1);
+      for (int i = 0; i < KSH; ++i) {
+        const int ks = kb + i;
+        wg::mma_ss<32, 0, 0>(s, sw128_desc(q_s + (ks >> 2) * kMlaH * 128 + (ks & 3) * 32, 1024),
+                             sw128_desc(kt + (ks >> 2) * kMlaT * 128 + (ks & 3) * 32, 1024), 1);
+      }
+    } else {
+      // descriptors advance by address / 16 in their low bits: a k-step is 2 pieces of 64 heads / 32 tokens
+      const uint64_t qd = wg::smem_desc(q_s + kb * 2 * kMlaH * 16, kMlaH * 16, 128),
+                     kd = wg::smem_desc(kt + kb * 2 * kMlaT * 16, kMlaT * 16, 128);
+#pragma unroll
+      for (int i = 0; i < KSH; ++i) wg::mma_ss<32, 0, 0>(s, qd + i * (2 * kMlaH), kd + i * (2 * kMlaT), 1);
+    }
     wg::commit();
     // the prefetch of tile it + 2 is issued while the tensor cores work on S
     if (it + 2 < ntiles) load_tile((it + 2) % kWgStages, t0 + (it + 2) * kMlaT);
-    else cp_async_commit();
+    else if (!TMA) cp_async_commit();
     wg::wait<0>();
     float* xw = x_s + wgi * kMlaH * kWgXs;
 #pragma unroll
@@ -1389,12 +1466,16 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
     }
     wg::fence();
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk)  // V: tokens along k (8 per 128 bytes), columns along n (a piece per 512 bytes)
-      wg::mma_rs<NC, 1>(o, pa[kk], wg::smem_desc(kt + kk * 256 + wgi * (NC / 8) * kMlaT * 16, 128, kMlaT * 16), 1);
+    for (int kk = 0; kk < 2; ++kk) {
+      if constexpr (TMA)  // V: 16 tokens = 2048 bytes per k-step; 64-column slabs 4096 bytes apart, 8 tokens 1024
+        wg::mma_rs<NC, 1>(o, pa[kk], sw128_desc(kt + kk * 2048 + wgi * (NC / 64) * kMlaT * 128, kMlaT * 128, 1024), 1);
+      else  // V: tokens along k (8 per 128 bytes), columns along n (a piece per 512 bytes)
+        wg::mma_rs<NC, 1>(o, pa[kk], wg::smem_desc(kt + kk * 256 + wgi * (NC / 8) * kMlaT * 16, 128, kMlaT * 16), 1);
+    }
     wg::commit();
     wg::wait<0>();
   }
-  cp_async_wait<0>();
+  if constexpr (!TMA) cp_async_wait<0>();
   // partial results as k_mla_decode's: [row][split][head][C + 2] = unnormalized O, then max (log2 domain) and sum
   const int stride = d.C + 2;
 #pragma unroll
@@ -2780,8 +2861,47 @@ int mla_row_chunk(int len) {
   const int splits = std::max(1, std::min(kMlaMaxSplits, (len + kMlaRowChunk - 1) / kMlaRowChunk));
   return ((len + splits - 1) / splits + kMlaT - 1) / kMlaT * kMlaT;
 }
+namespace {
+bool g_mla_tma = true;
+PFN_cuTensorMapEncodeTiled_v12000 tma_encoder() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+// [rows][cols] bf16 (row stride ld elements), boxes of 64 columns (128 bytes, swizzled) × box_rows rows
+bool encode_map(CUtensorMap* m, const void* base, uint64_t cols, uint64_t rows, uint64_t ld, uint32_t box_rows) {
+  const cuuint64_t dims[2] = {cols, rows}, strides[1] = {ld * 2};
+  const cuuint32_t box[2] = {64, box_rows}, es[2] = {1, 1};
+  return tma_encoder()(m, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base), dims, strides, box, es,
+                       CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                       CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+bool mla_tma_ok(const AttnDims& d) { return g_mla_tma && !g_mla_mma_sync && mla_wg_ok(d) && d.dr == 64 && tma_encoder(); }
+}  // namespace
+
+static_assert(sizeof(CUtensorMap) == kMlaMapBytes);
+std::atomic<int64_t> g_mla_tma_launches{0};
+void set_mla_tma(bool on) { g_mla_tma = on; }
+int64_t mla_tma_launches() { return g_mla_tma_launches.load(); }
+bool mla_tma_maps(const AttnDims& d, const AttnRow* rows, int n_rows, void* out) {
+  if (!mla_tma_ok(d)) return false;
+  auto* m = static_cast<CUtensorMap*>(out);
+  for (int i = 0; i < n_rows; ++i)
+    if (!encode_map(&m[2 * i], rows[i].latent, d.C, rows[i].len, d.C, kMlaT) ||
+        !encode_map(&m[2 * i + 1], rows[i].k_rope, d.dr, rows[i].len, d.dr, kMlaT))
+      return false;
+  return true;
+}
+
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
-                        int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s) {
+                        int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s,
+                        const void* kv_maps) {
   if (n_rows == 0) return;
   const unsigned rchunks = static_cast<unsigned>((n_rows + kRB - 1) / kRB);
   const bool fast = mla_fast_path(d) && part;
@@ -2813,14 +2933,26 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
       kernel<<<grid, 256, smem, s>>>(d, qcat, rows, chunk, part);
     };
     if (!g_mla_mma_sync && mla_wg_ok(d)) {
+      CUtensorMap qmap{};
+      const bool tma = kv_maps && mla_tma_ok(d) && encode_map(&qmap, qcat, D, static_cast<uint64_t>(n_rows) * d.nh, D, kMlaH);
+      const auto* maps = static_cast<const CUtensorMap*>(kv_maps);
       auto launch_wg = [&](auto kernel) {
         allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(mla_wg_smem(512 + 128)));
-        kernel<<<grid, 256, mla_wg_smem(D), s>>>(d, qcat, rows, chunk, part);
+        kernel<<<grid, 256, mla_wg_smem(D), s>>>(d, qcat, rows, chunk, part, qmap, maps);
       };
       const bool two = d.dr == 64;  // (C + dr) / 32 rounded up: C / 32 + 1, or + 2 with rope 64
-      if (d.C == 128) two ? launch_wg(k_mla_wg<64, 6>) : launch_wg(k_mla_wg<64, 5>);
-      else if (d.C == 256) two ? launch_wg(k_mla_wg<128, 10>) : launch_wg(k_mla_wg<128, 9>);
-      else two ? launch_wg(k_mla_wg<256, 18>) : launch_wg(k_mla_wg<256, 17>);
+      if (tma) {
+        ++g_mla_tma_launches;
+        if (d.C == 128) launch_wg(k_mla_wg<64, 6, true>);
+        else if (d.C == 256) launch_wg(k_mla_wg<128, 10, true>);
+        else launch_wg(k_mla_wg<256, 18, true>);
+      } else if (d.C == 128) {
+        two ? launch_wg(k_mla_wg<64, 6, false>) : launch_wg(k_mla_wg<64, 5, false>);
+      } else if (d.C == 256) {
+        two ? launch_wg(k_mla_wg<128, 10, false>) : launch_wg(k_mla_wg<128, 9, false>);
+      } else {
+        two ? launch_wg(k_mla_wg<256, 18, false>) : launch_wg(k_mla_wg<256, 17, false>);
+      }
     } else switch (d.C / 32) {
       case 1: launch(k_mla_decode<2>); break;
       case 2: launch(k_mla_decode<4>); break;

@@ -148,10 +148,20 @@ int mla_splits(const AttnDims& d, int n_rows, int max_len, int sms);
 // kMlaRowChunk tokens, at most kMlaMaxSplits of them), so its result is the same bits in any batch.
 constexpr int kMlaRowChunk = 512;
 int mla_row_chunk(int len);
+// Tensor copies (TMA) for the decode attention kernel's cache tiles (rope 64, kv_lora 128/256/512): writes two
+// tensor maps per row (its latent and rope cache, kMlaMapBytes each) into host memory at `out` (aligned to 128
+// bytes), to be uploaded and passed as kv_maps. False where the path does not apply (dimensions, the driver's
+// encoder unavailable, or set_mla_tma(false)); the kernel then loads with cp.async.
+constexpr int kMlaMapBytes = 128;
+bool mla_tma_maps(const AttnDims& d, const AttnRow* rows, int n_rows, void* out);
+// Benchmarks and tests: tensor copies on (default) or off (the cp.async loads); how many launches used them.
+void set_mla_tma(bool on);
+int64_t mla_tma_launches();
 // qlat, olat: scratch [n_rows, heads, C] fp32; part: [n_rows, splits, heads, C + 2] fp32 for the fast path (null:
-// the CUDA-core kernel).
+// the CUDA-core kernel). kv_maps: device copy of mla_tma_maps' output, or null.
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
-                        int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s);
+                        int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s,
+                        const void* kv_maps = nullptr);
 
 // Per row: max, log Σ exp(l − max) in double, the M largest (descending, ties to the lower id).
 // scratch: logits_top_scratch(R, V, M) bytes of device memory.
