@@ -743,7 +743,7 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
       const bool fast = cuda::mla_fast_path(d) && !cuda::simple_attention();
       if (fast && m.sms == 0) cudaDeviceGetAttribute(&m.sms, cudaDevAttrMultiProcessorCount, m.device);
       const int splits = !fast ? 1 : invariant ? row_splits : cuda::mla_splits(d, n, max_len, m.sms);
-      Buf<float> part(*this, fast ? static_cast<int64_t>(n) * splits * d.nh * (d.C + 2) : 0);
+      Buf<float> part(*this, fast ? static_cast<int64_t>(n) * splits * d.nh * (d.C + cuda::kMlaPartPad) : 0);
       cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, n, max_len, splits, qlat.data(), olat.data(),
                                fast ? part.data() : nullptr, out, m.stream, mbytes ? dev.data() + moff : nullptr);
     }

@@ -1034,6 +1034,8 @@ __global__ void __launch_bounds__(128) k_flash_expanded(AttnDims d, const float*
 __device__ __forceinline__ void pair_sync(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1)); }
 
 constexpr int kMlaH = 64, kMlaT = 32, kMlaPs = 40, kMlaStages = 3, kMlaMaxSplits = 128;  // heads per block, tokens per tile, P row stride, tiles in flight
+// floats per (row, split, head) of the split partial results: O[C], max, sum, 2 of padding (16-byte aligned rows)
+__host__ __device__ constexpr int mla_part_stride(int C) { return C + kMlaPartPad; }
 
 size_t mla_smem_bytes(int D) {
   const int LS = D + 8;
@@ -1198,8 +1200,9 @@ __global__ void __launch_bounds__(256, 1) k_mla_decode(AttnDims d, const bf16* q
     }
     __syncthreads();  // the tile and P are read before the next prefetch overwrites them
   }
-  // partial results: [row][split][head][C + 2] = unnormalized O, then max (log2 domain) and sum
-  const int stride = d.C + 2;
+  // partial results: [row][split][head][C + 4] = unnormalized O, then max (log2 domain) and sum (and 2 floats of
+  // padding, so that each head's O starts 16-byte aligned)
+  const int stride = mla_part_stride(d.C);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int h = hg * kMlaH + (i ? rr1 : rr0);
@@ -1476,8 +1479,8 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
     wg::wait<0>();
   }
   if constexpr (!TMA) cp_async_wait<0>();
-  // partial results as k_mla_decode's: [row][split][head][C + 2] = unnormalized O, then max (log2 domain) and sum
-  const int stride = d.C + 2;
+  // partial results as k_mla_decode's: [row][split][head][C + 4] = unnormalized O, then max (log2 domain) and sum
+  const int stride = mla_part_stride(d.C);
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int h = hg * kMlaH + rr0 + 8 * i;
@@ -1492,40 +1495,51 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
   }
 }
 
+// The splits' weights of one (row, head), by one warp: w[sp] = 2^(m_sp − M) (M the largest split maximum; 0 for an
+// empty split) and 1 / Σ w_sp l_sp, summed per lane in split order and then across lanes (warp_sum). base: the
+// head's partial results in split 0, ss: from one split to the next.
+__device__ __forceinline__ void split_weights(const float* base, int64_t ss, int C, int splits, float* w_out, float* inv_l) {
+  const int lane = threadIdx.x & 31;
+  float m[kMlaMaxSplits / 32];
+  float M = -INFINITY;
+#pragma unroll
+  for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
+    const int sp = lane + 32 * j;
+    m[j] = sp < splits ? base[sp * ss + C] : -INFINITY;
+    M = fmaxf(M, m[j]);
+  }
+  for (int off = 16; off >= 1; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+  float L = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
+    const int sp = lane + 32 * j;
+    const float w = m[j] == -INFINITY ? 0.0f : exp2f(m[j] - M);
+    if (sp < splits) {
+      L = __fmaf_rn(w, base[sp * ss + C + 1], L);
+      w_out[sp] = w;
+    }
+  }
+  L = warp_sum(L);
+  if (lane == 0) *inv_l = 1.0f / L;
+}
+// o_lat element c of one (row, head): Σ_sp part · w_sp in split order, times 1 / L
+__device__ __forceinline__ float combine_at(const float* base, int64_t ss, int splits, const float* w, float inv_l, int c) {
+  float acc = 0.0f;
+#pragma unroll 8
+  for (int sp = 0; sp < splits; ++sp) acc = __fmaf_rn(base[sp * ss + c], w[sp], acc);
+  return acc * inv_l;
+}
+
 __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* part, float* olat) {
   __shared__ float w_s[kMlaMaxSplits];
   __shared__ float inv_l;
-  const int row = blockIdx.x, h = blockIdx.y, stride = d.C + 2;
+  const int row = blockIdx.x, h = blockIdx.y, stride = mla_part_stride(d.C);
   const float* base = part + (static_cast<int64_t>(row) * splits * d.nh + h) * stride;
   const int64_t ss = static_cast<int64_t>(d.nh) * stride;  // from one split to the next
-  if (threadIdx.x < 32) {  // one warp: the splits' maxima and sums
-    float m[kMlaMaxSplits / 32];
-    float M = -INFINITY;
-#pragma unroll
-    for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
-      const int sp = threadIdx.x + 32 * j;
-      m[j] = sp < splits ? base[sp * ss + d.C] : -INFINITY;
-      M = fmaxf(M, m[j]);
-    }
-    for (int off = 16; off >= 1; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-    float L = 0.0f;
-#pragma unroll
-    for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
-      const int sp = threadIdx.x + 32 * j;
-      const float w = m[j] == -INFINITY ? 0.0f : exp2f(m[j] - M);
-      if (sp < splits) L += w * base[sp * ss + d.C + 1];
-      w_s[sp] = w;
-    }
-    L = warp_sum(L);
-    if (threadIdx.x == 0) inv_l = 1.0f / L;
-  }
+  if (threadIdx.x < 32) split_weights(base, ss, d.C, splits, w_s, &inv_l);
   __syncthreads();
-  for (int c = threadIdx.x; c < d.C; c += blockDim.x) {
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int sp = 0; sp < splits; ++sp) acc += base[sp * ss + c] * w_s[sp];
-    olat[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = acc * inv_l;
-  }
+  for (int c = threadIdx.x; c < d.C; c += blockDim.x)
+    olat[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = combine_at(base, ss, splits, w_s, inv_l, c);
 }
 
 constexpr int kRB = 16, kCB = 128;  // rows per block, output columns per block (4 per thread, 8 reduction parts)
@@ -1748,9 +1762,9 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __rest
         const int rr = m * 16 + g + 8 * (e >> 1), c = n0 + warp * 16 + n * 8 + 2 * tq + (e & 1);
         if (m >= mts || rr >= nr || c >= N) continue;
         const float v = acc[m][n][e];
-        if (QLAT) {
-          Y[(static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C + c] = v;
+        if (QLAT) {  // (the fp32 q_lat only for the CUDA-core kernel, which has no q_cat)
           if (qcat) qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + c] = __float2bfloat16(v);
+          else Y[(static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C + c] = v;
         } else {
           Y[static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh * d.dv + h * d.dv + c] = v;
         }

@@ -157,7 +157,8 @@ bool mla_tma_maps(const AttnDims& d, const AttnRow* rows, int n_rows, void* out)
 // Benchmarks and tests: tensor copies on (default) or off (the cp.async loads); how many launches used them.
 void set_mla_tma(bool on);
 int64_t mla_tma_launches();
-// qlat, olat: scratch [n_rows, heads, C] fp32; part: [n_rows, splits, heads, C + 2] fp32 for the fast path (null:
+constexpr int kMlaPartPad = 4;  // the split results hold C + kMlaPartPad floats per (row, split, head)
+// qlat, olat: scratch [n_rows, heads, C] fp32; part: [n_rows, splits, heads, C + kMlaPartPad] fp32 for the fast path (null:
 // the CUDA-core kernel). kv_maps: device copy of mla_tma_maps' output, or null.
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
                         int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s,
