@@ -1530,7 +1530,8 @@ __device__ __forceinline__ float combine_at(const float* base, int64_t ss, int s
   return acc * inv_l;
 }
 
-__global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* part, float* olat) {
+// olat16: o_lat in bf16 instead of fp32 (the same rounding the tensor-core W_UV matmul would apply)
+__global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* part, float* olat, bf16* olat16) {
   __shared__ float w_s[kMlaMaxSplits];
   __shared__ float inv_l;
   const int row = blockIdx.x, h = blockIdx.y, stride = mla_part_stride(d.C);
@@ -1538,8 +1539,11 @@ __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, con
   const int64_t ss = static_cast<int64_t>(d.nh) * stride;  // from one split to the next
   if (threadIdx.x < 32) split_weights(base, ss, d.C, splits, w_s, &inv_l);
   __syncthreads();
-  for (int c = threadIdx.x; c < d.C; c += blockDim.x)
-    olat[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = combine_at(base, ss, splits, w_s, inv_l, c);
+  for (int c = threadIdx.x; c < d.C; c += blockDim.x) {
+    const float v = combine_at(base, ss, splits, w_s, inv_l, c);
+    if (olat16) olat16[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = __float2bfloat16(v);
+    else olat[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = v;
+  }
 }
 
 constexpr int kRB = 16, kCB = 128;  // rows per block, output columns per block (4 per thread, 8 reduction parts)
@@ -1672,12 +1676,17 @@ __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, con
 // number of rows: a row's bits do not depend on the batch. The next stage's loads (W by cp.async, X into registers)
 // are in flight while the current one is multiplied.
 constexpr int kHmRows = 64, kHmCols = 64, kHmK = 32, kHmXL = kHmK + 8, kHmWL = kHmCols + 8;
-template <bool QLAT>
-__global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __restrict__ X, const bf16* __restrict__ W,
+// XBF: X in bf16 (o_lat as the combine writes it), staged by cp.async in an NS-stage ring like W; otherwise X is fp32
+// (q), read into registers a stage ahead and converted (NS = 2).
+template <bool QLAT, bool XBF, int NS>
+__global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restrict__ Xv, const bf16* __restrict__ W,
                                                  const AttnRow* rows, int n_rows, float* __restrict__ Y, bf16* __restrict__ qcat) {
-  __shared__ __align__(16) bf16 xs[2][kHmRows * kHmXL];
-  __shared__ __align__(16) bf16 ws[2][kHmK * kHmWL];
+  static_assert(XBF || NS == 2, "fp32 X goes through registers, one stage ahead");
+  __shared__ __align__(16) bf16 xs[NS][kHmRows * kHmXL];
+  __shared__ __align__(16) bf16 ws[NS][kHmK * kHmWL];
   __shared__ int64_t xoff[kHmRows];  // where each row's K inputs for this head start in X
+  const float* X = static_cast<const float*>(Xv);
+  const bf16* Xb = static_cast<const bf16*>(Xv);
   const int r0 = blockIdx.x * kHmRows, h = blockIdx.y, n0 = blockIdx.z * kHmCols;
   const int K = QLAT ? d.dn : d.C, N = QLAT ? d.C : d.dv, D = d.C + d.dr, dq = d.dn + d.dr;
   const int nr = min(kHmRows, n_rows - r0), mts = (nr + 15) / 16;
@@ -1700,9 +1709,14 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __rest
       const int kk = i >> 3, c = n0 + (i & 7) * 8;
       cp_async16(&ws[buf][kk * kHmWL + (i & 7) * 8], wh + static_cast<int64_t>(k0 + kk) * N + (c < N ? c : 0), c < N ? 16 : 0);
     }
-    cp_async_commit();
   };
-  constexpr int XPT = kHmRows * (kHmK / 4) / 128;  // float4 of X per thread and stage
+  auto load_xb = [&](int buf, int k0) {  // bf16 X: rows × 4 pieces of 8 k
+    for (int i = threadIdx.x; i < mts * 16 * (kHmK / 8); i += blockDim.x) {
+      const int rr = i >> 2, p = i & 3;
+      cp_async16(&xs[buf][rr * kHmXL + p * 8], Xb + xoff[rr < nr ? rr : 0] + k0 + p * 8, rr < nr ? 16 : 0);
+    }
+  };
+  constexpr int XPT = kHmRows * (kHmK / 4) / 128;  // fp32 X: float4 per thread and stage
   float4 xv[XPT];
   auto load_x = [&](int k0) {  // into registers; stored (as bf16) after the current stage's mma
 #pragma unroll
@@ -1727,17 +1741,27 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __rest
 #pragma unroll
     for (int n = 0; n < 2; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
   const int nst = K / kHmK;
-  load_w(0, 0);
-  load_x(0);
-  store_x(0);
-  for (int st = 0; st < nst; ++st) {
-    const int buf = st & 1;
-    cp_async_wait<0>();
-    __syncthreads();  // stage st is in; every warp is done with stage st - 1's buffers
-    if (st + 1 < nst) {  // the next stage's loads in flight during this one's mma
-      load_w(buf ^ 1, (st + 1) * kHmK);
-      load_x((st + 1) * kHmK);
+  for (int i = 0; i < NS - 1; ++i) {  // one cp.async group per stage, empty past the last
+    if (i < nst) {
+      load_w(i, i * kHmK);
+      if constexpr (XBF) load_xb(i, i * kHmK);
     }
+    cp_async_commit();
+  }
+  if constexpr (!XBF) {
+    load_x(0);
+    store_x(0);
+  }
+  for (int st = 0; st < nst; ++st) {
+    const int buf = st % NS, next = st + NS - 1;
+    cp_async_wait<NS - 2>();
+    __syncthreads();  // stage st is in; every warp is done with stage st - 1's buffers, which `next` reuses
+    if (next < nst) {  // the later stages' loads in flight during this one's mma
+      load_w(next % NS, next * kHmK);
+      if constexpr (XBF) load_xb(next % NS, next * kHmK);
+      else load_x(next * kHmK);
+    }
+    cp_async_commit();
 #pragma unroll
     for (int kk = 0; kk < kHmK / 16; ++kk) {
       uint32_t b[4];
@@ -1751,8 +1775,10 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const float* __rest
           mma16816(acc[m][1], a, b[2], b[3]);
         }
     }
-    if (st + 1 < nst) store_x(buf ^ 1);  // (buffer buf ^ 1 was last read in stage st - 1, before the barrier)
+    if constexpr (!XBF)
+      if (next < nst) store_x(next % NS);  // (that buffer was last read in stage st - 1, before the barrier)
   }
+  cp_async_wait<0>();
 #pragma unroll
   for (int m = 0; m < 4; ++m)
 #pragma unroll
@@ -2926,7 +2952,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   if (hm) {
     dim3 g = hm_grid;
     g.z = static_cast<unsigned>((d.C + kHmCols - 1) / kHmCols);
-    k_head_mm<true><<<g, 128, 0, s>>>(d, q, w_uk, rows, n_rows, qlat, qcat);
+    k_head_mm<true, false, 2><<<g, 128, 0, s>>>(d, q, w_uk, rows, n_rows, qlat, qcat);
   } else {
     const size_t smem = rows16_smem(d.dn);
     const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB));
@@ -2976,7 +3002,9 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
       case 16: launch(k_mla_decode<32>); break;
       default: goto generic;
     }
-    k_mla_combine<<<dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh)), 128, 0, s>>>(d, splits, part, olat);
+    // (for the tensor-core W_UV matmul the combine writes o_lat in bf16, into the same buffer: q_cat is consumed)
+    k_mla_combine<<<dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh)), 128, 0, s>>>(d, splits, part, olat,
+                                                                                                    hm ? qcat : nullptr);
   } else {
   generic:
     constexpr int HG = 16;
@@ -2988,7 +3016,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   if (hm) {
     dim3 g = hm_grid;
     g.z = static_cast<unsigned>((d.dv + kHmCols - 1) / kHmCols);
-    k_head_mm<false><<<g, 128, 0, s>>>(d, olat, w_uvt, rows, n_rows, out, nullptr);
+    k_head_mm<false, true, 4><<<g, 128, 0, s>>>(d, qcat, w_uvt, rows, n_rows, out, nullptr);
     return;
   }
   const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.dv + kCB - 1) / kCB));
