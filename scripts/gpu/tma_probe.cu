@@ -4,7 +4,7 @@
 //  2. V [32][256] (rows = k, columns = n: MN-major) loaded as four 64-column slabs, D = P·V by two m64n256k16 with
 //     the transposed-B flag, lbo/sbo guessed both ways (one guess per process: a wrong one may fault);
 //  3. a row range past the tensor's end comes back as zeros.
-// Build and run on the device: nvcc -O3 -std=c++20 -gencode=arch=compute_90a,code=sm_90a scripts/gpu/tma_probe.cu
+// Build and run on the device: bash scripts/gpu/tma_probe.sh
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -16,38 +16,28 @@
 #include <string>
 #include <vector>
 
-#include "../../src/backend/cuda/wgmma.cuh"
+#include "../../src/backend/cuda/tma.cuh"
+#include "probe.cuh"
 
 using bf16 = __nv_bfloat16;
 using namespace kscope::cuda;
 
-#define CK(x)                                                                              \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      std::printf("CUDA error %s line %d: %s\n", #x, __LINE__, cudaGetErrorString(e_));    \
-      std::exit(1);                                                                        \
-    }                                                                                      \
-  } while (0)
+using namespace kscope::cuda::tma;
 
-__device__ __forceinline__ unsigned sa(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void tma2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(sa(dst)),
-               "l"(map), "r"(x), "r"(y), "r"(sa(bar))
-               : "memory");
-}
-__device__ __forceinline__ void bar_init(uint64_t* b) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(sa(b))); }
-__device__ __forceinline__ void bar_expect(uint64_t* b, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(sa(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void bar_wait(uint64_t* b, unsigned phase) {
-  unsigned done = 0;
-  while (!done)
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done) : "r"(sa(b)), "r"(phase) : "memory");
-}
-__device__ __forceinline__ uint64_t desc128(const void* p, uint32_t lbo, uint32_t sbo) {
-  return wg::smem_desc(p, lbo, sbo) | (uint64_t(1) << 62);
+// One mbarrier in shared memory, initialized by thread 0; then thread 0 announces `bytes` and issues the copies
+// (issue(bar)); every thread returns once they have landed.
+template <class Issue>
+__device__ void load_all(uint64_t* bar, int bytes, Issue issue) {
+  if (threadIdx.x == 0) {
+    bar_init(bar);
+    bar_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    expect(bar, bytes);
+    issue(bar);
+  }
+  wait(bar, 0);
 }
 
 // test 1: D[64][32] = A[64][64] · B[32][64]ᵀ
@@ -55,21 +45,14 @@ __global__ void k_t1(const __grid_constant__ CUtensorMap ma, const __grid_consta
   __shared__ __align__(1024) unsigned char as[64 * 128];
   __shared__ __align__(1024) unsigned char bs[32 * 128];
   __shared__ __align__(8) uint64_t bar;
-  if (threadIdx.x == 0) {
-    bar_init(&bar);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    bar_expect(&bar, 64 * 128 + 32 * 128);
-    tma2d(as, &ma, 0, 0, &bar);
-    tma2d(bs, &mb, 0, 0, &bar);
-  }
-  bar_wait(&bar, 0);
+  load_all(&bar, 64 * 128 + 32 * 128, [&](uint64_t* b) {
+    load_2d(as, &ma, 0, 0, b);
+    load_2d(bs, &mb, 0, 0, b);
+  });
   float d[16];
   for (int i = 0; i < 16; ++i) d[i] = 0;
   wg::fence();
-  for (int s = 0; s < 4; ++s) wg::mma_ss<32, 0, 0>(d, desc128(as + 32 * s, 16, 1024), desc128(bs + 32 * s, 16, 1024), 1);
+  for (int s = 0; s < 4; ++s) wg::mma_ss<32, 0, 0>(d, sw128_desc(as + 32 * s, 16, 1024), sw128_desc(bs + 32 * s, 16, 1024), 1);
   wg::commit();
   wg::wait<0>();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
@@ -81,16 +64,9 @@ __global__ void k_t1(const __grid_constant__ CUtensorMap ma, const __grid_consta
 __global__ void k_t2(const bf16* P, const __grid_constant__ CUtensorMap mv, uint32_t lbo, uint32_t sbo, float* D) {
   __shared__ __align__(1024) unsigned char vs[4 * 32 * 128];
   __shared__ __align__(8) uint64_t bar;
-  if (threadIdx.x == 0) {
-    bar_init(&bar);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    bar_expect(&bar, 4 * 32 * 128);
-    for (int sl = 0; sl < 4; ++sl) tma2d(vs + sl * 4096, &mv, 64 * sl, 0, &bar);
-  }
-  bar_wait(&bar, 0);
+  load_all(&bar, 4 * 32 * 128, [&](uint64_t* b) {
+    for (int sl = 0; sl < 4; ++sl) load_2d(vs + sl * 4096, &mv, 64 * sl, 0, b);
+  });
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   float d[128];
   for (int i = 0; i < 128; ++i) d[i] = 0;
@@ -108,7 +84,7 @@ __global__ void k_t2(const bf16* P, const __grid_constant__ CUtensorMap mv, uint
     a[kk][3] = pk(r1[8], r1[9]);
   }
   wg::fence();
-  for (int kk = 0; kk < 2; ++kk) wg::mma_rs<256, 1>(d, a[kk], desc128(vs + kk * 16 * 128, lbo, sbo), 1);
+  for (int kk = 0; kk < 2; ++kk) wg::mma_rs<256, 1>(d, a[kk], sw128_desc(vs + kk * 16 * 128, lbo, sbo), 1);
   wg::commit();
   wg::wait<0>();
   for (int j = 0; j < 32; ++j)
@@ -119,16 +95,7 @@ __global__ void k_t2(const bf16* P, const __grid_constant__ CUtensorMap mv, uint
 __global__ void k_t3(const __grid_constant__ CUtensorMap mb, float* out) {
   __shared__ __align__(1024) unsigned char bs[32 * 128];
   __shared__ __align__(8) uint64_t bar;
-  if (threadIdx.x == 0) {
-    bar_init(&bar);
-    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    bar_expect(&bar, 32 * 128);
-    tma2d(bs, &mb, 0, 24, &bar);
-  }
-  bar_wait(&bar, 0);
+  load_all(&bar, 32 * 128, [&](uint64_t* b) { load_2d(bs, &mb, 0, 24, b); });
   for (int i = threadIdx.x; i < 32 * 64; i += blockDim.x) {
     const int r = i / 64, c = i % 64;
     // 128-byte swizzle: 16-byte chunk c/8 of row r sits at chunk (c/8) ^ (r % 8)
@@ -151,7 +118,7 @@ CUtensorMap make_map(const void* base, uint64_t cols, uint64_t rows, uint32_t bo
 
 int main(int argc, char** argv) {
   cudaDriverEntryPointQueryResult q;
-  CK(cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode), cudaEnableDefault, &q));
+  CK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", reinterpret_cast<void**>(&encode), 12000, cudaEnableDefault, &q));
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0, 1);
   auto rnd = [&](int n, std::vector<bf16>& h, std::vector<float>& f) {

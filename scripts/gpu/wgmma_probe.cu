@@ -15,18 +15,11 @@
 #include <vector>
 
 #include "../../src/backend/cuda/wgmma.cuh"
+#include "probe.cuh"
 
 using bf16 = __nv_bfloat16;
 using namespace kscope::cuda;
 
-#define CK(x)                                                                                  \
-  do {                                                                                         \
-    cudaError_t e_ = (x);                                                                      \
-    if (e_ != cudaSuccess) {                                                                   \
-      std::printf("CUDA error %s at line %d: %s\n", #x, __LINE__, cudaGetErrorString(e_));     \
-      std::exit(1);                                                                            \
-    }                                                                                          \
-  } while (0)
 
 // byte offsets in the no-swizzle layouts
 __device__ __host__ inline int off_kmajor(int r, int k, int rows) { return (k / 8) * (rows * 16) + r * 16 + (k % 8) * 2; }

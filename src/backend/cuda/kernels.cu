@@ -9,9 +9,9 @@
 #include <type_traits>
 
 #include "backend/cuda/kernels.cuh"
+#include "backend/cuda/tma.cuh"
 #include "backend/cuda/wgmma.cuh"
 
-#include <cuda.h>
 #include <cudaTypedefs.h>
 
 namespace kscope::cuda {
@@ -1240,34 +1240,6 @@ size_t mla_wg_smem(int D) {
 }
 bool mla_wg_ok(const AttnDims& d) { return (d.C == 128 || d.C == 256 || d.C == 512) && (d.dr == 16 || d.dr == 32 || d.dr == 64); }
 
-// Tensor copies (TMA) and their mbarriers, for the decode attention kernel.
-__device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-__device__ __forceinline__ void mbar_init(uint64_t* b) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(b))); }
-__device__ __forceinline__ void tma_expect(uint64_t* b, int bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(b)), "r"(bytes) : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* b, unsigned phase) {
-  unsigned done = 0;
-  while (!done)
-    asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
-                 : "=r"(done)
-                 : "r"(smem_u32(b)), "r"(phase)
-                 : "memory");
-}
-// box of the 2-D tensor map at (x = column, y = row) into shared memory, completing on mbarrier b
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* b) {
-  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
-                   smem_u32(dst)),
-               "l"(map), "r"(x), "r"(y), "r"(smem_u32(b))
-               : "memory");
-}
-// descriptor of a K-major operand in 128-byte-swizzled slabs (sbo: bytes per 8 rows) or an MN-major one (lbo:
-// bytes per 64-element slab along M/N, sbo: bytes per 8 k-rows)
-__device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t sbo) { return wg::smem_desc(p, 16, sbo) | (uint64_t(1) << 62); }
-__device__ __forceinline__ uint64_t sw128_desc(const void* p, uint32_t lbo, uint32_t sbo) {
-  return wg::smem_desc(p, lbo, sbo) | (uint64_t(1) << 62);
-}
-
 // cp.async of R rows × CH 16-byte pieces into [CH][R][16 B] by 256 threads: each warp takes 8 rows × 4 consecutive
 // pieces at a time (64 contiguous bytes of each global row; every 8 lanes write 128 contiguous bytes of shared
 // memory), a thread one row and every (256 / R)-th group of 4 pieces. src(row, piece, bytes) gives the source.
@@ -1322,9 +1294,9 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
     if constexpr (TMA) {
       if (threadIdx.x == 0) {
         unsigned char* dst = k_s + buf * kMlaT * Dp * 2;
-        tma_expect(&bars[buf], kMlaT * Dp * 2);
-        for (int sl = 0; sl < SLABS - 1; ++sl) tma_load_2d(dst + sl * kMlaT * 128, &maps[2 * row], 64 * sl, j0, &bars[buf]);
-        tma_load_2d(dst + (SLABS - 1) * kMlaT * 128, &maps[2 * row + 1], 0, j0, &bars[buf]);
+        tma::expect(&bars[buf], kMlaT * Dp * 2);
+        for (int sl = 0; sl < SLABS - 1; ++sl) tma::load_2d(dst + sl * kMlaT * 128, &maps[2 * row], 64 * sl, j0, &bars[buf]);
+        tma::load_2d(dst + (SLABS - 1) * kMlaT * 128, &maps[2 * row + 1], 0, j0, &bars[buf]);
       }
       return;
     }
@@ -1339,17 +1311,17 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
   };
   if constexpr (TMA) {
     if (threadIdx.x == 0) {
-      for (int i = 0; i <= kWgStages; ++i) mbar_init(&bars[i]);
-      asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+      for (int i = 0; i <= kWgStages; ++i) tma::bar_init(&bars[i]);
+      tma::bar_init_fence();
     }
     __syncthreads();
     if (ntiles > 0 && threadIdx.x == 0) {  // Q: rows of heads past this row's nh are the next row's (unused) or zeros
-      tma_expect(&bars[kWgStages], kMlaH * Dp * 2);
-      for (int sl = 0; sl < SLABS; ++sl) tma_load_2d(q_s + sl * kMlaH * 128, &qmap, 64 * sl, row * d.nh + hg * kMlaH, &bars[kWgStages]);
+      tma::expect(&bars[kWgStages], kMlaH * Dp * 2);
+      for (int sl = 0; sl < SLABS; ++sl) tma::load_2d(q_s + sl * kMlaH * 128, &qmap, 64 * sl, row * d.nh + hg * kMlaH, &bars[kWgStages]);
       load_tile(0, t0);
       if (ntiles > 1) load_tile(1, t0 + kMlaT);
     }
-    if (ntiles > 0) mbar_wait(&bars[kWgStages], 0);
+    if (ntiles > 0) tma::wait(&bars[kWgStages], 0);
   } else if (ntiles > 0) {  // Q (bf16 q_lat || q_rope) with the first tile; heads past nh are zero
     const bf16* qrow = qcat + static_cast<int64_t>(row) * d.nh * D;
     wg_stage<kMlaH>(q_s, CHp, [&](int hh, int c, int& bytes) -> const void* {
@@ -1371,7 +1343,7 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
   const int kb = wgi * KSH;  // this warpgroup's k-steps: [kb, kb + KSH)
   for (int it = 0; it < ntiles; ++it) {
     if constexpr (TMA) {
-      mbar_wait(&bars[it % kWgStages], (it / kWgStages) & 1);
+      tma::wait(&bars[it % kWgStages], (it / kWgStages) & 1);
     } else {
       cp_async_wait<1>();  // this thread's pieces of tile it (and Q) have landed
       wg::fence_smem();
@@ -1386,8 +1358,8 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
 #pragma unroll
       for (int i = 0; i < KSH; ++i) {
         const int ks = kb + i;
-        wg::mma_ss<32, 0, 0>(s, sw128_desc(q_s + (ks >> 2) * kMlaH * 128 + (ks & 3) * 32, 1024),
-                             sw128_desc(kt + (ks >> 2) * kMlaT * 128 + (ks & 3) * 32, 1024), 1);
+        wg::mma_ss<32, 0, 0>(s, tma::sw128_desc(q_s + (ks >> 2) * kMlaH * 128 + (ks & 3) * 32, 16, 1024),
+                             tma::sw128_desc(kt + (ks >> 2) * kMlaT * 128 + (ks & 3) * 32, 16, 1024), 1);
       }
     } else {
       // descriptors advance by address / 16 in their low bits: a k-step is 2 pieces of 64 heads / 32 tokens
@@ -1471,7 +1443,7 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk) {
       if constexpr (TMA)  // V: 16 tokens = 2048 bytes per k-step; 64-column slabs 4096 bytes apart, 8 tokens 1024
-        wg::mma_rs<NC, 1>(o, pa[kk], sw128_desc(kt + kk * 2048 + wgi * (NC / 64) * kMlaT * 128, kMlaT * 128, 1024), 1);
+        wg::mma_rs<NC, 1>(o, pa[kk], tma::sw128_desc(kt + kk * 2048 + wgi * (NC / 64) * kMlaT * 128, kMlaT * 128, 1024), 1);
       else  // V: tokens along k (8 per 128 bytes), columns along n (a piece per 512 bytes)
         wg::mma_rs<NC, 1>(o, pa[kk], wg::smem_desc(kt + kk * 256 + wgi * (NC / 8) * kMlaT * 16, 128, kMlaT * 16), 1);
     }
