@@ -67,7 +67,7 @@ bool env_on(const char* name) {
 
 // KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync);
 // KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false))
-void apply_tile_env() {
+void apply_kernel_env() {
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
   const char* v = std::getenv("KSCOPE_TILE_ROWS");
@@ -184,7 +184,7 @@ int run(const std::string& dir, const std::string& json_path) {
 
   auto backend = std::make_shared<CudaBackend>(0);
   backend->set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
-  apply_tile_env();
+  apply_kernel_env();
   const uint64_t base = used_bytes();
   auto model = Model::load(dir, backend);
   const CudaPlan& plan = backend->plan();
@@ -244,7 +244,7 @@ int run(const std::string& dir, const std::string& json_path) {
       CudaBackend::set_tile_rows(0, 0);
       s_few = time_it(step, T <= 256 ? 50 : 20);
       CudaBackend::set_tile_rows(-1, -1);
-      apply_tile_env();
+      apply_kernel_env();
     }
     const auto ih = step.chosen();
     const std::set<int32_t> distinct(ih.begin(), ih.end());
@@ -376,7 +376,7 @@ int run(const std::string& dir, const std::string& json_path) {
 int run_profile(const std::string& dir, int64_t T, int64_t prefill) {
   auto backend = std::make_shared<CudaBackend>(0);
   backend->set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
-  apply_tile_env();
+  apply_kernel_env();
   auto model = Model::load(dir, backend);
   const auto& cfg = model->config();
   Backend& be = model->backend();

@@ -1467,41 +1467,6 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
   }
 }
 
-// The splits' weights of one (row, head), by one warp: w[sp] = 2^(m_sp − M) (M the largest split maximum; 0 for an
-// empty split) and 1 / Σ w_sp l_sp, summed per lane in split order and then across lanes (warp_sum). base: the
-// head's partial results in split 0, ss: from one split to the next.
-__device__ __forceinline__ void split_weights(const float* base, int64_t ss, int C, int splits, float* w_out, float* inv_l) {
-  const int lane = threadIdx.x & 31;
-  float m[kMlaMaxSplits / 32];
-  float M = -INFINITY;
-#pragma unroll
-  for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
-    const int sp = lane + 32 * j;
-    m[j] = sp < splits ? base[sp * ss + C] : -INFINITY;
-    M = fmaxf(M, m[j]);
-  }
-  for (int off = 16; off >= 1; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
-  float L = 0.0f;
-#pragma unroll
-  for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
-    const int sp = lane + 32 * j;
-    const float w = m[j] == -INFINITY ? 0.0f : exp2f(m[j] - M);
-    if (sp < splits) {
-      L = __fmaf_rn(w, base[sp * ss + C + 1], L);
-      w_out[sp] = w;
-    }
-  }
-  L = warp_sum(L);
-  if (lane == 0) *inv_l = 1.0f / L;
-}
-// o_lat element c of one (row, head): Σ_sp part · w_sp in split order, times 1 / L
-__device__ __forceinline__ float combine_at(const float* base, int64_t ss, int splits, const float* w, float inv_l, int c) {
-  float acc = 0.0f;
-#pragma unroll 8
-  for (int sp = 0; sp < splits; ++sp) acc = __fmaf_rn(base[sp * ss + c], w[sp], acc);
-  return acc * inv_l;
-}
-
 // olat16: o_lat in bf16 instead of fp32 (the same rounding the tensor-core W_UV matmul would apply)
 __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* part, float* olat, bf16* olat16) {
   __shared__ float w_s[kMlaMaxSplits];
@@ -1509,10 +1474,35 @@ __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, con
   const int row = blockIdx.x, h = blockIdx.y, stride = mla_part_stride(d.C);
   const float* base = part + (static_cast<int64_t>(row) * splits * d.nh + h) * stride;
   const int64_t ss = static_cast<int64_t>(d.nh) * stride;  // from one split to the next
-  if (threadIdx.x < 32) split_weights(base, ss, d.C, splits, w_s, &inv_l);
+  if (threadIdx.x < 32) {  // one warp: the splits' maxima and sums
+    float m[kMlaMaxSplits / 32];
+    float M = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
+      const int sp = threadIdx.x + 32 * j;
+      m[j] = sp < splits ? base[sp * ss + d.C] : -INFINITY;
+      M = fmaxf(M, m[j]);
+    }
+    for (int off = 16; off >= 1; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
+    float L = 0.0f;
+#pragma unroll
+    for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
+      const int sp = threadIdx.x + 32 * j;
+      const float w = m[j] == -INFINITY ? 0.0f : exp2f(m[j] - M);
+      if (sp < splits) {
+        L = __fmaf_rn(w, base[sp * ss + d.C + 1], L);
+        w_s[sp] = w;
+      }
+    }
+    L = warp_sum(L);
+    if (threadIdx.x == 0) inv_l = 1.0f / L;
+  }
   __syncthreads();
   for (int c = threadIdx.x; c < d.C; c += blockDim.x) {
-    const float v = combine_at(base, ss, splits, w_s, inv_l, c);
+    float acc = 0.0f;
+#pragma unroll 8
+    for (int sp = 0; sp < splits; ++sp) acc = __fmaf_rn(base[sp * ss + c], w_s[sp], acc);
+    const float v = acc * inv_l;
     if (olat16) olat16[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = __float2bfloat16(v);
     else olat[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = v;
   }
@@ -1643,10 +1633,10 @@ __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, con
 // The absorption matmuls on tensor cores, per head h: q_lat = q_nope · W_UK[h] (K = dn, N = C) and out = o_lat ·
 // W_UV[h] (K = C, N = dv), with the activations rounded to bf16 (the reference's q_nope is bf16, and it rounds the
 // attention output to bf16 too) and fp32 accumulation. A block is 64 output columns (16 per warp) × up to 64 rows
-// (m-tiles past the rows skipped), K in 32-wide stages: X converted to bf16 into shared memory, the W stage [32 k][64
-// n] by cp.async, both double-buffered. Each output's chain of mma runs over k in order from zero, whatever the
-// number of rows: a row's bits do not depend on the batch. The next stage's loads (W by cp.async, X into registers)
-// are in flight while the current one is multiplied.
+// (m-tiles past the rows skipped), K in 32-wide stages of X (bf16) and W ([32 k][64 n], cp.async) in shared memory,
+// the later stages' loads in flight while the current one is multiplied. Each output's chain of mma runs over k in
+// order from zero, whatever the number of rows: a row's bits do not depend on the batch. q_lat goes to qcat (bf16,
+// with the rope part after it), W_UV's output to Y (fp32).
 constexpr int kHmRows = 64, kHmCols = 64, kHmK = 32, kHmXL = kHmK + 8, kHmWL = kHmCols + 8;
 // XBF: X in bf16 (o_lat as the combine writes it), staged by cp.async in an NS-stage ring like W; otherwise X is fp32
 // (q), read into registers a stage ahead and converted (NS = 2).
@@ -1666,7 +1656,7 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restr
   for (int rr = threadIdx.x; rr < nr; rr += blockDim.x)
     xoff[rr] = QLAT ? (static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh + h) * dq : (static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C;
   __syncthreads();
-  if (QLAT && qcat) {  // the rope part (bf16) after q_lat, 4 values per thread, spread over the column blocks
+  if (QLAT) {  // the rope part (bf16) after q_lat, 4 values per thread, spread over the column blocks
     const int q4 = d.dr / 4;
     for (int i = threadIdx.x + blockIdx.z * blockDim.x; i < nr * q4; i += blockDim.x * gridDim.z) {
       const int rr = i / q4, k = (i - rr * q4) * 4;
@@ -1760,9 +1750,8 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restr
         const int rr = m * 16 + g + 8 * (e >> 1), c = n0 + warp * 16 + n * 8 + 2 * tq + (e & 1);
         if (m >= mts || rr >= nr || c >= N) continue;
         const float v = acc[m][n][e];
-        if (QLAT) {  // (the fp32 q_lat only for the CUDA-core kernel, which has no q_cat)
-          if (qcat) qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + c] = __float2bfloat16(v);
-          else Y[(static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C + c] = v;
+        if (QLAT) {  // q_lat in bf16 for the tensor-core attention (the fp32 copy is only the CUDA-core kernel's)
+          qcat[(static_cast<int64_t>(r0 + rr) * d.nh + h) * D + c] = __float2bfloat16(v);
         } else {
           Y[static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh * d.dv + h * d.dv + c] = v;
         }
@@ -2894,7 +2883,10 @@ bool encode_map(CUtensorMap* m, const void* base, uint64_t cols, uint64_t rows, 
                        CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                        CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
-bool mla_tma_ok(const AttnDims& d) { return g_mla_tma && !g_mla_mma_sync && mla_wg_ok(d) && d.dr == 64 && tma_encoder(); }
+// (only where the tensor-core decode kernel runs at all, so no maps are encoded for a path that ignores them)
+bool mla_tma_ok(const AttnDims& d) {
+  return g_mla_tma && !g_mla_mma_sync && !g_simple_attention && mla_fast_path(d) && mla_wg_ok(d) && d.dr == 64 && tma_encoder();
+}
 }  // namespace
 
 static_assert(sizeof(CUtensorMap) == kMlaMapBytes);
@@ -2924,7 +2916,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   if (hm) {
     dim3 g = hm_grid;
     g.z = static_cast<unsigned>((d.C + kHmCols - 1) / kHmCols);
-    k_head_mm<true, false, 2><<<g, 128, 0, s>>>(d, q, w_uk, rows, n_rows, qlat, qcat);
+    k_head_mm<true, false, 2><<<g, 128, 0, s>>>(d, q, w_uk, rows, n_rows, nullptr, qcat);
   } else {
     const size_t smem = rows16_smem(d.dn);
     const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB));
