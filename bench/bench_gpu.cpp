@@ -66,10 +66,17 @@ bool env_on(const char* name) {
 }
 
 // KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync);
-// KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false))
+// KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false)); KSCOPE_WG_GEMM=0, KSCOPE_WG_ROWS=64|128|256
+// (CudaBackend::set_wg_gemm)
 void apply_kernel_env() {
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
+  {  // the many-row matmul on the mma.sync tile kernel (KSCOPE_WG_GEMM=0) or the wgmma one with R rows per block
+    const char* wr = std::getenv("KSCOPE_WG_ROWS");
+    const char* wgv = std::getenv("KSCOPE_WG_GEMM");
+    const bool on = !(wgv && std::string(wgv) == "0");
+    CudaBackend::set_wg_gemm(on, wr && *wr ? std::atoi(wr) : 0);
+  }
   const char* v = std::getenv("KSCOPE_TILE_ROWS");
   if (!v || !*v) return;
   const std::string s = v;
@@ -546,7 +553,8 @@ int run_mla(const std::string& json_out) {
 }
 
 // The dense matmul kernels alone at Kimi-K2 shapes, in every format, over 1-4096 rows: the streamed-weight kernel
-// (set_tile_rows(0, 0)) and the many-row tile kernel (set_tile_rows(1, 1)) on the same device weights (random
+// (set_tile_rows(0, 0)) and the many-row kernels (set_tile_rows(1, 1)), mma.sync tile and wgmma (set_wg_gemm), on
+// the same device weights (random
 // values of the format), cuBLAS BF16 (fp32 accumulation, bf16 output) on the bf16 shape as the peer, each against
 // the bandwidth floor (weights + X + fp32 Y once) and the tensor-core floor.
 int run_gemm(const std::string& json_out) {
@@ -556,7 +564,14 @@ int run_gemm(const std::string& json_out) {
   const Shape shapes[] = {{"q_a 1536x7168", 1536, 7168, false}, {"o_proj 7168x8192", 7168, 8192, false},
                           {"gate+up 2x18432x7168", 18432, 7168, true}, {"down 7168x18432", 7168, 18432, false}};
   std::vector<int> rows = {1, 8, 32, 64, 128, 256, 512, 1024, 4096};
-  if (const char* e = std::getenv("GEMM_ROWS")) rows = {std::atoi(e)};  // one case (profiling): GEMM_ROWS,
+  if (const char* e = std::getenv("GEMM_ROWS")) {  // some row counts (profiling): GEMM_ROWS=4096 or 128,4096,
+    rows.clear();
+    for (std::string v = e; !v.empty();) {
+      const size_t c = v.find(',');
+      rows.push_back(std::atoi(v.substr(0, c).c_str()));
+      v = c == std::string::npos ? "" : v.substr(c + 1);
+    }
+  }
   const char* only_matrix = std::getenv("GEMM_MATRIX");                  // GEMM_MATRIX (a part of its name),
   const char* only_fmt = std::getenv("GEMM_FMT");                        // GEMM_FMT (bf16, fp8, int4)
   const int maxM = 4096;
@@ -584,10 +599,13 @@ int run_gemm(const std::string& json_out) {
   cublasCreate(&h);
   json out = json::array();
   cudaStream_t st = nullptr;
-  std::printf("\n%-22s %-5s %5s %10s %10s %10s %10s %8s %8s %9s\n", "matrix", "fmt", "rows", "streamed", "tile 128",
-              "tile 256", "cuBLAS", "tile bw%", "tile tc%", "tile/cuBLAS");
-  std::printf("(tile bw%%, tc%%, /cuBLAS: the format's default block, 128 features for bf16, 256 for FP8/INT4; floor%%: the\n"
-              " faster kernel of the row count against max(bandwidth, tensor-core) floor)\n");
+  const char* wg_rows_env = std::getenv("KSCOPE_WG_ROWS");  // the wgmma kernel's rows per block (default: by shape)
+  const int wg_rows = wg_rows_env ? std::atoi(wg_rows_env) : 0;
+  std::printf("\n%-22s %-5s %5s %10s %10s %10s %10s %8s %8s %9s\n", "matrix", "fmt", "rows", "streamed", "tile",
+              "wgmma", "cuBLAS", "wg bw%", "wg tc%", "wg/cuBLAS");
+  std::printf("(tile: the mma.sync many-row kernel at the format's default block, 128 features for bf16, 256 for\n"
+              " FP8/INT4; wgmma: the warpgroup-MMA one, bf16 and FP8 (INT4 runs the tile kernel); floor%%: the fastest\n"
+              " kernel of the row count against max(bandwidth, tensor-core) floor)\n");
   for (const Shape& sh : shapes)
     for (int fmt : {cuda::kBf16, cuda::kFp8, cuda::kInt4}) {
       const char* fname = fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4";
@@ -617,11 +635,11 @@ int run_gemm(const std::string& json_out) {
         CudaBackend::set_tile_rows(0, 0);
         const double t_few = time_it(call, 10);
         CudaBackend::set_tile_rows(1, 1);
-        cuda::set_tile_warps(2);
-        const double t_tile2 = time_it(call, 10);
-        cuda::set_tile_warps(4);
+        CudaBackend::set_wg_gemm(false);
         const double t_tile = time_it(call, 10);
-        cuda::set_tile_warps(0);
+        CudaBackend::set_wg_gemm(true, wg_rows);
+        const double t_wg = fmt == cuda::kInt4 ? NAN : time_it(call, 10);
+        CudaBackend::set_wg_gemm(true, 0);
         CudaBackend::set_tile_rows(-1, -1);
         double t_cublas = NAN;
         if (fmt == cuda::kBf16) {
@@ -638,12 +656,13 @@ int run_gemm(const std::string& json_out) {
         const double bytes = mats * (wbytes + (W.s ? 4.0 * sh.N * sh.K / (fmt == cuda::kFp8 ? 16384 : 32) : 0)) +
                              2.0 * M * sh.K + mats * 4.0 * M * sh.N;
         const double floor = std::max(bytes / bw, flops / tc);
-        const double t_def = fmt == cuda::kBf16 ? t_tile2 : t_tile;  // the default block width of the format
+        const double t_best = std::min({t_few, t_tile, std::isnan(t_wg) ? t_tile : t_wg});
         std::printf("%-22s %-5s %5d %10.1f %10.1f %10.1f %10.1f %7.0f%% %7.0f%% %9.2f   (floor %.0f%%)\n", sh.name,
-                    fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4", M, t_few * 1e6, t_tile2 * 1e6,
-                    t_tile * 1e6, t_cublas * 1e6, 100 * bytes / bw / t_def, 100 * flops / tc / t_def, t_def / t_cublas,
-                    100 * floor / std::min({t_few, t_tile2, t_tile}));
-        out.push_back({{"matrix", sh.name}, {"fmt", fmt}, {"rows", M}, {"streamed_s", t_few}, {"tile_s", t_tile}, {"tile128_s", t_tile2},
+                    fmt == cuda::kBf16 ? "bf16" : fmt == cuda::kFp8 ? "fp8" : "int4", M, t_few * 1e6, t_tile * 1e6,
+                    t_wg * 1e6, t_cublas * 1e6, 100 * bytes / bw / t_wg, 100 * flops / tc / t_wg, t_wg / t_cublas,
+                    100 * floor / t_best);
+        out.push_back({{"matrix", sh.name}, {"fmt", fmt}, {"rows", M}, {"streamed_s", t_few}, {"tile_s", t_tile},
+                       {"wgmma_s", std::isnan(t_wg) ? json(nullptr) : json(t_wg)},
                        {"cublas_s", std::isnan(t_cublas) ? json(nullptr) : json(t_cublas)}, {"flops", flops}, {"bytes", bytes}});
       }
       cudaFree(const_cast<uint8_t*>(W.w));

@@ -362,16 +362,23 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
   }
 }
 
-// The many-row tile kernel runs the streamed kernel's chain of operations per output element. Made to take
-// everything it can (set_tile_rows(1, 1)) it must give the streamed kernel's bits (set_tile_rows(0, 0)) in every
-// format: dense matrices with K split (13 and 130 wide: 16 and 6 parts; 300x7168: 5 uneven parts) and whole, widths
-// that leave partial 128-feature and 16-feature tiles, INT4 scales off the bf16 grid, row counts that leave partial
-// 64/128-row tiles; and match the CPU. (The gate/up pair and MoE experts with a group spanning three row tiles:
-// the streamed test above.)
+// The many-row matmul runs the streamed kernel's chain of operations per output element, on the mma.sync tile
+// kernel (k_gemm_tile) and on the warpgroup-MMA one (k_gemm_wg: bf16 and FP8, 64/128/256 rows per block, X staged
+// in the k order of the streamed kernel's fragments). Made to take everything it can (set_tile_rows(1, 1)) each must
+// give the streamed kernel's bits (set_tile_rows(0, 0)) in every format: dense matrices with K split (13 and 130
+// wide: 16 and 6 parts; 300x7168: 5 uneven parts) and whole, widths that leave partial 128-feature and 16-feature
+// tiles, INT4 scales off the bf16 grid, row counts that leave partial 64/128/256-row tiles; and match the CPU. Then
+// the gate/up pair and the MoE experts (a group spanning several row tiles, the others a few rows each) on each.
 TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
   struct Restore {
-    ~Restore() { CudaBackend::set_tile_rows(-1, -1); }
+    ~Restore() {
+      CudaBackend::set_tile_rows(-1, -1);
+      CudaBackend::set_wg_gemm(true, 0);
+    }
   } restore;
+  struct Kernel { bool wg; int rows; const char* name; };
+  const Kernel kernels[] = {{false, 0, "mma.sync tile"}, {true, 0, "wgmma"}, {true, 64, "wgmma 64 rows"},
+                            {true, 128, "wgmma 128 rows"}, {true, 256, "wgmma 256 rows"}};
   struct Shape { int64_t out, in; bool f32_scales; };
   for (auto wf : kFormats)
     for (Shape sh : {Shape{200, 512, false}, Shape{13, 4096, false}, Shape{130, 1536, false}, Shape{77, 1024, true},
@@ -382,21 +389,64 @@ TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
       const auto x = randn(300 * sh.in);
       auto xd = dev(x);
       for (int64_t n : {1, 9, 130, 300}) {
-        const std::string what = fmt::format("tile {} {}x{}{} n={}", format_name(wf), sh.out, sh.in, sh.f32_scales ? " f32 scales" : "", n);
-        auto y1 = poisoned(n * sh.out), y2 = poisoned(n * sh.out);
+        auto y1 = poisoned(n * sh.out);
         CudaBackend::set_tile_rows(0, 0);
         gpu_->linear(l, xd.data(), n, y1.data());
-        CudaBackend::set_tile_rows(1, 1);
-        gpu_->linear(l, xd.data(), n, y2.data());
-        const auto got = y2.host();
-        EXPECT_EQ(got, y1.host()) << what;
-        if (sh.in <= 1536) {
-          std::vector<float> want(n * sh.out);
-          cpu_.linear(l, x.data(), n, want.data());
-          expect_close(got, want, kMatmulTol, what);
+        const auto streamed = y1.host();
+        for (const Kernel& k : kernels) {
+          if (k.wg && wf == WeightFormat::int4_group && k.rows != 0) continue;  // INT4: the tile kernel either way
+          const std::string what = fmt::format("{} {} {}x{}{} n={}", k.name, format_name(wf), sh.out, sh.in,
+                                               sh.f32_scales ? " f32 scales" : "", n);
+          auto y2 = poisoned(n * sh.out);
+          CudaBackend::set_wg_gemm(k.wg, k.rows);
+          CudaBackend::set_tile_rows(1, 1);
+          gpu_->linear(l, xd.data(), n, y2.data());
+          CudaBackend::set_tile_rows(0, 0);
+          const auto got = y2.host();
+          EXPECT_EQ(got, streamed) << what;
+          if (sh.in <= 1536 && !k.wg) {
+            std::vector<float> want(n * sh.out);
+            cpu_.linear(l, x.data(), n, want.data());
+            expect_close(got, want, kMatmulTol, what);
+          }
         }
       }
     }
+  const int64_t H = 512, I = 256, E = 16, K = 4;
+  for (auto wf : kFormats) {
+    MlpWeights mlp;
+    make_mlp(mlp, wf, H, I);
+    MoeWeights moe;
+    make_moe(moe, wf, H, I, E);
+    const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
+    for (int64_t n : {70, 300}) {
+      const auto x = randn(n * H);
+      auto xd = dev(x);
+      std::vector<float> rl(n * E), wt(n * K);
+      std::vector<int32_t> idx(n * K);
+      cpu_.linear(moe.router, x.data(), n, rl.data());
+      for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;  // expert 0 takes every token
+      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
+      Buf<int32_t> id(*gpu_, idx);
+      auto wd = dev(wt);
+      CudaBackend::set_tile_rows(0, 0);
+      auto od = poisoned(n * H), md = poisoned(n * H);
+      gpu_->mlp(mlp, xd.data(), n, od.data());
+      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), md.data());
+      const auto mlp_streamed = od.host(), moe_streamed = md.host();
+      for (const Kernel& k : kernels) {
+        if (k.wg && wf == WeightFormat::int4_group && k.rows != 0) continue;
+        auto ot = poisoned(n * H), mt = poisoned(n * H);
+        CudaBackend::set_wg_gemm(k.wg, k.rows);
+        CudaBackend::set_tile_rows(1, 1);
+        gpu_->mlp(mlp, xd.data(), n, ot.data());
+        gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mt.data());
+        CudaBackend::set_tile_rows(0, 0);
+        EXPECT_EQ(ot.host(), mlp_streamed) << k.name << " mlp " << format_name(wf) << " n=" << n;
+        EXPECT_EQ(mt.host(), moe_streamed) << k.name << " moe " << format_name(wf) << " n=" << n;
+      }
+    }
+  }
 }
 
 TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {

@@ -2514,6 +2514,205 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
   }
 }
 
+// ---- many-row matmul on warpgroup MMA ("wg"): the tile kernel's contract (the streamed kernel's bits at any row
+// count) on Hopper's wgmma. A wgmma m64nNk16 chain gives the bits of the same chain of mma.sync m16n8k16 over the
+// same k-slots (bench/NOTES.md 30), so each output element runs the streamed kernel's chain if every k-step holds
+// the elements that k_gemm_few puts in its mma's 16 k-slots. Weights are the A operand (64 features per warpgroup,
+// 16 per warp), read from a shared-memory tile into registers exactly as k_gemm_tile reads them (a lane's 16 bytes
+// of rows g and g + 8 per chunk, dequantized by the same functions), so their k order is the streamed kernel's by
+// construction. X is the B operand (N = R rows of the block) and stays in shared memory, where the wgmma reads it in
+// natural k order; so X is staged permuted: with a chunk of CW elements (CW / 2 words, P = CW / 8 words per lane's
+// 16 bytes), source word w = P·q + j lands in k-step j / 2, k-slot word q + 4·(j % 2) (bf16: a 4 x 4 word transpose
+// of every 64 bytes). The copies are 4-byte cp.async, each warp instruction filling one 128-byte core matrix
+// (8 rows x 4 words of one j), so they hit no bank twice. Layout per chunk: [k-step][R / 8][2 core matrices][8 rows]
+// [16 B] (no swizzle: lbo 128 along k, sbo 256 along the rows).
+// Block: 2 warpgroups x 64 features (128) x R rows; stages of 64 k (bf16: 2 chunks; FP8: 1), a cp.async ring with
+// NS stages in flight (two behind the multiplies: a stage's buffer is rewritten only after the wgmma group that read
+// it has been waited for). K splits (narrow dense matrices) end with their sum added to the total in registers, as
+// k_sum_parts adds them. INT4 stays on the tile kernel (its B-operand order is a 2-byte permutation).
+constexpr int kWgFeat = 128, kWgThreads = 256;
+template <int FMT>
+__host__ __device__ constexpr int wg_kc() { return 64 / tile_cw<FMT>(); }  // chunks per 64-k stage
+template <int FMT, int R>
+__host__ __device__ constexpr int wg_stage_bytes() { return kWgFeat * 64 * wg_kc<FMT>() + R * 128; }
+template <int FMT, int R>
+__host__ __device__ constexpr int wg_stages() { return (200 * 1024) / wg_stage_bytes<FMT, R>() > 6 ? 6 : (200 * 1024) / wg_stage_bytes<FMT, R>(); }
+template <int FMT, int R>
+__host__ __device__ constexpr size_t wg_smem() { return size_t(wg_stages<FMT, R>()) * wg_stage_bytes<FMT, R>(); }
+
+__device__ __forceinline__ void cp_async4_s(uint32_t smem, const void* gmem, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+}
+
+// cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM of them
+template <int FMT, int R, bool SPLIT>
+__global__ void __launch_bounds__(kWgThreads, 1)
+    k_gemm_wg(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2, DLin W2,
+              Groups gr, int cps) {
+  static_assert(FMT == kBf16 || FMT == kFp8, "INT4 runs the tile kernel");
+  constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), P = CW / 8, NS = wg_stages<FMT, R>();
+  constexpr int STAGE = wg_stage_bytes<FMT, R>(), WBYTES = kWgFeat * 64 * KC, XCHUNK = R * CW * 2, E16 = few_per16<FMT>();
+  static_assert(NS >= 3, "the ring needs two stages ahead of the multiplies");
+  if (blockIdx.z == 1) {
+    W = W2;
+    Y = Y2;
+  }
+  int g = 0, r0, r1, ct;
+  if (gr.row_off) {
+    ct = blockIdx.x;
+    if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
+    if ((blockIdx.y - gr.tile_off[g]) % (R / kBM)) return;  // another block's
+    r1 = min(r0 + R, gr.row_off[g + 1]);
+  } else {  // rasterized as the tile kernel
+    const int rts = (M + R - 1) / R, cts = (W.N + kWgFeat - 1) / kWgFeat, b = blockIdx.x, per = kTileRaster * cts;
+    const int first = b / per * kTileRaster, gs = min(rts - first, kTileRaster), in = b - first * cts;
+    const int rt = first + in % gs;
+    ct = in / gs;
+    r0 = rt * R;
+    r1 = min(r0 + R, M);
+    if (r0 >= r1) return;
+  }
+  const int rows = r1 - r0, n0 = ct * kWgFeat;
+  const uint8_t* wb = W.w + g * W.w_stride;
+  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  extern __shared__ __align__(128) uint8_t wg_sm[];
+  const uint32_t sm0 = static_cast<uint32_t>(__cvta_generic_to_shared(wg_sm));
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
+  const int f0 = (warp >> 2) * 64 + (warp & 3) * 16;  // the warp's first feature in the tile
+  const int nst = W.K / 64;
+  // Staging addresses. Weights: pieces tid + i·256 of the stage's KC·512 (chunk, row, 16-byte piece).
+  constexpr int WPT = KC * kWgFeat * 4 / kWgThreads;
+  const uint8_t* wsrc[WPT];
+  uint32_t wdst[WPT];
+  int wok[WPT];
+#pragma unroll
+  for (int i = 0; i < WPT; ++i) {
+    const int p = tid + i * kWgThreads, kc = p / (kWgFeat * 4), rw = (p / 4) % kWgFeat, pc = p & 3;
+    wok[i] = n0 + rw < W.N ? 16 : 0;
+    wsrc[i] = wb + static_cast<int64_t>(min(n0 + rw, W.N - 1)) * W.w_ld + kc * 64 + pc * 16;
+    wdst[i] = kc * kWgFeat * 64 + rw * 64 + pc * 16;
+  }
+  // X: warp w fills the core matrices of row groups w, w + 8, ...; lane (rr = lane / 4, q = lane % 4) copies word
+  // P·q + j of row 8·rg + rr into k-step j / 2, core matrix j % 2.
+  constexpr int XG = R / 8 / 8 > 0 ? R / 64 : 1;  // row groups per warp
+  const int rr = lane >> 2, q = lane & 3;
+  const bf16* xsrc[XG];
+  int xok[XG];
+#pragma unroll
+  for (int i = 0; i < XG; ++i) {
+    const int rg = warp + 8 * i, r = rg * 8 + rr;
+    xok[i] = rg < R / 8 && r < rows ? 4 : 0;
+    xsrc[i] = X + static_cast<int64_t>(r0 + min(r, rows - 1)) * W.K + q * P * 2;
+  }
+  const uint32_t xdst0 = WBYTES + (warp * 256) + rr * 16 + q * 4;
+  auto stage = [&](int st, int buf) {
+    const uint32_t base = sm0 + buf * STAGE;
+#pragma unroll
+    for (int i = 0; i < WPT; ++i) cp_async16_s(base + wdst[i], wsrc[i] + static_cast<int64_t>(st) * 64 * KC, wok[i]);
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+      for (int i = 0; i < XG; ++i)
+        if (XG > 1 || warp < R / 8)
+#pragma unroll
+          for (int j = 0; j < 2 * P; ++j)
+            cp_async4_s(base + xdst0 + kc * XCHUNK + (j >> 1) * R * 32 + i * 8 * 256 + (j & 1) * 128,
+                        xsrc[i] + (static_cast<int64_t>(st) * KC + kc) * CW + 2 * j, xok[i]);
+  };
+  float acc[R / 2];
+  float tot[SPLIT ? R / 2 : 1];
+#pragma unroll
+  for (int e = 0; e < R / 2; ++e) {
+    acc[e] = 0.0f;
+    if constexpr (SPLIT) tot[e] = 0.0f;
+  }
+  // scales (FP8: one per lane and chunk; the launch takes FP8 only with bo % 64 == 0, so a warpgroup's 64
+  // features lie in one block of rows)
+  const float* srow = nullptr;
+  if constexpr (FMT == kFp8) srow = sb + static_cast<int64_t>(min(n0 + f0 + gq, W.N - 1) / W.bo) * W.s_cols;
+  const bool sa_ok = n0 + f0 + gq < W.N, sv_ok = n0 + f0 + gq + 8 < W.N;
+#pragma unroll
+  for (int s = 0; s < NS - 2; ++s) {
+    if (s < nst) stage(s, s);
+    cp_async_commit();
+  }
+  const int per = SPLIT ? cps / KC : nst;  // stages per split
+  int buf = 0, sbuf = NS - 2, st = 0;
+  // (a do loop: with a path that skips it, the accumulators' zeros would reach the final wait and ptxas would
+  // serialize every wgmma; K >= 256 here)
+  do {
+    cp_async_wait<NS - 3>();  // this thread's pieces of stage st have landed
+    wg::fence_smem();
+    __syncthreads();          // ... everyone's; and the wgmma group that read buffer sbuf was waited for
+    if (st + NS - 2 < nst) stage(st + NS - 2, sbuf);
+    cp_async_commit();
+    sbuf = sbuf + 1 == NS ? 0 : sbuf + 1;
+    const uint8_t* ws = wg_sm + buf * STAGE;
+    uint32_t a[KC][CW / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+      const uint4 wa = *reinterpret_cast<const uint4*>(ws + kc * kWgFeat * 64 + (f0 + gq) * 64 + tq * 16);
+      const uint4 wv = *reinterpret_cast<const uint4*>(ws + kc * kWgFeat * 64 + (f0 + gq + 8) * 64 + tq * 16);
+      if constexpr (FMT == kBf16) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          a[kc][h][0] = word_of(wa, 2 * h);
+          a[kc][h][1] = word_of(wv, 2 * h);
+          a[kc][h][2] = word_of(wa, 2 * h + 1);
+          a[kc][h][3] = word_of(wv, 2 * h + 1);
+        }
+      } else {
+        const int kk = ((st * KC + kc) * CW + tq * E16) / W.bi;
+        const float sa = sa_ok ? __ldg(srow + kk) : 0.0f, sv = sv_ok ? __ldg(srow + kk) : 0.0f;
+#pragma unroll
+        for (int h = 0; h < 4; ++h) {
+          const uint32_t pa = word_of(wa, h), pb = word_of(wv, h);
+          a[kc][h][0] = fp8x2_deq(pa, sa);
+          a[kc][h][1] = fp8x2_deq(pb, sv);
+          a[kc][h][2] = fp8x2_deq(pa >> 16, sa);
+          a[kc][h][3] = fp8x2_deq(pb >> 16, sv);
+        }
+      }
+    }
+    wg::fence();
+    const uint8_t* xs = ws + WBYTES;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+#pragma unroll
+      for (int h = 0; h < CW / 16; ++h)
+        wg::mma_rs<R, 0>(acc, a[kc][h], wg::smem_desc(xs + kc * XCHUNK + h * R * 32, 128, 256), 1);
+    wg::commit();
+    buf = buf + 1 == NS ? 0 : buf + 1;
+    if constexpr (SPLIT) {
+      if ((st + 1) % per == 0 || st + 1 == nst) {  // the end of a split: its sum joins the total
+        wg::wait<0>();
+#pragma unroll
+        for (int e = 0; e < R / 2; ++e) {
+          tot[e] += acc[e];
+          acc[e] = 0.0f;
+        }
+        continue;
+      }
+    }
+    wg::wait<1>();
+  } while (++st < nst);
+  wg::wait<0>();
+  cp_async_wait<0>();
+  const float* res = SPLIT ? tot : acc;
+  const int na = n0 + f0 + gq;
+#pragma unroll
+  for (int j = 0; j < R / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = j * 8 + 2 * tq + e;
+      if (tok < rows) {
+        float* y = Y + static_cast<int64_t>(r0 + tok) * W.N;
+        if (na < W.N) y[na] = res[4 * j + e];
+        if (na + 8 < W.N) y[na + 8] = res[4 * j + 2 + e];
+      }
+    }
+}
+
 // RMSNorm, one block per row: the row read once (16-byte loads where aligned) into shared memory when it fits there
 // (row_in_smem; out may alias x, so a row that does not fit is read again from x), squares summed by warps.
 __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ w, int64_t d,
@@ -2648,8 +2847,16 @@ void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M
 }
 // One launch of the tile kernel: grouped (row_tiles: the kBM-row tiles of the groups) or dense (all M rows), K split
 // into ksplit parts of the streamed kernel's stages (1: whole).
+bool g_wg_gemm = true;
+int g_wg_rows = 0;  // 0: by shape
+void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
+             cudaStream_t s, float* Y2, const DLin* W2);
 void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
                cudaStream_t s, float* Y2, const DLin* W2) {
+  if (g_wg_gemm && W.fmt != kInt4) {
+    gemm_wg(X, M, Y, W, groups, row_tiles, ksplit, s, Y2, W2);
+    return;
+  }
   const bool split = ksplit > 1;
   const int fw = g_tile_fw ? g_tile_fw : W.fmt == kBf16 ? 2 : 4;
   const int R = split ? 64 : 128, BF = groups.row_off ? 128 : 64 * fw;
@@ -2669,6 +2876,53 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
     default: launch_tile_fmt<kBf16, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps); break;
   }
 }
+// The warpgroup-MMA variant of the tile kernel (bf16 and FP8; same bits). R: rows per block (the wgmma's N).
+template <int FMT, int R, bool SPLIT>
+void launch_wg(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
+               const Groups& gr, int cps) {
+  const void* k = reinterpret_cast<const void*>(k_gemm_wg<FMT, R, SPLIT>);
+  allow_smem(k, int(wg_smem<FMT, R>()));
+  k_gemm_wg<FMT, R, SPLIT><<<grid, kWgThreads, wg_smem<FMT, R>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
+}
+template <int FMT>
+void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W,
+                    float* Y2, const DLin& W2, const Groups& gr, int cps) {
+  if (split) {
+    if (R == 64) launch_wg<FMT, 64, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    else launch_wg<FMT, 128, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  } else if (R == 64) {
+    launch_wg<FMT, 64, false>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  } else if (R == 128) {
+    launch_wg<FMT, 128, false>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  } else {
+    launch_wg<FMT, 256, false>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+  }
+}
+// Rows per block: dense launches 256 (128 with K split: the split total doubles the accumulators) or fewer for
+// few rows; grouped ones by the average rows per group (a block covers one group's rows).
+int wg_rows(int M, const Groups& gr, bool split) {
+  int r = g_wg_rows;
+  if (r == 0) {
+    const int avg = gr.row_off ? M / std::max(1, gr.G) : M;
+    r = avg <= 64 ? 64 : avg <= 128 || gr.row_off ? 128 : 256;
+  }
+  if (split) r = std::min(r, 128);
+  return r <= 64 ? 64 : r <= 128 ? 128 : 256;
+}
+void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
+             cudaStream_t s, float* Y2, const DLin* W2) {
+  const bool split = ksplit > 1;
+  const int R = wg_rows(M, groups, split);
+  const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
+  const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : tile_cw<kFp8>();
+  const int cps = sps * (few_stage_k(W) / cw);
+  const int64_t cts = cdiv(W.N, kWgFeat);
+  const dim3 grid = groups.row_off ? dim3(static_cast<unsigned>(cts), static_cast<unsigned>(row_tiles), W2 ? 2u : 1u)
+                                   : dim3(static_cast<unsigned>(cts * cdiv(M, R)), 1u, W2 ? 2u : 1u);
+  const DLin& w2 = W2 ? *W2 : W;
+  if (W.fmt == kFp8) launch_wg_rows<kFp8>(R, split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
+  else launch_wg_rows<kBf16>(R, split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
+}
 // shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
 bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
 constexpr int kTileDenseRows = 48, kTileGroupRows = 24;
@@ -2676,6 +2930,10 @@ int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows;
 
 }  // namespace
 
+void set_wg_gemm(bool on, int rows) {
+  g_wg_gemm = on;
+  g_wg_rows = rows;
+}
 void set_tile_warps(int fw) { g_tile_fw = fw == 2 || fw == 4 ? fw : 0; }
 void set_tile_rows(int dense_rows, int group_rows) {
   g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;

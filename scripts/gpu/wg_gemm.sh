@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The many-row matmul on warpgroup MMA (k_gemm_wg): builds, runs the matmul op tests (streamed vs tile vs wgmma bit
+# identity, CPU reference) and times the dense K2 shapes on the streamed, mma.sync tile, wgmma kernels and cuBLAS.
+#   run: bash scripts/gpu/wg_gemm.sh   (carry .deps; GEMM_ROWS, GEMM_FMT, GEMM_MATRIX, KSCOPE_WG_ROWS pass through;
+#        TESTS=0 skips the tests, FULL=1 runs all CUDA op tests)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/gpu/env.sh
+nvidia-smi --query-gpu=name --format=csv,noheader
+gpu_build test_cuda_backend bench_gpu || exit 1
+status=0
+if [ "${TESTS:-1}" != 0 ]; then
+  filter='*matmul*'
+  [ "${FULL:-0}" = 1 ] && filter='*'
+  KSCOPE_REQUIRE_CUDA=1 build-gpu/tests/test_cuda_backend --gtest_filter="$filter" >"$OUT/ops.txt" 2>&1 || status=1
+  grep -E "^\[       OK|^\[  FAILED|^\[  PASSED" "$OUT/ops.txt"
+  grep -B3 -A12 "Failure" "$OUT/ops.txt" | head -80
+fi
+GEMM_ROWS=${GEMM_ROWS:-128,512,4096} GEMM_FMT=${GEMM_FMT:-bf16} build-gpu/bench/bench_gpu gemm "$OUT/gemm.json" | tee "$OUT/gemm.txt"
+exit $status
