@@ -2520,38 +2520,45 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
 // the elements that k_gemm_few puts in its mma's 16 k-slots. Weights are the A operand (64 features per warpgroup,
 // 16 per warp), read from a shared-memory tile into registers exactly as k_gemm_tile reads them (a lane's 16 bytes
 // of rows g and g + 8 per chunk, dequantized by the same functions), so their k order is the streamed kernel's by
-// construction. X is the B operand (N = R rows of the block) and stays in shared memory, where the wgmma reads it in
-// natural k order; so X is staged permuted: with a chunk of CW elements (CW / 2 words, P = CW / 8 words per lane's
-// 16 bytes), source word w = P·q + j lands in k-step j / 2, k-slot word q + 4·(j % 2) (bf16: a 4 x 4 word transpose
-// of every 64 bytes). The copies are 4-byte cp.async, each warp instruction filling one 128-byte core matrix
-// (8 rows x 4 words of one j), so they hit no bank twice. Layout per chunk: [k-step][R / 8][2 core matrices][8 rows]
-// [16 B] (no swizzle: lbo 128 along k, sbo 256 along the rows).
-// Block: 2 warpgroups x 64 features (128) x R rows; stages of 64 k (bf16: 2 chunks; FP8: 1), a cp.async ring with
-// NS stages in flight (two behind the multiplies: a stage's buffer is rewritten only after the wgmma group that read
-// it has been waited for). K splits (narrow dense matrices) end with their sum added to the total in registers, as
-// k_sum_parts adds them. INT4 stays on the tile kernel (its B-operand order is a 2-byte permutation).
+// construction. X is the B operand (N = R rows of the block), read by the tensor cores from shared memory in
+// natural k order; so X is first rewritten (k_permute_x, into a workspace) with every chunk of CW elements in the
+// streamed kernel's k-slot order: with P = CW / 8 words per lane's 16 bytes, output word 8h + s of a chunk (k-step
+// h, slot word s) is source word P·(s % 4) + 2h + s / 4 (bf16: a 4 x 4 word transpose of every 64 bytes). Then X
+// tiles come by tensor copies (TMA) as [R rows][64 k] with 128-byte swizzle, 32 bytes per k-step.
+// Block: 2 warpgroups x 64 features (128) x R rows; stages of 64 k (bf16: 2 chunks; FP8: 1), weights by cp.async
+// and X by TMA into a ring of NS stages, two behind the multiplies (a stage's buffer is rewritten only after every
+// warpgroup has waited for the wgmma group that read it). The tensor cores read A registers until the group is
+// waited for, so a warpgroup waits for its previous group before loading the next fragments (the other
+// warpgroup's multiplies fill that gap). K splits (narrow dense matrices) end with their sum added to the total in
+// registers, as k_sum_parts adds them. INT4 stays on the tile kernel (its B-operand order is a 2-byte permutation).
 constexpr int kWgFeat = 128, kWgThreads = 256;
 template <int FMT>
 __host__ __device__ constexpr int wg_kc() { return 64 / tile_cw<FMT>(); }  // chunks per 64-k stage
 template <int FMT, int R>
-__host__ __device__ constexpr int wg_stage_bytes() { return kWgFeat * 64 * wg_kc<FMT>() + R * 128; }
+__host__ __device__ constexpr int wg_stage_bytes() { return R * 128 + kWgFeat * 64 * wg_kc<FMT>(); }  // X, then W
 template <int FMT, int R>
 __host__ __device__ constexpr int wg_stages() { return (200 * 1024) / wg_stage_bytes<FMT, R>() > 6 ? 6 : (200 * 1024) / wg_stage_bytes<FMT, R>(); }
 template <int FMT, int R>
-__host__ __device__ constexpr size_t wg_smem() { return size_t(wg_stages<FMT, R>()) * wg_stage_bytes<FMT, R>(); }
+__host__ __device__ constexpr size_t wg_smem() { return size_t(wg_stages<FMT, R>()) * wg_stage_bytes<FMT, R>() + 1024 + 64; }
 
-__device__ __forceinline__ void cp_async4_s(uint32_t smem, const void* gmem, int src_bytes) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem), "l"(gmem), "r"(src_bytes));
+// Xp = X with each chunk of 4P words in k-slot order (see above); one thread per output 16-byte piece
+__global__ void k_permute_x(const uint32_t* __restrict__ X, int64_t pieces, int P, uint4* __restrict__ Xp) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < pieces; i += int64_t(gridDim.x) * blockDim.x) {
+    const int pc = static_cast<int>(i % P), h = pc >> 1, cm = pc & 1;
+    const uint32_t* src = X + (i / P) * 4 * P + 2 * h + cm;
+    Xp[i] = make_uint4(__ldg(src), __ldg(src + P), __ldg(src + 2 * P), __ldg(src + 3 * P));
+  }
 }
 
-// cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM of them
+// xmap: Xp as [M][K] bf16, boxes of 64 k x R rows, 128-byte swizzle. cps: chunks per K split (SPLIT); grouped row
+// tiles come in kBM units (row_tile's) and a block takes R / kBM of them.
 template <int FMT, int R, bool SPLIT>
 __global__ void __launch_bounds__(kWgThreads, 1)
-    k_gemm_wg(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2, DLin W2,
-              Groups gr, int cps) {
+    k_gemm_wg(const __grid_constant__ CUtensorMap xmap, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2,
+              DLin W2, Groups gr, int cps) {
   static_assert(FMT == kBf16 || FMT == kFp8, "INT4 runs the tile kernel");
-  constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), P = CW / 8, NS = wg_stages<FMT, R>();
-  constexpr int STAGE = wg_stage_bytes<FMT, R>(), WBYTES = kWgFeat * 64 * KC, XCHUNK = R * CW * 2, E16 = few_per16<FMT>();
+  constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), NS = wg_stages<FMT, R>();
+  constexpr int STAGE = wg_stage_bytes<FMT, R>(), XBYTES = R * 128, E16 = few_per16<FMT>();
   static_assert(NS >= 3, "the ring needs two stages ahead of the multiplies");
   if (blockIdx.z == 1) {
     W = W2;
@@ -2575,12 +2582,15 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const int rows = r1 - r0, n0 = ct * kWgFeat;
   const uint8_t* wb = W.w + g * W.w_stride;
   const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
-  extern __shared__ __align__(128) uint8_t wg_sm[];
+  extern __shared__ __align__(1024) uint8_t wg_sm_raw[];
+  // (swizzled tiles need 1024-byte alignment)
+  uint8_t* wg_sm = wg_sm_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(wg_sm_raw)) & 1023)) & 1023);
+  uint64_t* bars = reinterpret_cast<uint64_t*>(wg_sm + NS * STAGE);
   const uint32_t sm0 = static_cast<uint32_t>(__cvta_generic_to_shared(wg_sm));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int f0 = (warp >> 2) * 64 + (warp & 3) * 16;  // the warp's first feature in the tile
   const int nst = W.K / 64;
-  // Staging addresses. Weights: pieces tid + i·256 of the stage's KC·512 (chunk, row, 16-byte piece).
+  // Weight staging: pieces tid + i·256 of the stage's KC·512 (chunk, row, 16-byte piece).
   constexpr int WPT = KC * kWgFeat * 4 / kWgThreads;
   const uint8_t* wsrc[WPT];
   uint32_t wdst[WPT];
@@ -2590,34 +2600,21 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     const int p = tid + i * kWgThreads, kc = p / (kWgFeat * 4), rw = (p / 4) % kWgFeat, pc = p & 3;
     wok[i] = n0 + rw < W.N ? 16 : 0;
     wsrc[i] = wb + static_cast<int64_t>(min(n0 + rw, W.N - 1)) * W.w_ld + kc * 64 + pc * 16;
-    wdst[i] = kc * kWgFeat * 64 + rw * 64 + pc * 16;
+    wdst[i] = XBYTES + kc * kWgFeat * 64 + rw * 64 + pc * 16;
   }
-  // X: warp w fills the core matrices of row groups w, w + 8, ...; lane (rr = lane / 4, q = lane % 4) copies word
-  // P·q + j of row 8·rg + rr into k-step j / 2, core matrix j % 2.
-  constexpr int XG = R / 8 / 8 > 0 ? R / 64 : 1;  // row groups per warp
-  const int rr = lane >> 2, q = lane & 3;
-  const bf16* xsrc[XG];
-  int xok[XG];
-#pragma unroll
-  for (int i = 0; i < XG; ++i) {
-    const int rg = warp + 8 * i, r = rg * 8 + rr;
-    xok[i] = rg < R / 8 && r < rows ? 4 : 0;
-    xsrc[i] = X + static_cast<int64_t>(r0 + min(r, rows - 1)) * W.K + q * P * 2;
+  if (tid == 0) {
+    for (int i = 0; i < NS; ++i) tma::bar_init(&bars[i]);
+    tma::bar_init_fence();
   }
-  const uint32_t xdst0 = WBYTES + (warp * 256) + rr * 16 + q * 4;
+  __syncthreads();
   auto stage = [&](int st, int buf) {
     const uint32_t base = sm0 + buf * STAGE;
 #pragma unroll
     for (int i = 0; i < WPT; ++i) cp_async16_s(base + wdst[i], wsrc[i] + static_cast<int64_t>(st) * 64 * KC, wok[i]);
-#pragma unroll
-    for (int kc = 0; kc < KC; ++kc)
-#pragma unroll
-      for (int i = 0; i < XG; ++i)
-        if (XG > 1 || warp < R / 8)
-#pragma unroll
-          for (int j = 0; j < 2 * P; ++j)
-            cp_async4_s(base + xdst0 + kc * XCHUNK + (j >> 1) * R * 32 + i * 8 * 256 + (j & 1) * 128,
-                        xsrc[i] + (static_cast<int64_t>(st) * KC + kc) * CW + 2 * j, xok[i]);
+    if (tid == 0) {
+      tma::expect(&bars[buf], XBYTES);
+      tma::load_2d(wg_sm + buf * STAGE, &xmap, st * 64, r0, &bars[buf]);
+    }
   };
   float acc[R / 2];
   float tot[SPLIT ? R / 2 : 1];
@@ -2641,13 +2638,14 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   // (a do loop: with a path that skips it, the accumulators' zeros would reach the final wait and ptxas would
   // serialize every wgmma; K >= 256 here)
   do {
-    cp_async_wait<NS - 3>();  // this thread's pieces of stage st have landed
-    wg::fence_smem();
-    __syncthreads();          // ... everyone's; and the wgmma group that read buffer sbuf was waited for
+    cp_async_wait<NS - 3>();                    // this thread's weight pieces of stage st have landed
+    tma::wait(&bars[buf], (st / NS) & 1);       // and the stage's X tile
+    __syncthreads();  // everyone's; and every warpgroup has waited for the wgmma group that read buffer sbuf
     if (st + NS - 2 < nst) stage(st + NS - 2, sbuf);
     cp_async_commit();
     sbuf = sbuf + 1 == NS ? 0 : sbuf + 1;
-    const uint8_t* ws = wg_sm + buf * STAGE;
+    const uint8_t* ws = wg_sm + buf * STAGE + XBYTES;
+    wg::wait<0>();  // the previous group is done with its A registers
     uint32_t a[KC][CW / 16][4];
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc) {
@@ -2675,12 +2673,12 @@ __global__ void __launch_bounds__(kWgThreads, 1)
       }
     }
     wg::fence();
-    const uint8_t* xs = ws + WBYTES;
+    const uint8_t* xs = wg_sm + buf * STAGE;
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
       for (int h = 0; h < CW / 16; ++h)
-        wg::mma_rs<R, 0>(acc, a[kc][h], wg::smem_desc(xs + kc * XCHUNK + h * R * 32, 128, 256), 1);
+        wg::mma_rs<R, 0>(acc, a[kc][h], tma::sw128_desc(xs + (kc * (CW / 16) + h) * 32, 16, 1024), 1);
     wg::commit();
     buf = buf + 1 == NS ? 0 : buf + 1;
     if constexpr (SPLIT) {
@@ -2691,10 +2689,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
           tot[e] += acc[e];
           acc[e] = 0.0f;
         }
-        continue;
       }
     }
-    wg::wait<1>();
   } while (++st < nst);
   wg::wait<0>();
   cp_async_wait<0>();
@@ -2849,11 +2845,13 @@ void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M
 // into ksplit parts of the streamed kernel's stages (1: whole).
 bool g_wg_gemm = true;
 int g_wg_rows = 0;  // 0: by shape
+PFN_cuTensorMapEncodeTiled_v12000 tma_encoder();
+bool encode_map(CUtensorMap* m, const void* base, uint64_t cols, uint64_t rows, uint64_t ld, uint32_t box_rows);
 void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
              cudaStream_t s, float* Y2, const DLin* W2);
 void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
                cudaStream_t s, float* Y2, const DLin* W2) {
-  if (g_wg_gemm && W.fmt != kInt4) {
+  if (g_wg_gemm && W.fmt != kInt4 && tma_encoder()) {
     gemm_wg(X, M, Y, W, groups, row_tiles, ksplit, s, Y2, W2);
     return;
   }
@@ -2878,14 +2876,14 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
 }
 // The warpgroup-MMA variant of the tile kernel (bf16 and FP8; same bits). R: rows per block (the wgmma's N).
 template <int FMT, int R, bool SPLIT>
-void launch_wg(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
+void launch_wg(dim3 grid, cudaStream_t s, const CUtensorMap& X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
                const Groups& gr, int cps) {
   const void* k = reinterpret_cast<const void*>(k_gemm_wg<FMT, R, SPLIT>);
   allow_smem(k, int(wg_smem<FMT, R>()));
   k_gemm_wg<FMT, R, SPLIT><<<grid, kWgThreads, wg_smem<FMT, R>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
 }
 template <int FMT>
-void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W,
+void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const CUtensorMap& X, int M, float* Y, const DLin& W,
                     float* Y2, const DLin& W2, const Groups& gr, int cps) {
   if (split) {
     if (R == 64) launch_wg<FMT, 64, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
@@ -2920,8 +2918,20 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
   const dim3 grid = groups.row_off ? dim3(static_cast<unsigned>(cts), static_cast<unsigned>(row_tiles), W2 ? 2u : 1u)
                                    : dim3(static_cast<unsigned>(cts * cdiv(M, R)), 1u, W2 ? 2u : 1u);
   const DLin& w2 = W2 ? *W2 : W;
-  if (W.fmt == kFp8) launch_wg_rows<kFp8>(R, split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
-  else launch_wg_rows<kBf16>(R, split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
+  // X in the streamed kernel's k-slot order, in a workspace from the stream's pool (M·K bf16), and its tensor map
+  bf16* xp = nullptr;
+  const int64_t n = static_cast<int64_t>(M) * W.K;
+  if (cudaMallocAsync(reinterpret_cast<void**>(&xp), sizeof(bf16) * n, s) != cudaSuccess) {
+    cudaGetLastError();
+    cuda_fail(cudaErrorMemoryAllocation, "the many-row matmul's permuted input");
+  }
+  k_permute_x<<<grid_for(n / 8), 256, 0, s>>>(reinterpret_cast<const uint32_t*>(X), n / 8, cw / 8, reinterpret_cast<uint4*>(xp));
+  CUtensorMap xmap;
+  if (!encode_map(&xmap, xp, static_cast<uint64_t>(W.K), static_cast<uint64_t>(M), static_cast<uint64_t>(W.K), static_cast<uint32_t>(R)))
+    cuda_fail(cudaErrorInvalidValue, "tensor map of the many-row matmul's input");
+  if (W.fmt == kFp8) launch_wg_rows<kFp8>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
+  else launch_wg_rows<kBf16>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
+  cudaFreeAsync(xp, s);
 }
 // shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
 bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
