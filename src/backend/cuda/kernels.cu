@@ -2619,27 +2619,9 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   float acc[R / 2];
 #pragma unroll
   for (int e = 0; e < R / 2; ++e) acc[e] = 0.0f;
-  // The thread's outputs: y = acc, or (a K split's end) y = (first split ? 0 : y) + acc, k_sum_parts' sum in its
-  // order (each element is this thread's alone, so the running total lives in Y itself).
-  const int na = n0 + f0 + gq;
-  auto store = [&](bool add) {
+  float tot[SPLIT ? R / 2 : 1];  // K split: the splits' sums added in k_sum_parts' order
 #pragma unroll
-    for (int j = 0; j < R / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tok = j * 8 + 2 * tq + e;
-        if (tok < rows) {
-          float* y = Y + static_cast<int64_t>(r0 + tok) * W.N;
-          if constexpr (SPLIT) {
-            if (na < W.N) y[na] = (add ? y[na] : 0.0f) + acc[4 * j + e];
-            if (na + 8 < W.N) y[na + 8] = (add ? y[na + 8] : 0.0f) + acc[4 * j + 2 + e];
-          } else {
-            if (na < W.N) y[na] = acc[4 * j + e];
-            if (na + 8 < W.N) y[na + 8] = acc[4 * j + 2 + e];
-          }
-        }
-      }
-  };
+  for (int e = 0; e < (SPLIT ? R / 2 : 1); ++e) tot[e] = 0.0f;
   // scales (FP8: one per lane and chunk; the launch takes FP8 only with bo % 64 == 0, so a warpgroup's 64
   // features lie in one block of rows)
   const float* srow = nullptr;
@@ -2701,15 +2683,29 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     if constexpr (SPLIT) {
       if ((st + 1) % per == 0 || st + 1 == nst) {  // the end of a split: its sum joins the total
         wg::wait<0>();
-        store(st + 1 > per);
 #pragma unroll
-        for (int e = 0; e < R / 2; ++e) acc[e] = 0.0f;
+        for (int e = 0; e < R / 2; ++e) {
+          tot[e] += acc[e];
+          acc[e] = 0.0f;
+        }
       }
     }
   } while (++st < nst);
   wg::wait<0>();
   cp_async_wait<0>();
-  if constexpr (!SPLIT) store(false);
+  const float* res = SPLIT ? tot : acc;
+  const int na = n0 + f0 + gq;
+#pragma unroll
+  for (int j = 0; j < R / 8; ++j)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int tok = j * 8 + 2 * tq + e;
+      if (tok < rows) {
+        float* y = Y + static_cast<int64_t>(r0 + tok) * W.N;
+        if (na < W.N) y[na] = res[4 * j + e];
+        if (na + 8 < W.N) y[na + 8] = res[4 * j + 2 + e];
+      }
+    }
 }
 
 // RMSNorm, one block per row: the row read once (16-byte loads where aligned) into shared memory when it fits there
@@ -2857,7 +2853,7 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
   // (dense launches with fewer 256-row blocks than multiprocessors stay on the tile kernel: its 64-row tiles fill
   // the GPU better there)
   if (g_wg_gemm && W.fmt != kInt4 && tma_encoder() &&
-      (groups.row_off || g_wg_rows || cdiv(W.N, kWgFeat) * cdiv(M, 256) >= sm_count())) {
+      (groups.row_off || g_wg_rows || cdiv(W.N, kWgFeat) * cdiv(M, ksplit > 1 ? 128 : 256) >= sm_count())) {
     gemm_wg(X, M, Y, W, groups, row_tiles, ksplit, s, Y2, W2);
     return;
   }
@@ -2891,10 +2887,9 @@ void launch_wg(dim3 grid, cudaStream_t s, const CUtensorMap& X, int M, float* Y,
 template <int FMT>
 void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const CUtensorMap& X, int M, float* Y, const DLin& W,
                     float* Y2, const DLin& W2, const Groups& gr, int cps) {
-  if (split) {
+  if (split) {  // (at most 128 rows: the split total doubles the accumulators)
     if (R == 64) launch_wg<FMT, 64, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
-    else if (R == 128) launch_wg<FMT, 128, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
-    else launch_wg<FMT, 256, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    else launch_wg<FMT, 128, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (R == 64) {
     launch_wg<FMT, 64, false>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (R == 128) {
@@ -2903,20 +2898,21 @@ void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const CUtensor
     launch_wg<FMT, 256, false>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   }
 }
-// Rows per block: dense launches 256, or fewer for few rows; grouped ones by the average rows per group (a block
-// covers one group's rows).
-int wg_rows(int M, const Groups& gr) {
+// Rows per block: dense launches 256 (128 with K split: the split total doubles the accumulators) or fewer for
+// few rows; grouped ones by the average rows per group (a block covers one group's rows).
+int wg_rows(int M, const Groups& gr, bool split) {
   int r = g_wg_rows;
   if (r == 0) {
     const int avg = gr.row_off ? M / std::max(1, gr.G) : M;
     r = avg <= 64 ? 64 : avg <= 128 || gr.row_off ? 128 : 256;
   }
+  if (split) r = std::min(r, 128);
   return r <= 64 ? 64 : r <= 128 ? 128 : 256;
 }
 void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int row_tiles, int ksplit,
              cudaStream_t s, float* Y2, const DLin* W2) {
   const bool split = ksplit > 1;
-  const int R = wg_rows(M, groups);
+  const int R = wg_rows(M, groups, split);
   const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
   const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : tile_cw<kFp8>();
   const int cps = sps * (few_stage_k(W) / cw);
