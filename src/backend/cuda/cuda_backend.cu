@@ -496,7 +496,8 @@ void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
 
   // Memory plan: what is left after the weights is split between a workspace for one forward pass and the KV
   // cache. Workspace per token (bytes) of the largest live set of one layer (the MoE block: gate/up fp32,
-  // activations bf16, expert outputs fp32 for every routed slot), plus residual buffers.
+  // activations bf16 and the many-row matmul's permuted copy of them, expert outputs fp32 for every routed slot),
+  // plus residual buffers.
   size_t free1 = 0;
   CK(cudaMemGetInfo(&free1, &total));
   CudaPlan& p = m.plan;
@@ -510,7 +511,7 @@ void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
   const int64_t nh = cfg.num_attention_heads;
   const uint64_t per_token = 4 * (4 * H + nh * (cfg.qk_head_dim() + cfg.v_head_dim) + cfg.kv_lora_rank * 2 +
                                   std::max<int64_t>(1, cfg.n_routed_experts) + cfg.vocab_size) +
-                             K * (2 * H + 4 * 2 * cfg.moe_intermediate_size + 2 * cfg.moe_intermediate_size + 4 * H) +
+                             K * (2 * 2 * H + 4 * 2 * cfg.moe_intermediate_size + 2 * cfg.moe_intermediate_size + 4 * H) +
                              4 * 3 * I;
   p.kv_bytes_per_token = static_cast<uint64_t>(cfg.num_hidden_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2;
   // CUDA context growth, fragmentation, the two capture snapshot buffers

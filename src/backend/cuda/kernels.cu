@@ -2554,15 +2554,18 @@ __global__ void k_permute_x(const uint32_t* __restrict__ X, int64_t pieces, int 
 // tiles come in kBM units (row_tile's) and a block takes R / kBM of them.
 template <int FMT, int R, bool SPLIT>
 __global__ void __launch_bounds__(kWgThreads, 1)
-    k_gemm_wg(const __grid_constant__ CUtensorMap xmap, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2,
+    k_gemm_wg(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap,
+              const __grid_constant__ CUtensorMap wmap2, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2,
               DLin W2, Groups gr, int cps) {
   static_assert(FMT == kBf16 || FMT == kFp8, "INT4 runs the tile kernel");
   constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), NS = wg_stages<FMT, R>();
   constexpr int STAGE = wg_stage_bytes<FMT, R>(), XBYTES = R * 128, E16 = few_per16<FMT>();
   static_assert(NS >= 3, "the ring needs two stages ahead of the multiplies");
+  const CUtensorMap* wm = &wmap;
   if (blockIdx.z == 1) {
     W = W2;
     Y = Y2;
+    wm = &wmap2;
   }
   int g = 0, r0, r1, ct;
   if (gr.row_off) {
@@ -2580,40 +2583,29 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     if (r0 >= r1) return;
   }
   const int rows = r1 - r0, n0 = ct * kWgFeat;
-  const uint8_t* wb = W.w + g * W.w_stride;
   const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
   extern __shared__ __align__(1024) uint8_t wg_sm_raw[];
   // (swizzled tiles need 1024-byte alignment)
   uint8_t* wg_sm = wg_sm_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(wg_sm_raw)) & 1023)) & 1023);
   uint64_t* bars = reinterpret_cast<uint64_t*>(wg_sm + NS * STAGE);
-  const uint32_t sm0 = static_cast<uint32_t>(__cvta_generic_to_shared(wg_sm));
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int f0 = (warp >> 2) * 64 + (warp & 3) * 16;  // the warp's first feature in the tile
   const int nst = W.K / 64;
-  // Weight staging: pieces tid + i·256 of the stage's KC·512 (chunk, row, 16-byte piece).
-  constexpr int WPT = KC * kWgFeat * 4 / kWgThreads;
-  const uint8_t* wsrc[WPT];
-  uint32_t wdst[WPT];
-  int wok[WPT];
-#pragma unroll
-  for (int i = 0; i < WPT; ++i) {
-    const int p = tid + i * kWgThreads, kc = p / (kWgFeat * 4), rw = (p / 4) % kWgFeat, pc = p & 3;
-    wok[i] = n0 + rw < W.N ? 16 : 0;
-    wsrc[i] = wb + static_cast<int64_t>(min(n0 + rw, W.N - 1)) * W.w_ld + kc * 64 + pc * 16;
-    wdst[i] = XBYTES + kc * kWgFeat * 64 + rw * 64 + pc * 16;
-  }
   if (tid == 0) {
     for (int i = 0; i < NS; ++i) tma::bar_init(&bars[i]);
     tma::bar_init_fence();
   }
   __syncthreads();
+  // One thread loads a stage: the X tile and the weight tile's KC chunks ([128 rows][64 bytes] each, rows of the
+  // stacked matrices g·N + n0 + i: rows past this matrix's N are another expert's or zeros, never stored).
+  const int wrow = g * W.N + n0;
   auto stage = [&](int st, int buf) {
-    const uint32_t base = sm0 + buf * STAGE;
-#pragma unroll
-    for (int i = 0; i < WPT; ++i) cp_async16_s(base + wdst[i], wsrc[i] + static_cast<int64_t>(st) * 64 * KC, wok[i]);
     if (tid == 0) {
-      tma::expect(&bars[buf], XBYTES);
-      tma::load_2d(wg_sm + buf * STAGE, &xmap, st * 64, r0, &bars[buf]);
+      uint8_t* dst = wg_sm + buf * STAGE;
+      tma::expect(&bars[buf], STAGE);
+      tma::load_2d(dst, &xmap, st * 64, r0, &bars[buf]);
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc) tma::load_2d(dst + XBYTES + kc * kWgFeat * 64, wm, (st * KC + kc) * 64, wrow, &bars[buf]);
     }
   };
   float acc[R / 2];
@@ -2628,20 +2620,16 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   if constexpr (FMT == kFp8) srow = sb + static_cast<int64_t>(min(n0 + f0 + gq, W.N - 1) / W.bo) * W.s_cols;
   const bool sa_ok = n0 + f0 + gq < W.N, sv_ok = n0 + f0 + gq + 8 < W.N;
 #pragma unroll
-  for (int s = 0; s < NS - 2; ++s) {
+  for (int s = 0; s < NS - 2; ++s)
     if (s < nst) stage(s, s);
-    cp_async_commit();
-  }
   const int per = SPLIT ? cps / KC : nst;  // stages per split
   int buf = 0, sbuf = NS - 2, st = 0;
   // (a do loop: with a path that skips it, the accumulators' zeros would reach the final wait and ptxas would
   // serialize every wgmma; K >= 256 here)
   do {
-    cp_async_wait<NS - 3>();                    // this thread's weight pieces of stage st have landed
-    tma::wait(&bars[buf], (st / NS) & 1);       // and the stage's X tile
-    __syncthreads();  // everyone's; and every warpgroup has waited for the wgmma group that read buffer sbuf
+    tma::wait(&bars[buf], (st / NS) & 1);  // stage st has landed
+    __syncthreads();  // every warpgroup has waited for the wgmma group that read buffer sbuf (and is past its loads)
     if (st + NS - 2 < nst) stage(st + NS - 2, sbuf);
-    cp_async_commit();
     sbuf = sbuf + 1 == NS ? 0 : sbuf + 1;
     const uint8_t* ws = wg_sm + buf * STAGE + XBYTES;
     wg::wait<0>();  // the previous group is done with its A registers
@@ -2692,7 +2680,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     }
   } while (++st < nst);
   wg::wait<0>();
-  cp_async_wait<0>();
   const float* res = SPLIT ? tot : acc;
   const int na = n0 + f0 + gq;
 #pragma unroll
@@ -2852,7 +2839,8 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
                cudaStream_t s, float* Y2, const DLin* W2) {
   // (dense launches with fewer 256-row blocks than multiprocessors stay on the tile kernel: its 64-row tiles fill
   // the GPU better there)
-  if (g_wg_gemm && W.fmt != kInt4 && tma_encoder() &&
+  // (tensor maps over the weights: grouped ones must be stacked back to back)
+  if (g_wg_gemm && W.fmt != kInt4 && tma_encoder() && (!groups.row_off || W.w_stride == W.N * W.w_ld) &&
       (groups.row_off || g_wg_rows || cdiv(W.N, kWgFeat) * cdiv(M, ksplit > 1 ? 128 : 256) >= sm_count())) {
     gemm_wg(X, M, Y, W, groups, row_tiles, ksplit, s, Y2, W2);
     return;
@@ -2877,15 +2865,18 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
   }
 }
 // The warpgroup-MMA variant of the tile kernel (bf16 and FP8; same bits). R: rows per block (the wgmma's N).
+struct WgMaps {
+  CUtensorMap x, w, w2;
+};
 template <int FMT, int R, bool SPLIT>
-void launch_wg(dim3 grid, cudaStream_t s, const CUtensorMap& X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
+void launch_wg(dim3 grid, cudaStream_t s, const WgMaps& X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
                const Groups& gr, int cps) {
   const void* k = reinterpret_cast<const void*>(k_gemm_wg<FMT, R, SPLIT>);
   allow_smem(k, int(wg_smem<FMT, R>()));
-  k_gemm_wg<FMT, R, SPLIT><<<grid, kWgThreads, wg_smem<FMT, R>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
+  k_gemm_wg<FMT, R, SPLIT><<<grid, kWgThreads, wg_smem<FMT, R>(), s>>>(X.x, X.w, X.w2, M, Y, W, Y2, W2, gr, cps);
 }
 template <int FMT>
-void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const CUtensorMap& X, int M, float* Y, const DLin& W,
+void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const WgMaps& X, int M, float* Y, const DLin& W,
                     float* Y2, const DLin& W2, const Groups& gr, int cps) {
   if (split) {  // (at most 128 rows: the split total doubles the accumulators)
     if (R == 64) launch_wg<FMT, 64, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
@@ -2928,9 +2919,19 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
     cuda_fail(cudaErrorMemoryAllocation, "the many-row matmul's permuted input");
   }
   k_permute_x<<<grid_for(n / 8), 256, 0, s>>>(reinterpret_cast<const uint32_t*>(X), n / 8, cw / 8, reinterpret_cast<uint4*>(xp));
-  CUtensorMap xmap;
-  if (!encode_map(&xmap, xp, static_cast<uint64_t>(W.K), static_cast<uint64_t>(M), static_cast<uint64_t>(W.K), static_cast<uint32_t>(R)))
-    cuda_fail(cudaErrorInvalidValue, "tensor map of the many-row matmul's input");
+  WgMaps xmap;
+  // weights as bytes: [G·N rows][w_ld], boxes of 64 bytes x 128 rows, no swizzle
+  auto wmap = [&](CUtensorMap* m, const DLin& w) {
+    const cuuint64_t dims[2] = {static_cast<cuuint64_t>(w.w_ld), static_cast<cuuint64_t>(w.N) * std::max(1, groups.G)};
+    const cuuint64_t strides[1] = {static_cast<cuuint64_t>(w.w_ld)};
+    const cuuint32_t box[2] = {64, kWgFeat}, es[2] = {1, 1};
+    return tma_encoder()(m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(w.w), dims, strides, box, es,
+                         CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  if (!encode_map(&xmap.x, xp, static_cast<uint64_t>(W.K), static_cast<uint64_t>(M), static_cast<uint64_t>(W.K), static_cast<uint32_t>(R)) ||
+      !wmap(&xmap.w, W) || !wmap(&xmap.w2, w2))
+    cuda_fail(cudaErrorInvalidValue, "tensor maps of the many-row matmul");
   if (W.fmt == kFp8) launch_wg_rows<kFp8>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
   else launch_wg_rows<kBf16>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
   cudaFreeAsync(xp, s);
