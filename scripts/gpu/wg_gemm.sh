@@ -1,24 +1,32 @@
 #!/usr/bin/env bash
 # The many-row matmul on warpgroup MMA (k_gemm_wg): builds, runs the matmul op tests (streamed vs tile vs wgmma bit
 # identity, CPU reference) and times the dense K2 shapes on the streamed, mma.sync tile, wgmma kernels and cuBLAS.
-#   run: bash scripts/gpu/wg_gemm.sh   (carry .deps; GEMM_ROWS, GEMM_FMT, GEMM_MATRIX, KSCOPE_WG_ROWS pass through;
+#   run: bash scripts/gpu/wg_gemm.sh   (carry .deps; GEMM_ROWS, GEMM_FMT (formats, e.g. "bf16 fp8"), GEMM_MATRIX, KSCOPE_WG_ROWS pass through;
 #        TESTS=0 skips the tests, FULL=1 runs all CUDA op tests, GEMM=0 skips the matmul table; RUN="bf16" also makes
 #        that slice and runs bench_gpu run on it once per KSCOPE_WG_GEMM value in WG="1 0")
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
-gpu_build test_cuda_backend bench_gpu || exit 1
+targets="test_cuda_backend bench_gpu"
+[ "${FULL:-0}" = 1 ] && targets="$targets test_parity"
+gpu_build $targets || exit 1
 status=0
 if [ "${TESTS:-1}" != 0 ]; then
   filter='*matmul*'
   [ "${FULL:-0}" = 1 ] && filter='*'
   KSCOPE_REQUIRE_CUDA=1 build-gpu/tests/test_cuda_backend --gtest_filter="$filter" >"$OUT/ops.txt" 2>&1 || status=1
-  grep -E "^\[       OK|^\[  FAILED|^\[  PASSED" "$OUT/ops.txt"
+  grep -E "^\[       OK|^\[  FAILED|^\[  PASSED" "$OUT/ops.txt" | grep -v "^\[       OK" 
   grep -B3 -A12 "Failure" "$OUT/ops.txt" | head -80
+  if [ "${FULL:-0}" = 1 ]; then
+    KSCOPE_TEST_DEVICE=cuda build-gpu/tests/test_parity >"$OUT/parity.txt" 2>&1 || status=1
+    grep -E "^\[  (PASSED|FAILED) " "$OUT/parity.txt"; grep -B2 -A8 "Failure" "$OUT/parity.txt" | head -40
+  fi
 fi
 if [ "${GEMM:-1}" != 0 ]; then
-  GEMM_ROWS=${GEMM_ROWS:-128,512,4096} GEMM_FMT=${GEMM_FMT:-bf16} build-gpu/bench/bench_gpu gemm "$OUT/gemm.json" | tee "$OUT/gemm.txt"
+  for f in ${GEMM_FMT:-bf16}; do
+    GEMM_ROWS=${GEMM_ROWS:-128,512,4096} GEMM_FMT=$f build-gpu/bench/bench_gpu gemm --json "$OUT/gemm-$f.json" | tee "$OUT/gemm-$f.txt"
+  done
 fi
 for f in ${RUN:-}; do
   d=/tmp/k2-slice-$f-2
