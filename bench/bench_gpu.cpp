@@ -604,7 +604,7 @@ int run_gemm(const std::string& json_out) {
   std::printf("\n%-22s %-5s %5s %10s %10s %10s %10s %8s %8s %9s\n", "matrix", "fmt", "rows", "streamed", "tile",
               "wgmma", "cuBLAS", "wg bw%", "wg tc%", "wg/cuBLAS");
   std::printf("(tile: the mma.sync many-row kernel at the format's default block, 128 features for bf16, 256 for\n"
-              " FP8/INT4; wgmma: the warpgroup-MMA one, bf16 and FP8 (INT4 runs the tile kernel); floor%%: the fastest\n"
+              " FP8/INT4; wgmma: the warpgroup-MMA one; floor%%: the fastest\n"
               " kernel of the row count against max(bandwidth, tensor-core) floor)\n");
   for (const Shape& sh : shapes)
     for (int fmt : {cuda::kBf16, cuda::kFp8, cuda::kInt4}) {
@@ -638,7 +638,7 @@ int run_gemm(const std::string& json_out) {
         CudaBackend::set_wg_gemm(false);
         const double t_tile = time_it(call, 10);
         CudaBackend::set_wg_gemm(true, wg_rows);
-        const double t_wg = fmt == cuda::kInt4 ? NAN : time_it(call, 10);
+        const double t_wg = time_it(call, 10);
         CudaBackend::set_wg_gemm(true, 0);
         CudaBackend::set_tile_rows(-1, -1);
         double t_cublas = NAN;

@@ -363,7 +363,7 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
 }
 
 // The many-row matmul runs the streamed kernel's chain of operations per output element, on the mma.sync tile
-// kernel (k_gemm_tile) and on the warpgroup-MMA one (k_gemm_wg: bf16 and FP8, 64/128/256 rows per block, X staged
+// kernel (k_gemm_tile) and on the warpgroup-MMA one (k_gemm_wg: 64/128/256 rows per block, X staged
 // in the k order of the streamed kernel's fragments). Made to take everything it can (set_tile_rows(1, 1)) each must
 // give the streamed kernel's bits (set_tile_rows(0, 0)) in every format: dense matrices with K split (13 and 130
 // wide: 16 and 6 parts; 300x7168: 5 uneven parts) and whole, widths that leave partial 128-feature and 16-feature
@@ -394,7 +394,6 @@ TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
         gpu_->linear(l, xd.data(), n, y1.data());
         const auto streamed = y1.host();
         for (const Kernel& k : kernels) {
-          if (k.wg && wf == WeightFormat::int4_group && k.rows != 0) continue;  // INT4: the tile kernel either way
           const std::string what = fmt::format("{} {} {}x{}{} n={}", k.name, format_name(wf), sh.out, sh.in,
                                                sh.f32_scales ? " f32 scales" : "", n);
           auto y2 = poisoned(n * sh.out);
@@ -435,7 +434,6 @@ TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
       gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), md.data());
       const auto mlp_streamed = od.host(), moe_streamed = md.host();
       for (const Kernel& k : kernels) {
-        if (k.wg && wf == WeightFormat::int4_group && k.rows != 0) continue;
         auto ot = poisoned(n * H), mt = poisoned(n * H);
         CudaBackend::set_wg_gemm(k.wg, k.rows);
         CudaBackend::set_tile_rows(1, 1);

@@ -95,7 +95,7 @@ class CudaBackend final : public Backend {
   // bits; cuda::set_tile_rows): dense matmuls of >= dense_rows rows, grouped ones averaging >= group_rows per group.
   // 0 never, 1 always, negative the default (48 and 24). bench_gpu reads KSCOPE_TILE_ROWS=dense,group.
   static void set_tile_rows(int dense_rows, int group_rows);
-  // Tests and benchmarks: the many-row matmul on warpgroup MMA (bf16 and FP8; the default) or, off, on the mma.sync
+  // Tests and benchmarks: the many-row matmul on warpgroup MMA (every format; the default) or, off, on the mma.sync
   // tile kernel — the same bits. rows: its rows per block (64/128/256; 0 by shape). bench_gpu reads
   // KSCOPE_WG_GEMM=0 and KSCOPE_WG_ROWS.
   static void set_wg_gemm(bool on, int rows = 0);

@@ -2530,14 +2530,19 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
 // warpgroup has waited for the wgmma group that read it). The tensor cores read A registers until the group is
 // waited for, so a warpgroup waits for its previous group before loading the next fragments (the other
 // warpgroup's multiplies fill that gap). K splits (narrow dense matrices) end with their sum added to the total in
-// registers, as k_sum_parts adds them. INT4 stays on the tile kernel (its B-operand order is a 2-byte permutation).
+// registers, as k_sum_parts adds them. INT4 (chunks of 128 k, stages of one chunk) takes X permuted element by
+// element (k_permute_x4: its fragments pair elements 4 apart).
 constexpr int kWgFeat = 128, kWgThreads = 256;
 template <int FMT>
-__host__ __device__ constexpr int wg_kc() { return 64 / tile_cw<FMT>(); }  // chunks per 64-k stage
+__host__ __device__ constexpr int wg_xb() { return FMT == kInt4 ? 2 : 1; }  // X boxes of 64 k per stage
+template <int FMT>
+__host__ __device__ constexpr int wg_kc() { return 64 * wg_xb<FMT>() / tile_cw<FMT>(); }  // chunks per stage
 template <int FMT, int R>
-__host__ __device__ constexpr int wg_stage_bytes() { return R * 128 + kWgFeat * 64 * wg_kc<FMT>(); }  // X, then W
+__host__ __device__ constexpr int wg_stage_bytes() { return wg_xb<FMT>() * R * 128 + kWgFeat * 64 * wg_kc<FMT>(); }  // X, W
 template <int FMT, int R>
-__host__ __device__ constexpr int wg_stages() { return (200 * 1024) / wg_stage_bytes<FMT, R>() > 6 ? 6 : (200 * 1024) / wg_stage_bytes<FMT, R>(); }
+__host__ __device__ constexpr int wg_stages() {  // as many as fit 221 KB (of 227), at most 6
+  return (221 * 1024) / wg_stage_bytes<FMT, R>() > 6 ? 6 : (221 * 1024) / wg_stage_bytes<FMT, R>();
+}
 template <int FMT, int R>
 __host__ __device__ constexpr size_t wg_smem() { return size_t(wg_stages<FMT, R>()) * wg_stage_bytes<FMT, R>() + 1024 + 64; }
 
@@ -2550,16 +2555,26 @@ __global__ void k_permute_x(const uint32_t* __restrict__ X, int64_t pieces, int 
   }
 }
 
+// INT4: Xp word 8t + s of a 128-element chunk (k-step t = 2·wi + h, slot word s = q + 4·cm) holds source elements
+// 32q + 8wi + 2h + cm and that + 4 (k_gemm_few's B fragments of word wi, half h); one thread per output word
+__global__ void k_permute_x4(const bf16* __restrict__ X, int64_t words, uint32_t* __restrict__ Xp) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words; i += int64_t(gridDim.x) * blockDim.x) {
+    const int w = static_cast<int>(i & 63), t = w >> 3, sw = w & 7, q = sw & 3, cm = sw >> 2;
+    const bf16* src = X + (i >> 6) * 128 + 32 * q + 8 * (t >> 1) + 2 * (t & 1) + cm;
+    const uint16_t lo = __bfloat16_as_ushort(src[0]), hi = __bfloat16_as_ushort(src[4]);
+    Xp[i] = lo | (static_cast<uint32_t>(hi) << 16);
+  }
+}
+
 // xmap: Xp as [M][K] bf16, boxes of 64 k x R rows, 128-byte swizzle. cps: chunks per K split (SPLIT); grouped row
 // tiles come in kBM units (row_tile's) and a block takes R / kBM of them.
-template <int FMT, int R, bool SPLIT>
+template <int FMT, int R, bool SPLIT, bool SB>
 __global__ void __launch_bounds__(kWgThreads, 1)
     k_gemm_wg(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap,
               const __grid_constant__ CUtensorMap wmap2, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2,
               DLin W2, Groups gr, int cps) {
-  static_assert(FMT == kBf16 || FMT == kFp8, "INT4 runs the tile kernel");
-  constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), NS = wg_stages<FMT, R>();
-  constexpr int STAGE = wg_stage_bytes<FMT, R>(), XBYTES = R * 128, E16 = few_per16<FMT>();
+  constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), NS = wg_stages<FMT, R>(), XB = wg_xb<FMT>(), KST = 64 * XB;
+  constexpr int STAGE = wg_stage_bytes<FMT, R>(), XBYTES = XB * R * 128, E16 = few_per16<FMT>();
   static_assert(NS >= 3, "the ring needs two stages ahead of the multiplies");
   const CUtensorMap* wm = &wmap;
   if (blockIdx.z == 1) {
@@ -2590,7 +2605,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   uint64_t* bars = reinterpret_cast<uint64_t*>(wg_sm + NS * STAGE);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int f0 = (warp >> 2) * 64 + (warp & 3) * 16;  // the warp's first feature in the tile
-  const int nst = W.K / 64;
+  const int nst = W.K / KST;
   if (tid == 0) {
     for (int i = 0; i < NS; ++i) tma::bar_init(&bars[i]);
     tma::bar_init_fence();
@@ -2603,7 +2618,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     if (tid == 0) {
       uint8_t* dst = wg_sm + buf * STAGE;
       tma::expect(&bars[buf], STAGE);
-      tma::load_2d(dst, &xmap, st * 64, r0, &bars[buf]);
+#pragma unroll
+      for (int b = 0; b < XB; ++b) tma::load_2d(dst + b * R * 128, &xmap, st * KST + b * 64, r0, &bars[buf]);
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) tma::load_2d(dst + XBYTES + kc * kWgFeat * 64, wm, (st * KC + kc) * 64, wrow, &bars[buf]);
     }
@@ -2618,6 +2634,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   // features lie in one block of rows)
   const float* srow = nullptr;
   if constexpr (FMT == kFp8) srow = sb + static_cast<int64_t>(min(n0 + f0 + gq, W.N - 1) / W.bo) * W.s_cols;
+  if constexpr (FMT == kInt4) srow = sb + static_cast<int64_t>(n0 + f0 + gq) * W.s_cols;  // INT4: rows' own scales
   const bool sa_ok = n0 + f0 + gq < W.N, sv_ok = n0 + f0 + gq + 8 < W.N;
 #pragma unroll
   for (int s = 0; s < NS - 2; ++s)
@@ -2646,7 +2663,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
           a[kc][h][2] = word_of(wa, 2 * h + 1);
           a[kc][h][3] = word_of(wv, 2 * h + 1);
         }
-      } else {
+      } else if constexpr (FMT == kFp8) {
         const int kk = ((st * KC + kc) * CW + tq * E16) / W.bi;
         const float sa = sa_ok ? __ldg(srow + kk) : 0.0f, sv = sv_ok ? __ldg(srow + kk) : 0.0f;
 #pragma unroll
@@ -2657,6 +2674,21 @@ __global__ void __launch_bounds__(kWgThreads, 1)
           a[kc][h][2] = fp8x2_deq(pa >> 16, sa);
           a[kc][h][3] = fp8x2_deq(pb >> 16, sv);
         }
+      } else {  // INT4: k-step 2·wi + h holds elements (2h, 2h + 4) and (2h + 1, 2h + 5) of word wi's eight
+        const int kk = ((st * KC + kc) * CW + tq * E16) / W.g;
+        const float sa = sa_ok ? __ldg(srow + kk) : 0.0f, sv = sv_ok ? __ldg(srow + 8 * W.s_cols + kk) : 0.0f;
+        const __nv_bfloat162 s2a = __floats2bfloat162_rn(sa, sa), s2b = __floats2bfloat162_rn(sv, sv);
+#pragma unroll
+        for (int wi = 0; wi < 4; ++wi) {
+          const uint32_t pa = word_of(wa, wi), pb = word_of(wv, wi);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            a[kc][2 * wi + h][0] = int4x2_deq<SB>(pa >> (8 * h), sa, s2a);
+            a[kc][2 * wi + h][1] = int4x2_deq<SB>(pb >> (8 * h), sv, s2b);
+            a[kc][2 * wi + h][2] = int4x2_deq<SB>(pa >> (8 * h + 4), sa, s2a);
+            a[kc][2 * wi + h][3] = int4x2_deq<SB>(pb >> (8 * h + 4), sv, s2b);
+          }
+        }
       }
     }
     wg::fence();
@@ -2665,7 +2697,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
       for (int h = 0; h < CW / 16; ++h)
-        wg::mma_rs<R, 0>(acc, a[kc][h], tma::sw128_desc(xs + (kc * (CW / 16) + h) * 32, 16, 1024), 1);
+        wg::mma_rs<R, 0>(acc, a[kc][h], tma::sw128_desc(xs + ((kc * (CW / 16) + h) >> 2) * R * 128 + ((kc * (CW / 16) + h) & 3) * 32, 16, 1024), 1);
     wg::commit();
     buf = buf + 1 == NS ? 0 : buf + 1;
     if constexpr (SPLIT) {
@@ -2840,7 +2872,7 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
   // (dense launches with fewer 256-row blocks than multiprocessors stay on the tile kernel: its 64-row tiles fill
   // the GPU better there)
   // (tensor maps over the weights: grouped ones must be stacked back to back)
-  if (g_wg_gemm && W.fmt != kInt4 && tma_encoder() && (!groups.row_off || W.w_stride == W.N * W.w_ld) &&
+  if (g_wg_gemm && tma_encoder() && (!groups.row_off || W.w_stride == W.N * W.w_ld) &&
       (groups.row_off || g_wg_rows || cdiv(W.N, kWgFeat) * cdiv(M, ksplit > 1 ? 128 : 256) >= sm_count())) {
     gemm_wg(X, M, Y, W, groups, row_tiles, ksplit, s, Y2, W2);
     return;
@@ -2864,29 +2896,29 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
     default: launch_tile_fmt<kBf16, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps); break;
   }
 }
-// The warpgroup-MMA variant of the tile kernel (bf16 and FP8; same bits). R: rows per block (the wgmma's N).
+// The warpgroup-MMA variant of the tile kernel (same bits). R: rows per block (the wgmma's N).
 struct WgMaps {
   CUtensorMap x, w, w2;
 };
-template <int FMT, int R, bool SPLIT>
+template <int FMT, int R, bool SPLIT, bool SB>
 void launch_wg(dim3 grid, cudaStream_t s, const WgMaps& X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
                const Groups& gr, int cps) {
-  const void* k = reinterpret_cast<const void*>(k_gemm_wg<FMT, R, SPLIT>);
+  const void* k = reinterpret_cast<const void*>(k_gemm_wg<FMT, R, SPLIT, SB>);
   allow_smem(k, int(wg_smem<FMT, R>()));
-  k_gemm_wg<FMT, R, SPLIT><<<grid, kWgThreads, wg_smem<FMT, R>(), s>>>(X.x, X.w, X.w2, M, Y, W, Y2, W2, gr, cps);
+  k_gemm_wg<FMT, R, SPLIT, SB><<<grid, kWgThreads, wg_smem<FMT, R>(), s>>>(X.x, X.w, X.w2, M, Y, W, Y2, W2, gr, cps);
 }
-template <int FMT>
+template <int FMT, bool SB = false>
 void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const WgMaps& X, int M, float* Y, const DLin& W,
                     float* Y2, const DLin& W2, const Groups& gr, int cps) {
   if (split) {  // (at most 128 rows: the split total doubles the accumulators)
-    if (R == 64) launch_wg<FMT, 64, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
-    else launch_wg<FMT, 128, true>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    if (R == 64) launch_wg<FMT, 64, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    else launch_wg<FMT, 128, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (R == 64) {
-    launch_wg<FMT, 64, false>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    launch_wg<FMT, 64, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (R == 128) {
-    launch_wg<FMT, 128, false>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    launch_wg<FMT, 128, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else {
-    launch_wg<FMT, 256, false>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    launch_wg<FMT, 256, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   }
 }
 // Rows per block: dense launches 256 (128 with K split: the split total doubles the accumulators) or fewer for
@@ -2905,7 +2937,7 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
   const bool split = ksplit > 1;
   const int R = wg_rows(M, groups, split);
   const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
-  const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : tile_cw<kFp8>();
+  const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : W.fmt == kFp8 ? tile_cw<kFp8>() : tile_cw<kInt4>();
   const int cps = sps * (few_stage_k(W) / cw);
   const int64_t cts = cdiv(W.N, kWgFeat);
   const dim3 grid = groups.row_off ? dim3(static_cast<unsigned>(cts), static_cast<unsigned>(row_tiles), W2 ? 2u : 1u)
@@ -2918,7 +2950,8 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
     cudaGetLastError();
     cuda_fail(cudaErrorMemoryAllocation, "the many-row matmul's permuted input");
   }
-  k_permute_x<<<grid_for(n / 8), 256, 0, s>>>(reinterpret_cast<const uint32_t*>(X), n / 8, cw / 8, reinterpret_cast<uint4*>(xp));
+  if (W.fmt == kInt4) k_permute_x4<<<grid_for(n / 2), 256, 0, s>>>(X, n / 2, reinterpret_cast<uint32_t*>(xp));
+  else k_permute_x<<<grid_for(n / 8), 256, 0, s>>>(reinterpret_cast<const uint32_t*>(X), n / 8, cw / 8, reinterpret_cast<uint4*>(xp));
   WgMaps xmap;
   // weights as bytes: [G·N rows][w_ld], boxes of 64 bytes x 128 rows, no swizzle
   auto wmap = [&](CUtensorMap* m, const DLin& w) {
@@ -2933,6 +2966,8 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
       !wmap(&xmap.w, W) || !wmap(&xmap.w2, w2))
     cuda_fail(cudaErrorInvalidValue, "tensor maps of the many-row matmul");
   if (W.fmt == kFp8) launch_wg_rows<kFp8>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
+  else if (W.fmt == kInt4 && W.s_bf16) launch_wg_rows<kInt4, true>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
+  else if (W.fmt == kInt4) launch_wg_rows<kInt4, false>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
   else launch_wg_rows<kBf16>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
   cudaFreeAsync(xp, s);
 }

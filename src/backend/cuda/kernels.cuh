@@ -65,7 +65,7 @@ void set_tile_rows(int dense_rows, int group_rows);
 // multiprocessor) or 4 (256 x 128, one); anything else: by format (2 for bf16, 4 for FP8/INT4; the default). The
 // same bits either way.
 void set_tile_warps(int feature_warps);
-// The many-row matmul on warpgroup MMA (k_gemm_wg: bf16 and FP8; INT4 always takes the mma.sync tile kernel) or,
+// The many-row matmul on warpgroup MMA (k_gemm_wg, every format) or,
 // off, on the mma.sync tile kernel (k_gemm_tile); the same bits either way. rows: the wgmma kernel's rows per block
 // (64, 128 or 256; 0: by shape).
 void set_wg_gemm(bool on, int rows = 0);
