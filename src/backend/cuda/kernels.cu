@@ -2973,8 +2973,15 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
 }
 // shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
 bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
-constexpr int kTileDenseRows = 48, kTileGroupRows = 24;
-int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = kTileGroupRows;
+// Defaults: dense from 48 rows; grouped from 24 rows per group on average in bf16, 8 in FP8/INT4, where the
+// streamed kernel's dequantization per 32-row tile costs more than the warpgroup kernel's idle tensor-core rows
+// (bench/NOTES.md 39). -1: the default.
+constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kTileGroupRowsQuant = 8;
+int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = -1;
+int tile_group_rows(const DLin& W) {
+  if (g_tile_group_rows >= 0) return g_tile_group_rows;
+  return W.fmt == kBf16 || !g_wg_gemm ? kTileGroupRows : kTileGroupRowsQuant;
+}
 
 }  // namespace
 
@@ -2985,7 +2992,7 @@ void set_wg_gemm(bool on, int rows) {
 void set_tile_warps(int fw) { g_tile_fw = fw == 2 || fw == 4 ? fw : 0; }
 void set_tile_rows(int dense_rows, int group_rows) {
   g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;
-  g_tile_group_rows = group_rows < 0 ? kTileGroupRows : group_rows;
+  g_tile_group_rows = group_rows < 0 ? -1 : group_rows;
 }
 
 bool few_rows_ok(const DLin& W) {
@@ -3005,7 +3012,8 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   }
   if (few_rows_ok(W)) {
     if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
-      if (tile_ok(W) && g_tile_group_rows > 0 && M >= static_cast<int64_t>(g_tile_group_rows) * groups.G) {
+      const int group_rows = tile_group_rows(W);
+      if (tile_ok(W) && group_rows > 0 && M >= static_cast<int64_t>(group_rows) * groups.G) {
         gemm_tile(X, M, Y, W, groups, max_row_tiles, 1, s, Y2, W2);
         return;
       }
