@@ -10,9 +10,10 @@
 //                                                               the decode step's wall time without the profiler.
 //                                                               --prefill T: one prefill of 1 x T tokens instead
 //   bench_gpu gemm [--json FILE]                                the dense matmul kernels alone at K2 shapes in every
-//                                                               format, 1-4096 rows: streamed vs many-row tile kernel
-//                                                               (128- and 256-feature blocks) vs cuBLAS (bf16),
-//                                                               against the floors
+//                                                               format, 1-4096 rows: streamed vs many-row kernels
+//                                                               (mma.sync tile, warpgroup MMA) vs cuBLAS (bf16),
+//                                                               against the floors; GEMM_ROWS=512,4096 GEMM_FMT
+//                                                               GEMM_MATRIX narrow it
 // KSCOPE_INVARIANT_ATTENTION=1 runs any of them with decode attention split per row
 // (CudaBackend::set_batch_invariant_attention); KSCOPE_TILE_ROWS=dense,group sets when the many-row matmul kernel
 // takes over (CudaBackend::set_tile_rows; 0 never, 1 always); MOE_COMPARE=1 also times each MoE block of `run`

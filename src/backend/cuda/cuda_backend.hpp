@@ -93,7 +93,8 @@ class CudaBackend final : public Backend {
   static void force_few_rows(bool on);
   // Tests and benchmarks: from how many rows the many-row matmul kernel takes over from the streamed one (the same
   // bits; cuda::set_tile_rows): dense matmuls of >= dense_rows rows, grouped ones averaging >= group_rows per group.
-  // 0 never, 1 always, negative the default (48; 24 in bf16, 8 in FP8/INT4). bench_gpu reads KSCOPE_TILE_ROWS=dense,group.
+  // 0 never, 1 always, negative the default (48 and 8; 24 with the warpgroup kernel off). bench_gpu reads
+  // KSCOPE_TILE_ROWS=dense,group.
   static void set_tile_rows(int dense_rows, int group_rows);
   // Tests and benchmarks: the many-row matmul on warpgroup MMA (every format; the default) or, off, on the mma.sync
   // tile kernel — the same bits. rows: its rows per block (64/128/256; 0 by shape). bench_gpu reads

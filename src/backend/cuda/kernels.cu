@@ -2973,14 +2973,14 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
 }
 // shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
 bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
-// Defaults: dense from 48 rows; grouped from 24 rows per group on average in bf16, 8 in FP8/INT4, where the
-// streamed kernel's dequantization per 32-row tile costs more than the warpgroup kernel's idle tensor-core rows
-// (bench/NOTES.md 39). -1: the default.
-constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kTileGroupRowsQuant = 8;
+// Defaults: dense from 48 rows; grouped from 8 rows per group on average on the warpgroup kernel (a block
+// streams its expert's weights once for up to 64 rows, where the streamed kernel's 32-row tiles run at a fraction
+// of the bandwidth: bench/NOTES.md 39), 24 on the mma.sync tile kernel. -1: the default.
+constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8;
 int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = -1;
-int tile_group_rows(const DLin& W) {
+int tile_group_rows(const DLin&) {
   if (g_tile_group_rows >= 0) return g_tile_group_rows;
-  return W.fmt == kBf16 || !g_wg_gemm ? kTileGroupRows : kTileGroupRowsQuant;
+  return g_wg_gemm ? kWgGroupRows : kTileGroupRows;
 }
 
 }  // namespace

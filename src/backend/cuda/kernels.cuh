@@ -59,8 +59,8 @@ void set_simple_gemm(bool on);
 void set_few_rows(bool on);
 // When the many-row tile kernel takes a streamed-kernel shape (the same bits either way, so only speed depends on
 // it): a dense matmul of at least dense_rows rows, a grouped one whose groups average at least group_rows rows.
-// 0 turns it off, 1 makes it take everything (tests), negative restores the default (48; grouped 24 in bf16, 8 in
-// FP8/INT4 on the warpgroup kernel).
+// 0 turns it off, 1 makes it take everything (tests), negative restores the default (48 and 8; grouped 24 with
+// the warpgroup kernel off).
 void set_tile_rows(int dense_rows, int group_rows);
 // Benchmarks: the tile kernel's block in dense launches, 2 feature warps (128 x 128 tiles, two blocks per
 // multiprocessor) or 4 (256 x 128, one); anything else: by format (2 for bf16, 4 for FP8/INT4; the default). The
