@@ -540,17 +540,32 @@ TEST_F(CudaOps, router_choices_are_identical_and_weights_match) {
     EXPECT_EQ(id.host(), idx) << "E=" << c.E << " G=" << c.G;
     expect_close(wd.host(), wt, kF32Tol, fmt::format("route E={} K={} G={}", c.E, c.K, c.G));
   }
+  // router logits (fp32 inputs): from 8 rows the tiled kernel, which must give the split kernel's bits (K 512:
+  // the split kernel's path; 200: the generic one), rows that leave partial 8-row tiles, features past 384 / 8
+  struct Restore {
+    ~Restore() { CudaBackend::set_f32_tile(true); }
+  } restore;
   for (int64_t H : {512, 200}) {
     MoeWeights moe;
     make_moe(moe, WeightFormat::dense, H, 16, 384);
-    for (int64_t n : {1, 5, 133}) {
+    for (int64_t n : {1, 5, 9, 67, 133}) {
       const auto x = randn(n * H);
       std::vector<float> want(n * 384);
       cpu_.linear(moe.router, x.data(), n, want.data());
       auto xd = dev(x);
-      auto od = poisoned(n * 384);
+      auto od = poisoned(n * 384), os = poisoned(n * 384);
       gpu_->linear(moe.router, xd.data(), n, od.data());
-      expect_close(od.host(), want, kF32Tol, fmt::format("router logits 384x{} n={}", H, n));
+      const auto got = od.host();
+      expect_close(got, want, kF32Tol, fmt::format("router logits 384x{} n={}", H, n));
+      CudaBackend::set_f32_tile(false);
+      gpu_->linear(moe.router, xd.data(), n, os.data());
+      CudaBackend::set_f32_tile(true);
+      EXPECT_EQ(got, os.host()) << "router logits, tiled vs split kernel, 384x" << H << " n=" << n;
+      // one row alone: the bits it has in the batch
+      auto x1 = dev(std::vector<float>(x.end() - H, x.end()));
+      auto o1 = poisoned(384);
+      gpu_->linear(moe.router, x1.data(), 1, o1.data());
+      EXPECT_EQ(o1.host(), std::vector<float>(got.end() - 384, got.end())) << "router logits, last row alone vs in " << n;
     }
   }
 }

@@ -311,6 +311,7 @@ void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
 void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }
 void CudaBackend::set_tile_rows(int dense_rows, int group_rows) { cuda::set_tile_rows(dense_rows, group_rows); }
 void CudaBackend::set_wg_gemm(bool on, int rows) { cuda::set_wg_gemm(on, rows); }
+void CudaBackend::set_f32_tile(bool on) { cuda::set_f32_tile(on); }
 void CudaBackend::set_batch_invariant_attention(bool on) { impl_->invariant_attention = on; }
 void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
 void CudaBackend::force_mla_mma_sync(bool on) { cuda::set_mla_mma_sync(on); }

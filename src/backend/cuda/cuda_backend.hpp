@@ -100,6 +100,9 @@ class CudaBackend final : public Backend {
   // tile kernel — the same bits. rows: its rows per block (64/128/256; 0 by shape). bench_gpu reads
   // KSCOPE_WG_GEMM=0 and KSCOPE_WG_ROWS.
   static void set_wg_gemm(bool on, int rows = 0);
+  // Tests: fp32-input matmuls (routers) from 8 rows on the tiled kernel (the default) or on the one-feature split
+  // kernel; the same bits.
+  static void set_f32_tile(bool on);
   // Decode attention split per row by its own length (cuda::mla_row_chunk), so a sequence's decode logits are the
   // same bits alone or batched at any context length. Off by default: it costs 5-50% more attention time at small
   // batches (bench/RESULTS.md, round 4), where the default split sizes the parts to fill the GPU, which depends on

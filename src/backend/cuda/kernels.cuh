@@ -70,6 +70,9 @@ void set_tile_warps(int feature_warps);
 // off, on the mma.sync tile kernel (k_gemm_tile); the same bits either way. rows: the wgmma kernel's rows per block
 // (64, 128 or 256; 0: by shape).
 void set_wg_gemm(bool on, int rows = 0);
+// Tests: fp32-input matmuls (routers) from 8 rows on the tiled kernel (8 features × 8 rows per block, the default)
+// or, off, on the one-feature split kernel; the same bits either way.
+void set_f32_tile(bool on);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
 void set_simple_attention(bool on);
 bool simple_attention();
