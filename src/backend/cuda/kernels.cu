@@ -2234,6 +2234,27 @@ __device__ __forceinline__ void mma16816_nv(float (&c)[4], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// A many-row block's tile: grouped launches (row_off) take the R / kBM row tiles of row_tile() starting at a
+// multiple of R / kBM inside their group (the other blocks return false); dense ones are rasterized, kTileRaster
+// row tiles per column tile, then the next column tile. Rows [r0, r1) of group g, column tile ct (of BF features).
+__device__ __forceinline__ bool block_tile(const Groups& gr, int M, int N, int R, int BF, int& g, int& r0, int& r1, int& ct) {
+  g = 0;
+  if (gr.row_off) {
+    ct = blockIdx.x;
+    if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return false;
+    if ((blockIdx.y - gr.tile_off[g]) % (R / kBM)) return false;  // another block's
+    r1 = min(r0 + R, gr.row_off[g + 1]);
+    return true;
+  }
+  const int rts = (M + R - 1) / R, cts = (N + BF - 1) / BF, b = blockIdx.x, per = kTileRaster * cts;
+  const int first = b / per * kTileRaster, gs = min(rts - first, kTileRaster), in = b - first * cts;
+  const int rt = first + in % gs;
+  ct = in / gs;
+  r0 = rt * R;
+  r1 = min(r0 + R, M);
+  return r0 < r1;
+}
+
 // cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM of them
 template <int FMT, int FW, int WN, bool SPLIT, bool SB>
 __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
@@ -2246,21 +2267,8 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
     W = W2;
     Y = Y2;
   }
-  int g = 0, r0, r1, ct;
-  if (gr.row_off) {
-    ct = blockIdx.x;
-    if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
-    if ((blockIdx.y - gr.tile_off[g]) % (R / kBM)) return;  // another block's
-    r1 = min(r0 + R, gr.row_off[g + 1]);
-  } else {  // rasterized: kTileRaster row tiles per column tile, then the next column tile
-    const int rts = (M + R - 1) / R, cts = (W.N + BF - 1) / BF, b = blockIdx.x, per = kTileRaster * cts;
-    const int first = b / per * kTileRaster, gs = min(rts - first, kTileRaster), in = b - first * cts;
-    const int rt = first + in % gs;
-    ct = in / gs;
-    r0 = rt * R;
-    r1 = min(r0 + R, M);
-    if (r0 >= r1) return;
-  }
+  int g, r0, r1, ct;
+  if (!block_tile(gr, M, W.N, R, BF, g, r0, r1, ct)) return;
   const int rows = r1 - r0, n0 = ct * BF;
   const uint8_t* wb = W.w + g * W.w_stride;
   const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
@@ -2582,21 +2590,8 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     Y = Y2;
     wm = &wmap2;
   }
-  int g = 0, r0, r1, ct;
-  if (gr.row_off) {
-    ct = blockIdx.x;
-    if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
-    if ((blockIdx.y - gr.tile_off[g]) % (R / kBM)) return;  // another block's
-    r1 = min(r0 + R, gr.row_off[g + 1]);
-  } else {  // rasterized as the tile kernel
-    const int rts = (M + R - 1) / R, cts = (W.N + kWgFeat - 1) / kWgFeat, b = blockIdx.x, per = kTileRaster * cts;
-    const int first = b / per * kTileRaster, gs = min(rts - first, kTileRaster), in = b - first * cts;
-    const int rt = first + in % gs;
-    ct = in / gs;
-    r0 = rt * R;
-    r1 = min(r0 + R, M);
-    if (r0 >= r1) return;
-  }
+  int g, r0, r1, ct;
+  if (!block_tile(gr, M, W.N, R, kWgFeat, g, r0, r1, ct)) return;
   const int rows = r1 - r0, n0 = ct * kWgFeat;
   const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
   extern __shared__ __align__(1024) uint8_t wg_sm_raw[];
