@@ -338,24 +338,30 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
 
 bool g_simple_gemm = false;
 
-// acc[r] += x[r][0..8) · w[0..8) for up to 4 rows x (row stride ldx, 16-byte aligned) and 8 bf16 weights (one
-// 16-byte load).
-__device__ __forceinline__ void dot8_rows(const bf16* w, const float* x, int64_t ldx, int rows, float (&acc)[4]) {
+// 8 bf16 weights (one 16-byte load) as floats
+__device__ __forceinline__ void load_w8(const bf16* w, float (&wf)[8]) {
   const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w));
   const uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
-  float wf[8];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ws[i]));
     wf[2 * i] = f.x;
     wf[2 * i + 1] = f.y;
   }
+}
+// x[0..8) · w[0..8), left to right (the fp32 matmuls' piece: its order is part of their bits)
+__device__ __forceinline__ float dot8(const float4& a, const float4& b, const float (&wf)[8]) {
+  return a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+}
+// acc[r] += x[r][0..8) · w[0..8) for up to 4 rows x (row stride ldx, 16-byte aligned) and 8 bf16 weights
+__device__ __forceinline__ void dot8_rows(const bf16* w, const float* x, int64_t ldx, int rows, float (&acc)[4]) {
+  float wf[8];
+  load_w8(w, wf);
 #pragma unroll
   for (int r = 0; r < 4; ++r)
     if (r < rows) {
       const float4* xp = reinterpret_cast<const float4*>(x + r * ldx);
-      const float4 a = xp[0], b = xp[1];
-      acc[r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
+      acc[r] += dot8(xp[0], xp[1], wf);
     }
 }
 
@@ -2574,8 +2580,8 @@ __global__ void k_permute_x4(const bf16* __restrict__ X, int64_t words, uint32_t
   }
 }
 
-// xmap: Xp as [M][K] bf16, boxes of 64 k x R rows, 128-byte swizzle. cps: chunks per K split (SPLIT); grouped row
-// tiles come in kBM units (row_tile's) and a block takes R / kBM of them.
+// xmap: Xp as [M][K] bf16, boxes of 64 k x R rows, 128-byte swizzle; wmap/wmap2: the pair's weights as bytes.
+// cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM.
 template <int FMT, int R, bool SPLIT, bool SB>
 __global__ void __launch_bounds__(kWgThreads, 1)
     k_gemm_wg(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap,
@@ -2801,20 +2807,10 @@ __global__ void __launch_bounds__(256) k_gemm_f32_tile(const float* __restrict__
 #pragma unroll
     for (int e = 0; e < NE; ++e) {
       const int n = min(n0 + e, W.N - 1);
-      const uint4 wv = __ldg(reinterpret_cast<const uint4*>(W.w + static_cast<int64_t>(n) * W.w_ld) + (warp * slice + k) / 8);
-      const uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
       float wf[8];
+      load_w8(reinterpret_cast<const bf16*>(W.w + static_cast<int64_t>(n) * W.w_ld) + warp * slice + k, wf);
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const float2 f = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&ws[i]));
-        wf[2 * i] = f.x;
-        wf[2 * i + 1] = f.y;
-      }
-#pragma unroll
-      for (int r = 0; r < RM; ++r) {
-        const float4 a = xa[r], b = xc[r];
-        acc[e][r] += a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
-      }
+      for (int r = 0; r < RM; ++r) acc[e][r] += dot8(xa[r], xc[r], wf);
     }
   }
 #pragma unroll
@@ -2901,15 +2897,14 @@ void launch_tile(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, cons
   allow_smem(k, int(tile_smem<FMT, FW, WN>()));
   k_gemm_tile<FMT, FW, WN, SPLIT, SB><<<grid, kTileThreadsPerFW * FW, tile_smem<FMT, FW, WN>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
 }
-// dense launches' feature warps per block (2: 128 x 128 tiles, two blocks per SM; 4: 256 x 128, one; 0: by format,
-// 2 for bf16 and 4 for FP8/INT4, whose dequantization is then shared by more rows per block: bench_gpu gemm)
-int g_tile_fw = 0;
+// dense launches' feature warps per block: 2 for bf16 (128 x 128 tiles, two blocks per SM), 4 for FP8/INT4 (256 x
+// 128, one), whose dequantization is then shared by more rows per block (NOTES round 5)
 template <int FMT, bool SB>
 void launch_tile_fmt(bool split, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                      const DLin& W2, const Groups& gr, int cps) {
   if (gr.row_off) {  // grouped (experts): 128 x 128 tiles (64-row ones measured slower at every size: NOTES 26)
     launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
-  } else if (g_tile_fw == 2 || (g_tile_fw == 0 && FMT == kBf16)) {
+  } else if constexpr (FMT == kBf16) {
     if (split) launch_tile<FMT, 2, 4, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
     else launch_tile<FMT, 2, 8, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else {
@@ -2936,7 +2931,7 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
     return;
   }
   const bool split = ksplit > 1;
-  const int fw = g_tile_fw ? g_tile_fw : W.fmt == kBf16 ? 2 : 4;
+  const int fw = W.fmt == kBf16 ? 2 : 4;
   const int R = split ? 64 : 128, BF = groups.row_off ? 128 : 64 * fw;
   const int nst = W.K / few_stage_k(W), sps = (nst + ksplit - 1) / ksplit;
   const int cw = W.fmt == kBf16 ? tile_cw<kBf16>() : W.fmt == kFp8 ? tile_cw<kFp8>() : tile_cw<kInt4>();
@@ -3010,7 +3005,7 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
   }
   if (W.fmt == kInt4) k_permute_x4<<<grid_for(n / 2), 256, 0, s>>>(X, n / 2, reinterpret_cast<uint32_t*>(xp));
   else k_permute_x<<<grid_for(n / 8), 256, 0, s>>>(reinterpret_cast<const uint32_t*>(X), n / 8, cw / 8, reinterpret_cast<uint4*>(xp));
-  WgMaps xmap;
+  WgMaps maps;
   // weights as bytes: [G·N rows][w_ld], boxes of 64 bytes x 128 rows, no swizzle
   auto wmap = [&](CUtensorMap* m, const DLin& w) {
     const cuuint64_t dims[2] = {static_cast<cuuint64_t>(w.w_ld), static_cast<cuuint64_t>(w.N) * std::max(1, groups.G)};
@@ -3020,13 +3015,13 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
                          CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                          CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
   };
-  if (!encode_map(&xmap.x, xp, static_cast<uint64_t>(W.K), static_cast<uint64_t>(M), static_cast<uint64_t>(W.K), static_cast<uint32_t>(R)) ||
-      !wmap(&xmap.w, W) || !wmap(&xmap.w2, w2))
+  if (!encode_map(&maps.x, xp, static_cast<uint64_t>(W.K), static_cast<uint64_t>(M), static_cast<uint64_t>(W.K), static_cast<uint32_t>(R)) ||
+      !wmap(&maps.w, W) || !wmap(&maps.w2, w2))
     cuda_fail(cudaErrorInvalidValue, "tensor maps of the many-row matmul");
-  if (W.fmt == kFp8) launch_wg_rows<kFp8>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
-  else if (W.fmt == kInt4 && W.s_bf16) launch_wg_rows<kInt4, true>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
-  else if (W.fmt == kInt4) launch_wg_rows<kInt4, false>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
-  else launch_wg_rows<kBf16>(R, split, grid, s, xmap, M, Y, W, Y2, w2, groups, cps);
+  if (W.fmt == kFp8) launch_wg_rows<kFp8>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
+  else if (W.fmt == kInt4 && W.s_bf16) launch_wg_rows<kInt4, true>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
+  else if (W.fmt == kInt4) launch_wg_rows<kInt4, false>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
+  else launch_wg_rows<kBf16>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
   cudaFreeAsync(xp, s);
 }
 // shapes of the streamed kernel the tile kernel takes too: FP8 with blocks of rows that hold a warp's 64 features
@@ -3036,7 +3031,7 @@ bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
 // of the bandwidth: bench/NOTES.md 39), 24 on the mma.sync tile kernel. -1: the default.
 constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8;
 int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = -1;
-int tile_group_rows(const DLin&) {
+int tile_group_rows() {
   if (g_tile_group_rows >= 0) return g_tile_group_rows;
   return g_wg_gemm ? kWgGroupRows : kTileGroupRows;
 }
@@ -3048,7 +3043,6 @@ void set_wg_gemm(bool on, int rows) {
   g_wg_gemm = on;
   g_wg_rows = rows;
 }
-void set_tile_warps(int fw) { g_tile_fw = fw == 2 || fw == 4 ? fw : 0; }
 void set_tile_rows(int dense_rows, int group_rows) {
   g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;
   g_tile_group_rows = group_rows < 0 ? -1 : group_rows;
@@ -3071,7 +3065,7 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   }
   if (few_rows_ok(W)) {
     if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
-      const int group_rows = tile_group_rows(W);
+      const int group_rows = tile_group_rows();
       if (tile_ok(W) && group_rows > 0 && M >= static_cast<int64_t>(group_rows) * groups.G) {
         gemm_tile(X, M, Y, W, groups, max_row_tiles, 1, s, Y2, W2);
         return;

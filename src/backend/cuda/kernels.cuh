@@ -62,10 +62,6 @@ void set_few_rows(bool on);
 // 0 turns it off, 1 makes it take everything (tests), negative restores the default (48 and 8; grouped 24 with
 // the warpgroup kernel off).
 void set_tile_rows(int dense_rows, int group_rows);
-// Benchmarks: the tile kernel's block in dense launches, 2 feature warps (128 x 128 tiles, two blocks per
-// multiprocessor) or 4 (256 x 128, one); anything else: by format (2 for bf16, 4 for FP8/INT4; the default). The
-// same bits either way.
-void set_tile_warps(int feature_warps);
 // The many-row matmul on warpgroup MMA (k_gemm_wg, every format) or,
 // off, on the mma.sync tile kernel (k_gemm_tile); the same bits either way. rows: the wgmma kernel's rows per block
 // (64, 128 or 256; 0: by shape).
