@@ -68,10 +68,11 @@ bool env_on(const char* name) {
 
 // KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync);
 // KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false)); KSCOPE_WG_GEMM=0, KSCOPE_WG_ROWS=64|128|256
-// (CudaBackend::set_wg_gemm)
+// (CudaBackend::set_wg_gemm); KSCOPE_FLASH_WG=0 (CudaBackend::set_flash_wg(false): prefill attention on mma.sync)
 void apply_kernel_env() {
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
+  if (const char* f = std::getenv("KSCOPE_FLASH_WG"); f && std::string(f) == "0") CudaBackend::set_flash_wg(false);
   {  // the many-row matmul on the mma.sync tile kernel (KSCOPE_WG_GEMM=0) or the wgmma one with R rows per block
     const char* wr = std::getenv("KSCOPE_WG_ROWS");
     const char* wgv = std::getenv("KSCOPE_WG_GEMM");
@@ -553,6 +554,118 @@ int run_mla(const std::string& json_out) {
   return 0;
 }
 
+// Prefill (expanded-form) attention alone at Kimi-K2's head shapes (64 heads, nope 128 + rope 64, v 128) over B
+// causal sequences of T tokens: the warpgroup-MMA kernel (128-row tiles, kvx converted to bf16 first) and the
+// mma.sync one (64-row tiles over fp32 kvx) on the same random inputs, their bits compared, against the tensor-core
+// floor of the causal attention's FLOPs (scores and values: sum over rows of keys x heads x (192 + 128) x 2).
+// FLASH_SIZES="1x4096,4x1024" overrides the sizes.
+int run_flash(const std::string& json_out) {
+  const double tc = bf16_tensor_rate();
+  std::printf("device: BF16 tensor cores %.0f TFLOP/s (cuBLAS)\n", tc / 1e12);
+  const int nh = 64, dq = 192, dv = 128, dr = 64;
+  cuda::AttnDims d{nh, 128, dr, dv, 512, 1.0f / std::sqrt(192.0f)};
+  std::vector<std::pair<int64_t, int64_t>> sizes = {{4, 1024}, {1, 4096}, {1, 8192}, {16, 512}};
+  if (const char* e = std::getenv("FLASH_SIZES")) {
+    sizes.clear();
+    std::string spec = e;
+    for (size_t a = 0; a < spec.size();) {
+      size_t b = spec.find(',', a);
+      if (b == std::string::npos) b = spec.size();
+      const std::string item = spec.substr(a, b - a);
+      sizes.push_back({std::stoll(item.substr(0, item.find('x'))), std::stoll(item.substr(item.find('x') + 1))});
+      a = b + 1;
+    }
+  }
+  json rows_out = json::array();
+  std::printf("\n%6s %7s %10s %12s %10s %9s %8s %8s %10s\n", "batch", "tokens", "wgmma us", "mma.sync us", "to-bf16 us",
+              "speedup", "TFLOP/s", "% tc", "same bits");
+  auto fill = [](std::vector<float>& v, uint64_t seed) {  // uniform in [-2, 2): a quick generator for large inputs
+    uint64_t x = seed * 0x9E3779B97F4A7C15ull + 1;
+    for (auto& f : v) {
+      x ^= x << 13;
+      x ^= x >> 7;
+      x ^= x << 17;
+      f = static_cast<float>((x >> 40) & 0xFFFFFF) / 4194304.0f - 2.0f;
+    }
+  };
+  for (auto [B, T] : sizes) {
+    const int64_t N = B * T;
+    std::vector<float> kvx_h(N * nh * 256), q_h(N * nh * dq), rope_f(N * dr);
+    fill(kvx_h, 1 + N);
+    fill(q_h, 2 + N);
+    fill(rope_f, 3 + N);
+    std::vector<uint16_t> rope_h(rope_f.size());
+    for (size_t i = 0; i < rope_f.size(); ++i) {
+      uint32_t u;
+      std::memcpy(&u, &rope_f[i], 4);
+      rope_h[i] = static_cast<uint16_t>(u >> 16);
+    }
+    float *kvx32, *kvx16, *scratch, *q, *o1, *o2;
+    void *rope, *meta;
+    const size_t kvb = kvx_h.size() * 4;
+    CU(cudaMalloc(&kvx32, kvb));
+    CU(cudaMalloc(&kvx16, kvb));
+    CU(cudaMalloc(&scratch, kvb));
+    CU(cudaMalloc(&q, q_h.size() * 4));
+    CU(cudaMalloc(&o1, N * nh * dv * 4));
+    CU(cudaMalloc(&o2, N * nh * dv * 4));
+    CU(cudaMalloc(&rope, rope_h.size() * 2));
+    CU(cudaMemcpy(kvx32, kvx_h.data(), kvb, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(kvx16, kvx_h.data(), kvb, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(q, q_h.data(), q_h.size() * 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(rope, rope_h.data(), rope_h.size() * 2, cudaMemcpyHostToDevice));
+    cuda::kvx_to_bf16(kvx16, N * nh, nullptr);
+    // rows and tiles as CudaBackend::mla_attention builds them: rows of one sequence, tiles of consecutive rows
+    auto build = [&](float* kvx, int tile_rows, std::vector<cuda::AttnRow>& rows, std::vector<cuda::AttnTile>& tiles) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < T; ++i) {
+          rows.push_back({nullptr, static_cast<const cuda::bf16*>(rope) + b * T * dr, kvx + b * T * nh * 256,
+                          static_cast<int>(i + 1), static_cast<int>(b * T + i)});
+          if (i % tile_rows == 0) tiles.push_back({static_cast<int>(b * T + i), 0});
+          ++tiles.back().count;
+        }
+    };
+    std::vector<cuda::AttnRow> r_wg, r_mma;
+    std::vector<cuda::AttnTile> t_wg, t_mma;
+    build(kvx16, cuda::flash_tile_rows(d), r_wg, t_wg);
+    build(kvx32, cuda::kFlashTileRows, r_mma, t_mma);
+    const size_t rb = r_wg.size() * sizeof(cuda::AttnRow);
+    CU(cudaMalloc(&meta, 2 * rb + (t_wg.size() + t_mma.size()) * sizeof(cuda::AttnTile)));
+    auto* m = static_cast<unsigned char*>(meta);
+    CU(cudaMemcpy(m, r_wg.data(), rb, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(m + rb, r_mma.data(), rb, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(m + 2 * rb, t_wg.data(), t_wg.size() * sizeof(cuda::AttnTile), cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(m + 2 * rb + t_wg.size() * sizeof(cuda::AttnTile), t_mma.data(), t_mma.size() * sizeof(cuda::AttnTile),
+                  cudaMemcpyHostToDevice));
+    const auto* rw = reinterpret_cast<const cuda::AttnRow*>(m);
+    const auto* rm = reinterpret_cast<const cuda::AttnRow*>(m + rb);
+    const auto* tw = reinterpret_cast<const cuda::AttnTile*>(m + 2 * rb);
+    const auto* tm = reinterpret_cast<const cuda::AttnTile*>(m + 2 * rb + t_wg.size() * sizeof(cuda::AttnTile));
+    const int reps = N * T > 8'000'000 ? 5 : 10;
+    const double s_wg = time_it([&] { cuda::attention_expanded_tiles(d, q, rw, tw, static_cast<int>(t_wg.size()), o1, nullptr); }, reps);
+    cuda::set_flash_wg(false);
+    const double s_mma = time_it([&] { cuda::attention_expanded_tiles(d, q, rm, tm, static_cast<int>(t_mma.size()), o2, nullptr); }, reps);
+    cuda::set_flash_wg(true);
+    const double s_conv = time_it([&] { cuda::kvx_to_bf16(scratch, N * nh, nullptr); }, reps);
+    std::vector<float> a(N * nh * dv), b2(N * nh * dv);
+    CU(cudaMemcpy(a.data(), o1, a.size() * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(b2.data(), o2, b2.size() * 4, cudaMemcpyDeviceToHost));
+    const bool same = std::memcmp(a.data(), b2.data(), a.size() * 4) == 0;
+    const double flops = double(B) * nh * (dq + dv) * 2.0 * (double(T) * (T + 1) / 2);
+    std::printf("%6lld %7lld %10.1f %12.1f %10.1f %8.2fx %8.0f %7.0f%% %10s\n", static_cast<long long>(B),
+                static_cast<long long>(T), s_wg * 1e6, s_mma * 1e6, s_conv * 1e6, s_mma / s_wg, flops / s_wg / 1e12,
+                100 * flops / s_wg / tc, same ? "yes" : "NO");
+    rows_out.push_back({{"batch", B}, {"tokens", T}, {"wgmma_s", s_wg}, {"mma_sync_s", s_mma}, {"to_bf16_s", s_conv},
+                        {"flops", flops}, {"tc_floor_s", flops / tc}, {"same_bits", same}});
+    for (void* p : {static_cast<void*>(kvx32), static_cast<void*>(kvx16), static_cast<void*>(scratch), static_cast<void*>(q),
+                    static_cast<void*>(o1), static_cast<void*>(o2), rope, meta})
+      cudaFree(p);
+    if (!same) return 1;
+  }
+  if (!json_out.empty()) std::ofstream(json_out) << json({{"bf16_flops", tc}, {"flash", rows_out}}).dump(2) << "\n";
+  return 0;
+}
+
 // The dense matmul kernels alone at Kimi-K2 shapes, in every format, over 1-4096 rows: the streamed-weight kernel
 // (set_tile_rows(0, 0)) and the many-row kernels (set_tile_rows(1, 1)), mma.sync tile and wgmma (set_wg_gemm), on
 // the same device weights (random
@@ -717,13 +830,19 @@ int main(int argc, char** argv) {
       }
       return run_profile(argv[2], T, prefill);
     }
+    if (argc >= 2 && std::string(argv[1]) == "flash") {
+      std::string js;
+      for (int i = 2; i < argc; ++i)
+        if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
+      return run_flash(js);
+    }
     if (argc >= 2 && std::string(argv[1]) == "gemm") {
       std::string js;
       for (int i = 2; i < argc; ++i)
         if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
       return run_gemm(js);
     }
-    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T] [--prefill T] | bench_gpu gemm [--json FILE]\n");
+    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T] [--prefill T] | bench_gpu gemm [--json FILE] | bench_gpu flash [--json FILE]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());

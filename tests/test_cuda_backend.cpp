@@ -699,39 +699,50 @@ TEST_F(CudaOps, mla_attention_expanded_and_absorbed_over_the_latent_cache) {
 }
 
 // Prefill (expanded-form) attention on tensor cores at Kimi-K2's head shapes (nope 128 + rope 64, v 128): a
-// sequence of 75 new tokens after 70 cached (two 64-row tiles, keys past the diagonal masked, 64-key tiles with a
-// partial last one) and one of 5 new tokens with no past, against the CPU and against the CUDA-core kernel; the
-// short sequence alone gets its batched bits. Tolerance: Q·Kᵀ and P·V each round both inputs to bf16 (one matmul's
-// 2 bf16 ulps each) after kv_b_proj's bf16 matmul: three chained matmuls, 3 × 7.8e-3.
+// sequence of new tokens after cached ones beside a second one with no past — 75 after 70 with 5 (64-row tiles of
+// the mma.sync kernel: two, one partial; keys past the diagonal masked; a partial last 64-key tile), and 300 after 50
+// with 130 (the warpgroup kernel's 128-row tiles: both warpgroups, one alone, a tile of 2 rows; 6 key tiles through
+// its 3-stage ring) — against the CPU and the CUDA-core kernel, the warpgroup-MMA kernel (the default) against the
+// mma.sync one bit for bit, and the short sequence alone against its batched bits. Tolerance: Q·Kᵀ and P·V each
+// round both inputs to bf16 (one matmul's 2 bf16 ulps each) after kv_b_proj's bf16 matmul: three chained matmuls,
+// 3 × 7.8e-3.
 TEST_F(CudaOps, prefill_attention_on_tensor_cores_at_k2_head_shapes) {
   const ModelConfig cfg = mla_config(2, 128, 64, 128, 64, 1);
   const int64_t nh = 2, dq = 192, dv = 128;
   const double tol = 3 * kMatmulTol;
   AttentionWeights a;
   make_attention(a, cfg, WeightFormat::dense, 64);
-  const TwoSeqs t = two_sequences(cfg, 0, 70, 75, 5, false, 7);
-  const auto& cs = t.cs;
-  const auto& gs = t.gs;
-  const int64_t N = 80;
-  const auto q = randn(N * nh * dq);
-  const float scale = 1.0f / std::sqrt(192.0f);
-  std::vector<float> want(N * nh * dv);
-  cpu_.mla_attention(cfg, a, q.data(), cs, scale, want.data());
-  auto qd = dev(q);
-  auto o1 = poisoned(N * nh * dv), o2 = poisoned(N * nh * dv);
-  gpu_->mla_attention(cfg, a, qd.data(), gs, scale, o1.data());
-  const auto got = o1.host();
-  expect_close(got, want, tol, "prefill attention, tensor cores vs cpu");
-  CudaBackend::force_simple_attention(true);
-  gpu_->mla_attention(cfg, a, qd.data(), gs, scale, o2.data());
-  CudaBackend::force_simple_attention(false);
-  expect_close(got, o2.host(), tol, "prefill attention, tensor cores vs cuda cores");
-  // the short sequence alone (its q rows first)
-  auto q1 = dev(std::vector<float>(q.begin() + 75 * nh * dq, q.end()));
-  auto o3 = poisoned(5 * nh * dv);
-  std::vector<AttnSeq> alone = {{0, 5, 0, t.g1.get(), 0, false}};
-  gpu_->mla_attention(cfg, a, q1.data(), alone, scale, o3.data());
-  EXPECT_EQ(o3.host(), std::vector<float>(got.begin() + 75 * nh * dv, got.end())) << "a sequence alone vs batched";
+  struct Case {
+    int64_t past, n0, n1;
+  };
+  for (const Case c : {Case{70, 75, 5}, Case{50, 300, 130}}) {
+    SCOPED_TRACE(fmt::format("{} new after {} cached, {} new", c.n0, c.past, c.n1));
+    const TwoSeqs t = two_sequences(cfg, 0, c.past, c.n0, c.n1, false, 7);
+    const int64_t N = c.n0 + c.n1;
+    const auto q = randn(N * nh * dq);
+    const float scale = 1.0f / std::sqrt(192.0f);
+    std::vector<float> want(N * nh * dv);
+    cpu_.mla_attention(cfg, a, q.data(), t.cs, scale, want.data());
+    auto qd = dev(q);
+    auto o1 = poisoned(N * nh * dv), o2 = poisoned(N * nh * dv), o3 = poisoned(N * nh * dv);
+    gpu_->mla_attention(cfg, a, qd.data(), t.gs, scale, o1.data());
+    const auto got = o1.host();
+    expect_close(got, want, tol, "prefill attention, warpgroup MMA vs cpu");
+    CudaBackend::set_flash_wg(false);
+    gpu_->mla_attention(cfg, a, qd.data(), t.gs, scale, o2.data());
+    CudaBackend::set_flash_wg(true);
+    EXPECT_EQ(got, o2.host()) << "prefill attention, warpgroup MMA vs mma.sync";
+    CudaBackend::force_simple_attention(true);
+    gpu_->mla_attention(cfg, a, qd.data(), t.gs, scale, o3.data());
+    CudaBackend::force_simple_attention(false);
+    expect_close(got, o3.host(), tol, "prefill attention, tensor cores vs cuda cores");
+    // the short sequence alone (its q rows first)
+    auto q1 = dev(std::vector<float>(q.begin() + c.n0 * nh * dq, q.end()));
+    auto o4 = poisoned(c.n1 * nh * dv);
+    std::vector<AttnSeq> alone = {{0, c.n1, 0, t.g1.get(), 0, false}};
+    gpu_->mla_attention(cfg, a, q1.data(), alone, scale, o4.data());
+    EXPECT_EQ(o4.host(), std::vector<float>(got.begin() + c.n0 * nh * dv, got.end())) << "a sequence alone vs batched";
+  }
 }
 
 // Decode attention at Kimi-K2's shapes (64 heads, kv_lora 512, rope 64) and at a head count that is not a

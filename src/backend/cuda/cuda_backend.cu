@@ -315,6 +315,7 @@ void CudaBackend::set_f32_tile(bool on) { cuda::set_f32_tile(on); }
 void CudaBackend::set_batch_invariant_attention(bool on) { impl_->invariant_attention = on; }
 void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
 void CudaBackend::force_mla_mma_sync(bool on) { cuda::set_mla_mma_sync(on); }
+void CudaBackend::set_flash_wg(bool on) { cuda::set_flash_wg(on); }
 void CudaBackend::set_mla_tma(bool on) { cuda::set_mla_tma(on); }
 int64_t CudaBackend::mla_tma_launches() { return cuda::mla_tma_launches(); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
@@ -700,6 +701,7 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
       cuda::gemm(kv->lat[s.layer], static_cast<int>(T), kvx.back().data(), lit->second, {}, static_cast<int>(cdiv(T, cuda::kBM)),
                  m.stream);
       kvx_p = kvx.back().data();
+      if (cuda::flash_wg_ok(d)) cuda::kvx_to_bf16(kvx.back().data(), T * cfg.num_attention_heads, m.stream);
     }
     for (int64_t i = 0; i < s.n_new; ++i) {
       cuda::AttnRow r{kv->lat[s.layer], kv->rope[s.layer], kvx_p, static_cast<int>(s.past + i + 1),
@@ -719,8 +721,8 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
     // expanded rows on tensor cores: tiles of consecutive rows of one sequence, uploaded after the rows
     std::vector<cuda::AttnTile> tiles;
     if (!absorbed && cuda::flash_expanded_ok(d))
-      for (int i = 0; i < static_cast<int>(rows.size()); ++i) {
-        if (tiles.empty() || tiles.back().count == cuda::kFlashTileRows || rows[i].kvx != rows[i - 1].kvx ||
+      for (int i = 0, tile_rows = cuda::flash_tile_rows(d); i < static_cast<int>(rows.size()); ++i) {
+        if (tiles.empty() || tiles.back().count == tile_rows || rows[i].kvx != rows[i - 1].kvx ||
             rows[i].k_rope != rows[i - 1].k_rope)
           tiles.push_back({i, 0});
         ++tiles.back().count;

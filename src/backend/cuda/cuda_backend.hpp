@@ -116,6 +116,9 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: absorbed decode attention on the previous kernels (mma.sync attention, CUDA-core fp32
   // absorption matmuls) instead of the warpgroup-MMA attention and the tensor-core absorption matmuls.
   static void force_mla_mma_sync(bool on);
+  // Tests and benchmarks: prefill (expanded-form) attention at K2's head shapes on warpgroup MMA in 128-row tiles
+  // (the default) or, off, on the mma.sync kernel in 64-row tiles — the same bits. bench_gpu reads KSCOPE_FLASH_WG=0.
+  static void set_flash_wg(bool on);
   // Benchmarks and tests: decode attention's cache tiles by tensor copies (TMA; the default where rope is 64 and
   // kv_lora 128/256/512) or, off, by per-thread cp.async (the same arithmetic, so the same bits).
   static void set_mla_tma(bool on);

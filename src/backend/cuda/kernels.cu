@@ -880,10 +880,24 @@ __device__ __forceinline__ void ldsm4t(uint32_t (&r)[4], const bf16* p) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n" : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 
+// 2^x on the special-function unit (ex2.approx.ftz: ~2 ulp; -inf gives 0): the softmax's exponentials
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+// Pins registers a wgmma wrote asynchronously after the wait for it: ordinary code that reads or rewrites them
+// stays after the wait (the compiler does not know the wait is what makes them ready).
+template <int N>
+__device__ __forceinline__ void keep(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
 // ---- expanded-form (prefill) attention on tensor cores, flash-attention style: one block per (tile of up to 64
 // query rows of one sequence, head), 4 warps of 16 rows. Q (fp32) and each 64-key tile of K = [k_nope from kvx,
 // k_rope from the cache] and V (kvx) are rounded to bf16 in shared memory (as the reference's bf16 attention
-// rounds them); S = Q·Kᵀ and O += P·V are m16n8k16 mmas with fp32 accumulation, the softmax online in fp32 (base 2,
+// rounds them); S = Q·Kᵀ and O += P·V are m16n8k16 mmas with fp32 accumulation, the softmax online in fp32 (base 2 by ex2.approx,
 // scale folded in), P rounded to bf16 as the A operand straight from the S registers. Row i attends keys
 // [0, len_i). A row's result depends only on its own keys: the same alone or batched.
 constexpr int kFlashBM = kFlashTileRows, kFlashBN = 64;
@@ -982,16 +996,16 @@ __global__ void __launch_bounds__(128) k_flash_expanded(AttnDims d, const float*
     const float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
     // a row with no key yet keeps max -inf: its p are 0 and nothing is rescaled
     const float base_a = nm_a == -INFINITY ? 0.0f : nm_a, base_b = nm_b == -INFINITY ? 0.0f : nm_b;
-    const float corr_a = exp2f(m_a - base_a), corr_b = exp2f(m_b - base_b);
+    const float corr_a = ex2(m_a - base_a), corr_b = ex2(m_b - base_b);
     m_a = nm_a;
     m_b = nm_b;
     float sum_a = 0.0f, sum_b = 0.0f;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
-      s[n][0] = exp2f(s[n][0] - base_a);
-      s[n][1] = exp2f(s[n][1] - base_a);
-      s[n][2] = exp2f(s[n][2] - base_b);
-      s[n][3] = exp2f(s[n][3] - base_b);
+      s[n][0] = ex2(s[n][0] - base_a);
+      s[n][1] = ex2(s[n][1] - base_a);
+      s[n][2] = ex2(s[n][2] - base_b);
+      s[n][3] = ex2(s[n][3] - base_b);
       sum_a += s[n][0] + s[n][1];
       sum_b += s[n][2] + s[n][3];
     }
@@ -1037,6 +1051,241 @@ __global__ void __launch_bounds__(128) k_flash_expanded(AttnDims d, const float*
     for (int n = 0; n < NV; ++n) *reinterpret_cast<float2*>(ob + n * 8 + 2 * tq) = make_float2(o[n][2] * inv, o[n][3] * inv);
   }
 }
+// ---- the same prefill attention on warpgroup MMA: one block per (head, tile of up to 128 consecutive rows of one
+// sequence), two warpgroups of 64 rows sharing every 64-key tile of K and V. Each warpgroup's per-row arithmetic is
+// k_flash_expanded's, step for step: S = Q·Kᵀ as 12 k-steps of 16 from zero (wgmma m64n64k16; Q from registers in
+// the A-fragment layout, K from shared memory), the same masking, base-2 online softmax and sums in the same order,
+// P rounded to bf16 as the A operand from the S registers, O += P·V as 4 k-steps (m64n128k16) — the tensor cores'
+// k16 sums are those of mma.sync, so the bits are k_flash_expanded's (tested).
+//
+// Pipelined as FlashAttention-3 does within a warpgroup: the multiplies of S for tile j and of P·V for tile j - 1
+// are issued together, the softmax of tile j runs while the tensor cores do P·V, and O is rescaled once P·V is
+// done (the same operations on O in the same order). kvx arrives converted to bf16 in place (k_kvx_bf16); the key
+// tiles are loaded by cp.async into 128-byte-swizzled slabs of 64 keys (a 16-byte chunk c of key row r at chunk
+// c ^ (r & 7)): per stage K [3][64][128 B] and V [2][64][128 B] (V is the MN-major B operand), 4 stages, two tiles
+// ahead. Keys past a row's length are masked (only tiles that reach past some row's length pay for the mask); a tile
+// wholly past a row's length (k_flash_expanded skips it) leaves the row's O, max and sum bit for bit unchanged.
+constexpr int kFwBN = 64, kFwStages = 4, kFwRows = 128;
+constexpr int kFwStageBytes = 5 * kFwBN * 128;
+constexpr size_t flash_wg_smem() { return 1024 + kFwStages * kFwStageBytes; }
+
+// kvx [n rows of 256 fp32: k_nope 128 | v 128] -> the first 512 bytes of each row as 256 bf16 (same order), in place:
+// one warp per row reads all of it before any lane writes
+__global__ void __launch_bounds__(256) k_kvx_bf16(float* kvx, int64_t n) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
+  if (row >= n) return;
+  const int lane = threadIdx.x & 31;
+  float* p = kvx + row * 256 + lane * 8;
+  const float4 a = *reinterpret_cast<const float4*>(p), b = *reinterpret_cast<const float4*>(p + 4);
+  __syncwarp();
+  *reinterpret_cast<uint4*>(reinterpret_cast<bf16*>(kvx + row * 256) + lane * 8) =
+      make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+}
+
+// The masked, scaled scores of one tile and the online-softmax step of rows a and b (k_flash_expanded's order):
+// on return s holds P (fp32) and corr the factors O is to be multiplied by.
+template <bool MASK>
+__device__ __forceinline__ void flash_softmax(float (&s)[32], int k0, int tq, int len_a, int len_b, float sc, float& m_a,
+                                              float& m_b, float& l_a, float& l_b, float& corr_a, float& corr_b) {
+  float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if constexpr (MASK) {
+        const int key = k0 + n * 8 + 2 * tq + e;
+        s[4 * n + e] = key < len_a ? s[4 * n + e] * sc : -INFINITY;
+        s[4 * n + 2 + e] = key < len_b ? s[4 * n + 2 + e] * sc : -INFINITY;
+      } else {
+        s[4 * n + e] *= sc;
+        s[4 * n + 2 + e] *= sc;
+      }
+      mx_a = fmaxf(mx_a, s[4 * n + e]);
+      mx_b = fmaxf(mx_b, s[4 * n + 2 + e]);
+    }
+#pragma unroll
+  for (int m = 1; m <= 2; m <<= 1) {
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, m));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, m));
+  }
+  const float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
+  const float base_a = nm_a == -INFINITY ? 0.0f : nm_a, base_b = nm_b == -INFINITY ? 0.0f : nm_b;
+  corr_a = ex2(m_a - base_a);
+  corr_b = ex2(m_b - base_b);
+  m_a = nm_a;
+  m_b = nm_b;
+  float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    s[4 * n] = ex2(s[4 * n] - base_a);
+    s[4 * n + 1] = ex2(s[4 * n + 1] - base_a);
+    s[4 * n + 2] = ex2(s[4 * n + 2] - base_b);
+    s[4 * n + 3] = ex2(s[4 * n + 3] - base_b);
+    sum_a += s[4 * n] + s[4 * n + 1];
+    sum_b += s[4 * n + 2] + s[4 * n + 3];
+  }
+  l_a = l_a * corr_a + sum_a;
+  l_b = l_b * corr_b + sum_b;
+}
+
+__global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __restrict__ q, const AttnRow* rows,
+                                                     const AttnTile* tiles, float* __restrict__ out) {
+  extern __shared__ __align__(1024) unsigned char fw_raw[];
+  unsigned char* kv_s = fw_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(fw_raw)) & 1023)) & 1023);
+  // heaviest tiles (the latest rows: the most keys) first
+  const AttnTile tile = tiles[gridDim.y - 1 - blockIdx.y];
+  const int h = blockIdx.x, wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  const int gq = lane >> 2, tq = lane & 3, wid = threadIdx.x >> 5;
+  const AttnRow r0 = rows[tile.first];
+  const int max_len = rows[tile.first + tile.count - 1].len;
+  const bf16* kv16 = reinterpret_cast<const bf16*>(r0.kvx);  // [key][head][512 bf16]: k_nope 128 | v 128 | unused
+  // a key tile: warp w copies keys w, w + 8, ... (k_nope and v: the row's first 512 bytes, lane = chunk), and each
+  // thread 2 of the 512 rope chunks; a key's swizzle (key & 7) is the warp's; keys past max_len arrive as zeros
+  const int kv_slab = lane < 16 ? lane >> 3 : 3 + ((lane - 16) >> 3);
+  const int kv_dst = kv_slab * (kFwBN * 128) + wid * 128 + (((lane & 7) ^ wid) << 4);
+  const int rk = threadIdx.x >> 3, rc = threadIdx.x & 7;  // rope: keys rk and rk + 32, chunk rc
+  const int rope_dst = 2 * (kFwBN * 128) + rk * 128 + ((rc ^ (rk & 7)) << 4);
+  const int64_t key_stride = static_cast<int64_t>(d.nh) * 512;
+  auto load = [&](int stage, int k0) {
+    unsigned char* st = kv_s + stage * kFwStageBytes;
+    const bf16* src = kv16 + (k0 + wid) * key_stride + h * 512 + lane * 8;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const bool ok = k0 + wid + 8 * i < max_len;
+      cp_async16(st + kv_dst + i * 1024, ok ? src + i * 8 * key_stride : kv16, ok ? 16 : 0);
+    }
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int key = k0 + rk + 32 * i;
+      const bool ok = key < max_len;
+      cp_async16(st + rope_dst + i * 4096, r0.k_rope + (ok ? static_cast<int64_t>(key) * 64 + rc * 8 : 0), ok ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+  const int nt = (max_len + kFwBN - 1) / kFwBN;
+  load(0, 0);
+  if (nt > 1) load(1, kFwBN);
+  else cp_async_commit();
+  // each lane's two rows and their key counts
+  const int ra = 64 * wgi + warp * 16 + gq, rb = ra + 8;
+  const int len_a = ra < tile.count ? rows[tile.first + ra].len : 0, len_b = rb < tile.count ? rows[tile.first + rb].len : 0;
+  // Q in registers, bf16, as the A fragments of the 12 k-steps (zero past the tile's count)
+  uint32_t qf[12][4];
+  {
+    const float* qa = ra < tile.count ? q + (static_cast<int64_t>(rows[tile.first + ra].q_row) * d.nh + h) * 192 : nullptr;
+    const float* qb = rb < tile.count ? q + (static_cast<int64_t>(rows[tile.first + rb].q_row) * d.nh + h) * 192 : nullptr;
+#pragma unroll
+    for (int ks = 0; ks < 12; ++ks)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int c = 16 * ks + 8 * hf + 2 * tq;
+        const float2 va = qa ? *reinterpret_cast<const float2*>(qa + c) : make_float2(0, 0);
+        const float2 vb = qb ? *reinterpret_cast<const float2*>(qb + c) : make_float2(0, 0);
+        qf[ks][2 * hf] = pack_bf16(va.x, va.y);
+        qf[ks][2 * hf + 1] = pack_bf16(vb.x, vb.y);
+      }
+  }
+  float o[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) o[i] = 0.0f;
+  float m_a = -INFINITY, m_b = -INFINITY, l_a = 0.0f, l_b = 0.0f;
+  const float sc = d.scale * 1.4426950408889634f;
+  // Every wgmma below is issued unconditionally (a branch around one makes ptxas serialize them all), so both
+  // warpgroups multiply every key tile of the block, the first warpgroup's last one fully masked when the block's
+  // rows span two tiles.
+  auto tile_in = [&](int it) {  // tile it landed for everyone; prefetch it + 2 into the stage of tile it - 2
+    cp_async_wait<1>();  // this thread's pieces of tile it are in
+    wg::fence_smem();
+    __syncthreads();  // everyone's; both warpgroups are done with tile it - 2 (its P·V waited for in iteration it - 1)
+    if (it + 2 < nt) load((it + 2) % kFwStages, (it + 2) * kFwBN);
+    else cp_async_commit();
+  };
+  auto issue_s = [&](float (&s)[32], int it) {
+    const unsigned char* kt = kv_s + (it % kFwStages) * kFwStageBytes;
+#pragma unroll
+    for (int i = 0; i < 32; ++i) s[i] = 0.0f;
+    wg::fence();
+#pragma unroll
+    for (int ks = 0; ks < 12; ++ks) wg::mma_rs<64, 0>(s, qf[ks], tma::sw128_desc(kt + (ks >> 2) * 8192 + (ks & 3) * 32, 16, 1024), 1);
+    wg::commit();
+  };
+  uint32_t pa[4][4];  // P of the previous tile, waiting for its P·V
+  // O += P·V of tile it: 16 keys = 2048 bytes per k-step; V's two 64-column slabs 8192 bytes apart, 8 keys 1024
+  auto issue_pv = [&](int it) {
+    const unsigned char* vp = kv_s + (it % kFwStages) * kFwStageBytes + 3 * 8192;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wg::mma_rs<128, 1>(o, pa[kk], tma::sw128_desc(vp + kk * 2048, 8192, 1024), 1);
+    wg::commit();
+  };
+  auto softmax = [&](float (&s)[32], int it, float& corr_a, float& corr_b) {
+    const int k0 = it * kFwBN;
+    if (k0 + kFwBN > min(len_a, len_b)) flash_softmax<true>(s, k0, tq, len_a, len_b, sc, m_a, m_b, l_a, l_b, corr_a, corr_b);
+    else flash_softmax<false>(s, k0, tq, len_a, len_b, sc, m_a, m_b, l_a, l_b, corr_a, corr_b);
+  };
+  auto pack_p = [&](const float (&s)[32]) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      pa[kk][0] = pack_bf16(s[8 * kk], s[8 * kk + 1]);
+      pa[kk][1] = pack_bf16(s[8 * kk + 2], s[8 * kk + 3]);
+      pa[kk][2] = pack_bf16(s[8 * kk + 4], s[8 * kk + 5]);
+      pa[kk][3] = pack_bf16(s[8 * kk + 6], s[8 * kk + 7]);
+    }
+  };
+  {  // tile 0 (O is zero: its rescale is a no-op)
+    float s[32], corr_a, corr_b;
+    tile_in(0);
+    issue_s(s, 0);
+    wg::wait<0>();
+    keep(s);
+    softmax(s, 0, corr_a, corr_b);
+    pack_p(s);
+  }
+  for (int it = 1; it < nt; ++it) {
+    float s[32], corr_a, corr_b;
+    tile_in(it);
+    issue_s(s, it);
+    wg::fence();
+    issue_pv(it - 1);
+    wg::wait<1>();  // S
+    keep(s);
+    softmax(s, it, corr_a, corr_b);
+    wg::wait<0>();  // P·V of tile it - 1: O and pa free
+    keep(o);
+    if (corr_a != 1.0f || corr_b != 1.0f) {
+#pragma unroll
+      for (int n = 0; n < 16; ++n) {
+        o[4 * n] *= corr_a;
+        o[4 * n + 1] *= corr_a;
+        o[4 * n + 2] *= corr_b;
+        o[4 * n + 3] *= corr_b;
+      }
+    }
+    pack_p(s);
+  }
+  wg::fence();
+  issue_pv(nt - 1);
+  wg::wait<0>();
+  keep(o);
+  cp_async_wait<0>();
+#pragma unroll
+  for (int m = 1; m <= 2; m <<= 1) {
+    l_a += __shfl_xor_sync(0xffffffffu, l_a, m);
+    l_b += __shfl_xor_sync(0xffffffffu, l_b, m);
+  }
+  if (ra < tile.count) {
+    float* oa = out + (static_cast<int64_t>(rows[tile.first + ra].q_row) * d.nh + h) * 128;
+    const float inv = 1.0f / l_a;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) *reinterpret_cast<float2*>(oa + n * 8 + 2 * tq) = make_float2(o[4 * n] * inv, o[4 * n + 1] * inv);
+  }
+  if (rb < tile.count) {
+    float* ob = out + (static_cast<int64_t>(rows[tile.first + rb].q_row) * d.nh + h) * 128;
+    const float inv = 1.0f / l_b;
+#pragma unroll
+    for (int n = 0; n < 16; ++n) *reinterpret_cast<float2*>(ob + n * 8 + 2 * tq) = make_float2(o[4 * n + 2] * inv, o[4 * n + 3] * inv);
+  }
+}
+
 __device__ __forceinline__ void pair_sync(int pair) { asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1)); }
 
 constexpr int kMlaH = 64, kMlaT = 32, kMlaPs = 40, kMlaStages = 3, kMlaMaxSplits = 128;  // heads per block, tokens per tile, P row stride, tiles in flight
@@ -1261,12 +1510,6 @@ __device__ __forceinline__ void wg_stage(unsigned char* dst, int CH, Src src) {
   }
 }
 
-// 2^x on the special-function unit (ex2.approx.ftz: ~2 ulp; -inf gives 0): the softmax's exponentials
-__device__ __forceinline__ float ex2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
 
 // NC = C / 2: the latent columns of O per warpgroup; KSH: 16-wide k-steps of S per warpgroup, (C + dr) / 32 rounded
 // up (the dimensions padded with zeros to an even count of k-steps). Both are compile-time so that each
@@ -3203,9 +3446,21 @@ void kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, i
 bool flash_expanded_ok(const AttnDims& d) {
   return !g_simple_attention && d.dn + d.dr == 192 && d.dv == 128 && d.dn % 8 == 0 && d.dr % 8 == 0;
 }
+bool g_flash_wg = true;
+void set_flash_wg(bool on) { g_flash_wg = on; }
+bool flash_wg_ok(const AttnDims& d) { return g_flash_wg && flash_expanded_ok(d) && d.dn == 128 && d.dr == 64; }
+int flash_tile_rows(const AttnDims& d) { return flash_wg_ok(d) ? kFwRows : kFlashTileRows; }
+void kvx_to_bf16(float* kvx, int64_t n, cudaStream_t s) {
+  if (n) k_kvx_bf16<<<static_cast<unsigned>(cdiv(n, 8)), 256, 0, s>>>(kvx, n);
+}
 void attention_expanded_tiles(const AttnDims& d, const float* q, const AttnRow* rows, const AttnTile* tiles, int n_tiles,
                               float* out, cudaStream_t s) {
   if (n_tiles == 0) return;
+  if (flash_wg_ok(d)) {
+    allow_smem(reinterpret_cast<const void*>(k_flash_wg), int(flash_wg_smem()));
+    k_flash_wg<<<dim3(static_cast<unsigned>(d.nh), static_cast<unsigned>(n_tiles)), 256, flash_wg_smem(), s>>>(d, q, rows, tiles, out);
+    return;
+  }
   allow_smem(reinterpret_cast<const void*>(k_flash_expanded<192, 128>), int(flash_smem<192, 128>()));
   k_flash_expanded<192, 128><<<dim3(static_cast<unsigned>(n_tiles), static_cast<unsigned>(d.nh)), 128,
                                flash_smem<192, 128>(), s>>>(d, q, rows, tiles, out);

@@ -141,6 +141,13 @@ struct AttnTile {
   int first, count;  // rows [first, first + count) of the row array
 };
 bool flash_expanded_ok(const AttnDims& d);
+// Of those, K2's exact head shapes (nope 128, rope 64, v 128) run on warpgroup MMA (the default; the same bits) in
+// tiles of up to flash_tile_rows(d) = 128 rows, over kvx converted to bf16 in place first (kvx_to_bf16: each row's
+// 256 floats become its first 256 bf16); set_flash_wg(false): the mma.sync kernel over fp32 kvx, 64-row tiles.
+bool flash_wg_ok(const AttnDims& d);
+int flash_tile_rows(const AttnDims& d);
+void set_flash_wg(bool on);
+void kvx_to_bf16(float* kvx, int64_t n_rows, cudaStream_t s);
 void attention_expanded_tiles(const AttnDims& d, const float* q, const AttnRow* rows, const AttnTile* tiles, int n_tiles,
                               float* out, cudaStream_t s);
 // Whether the tensor-core decode kernel takes these dimensions (C a multiple of 32 up to 512, dr of 16 up to 128);

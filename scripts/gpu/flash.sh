@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Prefill attention on warpgroup MMA (k_flash_wg): builds, runs the attention op tests (the warpgroup kernel against
+# the CPU, the CUDA-core kernel and the mma.sync kernel bit for bit), times both kernels alone at K2's head shapes
+# (bench_gpu flash) beside PyTorch's scaled_dot_product_attention on the same shapes (the peer: what HF's sdpa
+# attention calls), and optionally a slice's prefill with each kernel.
+#   run: bash scripts/gpu/flash.sh   (carry .deps; FLASH_SIZES passes through; FULL=1 runs all CUDA op tests and the
+#        HF parity tests; TESTS=0 skips the tests; PEER=0 skips PyTorch; RUN="bf16" also makes that 2-layer slice and
+#        runs bench_gpu run on it once per KSCOPE_FLASH_WG value in FW="1 0"; NCU=1: ncu sections and SASS of the
+#        warpgroup kernel)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/gpu/env.sh
+nvidia-smi --query-gpu=name --format=csv,noheader
+targets="test_cuda_backend bench_gpu"
+[ "${FULL:-0}" = 1 ] && targets="$targets test_parity"
+gpu_build $targets || exit 1
+status=0
+if [ "${TESTS:-1}" != 0 ]; then
+  filter='*attention*'
+  [ "${FULL:-0}" = 1 ] && filter='*'
+  KSCOPE_REQUIRE_CUDA=1 build-gpu/tests/test_cuda_backend --gtest_filter="$filter" >"$OUT/ops.txt" 2>&1 || status=1
+  grep -E "^\[  FAILED|^\[  PASSED|prefill attention" "$OUT/ops.txt"
+  grep -B3 -A12 "Failure" "$OUT/ops.txt" | head -60
+  if [ "${FULL:-0}" = 1 ]; then
+    KSCOPE_TEST_DEVICE=cuda build-gpu/tests/test_parity >"$OUT/parity.txt" 2>&1 || status=1
+    grep -E "^\[  (PASSED|FAILED) " "$OUT/parity.txt"; grep -B2 -A8 "Failure" "$OUT/parity.txt" | head -40
+  fi
+fi
+build-gpu/bench/bench_gpu flash --json "$OUT/flash.json" | tee "$OUT/flash.txt" || status=1
+if [ "${PEER:-1}" != 0 ]; then
+  python3 - "${FLASH_SIZES:-4x1024,1x4096,1x8192,16x512}" <<'PY' | tee "$OUT/flash-peer.txt"
+import sys, torch, torch.nn.functional as F
+print("PyTorch", torch.__version__, "scaled_dot_product_attention, causal, bf16, 64 heads, qk 192, v 128")
+print(f"{'batch':>6} {'tokens':>7} {'sdpa us':>10} {'TFLOP/s':>8}")
+for item in sys.argv[1].split(","):
+    B, T = map(int, item.split("x"))
+    q = torch.randn(B, 64, T, 192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, 64, T, 192, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, 64, T, 128, device="cuda", dtype=torch.bfloat16)
+    f = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=192 ** -0.5)
+    for _ in range(3): f()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); f(); b.record(); torch.cuda.synchronize(); ts.append(a.elapsed_time(b) * 1e3)
+    us = sorted(ts)[len(ts) // 2]
+    flops = B * 64 * (192 + 128) * 2 * T * (T + 1) / 2
+    print(f"{B:>6} {T:>7} {us:>10.1f} {flops / us / 1e6:>8.0f}")
+PY
+fi
+if [ "${NCU:-0}" = 1 ]; then  # why the warpgroup kernel is where it is: ncu sections on one 1 x 4096 launch, SASS
+  FLASH_SIZES=1x4096 timeout 300 ncu --clock-control none -k regex:k_flash_wg --launch-skip 3 --launch-count 1 \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+    --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
+    build-gpu/bench/bench_gpu flash > "$OUT/flash-ncu.txt" 2>&1
+  grep -E "k_flash_wg|Duration|Throughput|Achieved Occupancy|Registers Per|Block Limit|Stall|Warp Cycles Per Issued|Issue Slots|Executed Ipc|Pipe|Bank|L2 Hit|Shared" \
+    "$OUT/flash-ncu.txt" | head -70
+  obj=$(find build-gpu -name "kernels.cu.o" | head -1)
+  cuobjdump -sass "$obj" | awk '/Function :/ {on = index($0, "k_flash_wg") > 0} on' > "$OUT/flash-sass.txt"
+  grep -oE "^\s+/\*[0-9a-f]+\*/\s+[A-Z0-9_.]+" "$OUT/flash-sass.txt" | awk '{print $2}' | sed 's/\..*//' | sort | uniq -c | sort -rn | head -25
+  grep -nE "HGMMA|WARPGROUP|BAR|DEPBAR|LDGSTS|WARPSYNC" "$OUT/flash-sass.txt" | head -80
+fi
+for f in ${RUN:-}; do
+  d=/tmp/k2-slice-$f-2
+  [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $f --layers 2 2>&1 | tail -1
+  for v in ${FW:-1 0}; do
+    echo "== bench_gpu run $f, KSCOPE_FLASH_WG=$v"
+    KSCOPE_FLASH_WG=$v build-gpu/bench/bench_gpu run $d --json "$OUT/run-$f-fw$v.json" > "$OUT/run-$f-fw$v.txt" 2>&1
+    grep -i "prefill" "$OUT/run-$f-fw$v.txt"; grep -A8 "step ms" "$OUT/run-$f-fw$v.txt"
+  done
+done
+exit $status
