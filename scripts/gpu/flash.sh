@@ -53,7 +53,9 @@ if [ "${NCU:-0}" = 1 ]; then  # why the warpgroup kernel is where it is: ncu sec
   FLASH_SIZES=1x4096 timeout 300 ncu --clock-control none -k regex:k_flash_wg --launch-skip 3 --launch-count 1 \
     --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
     --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis --section InstructionStats \
+    --metrics "regex:smsp__average_warps_issue_stalled_.*_per_issue_active\.ratio" \
     build-gpu/bench/bench_gpu flash > "$OUT/flash-ncu.txt" 2>&1
+  grep -E "issue_stalled" "$OUT/flash-ncu.txt" | sort -k3 -g -r | head -12
   grep -E "k_flash_wg|Duration|Throughput|Achieved Occupancy|Registers Per|Block Limit|Stall|Warp Cycles Per Issued|Issue Slots|Executed Ipc|Pipe|Bank|L2 Hit|Shared" \
     "$OUT/flash-ncu.txt" | head -70
   obj=$(find build-gpu -name "kernels.cu.o" | head -1)

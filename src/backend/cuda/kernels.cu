@@ -894,11 +894,57 @@ __device__ __forceinline__ void keep(float (&r)[N]) {
   for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
 }
 
+// One key tile's online-softmax step for a lane's rows a (elements 4n, 4n + 1 of s: columns 8n + 2tq, + 1) and b
+// (4n + 2, 4n + 3), shared by both prefill kernels: keys from k0 past a row's length masked (MASK), the rows'
+// maxima of the raw scores (scaling by the positive sc commutes with max), the new running maxima in the base-2
+// domain, P = 2^(s·sc − max) with one rounding (fma), the row sums in column order. On return s holds P (fp32) and
+// corr the factors O is to be multiplied by; l is updated.
+template <bool MASK>
+__device__ __forceinline__ void flash_softmax(float (&s)[32], int k0, int tq, int len_a, int len_b, float sc, float& m_a,
+                                              float& m_b, float& l_a, float& l_b, float& corr_a, float& corr_b) {
+  float mx_a = -INFINITY, mx_b = -INFINITY;
+#pragma unroll
+  for (int n = 0; n < 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      if constexpr (MASK) {
+        const int key = k0 + n * 8 + 2 * tq + e;
+        if (key >= len_a) s[4 * n + e] = -INFINITY;
+        if (key >= len_b) s[4 * n + 2 + e] = -INFINITY;
+      }
+      mx_a = fmaxf(mx_a, s[4 * n + e]);
+      mx_b = fmaxf(mx_b, s[4 * n + 2 + e]);
+    }
+#pragma unroll
+  for (int m = 1; m <= 2; m <<= 1) {
+    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, m));
+    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, m));
+  }
+  const float nm_a = fmaxf(m_a, mx_a * sc), nm_b = fmaxf(m_b, mx_b * sc);
+  // a row with no key yet keeps max -inf: its p are 0 and nothing is rescaled
+  const float base_a = nm_a == -INFINITY ? 0.0f : nm_a, base_b = nm_b == -INFINITY ? 0.0f : nm_b;
+  corr_a = ex2(m_a - base_a);
+  corr_b = ex2(m_b - base_b);
+  m_a = nm_a;
+  m_b = nm_b;
+  float sum_a = 0.0f, sum_b = 0.0f;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    s[4 * n] = ex2(__fmaf_rn(s[4 * n], sc, -base_a));
+    s[4 * n + 1] = ex2(__fmaf_rn(s[4 * n + 1], sc, -base_a));
+    s[4 * n + 2] = ex2(__fmaf_rn(s[4 * n + 2], sc, -base_b));
+    s[4 * n + 3] = ex2(__fmaf_rn(s[4 * n + 3], sc, -base_b));
+    sum_a += s[4 * n] + s[4 * n + 1];
+    sum_b += s[4 * n + 2] + s[4 * n + 3];
+  }
+  l_a = l_a * corr_a + sum_a;
+  l_b = l_b * corr_b + sum_b;
+}
+
 // ---- expanded-form (prefill) attention on tensor cores, flash-attention style: one block per (tile of up to 64
 // query rows of one sequence, head), 4 warps of 16 rows. Q (fp32) and each 64-key tile of K = [k_nope from kvx,
 // k_rope from the cache] and V (kvx) are rounded to bf16 in shared memory (as the reference's bf16 attention
-// rounds them); S = Q·Kᵀ and O += P·V are m16n8k16 mmas with fp32 accumulation, the softmax online in fp32 (base 2 by ex2.approx,
-// scale folded in), P rounded to bf16 as the A operand straight from the S registers. Row i attends keys
+// rounds them); S = Q·Kᵀ and O += P·V are m16n8k16 mmas with fp32 accumulation, the softmax online in fp32 (flash_softmax), P rounded to bf16 as the A operand straight from the S registers. Row i attends keys
 // [0, len_i). A row's result depends only on its own keys: the same alone or batched.
 constexpr int kFlashBM = kFlashTileRows, kFlashBN = 64;
 template <int DQ, int DV>
@@ -976,41 +1022,9 @@ __global__ void __launch_bounds__(128) k_flash_expanded(AttnDims d, const float*
         mma16816(s[2 * np], qf[ks], b[0], b[1]);
         mma16816(s[2 * np + 1], qf[ks], b[2], b[3]);
       }
-    // online softmax in base 2: rows a (elements 0, 1) and b (2, 3)
-    float mx_a = -INFINITY, mx_b = -INFINITY;
-#pragma unroll
-    for (int n = 0; n < 8; ++n)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int key = k0 + n * 8 + 2 * tq + e;
-        s[n][e] = key < len_a ? s[n][e] * sc : -INFINITY;
-        s[n][2 + e] = key < len_b ? s[n][2 + e] * sc : -INFINITY;
-        mx_a = fmaxf(mx_a, s[n][e]);
-        mx_b = fmaxf(mx_b, s[n][2 + e]);
-      }
-#pragma unroll
-    for (int m = 1; m <= 2; m <<= 1) {
-      mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, m));
-      mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, m));
-    }
-    const float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
-    // a row with no key yet keeps max -inf: its p are 0 and nothing is rescaled
-    const float base_a = nm_a == -INFINITY ? 0.0f : nm_a, base_b = nm_b == -INFINITY ? 0.0f : nm_b;
-    const float corr_a = ex2(m_a - base_a), corr_b = ex2(m_b - base_b);
-    m_a = nm_a;
-    m_b = nm_b;
-    float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-    for (int n = 0; n < 8; ++n) {
-      s[n][0] = ex2(s[n][0] - base_a);
-      s[n][1] = ex2(s[n][1] - base_a);
-      s[n][2] = ex2(s[n][2] - base_b);
-      s[n][3] = ex2(s[n][3] - base_b);
-      sum_a += s[n][0] + s[n][1];
-      sum_b += s[n][2] + s[n][3];
-    }
-    l_a = l_a * corr_a + sum_a;
-    l_b = l_b * corr_b + sum_b;
+    // online softmax in base 2 (s[n][e] is element 4n + e of flash_softmax's tile)
+    float corr_a, corr_b;
+    flash_softmax<true>(*reinterpret_cast<float(*)[32]>(&s[0][0]), k0, tq, len_a, len_b, sc, m_a, m_b, l_a, l_b, corr_a, corr_b);
 #pragma unroll
     for (int n = 0; n < NV; ++n) {
       o[n][0] *= corr_a;
@@ -1051,23 +1065,26 @@ __global__ void __launch_bounds__(128) k_flash_expanded(AttnDims d, const float*
     for (int n = 0; n < NV; ++n) *reinterpret_cast<float2*>(ob + n * 8 + 2 * tq) = make_float2(o[n][2] * inv, o[n][3] * inv);
   }
 }
-// ---- the same prefill attention on warpgroup MMA: one block per (head, tile of up to 128 consecutive rows of one
-// sequence), two warpgroups of 64 rows sharing every 64-key tile of K and V. Each warpgroup's per-row arithmetic is
-// k_flash_expanded's, step for step: S = Q·Kᵀ as 12 k-steps of 16 from zero (wgmma m64n64k16; Q from registers in
-// the A-fragment layout, K from shared memory), the same masking, base-2 online softmax and sums in the same order,
-// P rounded to bf16 as the A operand from the S registers, O += P·V as 4 k-steps (m64n128k16) — the tensor cores'
-// k16 sums are those of mma.sync, so the bits are k_flash_expanded's (tested).
+// ---- the same prefill attention on warpgroup MMA: one block per (tile of up to 128 consecutive rows of one
+// sequence, head), two warpgroups of 64 rows sharing every 64-key tile of K and V. Each warpgroup's per-row
+// arithmetic is k_flash_expanded's, step for step: S = Q·Kᵀ as 12 k-steps of 16 from zero (wgmma m64n64k16; Q from
+// registers in the A-fragment layout, K from shared memory), the same softmax step (flash_softmax), P rounded to
+// bf16 as the A operand from the S registers, O += P·V as 4 k-steps (m64n128k16) — the tensor cores' k16 sums are
+// those of mma.sync, so the bits are k_flash_expanded's (tested).
 //
-// Pipelined as FlashAttention-3 does within a warpgroup: the multiplies of S for tile j and of P·V for tile j - 1
-// are issued together, the softmax of tile j runs while the tensor cores do P·V, and O is rescaled once P·V is
-// done (the same operations on O in the same order). kvx arrives converted to bf16 in place (k_kvx_bf16); the key
-// tiles are loaded by cp.async into 128-byte-swizzled slabs of 64 keys (a 16-byte chunk c of key row r at chunk
-// c ^ (r & 7)): per stage K [3][64][128 B] and V [2][64][128 B] (V is the MN-major B operand), 4 stages, two tiles
-// ahead. Keys past a row's length are masked (only tiles that reach past some row's length pay for the mask); a tile
-// wholly past a row's length (k_flash_expanded skips it) leaves the row's O, max and sum bit for bit unchanged.
+// Scheduled as FlashAttention-3 does: within a warpgroup the multiplies of S for tile j and of P·V for tile j − 1
+// are issued together and the softmax of tile j runs while the tensor cores do P·V (O is rescaled once P·V is done:
+// the same operations on O in the same order); across the two warpgroups a pair of named barriers makes them take
+// turns issuing, so one's softmax runs while the other's multiplies do. Nothing else couples them: kvx arrives
+// converted to bf16 in place (k_kvx_bf16), every thread copies its share of each key tile by cp.async into
+// 128-byte-swizzled slabs of 64 keys (a 16-byte chunk c of key row r at chunk c ^ (r & 7); per stage K [3][64][128 B]
+// and V [2][64][128 B], V the MN-major B operand), 4 stages, two tiles ahead; a stage's "full" mbarrier completes
+// when all 256 threads' copies have landed, its "empty" one when all 256 threads are done with the tile it held.
+// Keys past a row's length are masked (only tiles that reach past some row's length pay for the mask); a tile wholly
+// past a row's length (k_flash_expanded skips it) leaves the row's O, max and sum bit for bit unchanged.
 constexpr int kFwBN = 64, kFwStages = 4, kFwRows = 128;
 constexpr int kFwStageBytes = 5 * kFwBN * 128;
-constexpr size_t flash_wg_smem() { return 1024 + kFwStages * kFwStageBytes; }
+constexpr size_t flash_wg_smem() { return 1024 + kFwStages * kFwStageBytes + 2 * kFwStages * sizeof(uint64_t); }
 
 // kvx [n rows of 256 fp32: k_nope 128 | v 128] -> the first 512 bytes of each row as 256 bf16 (same order), in place:
 // one warp per row reads all of it before any lane writes
@@ -1082,63 +1099,41 @@ __global__ void __launch_bounds__(256) k_kvx_bf16(float* kvx, int64_t n) {
       make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
 }
 
-// The masked, scaled scores of one tile and the online-softmax step of rows a and b (k_flash_expanded's order):
-// on return s holds P (fp32) and corr the factors O is to be multiplied by.
-template <bool MASK>
-__device__ __forceinline__ void flash_softmax(float (&s)[32], int k0, int tq, int len_a, int len_b, float sc, float& m_a,
-                                              float& m_b, float& l_a, float& l_b, float& corr_a, float& corr_b) {
-  float mx_a = -INFINITY, mx_b = -INFINITY;
-#pragma unroll
-  for (int n = 0; n < 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      if constexpr (MASK) {
-        const int key = k0 + n * 8 + 2 * tq + e;
-        s[4 * n + e] = key < len_a ? s[4 * n + e] * sc : -INFINITY;
-        s[4 * n + 2 + e] = key < len_b ? s[4 * n + 2 + e] * sc : -INFINITY;
-      } else {
-        s[4 * n + e] *= sc;
-        s[4 * n + 2 + e] *= sc;
-      }
-      mx_a = fmaxf(mx_a, s[4 * n + e]);
-      mx_b = fmaxf(mx_b, s[4 * n + 2 + e]);
-    }
-#pragma unroll
-  for (int m = 1; m <= 2; m <<= 1) {
-    mx_a = fmaxf(mx_a, __shfl_xor_sync(0xffffffffu, mx_a, m));
-    mx_b = fmaxf(mx_b, __shfl_xor_sync(0xffffffffu, mx_b, m));
-  }
-  const float nm_a = fmaxf(m_a, mx_a), nm_b = fmaxf(m_b, mx_b);
-  const float base_a = nm_a == -INFINITY ? 0.0f : nm_a, base_b = nm_b == -INFINITY ? 0.0f : nm_b;
-  corr_a = ex2(m_a - base_a);
-  corr_b = ex2(m_b - base_b);
-  m_a = nm_a;
-  m_b = nm_b;
-  float sum_a = 0.0f, sum_b = 0.0f;
-#pragma unroll
-  for (int n = 0; n < 8; ++n) {
-    s[4 * n] = ex2(s[4 * n] - base_a);
-    s[4 * n + 1] = ex2(s[4 * n + 1] - base_a);
-    s[4 * n + 2] = ex2(s[4 * n + 2] - base_b);
-    s[4 * n + 3] = ex2(s[4 * n + 3] - base_b);
-    sum_a += s[4 * n] + s[4 * n + 1];
-    sum_b += s[4 * n + 2] + s[4 * n + 3];
-  }
-  l_a = l_a * corr_a + sum_a;
-  l_b = l_b * corr_b + sum_b;
+// mbarrier helpers for the cp.async ring: a thread's copies issued so far arrive on b when they land; a plain arrival
+__device__ __forceinline__ void cp_async_arrive(uint64_t* b) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(tma::smem_u32(b)) : "memory");
 }
+__device__ __forceinline__ void bar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(tma::smem_u32(b)) : "memory");
+}
+__device__ __forceinline__ void bar_init_n(uint64_t* b, int n) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(tma::smem_u32(b)), "r"(n));
+}
+// named barriers for the two warpgroups' turns (ids 1 and 2; 0 is __syncthreads')
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
 
 __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __restrict__ q, const AttnRow* rows,
                                                      const AttnTile* tiles, float* __restrict__ out) {
   extern __shared__ __align__(1024) unsigned char fw_raw[];
   unsigned char* kv_s = fw_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(fw_raw)) & 1023)) & 1023);
-  // heaviest tiles (the latest rows: the most keys) first
-  const AttnTile tile = tiles[gridDim.y - 1 - blockIdx.y];
-  const int h = blockIdx.x, wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
+  uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kFwStages * kFwStageBytes);
+  uint64_t* empty = full + kFwStages;
+  // a head's tiles side by side (their K/V tiles stay in L2), the heaviest (latest rows: the most keys) first
+  const AttnTile tile = tiles[gridDim.x - 1 - blockIdx.x];
+  const int h = blockIdx.y, wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31;
   const int gq = lane >> 2, tq = lane & 3, wid = threadIdx.x >> 5;
   const AttnRow r0 = rows[tile.first];
   const int max_len = rows[tile.first + tile.count - 1].len;
   const bf16* kv16 = reinterpret_cast<const bf16*>(r0.kvx);  // [key][head][512 bf16]: k_nope 128 | v 128 | unused
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < kFwStages; ++i) {
+      bar_init_n(&full[i], 256);
+      bar_init_n(&empty[i], 256);
+    }
+    tma::bar_init_fence();
+  }
+  __syncthreads();
   // a key tile: warp w copies keys w, w + 8, ... (k_nope and v: the row's first 512 bytes, lane = chunk), and each
   // thread 2 of the 512 rope chunks; a key's swizzle (key & 7) is the warp's; keys past max_len arrive as zeros
   const int kv_slab = lane < 16 ? lane >> 3 : 3 + ((lane - 16) >> 3);
@@ -1146,7 +1141,11 @@ __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __
   const int rk = threadIdx.x >> 3, rc = threadIdx.x & 7;  // rope: keys rk and rk + 32, chunk rc
   const int rope_dst = 2 * (kFwBN * 128) + rk * 128 + ((rc ^ (rk & 7)) << 4);
   const int64_t key_stride = static_cast<int64_t>(d.nh) * 512;
-  auto load = [&](int stage, int k0) {
+  const int nt = (max_len + kFwBN - 1) / kFwBN;
+  auto load = [&](int t) {  // tile t into stage t % 4, once every thread is done with tile t − 4 there
+    if (t >= nt) return;
+    const int stage = t % kFwStages, k0 = t * kFwBN;
+    if (t >= kFwStages) tma::wait(&empty[stage], ((t / kFwStages) - 1) & 1);
     unsigned char* st = kv_s + stage * kFwStageBytes;
     const bf16* src = kv16 + (k0 + wid) * key_stride + h * 512 + lane * 8;
 #pragma unroll
@@ -1160,12 +1159,10 @@ __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __
       const bool ok = key < max_len;
       cp_async16(st + rope_dst + i * 4096, r0.k_rope + (ok ? static_cast<int64_t>(key) * 64 + rc * 8 : 0), ok ? 16 : 0);
     }
-    cp_async_commit();
+    cp_async_arrive(&full[stage]);
   };
-  const int nt = (max_len + kFwBN - 1) / kFwBN;
-  load(0, 0);
-  if (nt > 1) load(1, kFwBN);
-  else cp_async_commit();
+  load(0);
+  load(1);
   // each lane's two rows and their key counts
   const int ra = 64 * wgi + warp * 16 + gq, rb = ra + 8;
   const int len_a = ra < tile.count ? rows[tile.first + ra].len : 0, len_b = rb < tile.count ? rows[tile.first + rb].len : 0;
@@ -1193,13 +1190,14 @@ __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __
   // Every wgmma below is issued unconditionally (a branch around one makes ptxas serialize them all), so both
   // warpgroups multiply every key tile of the block, the first warpgroup's last one fully masked when the block's
   // rows span two tiles.
-  auto tile_in = [&](int it) {  // tile it landed for everyone; prefetch it + 2 into the stage of tile it - 2
-    cp_async_wait<1>();  // this thread's pieces of tile it are in
-    wg::fence_smem();
-    __syncthreads();  // everyone's; both warpgroups are done with tile it - 2 (its P·V waited for in iteration it - 1)
-    if (it + 2 < nt) load((it + 2) % kFwStages, (it + 2) * kFwBN);
-    else cp_async_commit();
+  auto tile_in = [&](int it) {  // wait for tile it (and prefetch it + 2)
+    load(it + 2);
+    tma::wait(&full[it % kFwStages], (it / kFwStages) & 1);
+    wg::fence_smem();  // the cp.async writes (generic proxy) before the tensor cores' reads (async proxy)
   };
+  // turns: the first warpgroup issues first; each issues once the other has issued, then lets the other go
+  const int my_turn = 1 + wgi, other_turn = 2 - wgi;
+  if (wgi == 1) named_arrive(1);
   auto issue_s = [&](float (&s)[32], int it) {
     const unsigned char* kt = kv_s + (it % kFwStages) * kFwStageBytes;
 #pragma unroll
@@ -1234,7 +1232,9 @@ __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __
   {  // tile 0 (O is zero: its rescale is a no-op)
     float s[32], corr_a, corr_b;
     tile_in(0);
+    named_sync(my_turn);
     issue_s(s, 0);
+    if (wgi == 0 || nt > 1) named_arrive(other_turn);
     wg::wait<0>();
     keep(s);
     softmax(s, 0, corr_a, corr_b);
@@ -1243,14 +1243,17 @@ __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __
   for (int it = 1; it < nt; ++it) {
     float s[32], corr_a, corr_b;
     tile_in(it);
+    named_sync(my_turn);
     issue_s(s, it);
     wg::fence();
     issue_pv(it - 1);
+    if (wgi == 0 || it + 1 < nt) named_arrive(other_turn);  // (the second's last turn is not waited for)
     wg::wait<1>();  // S
     keep(s);
     softmax(s, it, corr_a, corr_b);
-    wg::wait<0>();  // P·V of tile it - 1: O and pa free
+    wg::wait<0>();  // P·V of tile it - 1: O and pa free, and this thread is done with tile it − 1
     keep(o);
+    bar_arrive(&empty[(it - 1) % kFwStages]);
     if (corr_a != 1.0f || corr_b != 1.0f) {
 #pragma unroll
       for (int n = 0; n < 16; ++n) {
@@ -3458,7 +3461,7 @@ void attention_expanded_tiles(const AttnDims& d, const float* q, const AttnRow* 
   if (n_tiles == 0) return;
   if (flash_wg_ok(d)) {
     allow_smem(reinterpret_cast<const void*>(k_flash_wg), int(flash_wg_smem()));
-    k_flash_wg<<<dim3(static_cast<unsigned>(d.nh), static_cast<unsigned>(n_tiles)), 256, flash_wg_smem(), s>>>(d, q, rows, tiles, out);
+    k_flash_wg<<<dim3(static_cast<unsigned>(n_tiles), static_cast<unsigned>(d.nh)), 256, flash_wg_smem(), s>>>(d, q, rows, tiles, out);
     return;
   }
   allow_smem(reinterpret_cast<const void*>(k_flash_expanded<192, 128>), int(flash_smem<192, 128>()));
