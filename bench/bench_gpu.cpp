@@ -68,11 +68,13 @@ bool env_on(const char* name) {
 
 // KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync);
 // KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false)); KSCOPE_WG_GEMM=0, KSCOPE_WG_ROWS=64|128|256
-// (CudaBackend::set_wg_gemm); KSCOPE_FLASH_WG=0 (CudaBackend::set_flash_wg(false): prefill attention on mma.sync)
+// (CudaBackend::set_wg_gemm); KSCOPE_FLASH_WG=0 (CudaBackend::set_flash_wg(false): prefill attention on mma.sync);
+// KSCOPE_PDL=0 (CudaBackend::set_pdl(false): plain kernel launches)
 void apply_kernel_env() {
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
   if (const char* f = std::getenv("KSCOPE_FLASH_WG"); f && std::string(f) == "0") CudaBackend::set_flash_wg(false);
+  if (const char* f = std::getenv("KSCOPE_PDL"); f && std::string(f) == "0") CudaBackend::set_pdl(false);
   {  // the many-row matmul on the mma.sync tile kernel (KSCOPE_WG_GEMM=0) or the wgmma one with R rows per block
     const char* wr = std::getenv("KSCOPE_WG_ROWS");
     const char* wgv = std::getenv("KSCOPE_WG_GEMM");

@@ -3,10 +3,11 @@
 # the CPU, the CUDA-core kernel and the mma.sync kernel bit for bit), times both kernels alone at K2's head shapes
 # (bench_gpu flash) beside PyTorch's scaled_dot_product_attention on the same shapes (the peer: what HF's sdpa
 # attention calls), and optionally a slice's prefill with each kernel.
-#   run: bash scripts/gpu/flash.sh   (carry .deps; FLASH_SIZES passes through; FULL=1 runs all CUDA op tests and the
+#   run: bash scripts/gpu/flash.sh   (carry .deps; FLASH_SIZES passes through; FLASH=0 skips the kernel timings;
+#        FULL=1 runs all CUDA op tests and the
 #        HF parity tests; TESTS=0 skips the tests; PEER=0 skips PyTorch; RUN="bf16" also makes that 2-layer slice and
-#        runs bench_gpu run on it once per KSCOPE_FLASH_WG value in FW="1 0"; NCU=1: ncu sections and SASS of the
-#        warpgroup kernel)
+#        runs bench_gpu run on it once per environment setting in VARIANTS (default "KSCOPE_FLASH_WG=1
+#        KSCOPE_FLASH_WG=0"); NCU=1: ncu sections and SASS of the warpgroup kernel)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
@@ -26,8 +27,8 @@ if [ "${TESTS:-1}" != 0 ]; then
     grep -E "^\[  (PASSED|FAILED) " "$OUT/parity.txt"; grep -B2 -A8 "Failure" "$OUT/parity.txt" | head -40
   fi
 fi
-build-gpu/bench/bench_gpu flash --json "$OUT/flash.json" | tee "$OUT/flash.txt" || status=1
-if [ "${PEER:-1}" != 0 ]; then
+[ "${FLASH:-1}" != 0 ] && { build-gpu/bench/bench_gpu flash --json "$OUT/flash.json" | tee "$OUT/flash.txt" || status=1; }
+if [ "${FLASH:-1}" != 0 ] && [ "${PEER:-1}" != 0 ]; then
   python3 - "${FLASH_SIZES:-4x1024,1x4096,1x8192,16x512}" <<'PY' | tee "$OUT/flash-peer.txt"
 import sys, torch, torch.nn.functional as F
 print("PyTorch", torch.__version__, "scaled_dot_product_attention, causal, bf16, 64 heads, qk 192, v 128")
@@ -66,10 +67,12 @@ fi
 for f in ${RUN:-}; do
   d=/tmp/k2-slice-$f-2
   [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $f --layers 2 2>&1 | tail -1
-  for v in ${FW:-1 0}; do
-    echo "== bench_gpu run $f, KSCOPE_FLASH_WG=$v"
-    KSCOPE_FLASH_WG=$v build-gpu/bench/bench_gpu run $d --json "$OUT/run-$f-fw$v.json" > "$OUT/run-$f-fw$v.txt" 2>&1
-    grep -i "prefill" "$OUT/run-$f-fw$v.txt"; grep -A8 "step ms" "$OUT/run-$f-fw$v.txt"
+  for v in ${VARIANTS:-KSCOPE_FLASH_WG=1 KSCOPE_FLASH_WG=0}; do
+    echo "== bench_gpu run $f, $v"
+    n=${v//=/-}
+    env "$v" build-gpu/bench/bench_gpu run $d --json "$OUT/run-$f-$n.json" > "$OUT/run-$f-$n.txt" 2>&1
+    grep -A14 "^MoE block" "$OUT/run-$f-$n.txt"; grep -A8 "step ms" "$OUT/run-$f-$n.txt"; grep -i "prefill" "$OUT/run-$f-$n.txt" | head -1
   done
 done
+rm -f "$OUT/cmake.log" "$OUT/build.log"
 exit $status

@@ -316,6 +316,7 @@ void CudaBackend::set_batch_invariant_attention(bool on) { impl_->invariant_atte
 void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(on); }
 void CudaBackend::force_mla_mma_sync(bool on) { cuda::set_mla_mma_sync(on); }
 void CudaBackend::set_flash_wg(bool on) { cuda::set_flash_wg(on); }
+void CudaBackend::set_pdl(bool on) { cuda::set_pdl(on); }
 void CudaBackend::set_mla_tma(bool on) { cuda::set_mla_tma(on); }
 int64_t CudaBackend::mla_tma_launches() { return cuda::mla_tma_launches(); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {

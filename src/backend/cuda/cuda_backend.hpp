@@ -119,6 +119,10 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: prefill (expanded-form) attention at K2's head shapes on warpgroup MMA in 128-row tiles
   // (the default) or, off, on the mma.sync kernel in 64-row tiles — the same bits. bench_gpu reads KSCOPE_FLASH_WG=0.
   static void set_flash_wg(bool on);
+  // Benchmarks: kernels launched with programmatic dependent launch (the default: each kernel's launch overlaps the
+  // end of the one before it; every kernel waits for its predecessor before touching memory) or plainly.
+  // bench_gpu reads KSCOPE_PDL=0.
+  static void set_pdl(bool on);
   // Benchmarks and tests: decode attention's cache tiles by tensor copies (TMA; the default where rope is 64 and
   // kv_lora 128/256/512) or, off, by per-thread cp.async (the same arithmetic, so the same bits).
   static void set_mla_tma(bool on);

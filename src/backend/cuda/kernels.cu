@@ -7,6 +7,7 @@
 #include <set>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "backend/cuda/kernels.cuh"
 #include "backend/cuda/tma.cuh"
@@ -46,6 +47,31 @@ void allow_smem(const void* kernel, int bytes) {
   std::lock_guard<std::mutex> g(mu);
   if (done.insert({kernel, dev, bytes}).second)
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+}
+
+// Every kernel starts with pdl_entry(): it waits until the kernel before it in the stream has completed and its
+// writes are visible (griddepcontrol.wait; a no-op when the launch has no programmatic dependency), then lets the
+// next kernel's blocks be launched. launch_k launches with programmatic stream serialization (g_pdl, the default),
+// so a kernel's launch and block scheduling overlap the end of the one before it instead of following it; since
+// nothing in a kernel precedes the wait, the order of every memory access is what plain launches give.
+__device__ __forceinline__ void pdl_entry() {
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+}
+bool g_pdl = true;
+template <class... P, class... A>
+void launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = s;
+  cfg.attrs = attr;
+  cfg.numAttrs = g_pdl ? 1 : 0;
+  cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 
 // One weight element, dequantized (reference path of gemm_f32).
@@ -153,6 +179,7 @@ __device__ __forceinline__ bool row_tile(const Groups& gr, int M, int t, int& g,
 template <int FMT>
 __global__ void __launch_bounds__(128) k_gemm(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                               Groups gr) {
+  pdl_entry();
   __shared__ __align__(128) bf16 xs[kBM][kLds];
   __shared__ __align__(128) bf16 ws[kBN][kLds];
   __shared__ __align__(128) float cs[kBM][kBN + 4];
@@ -229,6 +256,7 @@ constexpr size_t pipe_smem() {
 template <int FMT>
 __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                    float* __restrict__ Y2, DLin W2, Groups gr) {
+  pdl_entry();
   if (blockIdx.z == 1) {  // the second matmul of a pair over the same X (gate and up): one launch for both
     W = W2;
     Y = Y2;
@@ -368,6 +396,7 @@ __device__ __forceinline__ void dot8_rows(const bf16* w, const float* x, int64_t
 // One warp per output feature and up to 4 rows (the weights read once for them), fp32 inputs: exact dequantized
 // weights times fp32 activations. BF16 weights with K % 8 == 0 (routers) come in 16 bytes per lane.
 __global__ void k_gemm_f32(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
+  pdl_entry();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * 4 + warp, m0 = blockIdx.y * 4;
   if (n >= W.N) return;
@@ -389,17 +418,21 @@ __global__ void k_gemm_f32(const float* __restrict__ X, int M, float* __restrict
 }
 
 __global__ void k_f32_to_bf16(const float* x, bf16* y, int64_t n) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     y[i] = __float2bfloat16(x[i]);
 }
 __global__ void k_fill(float* p, float v, int64_t n) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) p[i] = v;
 }
 __global__ void k_add(float* y, const float* x, int64_t n) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) y[i] += x[i];
 }
 // grid (rows, column blocks of 4 * blockDim) for the row copies: each thread 4 columns
 __global__ void k_embed(const bf16* table, int64_t H, const int32_t* ids, float* out) {
+  pdl_entry();
   const int64_t t = blockIdx.x;
   const bf16* row = table + static_cast<int64_t>(ids[t]) * H;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * 4;
@@ -414,6 +447,7 @@ __global__ void k_embed(const bf16* table, int64_t H, const int32_t* ids, float*
   }
 }
 __global__ void k_gather_rows(const float* src, const int64_t* rows, int64_t width, float* dst) {
+  pdl_entry();
   const int64_t i = blockIdx.x;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * 4;
   if (c >= width) return;
@@ -425,6 +459,7 @@ __global__ void k_gather_rows(const float* src, const int64_t* rows, int64_t wid
   }
 }
 __global__ void k_silu_mul(const float* g, const float* u, int64_t n, bf16* out) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const float a = g[i];
     out[i] = __float2bfloat16(a / (1.0f + expf(-a)) * u[i]);
@@ -448,6 +483,7 @@ __device__ __forceinline__ float block_sum(float v, float* part) {
 
 __global__ void k_rope(float* x, int64_t row_stride, int64_t head_stride, int64_t offset, int dim, const int64_t* pos,
                        const float* inv_freq, float attn_factor, bool interleaved) {
+  pdl_entry();
   const int64_t r = blockIdx.x, h = blockIdx.y;
   float* v = x + r * row_stride + h * head_stride + offset;
   const int half = dim / 2;
@@ -480,6 +516,7 @@ __device__ __forceinline__ bool route_better(float v, int i, float w, int j) {
 constexpr int kRouteThreads = 128;
 __global__ void __launch_bounds__(kRouteThreads) k_route(RouteArgs a, const float* logits, const float* bias,
                                                          int32_t* idx, float* weight) {
+  pdl_entry();
   extern __shared__ float sm[];
   float* scores = sm;
   float* choice = sm + a.E;
@@ -574,6 +611,7 @@ __global__ void __launch_bounds__(kRouteThreads) k_route(RouteArgs a, const floa
 }
 
 __global__ void k_moe_count(const int32_t* idx, int64_t n, int* counts) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     atomicAdd(&counts[idx[i]], 1);
 }
@@ -617,6 +655,7 @@ __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_of
 }
 __global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, int E, int* row_off, int* tile_off,
                                                            int* cursor) {
+  pdl_entry();
   moe_offsets(counts, E, row_off, tile_off, cursor);
 }
 // The whole permutation in one block for few routed slots (decode steps): counts, offsets and cursors in shared
@@ -624,6 +663,7 @@ __global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, in
 constexpr int kPermuteSmallSlots = 4096, kPermuteSmallExperts = 2048;
 __global__ void __launch_bounds__(kScanThreads) k_moe_permute_small(const int32_t* idx, int n, int E, int* row_off,
                                                                     int* tile_off, int* perm, int* slot_pos) {
+  pdl_entry();
   __shared__ int counts[kPermuteSmallExperts], cursor[kPermuteSmallExperts];
   for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
   __syncthreads();
@@ -637,6 +677,7 @@ __global__ void __launch_bounds__(kScanThreads) k_moe_permute_small(const int32_
   }
 }
 __global__ void k_moe_scatter(const int32_t* idx, int64_t n, int* cursor, int* perm, int* slot_pos) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int p = atomicAdd(&cursor[idx[i]], 1);
     perm[p] = static_cast<int>(i);
@@ -647,6 +688,7 @@ __global__ void k_moe_scatter(const int32_t* idx, int64_t n, int* cursor, int* p
 // combine's ascending-id sum, added once as acc + shared, as the reference adds the shared expert to the routed sum.
 __global__ void k_moe_add_shared_slot(const int32_t* idx, const float* weight, int64_t n, int k, int E, int32_t* idx_ext,
                                       float* w_ext) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * (k + 1); i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / (k + 1);
     const int j = static_cast<int>(i - t * (k + 1));
@@ -656,6 +698,7 @@ __global__ void k_moe_add_shared_slot(const int32_t* idx, const float* weight, i
 }
 // grid (slots, column blocks of 4 * blockDim); H % 4 == 0 takes 16-byte loads
 __global__ void k_moe_gather(const float* x, const int* perm, int k, int64_t H, bf16* xp) {
+  pdl_entry();
   const int64_t p = blockIdx.x;
   const float* src = x + static_cast<int64_t>(perm[p] / k) * H;
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * 4;
@@ -672,6 +715,7 @@ __global__ void k_moe_gather(const float* x, const int* perm, int k, int64_t H, 
 // grid (tokens, column blocks of 4 * blockDim): each thread 4 columns, the token's slots in ascending expert id
 __global__ void k_moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int k,
                               int64_t H, float* out) {
+  pdl_entry();
   __shared__ int order[64];
   __shared__ int64_t base[64];
   __shared__ float wgt[64];
@@ -716,6 +760,7 @@ __global__ void k_moe_combine(const float* D, const int* slot_pos, const int32_t
 
 __global__ void k_kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr,
                             bf16* lat_dst, bf16* rope_dst) {
+  pdl_entry();
   const int64_t w = C + dr;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * w; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / w, c = i % w;
@@ -749,6 +794,7 @@ constexpr int kNW = 4;
 
 template <int DM>  // dn, dv <= 32*DM; dr <= 128
 __global__ void __launch_bounds__(128) k_attn_expanded(AttnDims d, const float* q, const AttnRow* rows, float* out) {
+  pdl_entry();
   __shared__ float sm_m[kNW], sm_l[kNW], sm_o[kNW * DM * 32];
   const AttnRow r = rows[blockIdx.x];
   const int h = blockIdx.y, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -783,6 +829,7 @@ __global__ void __launch_bounds__(128) k_attn_expanded(AttnDims d, const float* 
 template <int CM, int HG>
 __global__ void __launch_bounds__(HG * 32) k_attn_latent(AttnDims d, const float* q, const float* qlat,
                                                          const AttnRow* rows, float* olat) {
+  pdl_entry();
   constexpr int TJ = CM <= 16 ? 32 : 16;  // tokens per tile (at most one per lane after the reduce-scatter)
   __shared__ __align__(16) bf16 lat_s[TJ * CM * 32];
   __shared__ __align__(16) bf16 rope_s[TJ * 128];
@@ -959,6 +1006,7 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 template <int DQ, int DV>
 __global__ void __launch_bounds__(128) k_flash_expanded(AttnDims d, const float* __restrict__ q, const AttnRow* rows,
                                                         const AttnTile* tiles, float* __restrict__ out) {
+  pdl_entry();
   constexpr int QP = DQ + 8, VP = DV + 8, KS = DQ / 16, NV = DV / 8;
   extern __shared__ __align__(16) uint8_t flash_sm[];
   bf16* Qs = reinterpret_cast<bf16*>(flash_sm);
@@ -1089,6 +1137,7 @@ constexpr size_t flash_wg_smem() { return 1024 + kFwStages * kFwStageBytes + 2 *
 // kvx [n rows of 256 fp32: k_nope 128 | v 128] -> the first 512 bytes of each row as 256 bf16 (same order), in place:
 // one warp per row reads all of it before any lane writes
 __global__ void __launch_bounds__(256) k_kvx_bf16(float* kvx, int64_t n) {
+  pdl_entry();
   const int64_t row = static_cast<int64_t>(blockIdx.x) * 8 + (threadIdx.x >> 5);
   if (row >= n) return;
   const int lane = threadIdx.x & 31;
@@ -1115,6 +1164,7 @@ __device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive 
 
 __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __restrict__ q, const AttnRow* rows,
                                                      const AttnTile* tiles, float* __restrict__ out) {
+  pdl_entry();
   extern __shared__ __align__(1024) unsigned char fw_raw[];
   unsigned char* kv_s = fw_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(fw_raw)) & 1023)) & 1023);
   uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kFwStages * kFwStageBytes);
@@ -1303,6 +1353,7 @@ size_t mla_smem_bytes(int D) {
 template <int NT>  // C = 16·NT output columns, NT/2 8-column tiles... per warp: 8·NT columns = C/2
 __global__ void __launch_bounds__(256, 1) k_mla_decode(AttnDims d, const bf16* qcat, const AttnRow* rows, int chunk,
                                                        float* part) {
+  pdl_entry();
   extern __shared__ __align__(16) unsigned char mla_smem[];
   const int D = d.C + d.dr, LS = D + 8;
   bf16* q_s = reinterpret_cast<bf16*>(mla_smem);
@@ -1527,6 +1578,7 @@ __device__ __forceinline__ void wg_stage(unsigned char* dst, int CH, Src src) {
 template <int NC, int KSH, bool TMA>
 __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat, const AttnRow* rows, int chunk, float* part,
                                                    const __grid_constant__ CUtensorMap qmap, const CUtensorMap* maps) {
+  pdl_entry();
   extern __shared__ __align__(1024) unsigned char wg_smem_raw[];
   constexpr int Dp = 32 * KSH, CHp = Dp / 8, SLABS = Dp / 64;
   const int D = d.C + d.dr, CH = D / 8;
@@ -1721,6 +1773,7 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
 
 // olat16: o_lat in bf16 instead of fp32 (the same rounding the tensor-core W_UV matmul would apply)
 __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* part, float* olat, bf16* olat16) {
+  pdl_entry();
   __shared__ float w_s[kMlaMaxSplits];
   __shared__ float inv_l;
   const int row = blockIdx.x, h = blockIdx.y, stride = mla_part_stride(d.C);
@@ -1834,6 +1887,7 @@ size_t rows16_smem(int K) { return (static_cast<size_t>(K) * kRB + 8 * kRB * kCB
 template <int R>
 __global__ void __launch_bounds__(256) k_qlat16(AttnDims d, const float* q, const bf16* w_uk, const AttnRow* rows, int n_rows,
                                                 float* qlat, bf16* qcat) {
+  pdl_entry();
   extern __shared__ float sm16[];
   float* xT = sm16;                  // [dn][16]
   float* red = sm16 + d.dn * kRB;    // [8][16][kCB]
@@ -1864,6 +1918,7 @@ __global__ void __launch_bounds__(256) k_qlat16(AttnDims d, const float* q, cons
 template <int R>
 __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, const AttnRow* rows, int n_rows, const float* olat,
                                               float* out) {
+  pdl_entry();
   extern __shared__ float sm16[];
   float* xT = sm16;                 // [C][16]
   float* red = sm16 + d.C * kRB;    // [8][16][kCB]
@@ -1895,6 +1950,7 @@ constexpr int kHmRows = 64, kHmCols = 64, kHmK = 32, kHmXL = kHmK + 8, kHmWL = k
 template <bool QLAT, bool XBF, int NS>
 __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restrict__ Xv, const bf16* __restrict__ W,
                                                  const AttnRow* rows, int n_rows, float* __restrict__ Y, bf16* __restrict__ qcat) {
+  pdl_entry();
   static_assert(XBF || NS == 2, "fp32 X goes through registers, one stage ahead");
   __shared__ __align__(16) bf16 xs[NS][kHmRows * kHmXL];
   __shared__ __align__(16) bf16 ws[NS][kHmK * kHmWL];
@@ -2059,6 +2115,7 @@ __device__ void top_passes(int n, int M, Get get, float* sv, int* si, float* out
 }
 __global__ void __launch_bounds__(kTopThreads) k_top_chunk(const float* lg, int64_t V, int M, float* cand_v, int* cand_i,
                                                            float* cmax) {
+  pdl_entry();
   __shared__ float sl[kTopChunk];
   __shared__ float sv[kTopThreads];
   __shared__ int si[kTopThreads];
@@ -2074,6 +2131,7 @@ __global__ void __launch_bounds__(kTopThreads) k_top_chunk(const float* lg, int6
   if (threadIdx.x == 0) cmax[r * nch + blockIdx.x] = cand_v[at];
 }
 __global__ void __launch_bounds__(kTopThreads) k_top_sum(const float* lg, int64_t V, const float* cmax, double* psum) {
+  pdl_entry();
   __shared__ double sd[kTopThreads];
   const int nch = gridDim.x;
   const int64_t r = blockIdx.y, c0 = static_cast<int64_t>(blockIdx.x) * kTopChunk;
@@ -2094,6 +2152,7 @@ __global__ void __launch_bounds__(kTopThreads) k_top_sum(const float* lg, int64_
 __global__ void __launch_bounds__(kTopThreads) k_top_merge(int nch, int M, const float* cand_v, const int* cand_i,
                                                            const double* psum, float* maxv, double* log_sum,
                                                            float* top_v, int32_t* top_i) {
+  pdl_entry();
   __shared__ float sv[kTopThreads];
   __shared__ int si[kTopThreads];
   const int64_t r = blockIdx.x;
@@ -2111,6 +2170,7 @@ __global__ void __launch_bounds__(kTopThreads) k_top_merge(int nch, int M, const
 
 __global__ void __launch_bounds__(256) k_row_ops(float* data, int64_t width, const int64_t* rows, const int* seg,
                                                  const DRowOp* ops, const float* vecs) {
+  pdl_entry();
   __shared__ double part[256];
   float* h = data + rows[blockIdx.x] * width;
   for (int k = seg[blockIdx.x]; k < seg[blockIdx.x + 1]; ++k) {
@@ -2217,6 +2277,7 @@ __device__ int select_crossing(const float* l, const double* e, int64_t V, doubl
 
 __global__ void __launch_bounds__(256) k_sample_rows(const float* lg, int64_t V, const int64_t* rows,
                                                      const RowDrawD* draws, double* scratch, int32_t* tok, float* logit) {
+  pdl_entry();
   __shared__ double hist[256], red[2];
   __shared__ int sel[2];
   __shared__ float smx[256];
@@ -2321,6 +2382,7 @@ template <int FMT, int NT, bool SB>
 __global__ void __launch_bounds__(128, 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
                                                      float* part) {
+  pdl_entry();
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
   constexpr int XLD = KC + 8, R = 8 * NT;
   if (blockIdx.z == 1) {
@@ -2445,6 +2507,7 @@ __global__ void __launch_bounds__(128, 4) k_gemm_few(const bf16* __restrict__ X,
 }
 // y[i] = Σ_s part[s][i] in split order; blockIdx.y picks the pair's second matmul
 __global__ void k_sum_parts(const float* part, int ksplit, int64_t n, float* y, float* y2) {
+  pdl_entry();
   const float* p = part + (blockIdx.y ? static_cast<int64_t>(ksplit) * n : 0);
   float* out = blockIdx.y ? y2 : y;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
@@ -2512,6 +2575,7 @@ template <int FMT, int FW, int WN, bool SPLIT, bool SB>
 __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
     k_gemm_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2, DLin W2,
                 Groups gr, int cps) {
+  pdl_entry();
   constexpr int NT = kTileThreadsPerFW * FW, BF = 64 * FW;
   constexpr int CW = tile_cw<FMT>(), XP = CW / 8, PL = XP / 4, NS = tile_stages<FMT>(), R = 16 * WN;
   constexpr int SW = XP >= 8 ? 4 : 0, STAGE = tile_stage_bytes<FMT, FW, WN>(), E16 = few_per16<FMT>();
@@ -2808,6 +2872,7 @@ __host__ __device__ constexpr size_t wg_smem() { return size_t(wg_stages<FMT, R>
 
 // Xp = X with each chunk of 4P words in k-slot order (see above); one thread per output 16-byte piece
 __global__ void k_permute_x(const uint32_t* __restrict__ X, int64_t pieces, int P, uint4* __restrict__ Xp) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < pieces; i += int64_t(gridDim.x) * blockDim.x) {
     const int pc = static_cast<int>(i % P), h = pc >> 1, cm = pc & 1;
     const uint32_t* src = X + (i / P) * 4 * P + 2 * h + cm;
@@ -2818,6 +2883,7 @@ __global__ void k_permute_x(const uint32_t* __restrict__ X, int64_t pieces, int 
 // INT4: Xp word 8t + s of a 128-element chunk (k-step t = 2·wi + h, slot word s = q + 4·cm) holds source elements
 // 32q + 8wi + 2h + cm and that + 4 (k_gemm_few's B fragments of word wi, half h); one thread per output word
 __global__ void k_permute_x4(const bf16* __restrict__ X, int64_t words, uint32_t* __restrict__ Xp) {
+  pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < words; i += int64_t(gridDim.x) * blockDim.x) {
     const int w = static_cast<int>(i & 63), t = w >> 3, sw = w & 7, q = sw & 3, cm = sw >> 2;
     const bf16* src = X + (i >> 6) * 128 + 32 * q + 8 * (t >> 1) + 2 * (t & 1) + cm;
@@ -2833,6 +2899,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
     k_gemm_wg(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap,
               const __grid_constant__ CUtensorMap wmap2, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2,
               DLin W2, Groups gr, int cps) {
+  pdl_entry();
   constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), NS = wg_stages<FMT, R>(), XB = wg_xb<FMT>(), KST = 64 * XB;
   constexpr int STAGE = wg_stage_bytes<FMT, R>(), XBYTES = XB * R * 128, E16 = few_per16<FMT>();
   static_assert(NS >= 3, "the ring needs two stages ahead of the multiplies");
@@ -2978,6 +3045,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 // (row_in_smem; out may alias x, so a row that does not fit is read again from x), squares summed by warps.
 __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ w, int64_t d,
                                                       float eps, float* out, bool row_in_smem) {
+  pdl_entry();
   extern __shared__ float row[];  // [d] when row_in_smem
   __shared__ float part[32];
   const int64_t t = blockIdx.x;
@@ -3004,6 +3072,7 @@ __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld
 // fp32-input matmul (routers) for bf16 weights with K % 64 == 0: a block of 8 warps per output feature and up to 4
 // rows, each warp a slice of K read 16 bytes per lane, the slices added in warp order.
 __global__ void __launch_bounds__(256) k_gemm_f32_split(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
+  pdl_entry();
   __shared__ float red[8][4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x, m0 = blockIdx.y * 4, mr = min(4, M - m0);
@@ -3032,6 +3101,7 @@ __global__ void __launch_bounds__(256) k_gemm_f32_split(const float* __restrict_
 // The same bits as the split kernel at any row count (the op test compares them).
 template <int NE, int RM>
 __global__ void __launch_bounds__(256) k_gemm_f32_tile(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
+  pdl_entry();
   __shared__ float red[8][NE * RM];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n0 = blockIdx.x * NE, m0 = blockIdx.y * RM, mr = min(RM, M - m0);
@@ -3098,7 +3168,7 @@ template <int FMT, int NT, bool SB>
 void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                 const DLin& W2, const Groups& gr, int ksplit, float* part) {
   allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB>), int(few_smem<FMT>(NT)));
-  k_gemm_few<FMT, NT, SB><<<grid, 128, smem, s>>>(X, M, Y, W, Y2, W2, gr, ksplit, part);
+  launch_k(k_gemm_few<FMT, NT, SB>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part);
 }
 template <int FMT, bool SB>
 void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
@@ -3131,7 +3201,7 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
     default: launch_few_nt<kBf16, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part); break;
   }
   if (part) {
-    k_sum_parts<<<dim3(static_cast<unsigned>(grid_for(n_out)), W2 ? 2u : 1u), 256, 0, s>>>(part, ksplit, n_out, Y, Y2);
+    launch_k(k_sum_parts, dim3(static_cast<unsigned>(grid_for(n_out)), W2 ? 2u : 1u), 256, 0, s, part, ksplit, n_out, Y, Y2);
     cudaFreeAsync(part, s);
   }
 }
@@ -3141,7 +3211,7 @@ void launch_tile(dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, cons
                  const Groups& gr, int cps) {
   const void* k = reinterpret_cast<const void*>(k_gemm_tile<FMT, FW, WN, SPLIT, SB>);
   allow_smem(k, int(tile_smem<FMT, FW, WN>()));
-  k_gemm_tile<FMT, FW, WN, SPLIT, SB><<<grid, kTileThreadsPerFW * FW, tile_smem<FMT, FW, WN>(), s>>>(X, M, Y, W, Y2, W2, gr, cps);
+  launch_k(k_gemm_tile<FMT, FW, WN, SPLIT, SB>, grid, kTileThreadsPerFW * FW, tile_smem<FMT, FW, WN>(), s, X, M, Y, W, Y2, W2, gr, cps);
 }
 // dense launches' feature warps per block: 2 for bf16 (128 x 128 tiles, two blocks per SM), 4 for FP8/INT4 (256 x
 // 128, one), whose dequantization is then shared by more rows per block (NOTES round 5)
@@ -3204,7 +3274,7 @@ void launch_wg(dim3 grid, cudaStream_t s, const WgMaps& X, int M, float* Y, cons
                const Groups& gr, int cps) {
   const void* k = reinterpret_cast<const void*>(k_gemm_wg<FMT, R, SPLIT, SB>);
   allow_smem(k, int(wg_smem<FMT, R>()));
-  k_gemm_wg<FMT, R, SPLIT, SB><<<grid, kWgThreads, wg_smem<FMT, R>(), s>>>(X.x, X.w, X.w2, M, Y, W, Y2, W2, gr, cps);
+  launch_k(k_gemm_wg<FMT, R, SPLIT, SB>, grid, kWgThreads, wg_smem<FMT, R>(), s, X.x, X.w, X.w2, M, Y, W, Y2, W2, gr, cps);
 }
 template <int FMT, bool SB = false>
 void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const WgMaps& X, int M, float* Y, const DLin& W,
@@ -3249,8 +3319,8 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
     cudaGetLastError();
     cuda_fail(cudaErrorMemoryAllocation, "the many-row matmul's permuted input");
   }
-  if (W.fmt == kInt4) k_permute_x4<<<grid_for(n / 2), 256, 0, s>>>(X, n / 2, reinterpret_cast<uint32_t*>(xp));
-  else k_permute_x<<<grid_for(n / 8), 256, 0, s>>>(reinterpret_cast<const uint32_t*>(X), n / 8, cw / 8, reinterpret_cast<uint4*>(xp));
+  if (W.fmt == kInt4) launch_k(k_permute_x4, grid_for(n / 2), 256, 0, s, X, n / 2, reinterpret_cast<uint32_t*>(xp));
+  else launch_k(k_permute_x, grid_for(n / 8), 256, 0, s, reinterpret_cast<const uint32_t*>(X), n / 8, cw / 8, reinterpret_cast<uint4*>(xp));
   WgMaps maps;
   // weights as bytes: [G·N rows][w_ld], boxes of 64 bytes x 128 rows, no swizzle
   auto wmap = [&](CUtensorMap* m, const DLin& w) {
@@ -3349,9 +3419,9 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
     allow_smem(reinterpret_cast<const void*>(k_gemm_pipe<kInt4>), int(pipe_smem<kInt4>()));
     const DLin& w2 = W2 ? *W2 : W;
     switch (W.fmt) {
-      case kFp8: k_gemm_pipe<kFp8><<<grid, 128, pipe_smem<kFp8>(), s>>>(X, M, Y, W, Y2, w2, groups); break;
-      case kInt4: k_gemm_pipe<kInt4><<<grid, 128, pipe_smem<kInt4>(), s>>>(X, M, Y, W, Y2, w2, groups); break;
-      default: k_gemm_pipe<kBf16><<<grid, 128, pipe_smem<kBf16>(), s>>>(X, M, Y, W, Y2, w2, groups); break;
+      case kFp8: launch_k(k_gemm_pipe<kFp8>, grid, 128, pipe_smem<kFp8>(), s, X, M, Y, W, Y2, w2, groups); break;
+      case kInt4: launch_k(k_gemm_pipe<kInt4>, grid, 128, pipe_smem<kInt4>(), s, X, M, Y, W, Y2, w2, groups); break;
+      default: launch_k(k_gemm_pipe<kBf16>, grid, 128, pipe_smem<kBf16>(), s, X, M, Y, W, Y2, w2, groups); break;
     }
     return;
   }
@@ -3361,9 +3431,9 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
     return;
   }
   switch (W.fmt) {
-    case kFp8: k_gemm<kFp8><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
-    case kInt4: k_gemm<kInt4><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
-    default: k_gemm<kBf16><<<grid, 128, 0, s>>>(X, M, Y, W, groups); break;
+    case kFp8: launch_k(k_gemm<kFp8>, grid, 128, 0, s, X, M, Y, W, groups); break;
+    case kInt4: launch_k(k_gemm<kInt4>, grid, 128, 0, s, X, M, Y, W, groups); break;
+    default: launch_k(k_gemm<kBf16>, grid, 128, 0, s, X, M, Y, W, groups); break;
   }
 }
 void set_simple_gemm(bool on) { g_simple_gemm = on; }
@@ -3375,106 +3445,107 @@ void gemm_f32(const float* X, int M, float* Y, const DLin& W, cudaStream_t s) {
   if (M == 0) return;
   if (W.fmt == kBf16 && W.K % 64 == 0) {
     if (g_f32_tile && M >= 8) {  // (the same bits; fewer rows: the split kernel wastes fewer loads)
-      k_gemm_f32_tile<8, 8><<<dim3(static_cast<unsigned>(cdiv(W.N, 8)), static_cast<unsigned>(cdiv(M, 8))), 256, 0, s>>>(X, M, Y, W);
+      launch_k(k_gemm_f32_tile<8, 8>, dim3(static_cast<unsigned>(cdiv(W.N, 8)), static_cast<unsigned>(cdiv(M, 8))), 256, 0, s, X, M, Y, W);
       return;
     }
-    k_gemm_f32_split<<<dim3(static_cast<unsigned>(W.N), static_cast<unsigned>(cdiv(M, 4))), 256, 0, s>>>(X, M, Y, W);
+    launch_k(k_gemm_f32_split, dim3(static_cast<unsigned>(W.N), static_cast<unsigned>(cdiv(M, 4))), 256, 0, s, X, M, Y, W);
     return;
   }
-  k_gemm_f32<<<dim3(static_cast<unsigned>(cdiv(W.N, 4)), static_cast<unsigned>(cdiv(M, 4))), 128, 0, s>>>(X, M, Y, W);
+  launch_k(k_gemm_f32, dim3(static_cast<unsigned>(cdiv(W.N, 4)), static_cast<unsigned>(cdiv(M, 4))), 128, 0, s, X, M, Y, W);
 }
 void f32_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t s) {
-  if (n) k_f32_to_bf16<<<grid_for(n), 256, 0, s>>>(x, y, n);
+  if (n) launch_k(k_f32_to_bf16, grid_for(n), 256, 0, s, x, y, n);
 }
 void fill(float* p, float v, int64_t n, cudaStream_t s) {
-  if (n) k_fill<<<grid_for(n), 256, 0, s>>>(p, v, n);
+  if (n) launch_k(k_fill, grid_for(n), 256, 0, s, p, v, n);
 }
 void add(float* y, const float* x, int64_t n, cudaStream_t s) {
-  if (n) k_add<<<grid_for(n), 256, 0, s>>>(y, x, n);
+  if (n) launch_k(k_add, grid_for(n), 256, 0, s, y, x, n);
 }
 void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
-  if (n) k_embed<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s>>>(table, H, ids, out);
+  if (n) launch_k(k_embed, dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s, table, H, ids, out);
 }
 void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, cudaStream_t s) {
   if (n == 0) return;
   const bool in_smem = d * 4 <= 48 * 1024;
   const int block = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, cdiv(cdiv(d, 4), 32) * 32)));
-  k_rmsnorm_row<<<static_cast<unsigned>(n), block, in_smem ? d * sizeof(float) : 0, s>>>(x, ld, w, d, eps, out, in_smem);
+  launch_k(k_rmsnorm_row, static_cast<unsigned>(n), block, in_smem ? d * sizeof(float) : 0, s, x, ld, w, d, eps, out, in_smem);
 }
 void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
           const int64_t* pos, const float* inv_freq, float attn_factor, bool interleaved, cudaStream_t s) {
   if (n == 0 || n_heads == 0) return;
   const int block = static_cast<int>(std::min<int64_t>(128, std::max<int64_t>(32, cdiv(dim / 2, 32) * 32)));
-  k_rope<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(n_heads)), block, 0, s>>>(
+  launch_k(k_rope, dim3(static_cast<unsigned>(n), static_cast<unsigned>(n_heads)), block, 0, s, 
       x, row_stride, head_stride, offset, static_cast<int>(dim), pos, inv_freq, attn_factor, interleaved);
 }
 void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst, cudaStream_t s) {
-  if (n && width) k_gather_rows<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(width, 1024))), 256, 0, s>>>(src, rows, width, dst);
+  if (n && width) launch_k(k_gather_rows, dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(width, 1024))), 256, 0, s, src, rows, width, dst);
 }
 void silu_mul(const float* g, const float* u, int64_t n, bf16* out, cudaStream_t s) {
-  if (n) k_silu_mul<<<grid_for(n), 256, 0, s>>>(g, u, n, out);
+  if (n) launch_k(k_silu_mul, grid_for(n), 256, 0, s, g, u, n, out);
 }
 void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n, int32_t* idx, float* weight,
            cudaStream_t s) {
   if (n == 0) return;
   const size_t smem = (2 * a.E + a.G) * sizeof(float) + a.E;
-  k_route<<<static_cast<unsigned>(n), kRouteThreads, smem, s>>>(a, logits, bias, idx, weight);
+  launch_k(k_route, static_cast<unsigned>(n), kRouteThreads, smem, s, a, logits, bias, idx, weight);
 }
 void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
                  int* perm, int* slot_pos, cudaStream_t s) {
   if (n_slots <= kPermuteSmallSlots && E <= kPermuteSmallExperts) {
-    k_moe_permute_small<<<1, kScanThreads, 0, s>>>(idx, static_cast<int>(n_slots), E, row_off, tile_off, perm, slot_pos);
+    launch_k(k_moe_permute_small, 1, kScanThreads, 0, s, idx, static_cast<int>(n_slots), E, row_off, tile_off, perm, slot_pos);
     return;
   }
   cudaMemsetAsync(counts, 0, E * sizeof(int), s);
-  if (n_slots) k_moe_count<<<grid_for(n_slots), 256, 0, s>>>(idx, n_slots, counts);
-  k_moe_scan<<<1, kScanThreads, 0, s>>>(counts, E, row_off, tile_off, cursor);
-  if (n_slots) k_moe_scatter<<<grid_for(n_slots), 256, 0, s>>>(idx, n_slots, cursor, perm, slot_pos);
+  if (n_slots) launch_k(k_moe_count, grid_for(n_slots), 256, 0, s, idx, n_slots, counts);
+  launch_k(k_moe_scan, 1, kScanThreads, 0, s, counts, E, row_off, tile_off, cursor);
+  if (n_slots) launch_k(k_moe_scatter, grid_for(n_slots), 256, 0, s, idx, n_slots, cursor, perm, slot_pos);
 }
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s) {
-  if (n_slots) k_moe_gather<<<dim3(static_cast<unsigned>(n_slots), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s>>>(x, perm, k, H, xp);
+  if (n_slots) launch_k(k_moe_gather, dim3(static_cast<unsigned>(n_slots), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s, x, perm, k, H, xp);
 }
 void moe_add_shared_slot(const int32_t* idx, const float* weight, int64_t n, int k, int E, int32_t* idx_ext, float* w_ext,
                          cudaStream_t s) {
-  if (n) k_moe_add_shared_slot<<<grid_for(n * (k + 1)), 256, 0, s>>>(idx, weight, n, k, E, idx_ext, w_ext);
+  if (n) launch_k(k_moe_add_shared_slot, grid_for(n * (k + 1)), 256, 0, s, idx, weight, n, k, E, idx_ext, w_ext);
 }
 void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int64_t n, int k,
                  int64_t H, float* out, cudaStream_t s) {
-  if (n) k_moe_combine<<<dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s>>>(D, slot_pos, idx, weight, k, H, out);
+  if (n) launch_k(k_moe_combine, dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s, D, slot_pos, idx, weight, k, H, out);
 }
 void kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr, bf16* lat_dst,
                bf16* rope_dst, cudaStream_t s) {
-  if (n) k_kv_append<<<grid_for(n * (C + dr)), 256, 0, s>>>(latent, ckv, row0, n, C, dr, lat_dst, rope_dst);
+  if (n) launch_k(k_kv_append, grid_for(n * (C + dr)), 256, 0, s, latent, ckv, row0, n, C, dr, lat_dst, rope_dst);
 }
 bool flash_expanded_ok(const AttnDims& d) {
   return !g_simple_attention && d.dn + d.dr == 192 && d.dv == 128 && d.dn % 8 == 0 && d.dr % 8 == 0;
 }
 bool g_flash_wg = true;
 void set_flash_wg(bool on) { g_flash_wg = on; }
+void set_pdl(bool on) { g_pdl = on; }
 bool flash_wg_ok(const AttnDims& d) { return g_flash_wg && flash_expanded_ok(d) && d.dn == 128 && d.dr == 64; }
 int flash_tile_rows(const AttnDims& d) { return flash_wg_ok(d) ? kFwRows : kFlashTileRows; }
 void kvx_to_bf16(float* kvx, int64_t n, cudaStream_t s) {
-  if (n) k_kvx_bf16<<<static_cast<unsigned>(cdiv(n, 8)), 256, 0, s>>>(kvx, n);
+  if (n) launch_k(k_kvx_bf16, static_cast<unsigned>(cdiv(n, 8)), 256, 0, s, kvx, n);
 }
 void attention_expanded_tiles(const AttnDims& d, const float* q, const AttnRow* rows, const AttnTile* tiles, int n_tiles,
                               float* out, cudaStream_t s) {
   if (n_tiles == 0) return;
   if (flash_wg_ok(d)) {
     allow_smem(reinterpret_cast<const void*>(k_flash_wg), int(flash_wg_smem()));
-    k_flash_wg<<<dim3(static_cast<unsigned>(n_tiles), static_cast<unsigned>(d.nh)), 256, flash_wg_smem(), s>>>(d, q, rows, tiles, out);
+    launch_k(k_flash_wg, dim3(static_cast<unsigned>(n_tiles), static_cast<unsigned>(d.nh)), 256, flash_wg_smem(), s, d, q, rows, tiles, out);
     return;
   }
   allow_smem(reinterpret_cast<const void*>(k_flash_expanded<192, 128>), int(flash_smem<192, 128>()));
-  k_flash_expanded<192, 128><<<dim3(static_cast<unsigned>(n_tiles), static_cast<unsigned>(d.nh)), 128,
-                               flash_smem<192, 128>(), s>>>(d, q, rows, tiles, out);
+  launch_k(k_flash_expanded<192, 128>, dim3(static_cast<unsigned>(n_tiles), static_cast<unsigned>(d.nh)), 128,
+                               flash_smem<192, 128>(), s, d, q, rows, tiles, out);
 }
 void attention_expanded(const AttnDims& d, const float* q, const AttnRow* rows, int n_rows, float* out, cudaStream_t s) {
   if (n_rows == 0) return;
   const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh));
   const int w = std::max(d.dn, d.dv);
-  if (w <= 64) k_attn_expanded<2><<<grid, 128, 0, s>>>(d, q, rows, out);
-  else if (w <= 128) k_attn_expanded<4><<<grid, 128, 0, s>>>(d, q, rows, out);
-  else k_attn_expanded<8><<<grid, 128, 0, s>>>(d, q, rows, out);
+  if (w <= 64) launch_k(k_attn_expanded<2>, grid, 128, 0, s, d, q, rows, out);
+  else if (w <= 128) launch_k(k_attn_expanded<4>, grid, 128, 0, s, d, q, rows, out);
+  else launch_k(k_attn_expanded<8>, grid, 128, 0, s, d, q, rows, out);
 }
 dim3 groups8(int n_rows, int nh) { return dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>((nh + 7) / 8)); }
 bool mla_fast_path(const AttnDims& d) {
@@ -3545,13 +3616,13 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   if (hm) {
     dim3 g = hm_grid;
     g.z = static_cast<unsigned>((d.C + kHmCols - 1) / kHmCols);
-    k_head_mm<true, false, 2><<<g, 128, 0, s>>>(d, q, w_uk, rows, n_rows, nullptr, qcat);
+    launch_k(k_head_mm<true, false, 2>, g, 128, 0, s, d, q, w_uk, rows, n_rows, nullptr, qcat);
   } else {
     const size_t smem = rows16_smem(d.dn);
     const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB));
     auto launch = [&](auto kernel) {
       allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(rows16_smem(1024)));
-      kernel<<<grid, 256, smem, s>>>(d, q, w_uk, rows, n_rows, qlat, qcat);
+      launch_k(kernel, grid, 256, smem, s, d, q, w_uk, rows, n_rows, qlat, qcat);
     };
     if (n_rows <= 4) launch(k_qlat16<4>);
     else launch(k_qlat16<16>);
@@ -3563,7 +3634,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
     const dim3 grid(static_cast<unsigned>(n_rows), static_cast<unsigned>(splits), static_cast<unsigned>((d.nh + kMlaH - 1) / kMlaH));
     auto launch = [&](auto kernel) {
       allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(mla_smem_bytes(512 + 128)));
-      kernel<<<grid, 256, smem, s>>>(d, qcat, rows, chunk, part);
+      launch_k(kernel, grid, 256, smem, s, d, qcat, rows, chunk, part);
     };
     if (!g_mla_mma_sync && mla_wg_ok(d)) {
       CUtensorMap qmap{};
@@ -3571,7 +3642,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
       const auto* maps = static_cast<const CUtensorMap*>(kv_maps);
       auto launch_wg = [&](auto kernel) {
         allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(mla_wg_smem(512 + 128)));
-        kernel<<<grid, 256, mla_wg_smem(D), s>>>(d, qcat, rows, chunk, part, qmap, maps);
+        launch_k(kernel, grid, 256, mla_wg_smem(D), s, d, qcat, rows, chunk, part, qmap, maps);
       };
       const bool two = d.dr == 64;  // (C + dr) / 32 rounded up: C / 32 + 1, or + 2 with rope 64
       if (tma) {
@@ -3596,26 +3667,26 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
       default: goto generic;
     }
     // (for the tensor-core W_UV matmul the combine writes o_lat in bf16, into the same buffer: q_cat is consumed)
-    k_mla_combine<<<dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh)), 128, 0, s>>>(d, splits, part, olat,
+    launch_k(k_mla_combine, dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh)), 128, 0, s, d, splits, part, olat,
                                                                                                     hm ? qcat : nullptr);
   } else {
   generic:
     constexpr int HG = 16;
     const dim3 groups(static_cast<unsigned>(n_rows), static_cast<unsigned>((d.nh + HG - 1) / HG));
-    if (d.C <= 128) k_attn_latent<4, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
-    else if (d.C <= 512) k_attn_latent<16, HG><<<groups, HG * 32, 0, s>>>(d, q, qlat, rows, olat);
-    else k_attn_latent<32, 8><<<groups8(n_rows, d.nh), 8 * 32, 0, s>>>(d, q, qlat, rows, olat);
+    if (d.C <= 128) launch_k(k_attn_latent<4, HG>, groups, HG * 32, 0, s, d, q, qlat, rows, olat);
+    else if (d.C <= 512) launch_k(k_attn_latent<16, HG>, groups, HG * 32, 0, s, d, q, qlat, rows, olat);
+    else launch_k(k_attn_latent<32, 8>, groups8(n_rows, d.nh), 8 * 32, 0, s, d, q, qlat, rows, olat);
   }
   if (hm) {
     dim3 g = hm_grid;
     g.z = static_cast<unsigned>((d.dv + kHmCols - 1) / kHmCols);
-    k_head_mm<false, true, 4><<<g, 128, 0, s>>>(d, qcat, w_uvt, rows, n_rows, out, nullptr);
+    launch_k(k_head_mm<false, true, 4>, g, 128, 0, s, d, qcat, w_uvt, rows, n_rows, out, nullptr);
     return;
   }
   const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.dv + kCB - 1) / kCB));
   auto launch_uv = [&](auto kernel) {
     allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(rows16_smem(1024)));
-    kernel<<<grid, 256, rows16_smem(d.C), s>>>(d, w_uvt, rows, n_rows, olat, out);
+    launch_k(kernel, grid, 256, rows16_smem(d.C), s, d, w_uvt, rows, n_rows, olat, out);
   };
   if (n_rows <= 4) launch_uv(k_uv16<4>);
   else launch_uv(k_uv16<16>);
@@ -3634,17 +3705,17 @@ void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double
   auto* cand_v = cmax + R * nch;
   auto* cand_i = reinterpret_cast<int*>(cand_v + R * nch * M);
   const dim3 grid(static_cast<unsigned>(nch), static_cast<unsigned>(R));
-  k_top_chunk<<<grid, kTopThreads, 0, s>>>(lg, V, M, cand_v, cand_i, cmax);
-  k_top_sum<<<grid, kTopThreads, 0, s>>>(lg, V, cmax, psum);
-  k_top_merge<<<static_cast<unsigned>(R), kTopThreads, 0, s>>>(nch, M, cand_v, cand_i, psum, max, log_sum, top_v, top_i);
+  launch_k(k_top_chunk, grid, kTopThreads, 0, s, lg, V, M, cand_v, cand_i, cmax);
+  launch_k(k_top_sum, grid, kTopThreads, 0, s, lg, V, cmax, psum);
+  launch_k(k_top_merge, static_cast<unsigned>(R), kTopThreads, 0, s, nch, M, cand_v, cand_i, psum, max, log_sum, top_v, top_i);
 }
 void sample_rows(const float* lg, int64_t V, const int64_t* rows, const RowDrawD* draws, int n, double* scratch,
                  int32_t* tok, float* logit, cudaStream_t s) {
-  if (n) k_sample_rows<<<static_cast<unsigned>(n), 256, 0, s>>>(lg, V, rows, draws, scratch, tok, logit);
+  if (n) launch_k(k_sample_rows, static_cast<unsigned>(n), 256, 0, s, lg, V, rows, draws, scratch, tok, logit);
 }
 void apply_row_ops(float* data, int64_t width, const int64_t* rows, const int* seg, int n_rows, const DRowOp* ops,
                    const float* vecs, cudaStream_t s) {
-  if (n_rows) k_row_ops<<<static_cast<unsigned>(n_rows), 256, 0, s>>>(data, width, rows, seg, ops, vecs);
+  if (n_rows) launch_k(k_row_ops, static_cast<unsigned>(n_rows), 256, 0, s, data, width, rows, seg, ops, vecs);
 }
 
 }  // namespace kscope::cuda

@@ -145,6 +145,9 @@ bool flash_expanded_ok(const AttnDims& d);
 // tiles of up to flash_tile_rows(d) = 128 rows, over kvx converted to bf16 in place first (kvx_to_bf16: each row's
 // 256 floats become its first 256 bf16); set_flash_wg(false): the mma.sync kernel over fp32 kvx, 64-row tiles.
 bool flash_wg_ok(const AttnDims& d);
+// Kernels launched with programmatic dependent launch (the default) or, off, plainly; the same order of every memory
+// access either way (each kernel waits for the one before it before touching memory).
+void set_pdl(bool on);
 int flash_tile_rows(const AttnDims& d);
 void set_flash_wg(bool on);
 void kvx_to_bf16(float* kvx, int64_t n_rows, cudaStream_t s);
