@@ -2378,8 +2378,10 @@ __device__ __forceinline__ uint32_t int4x2_deq(uint32_t w, float sc, __nv_bfloat
   }
 }
 
+// Five blocks per multiprocessor at up to 8 rows (NT = 1; 96 registers): the gate+up pair at one row has 576 blocks
+// (9 experts or 18432 features x 2, 64 per block), one wave of 660 slots instead of 528 + a partial second wave.
 template <int FMT, int NT, bool SB>
-__global__ void __launch_bounds__(128, 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
+__global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
                                                      float* part) {
   pdl_entry();

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A/B in one device call, for changes that cannot be switched at run time (launch bounds, compile-time constants):
+# builds bench_gpu from the working tree (A) and from a copy of it with the sed script SED applied to FILE (B), then
+# runs CMD once per build, A first, with $BENCH_GPU naming that build's binary.
+#   run: SED='s/x/y/' FILE=src/backend/cuda/kernels.cu CMD='$BENCH_GPU gemm' bash scripts/gpu/ab.sh   (carry .deps;
+#        SLICE=bf16 first writes that 2-layer slice to /tmp/k2-slice-bf16-2 for CMDs that run it)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+source scripts/gpu/env.sh
+nvidia-smi --query-gpu=name --format=csv,noheader
+gpu_build bench_gpu || exit 1
+B=/tmp/ab-b
+rm -rf $B && mkdir -p $B
+tar --exclude=./build-gpu --exclude=./out --exclude=./.deps -cf - . | tar -C $B -xf -
+ln -s "$PWD/.deps" $B/.deps
+sed -i "$SED" "$B/$FILE"
+if diff -q "$FILE" "$B/$FILE" >/dev/null; then echo "ab.sh: SED changed nothing in $FILE"; exit 1; fi
+diff "$FILE" "$B/$FILE"
+(cd $B && OUT=$PWD/out && source scripts/gpu/env.sh && gpu_build bench_gpu) || exit 1
+if [ -n "${SLICE:-}" ]; then
+  d=/tmp/k2-slice-$SLICE-2
+  [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $SLICE --layers 2 2>&1 | tail -1
+fi
+for v in A B; do
+  if [ $v = A ]; then BENCH_GPU=$PWD/build-gpu/bench/bench_gpu; else BENCH_GPU=$B/build-gpu/bench/bench_gpu; fi
+  echo "== $v"
+  eval "$CMD" > "$OUT/ab-$v.txt" 2>&1
+  cat "$OUT/ab-$v.txt" | grep -v "^ *writing"
+done
+rm -f "$OUT/cmake.log" "$OUT/build.log"
