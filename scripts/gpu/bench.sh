@@ -20,7 +20,11 @@ for f in $FORMATS; do
   build-gpu/bench/bench_gpu run $d --json "$OUT/kscope-$f.json" 2>&1 | tee "$OUT/kscope-$f.txt" | tail -40
   # interpretability overhead: 64 rows each with its own steering vector and coefficient, capture of every layer's
   # resid_post and final_norm on every token, against plain decode
-  build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps 32 2>&1 | tee "$OUT/interp-$f.txt" | tail -8
+  # (INTERP_STEPS="32 128": also over more decode steps, where the prompts' prefill weighs less)
+  for st in ${INTERP_STEPS:-32}; do
+    sfx=""; [ "$st" != 32 ] && sfx="-$st"
+    build-gpu/bench/bench_interp $d --device cuda --batch 64 --steps $st 2>&1 | tee "$OUT/interp-$f$sfx.txt" | tail -8
+  done
   if [ "${HF:-1}" = 0 ]; then
     echo '{"error": "HF transformers not run in this call (HF=0)"}' > "$OUT/hf-$f.json"
   elif [ "$f" != int4 ]; then
