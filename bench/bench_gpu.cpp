@@ -92,6 +92,22 @@ void apply_kernel_env() {
   told = true;
 }
 
+// Batch × length pairs from an environment variable ("1x4096,64x4096"), or the defaults where it is unset.
+std::vector<std::pair<int64_t, int64_t>> sizes_from_env(const char* name, std::vector<std::pair<int64_t, int64_t>> sizes) {
+  const char* e = std::getenv(name);
+  if (!e) return sizes;
+  sizes.clear();
+  const std::string spec = e;
+  for (size_t a = 0; a < spec.size();) {
+    size_t b = spec.find(',', a);
+    if (b == std::string::npos) b = spec.size();
+    const std::string item = spec.substr(a, b - a);
+    sizes.push_back({std::stoll(item.substr(0, item.find('x'))), std::stoll(item.substr(item.find('x') + 1))});
+    a = b + 1;
+  }
+  return sizes;
+}
+
 double median(std::vector<double> v) {
   std::sort(v.begin(), v.end());
   return v[v.size() / 2];
@@ -501,18 +517,7 @@ int run_mla(const std::string& json_out) {
   json rows = json::array();
   std::printf("\n%6s %8s %10s %12s %12s %12s %8s %8s %10s\n", "batch", "context", "wgmma us", "cp.async us", "mma.sync us",
               "cuda-core us", "speedup", "% bw", "TFLOP/s");
-  std::vector<std::pair<int64_t, int64_t>> sizes = {{1, 4096}, {1, 32768}, {8, 4096}, {64, 1024}, {64, 4096}, {128, 4096}, {256, 1024}};
-  if (const char* e = std::getenv("MLA_SIZES")) {  // e.g. "1x4096,64x4096"
-    sizes.clear();
-    std::string spec = e;
-    for (size_t a = 0; a < spec.size();) {
-      size_t b = spec.find(',', a);
-      if (b == std::string::npos) b = spec.size();
-      const std::string item = spec.substr(a, b - a);
-      sizes.push_back({std::stoll(item.substr(0, item.find('x'))), std::stoll(item.substr(item.find('x') + 1))});
-      a = b + 1;
-    }
-  }
+  const auto sizes = sizes_from_env("MLA_SIZES", {{1, 4096}, {1, 32768}, {8, 4096}, {64, 1024}, {64, 4096}, {128, 4096}, {256, 1024}});
   const bool skip_simple = std::getenv("MLA_SKIP_SIMPLE") != nullptr;
   for (auto [B, T] : sizes) {
     const auto lat = randn(T * (C + dr), 7 + T);
@@ -566,18 +571,7 @@ int run_flash(const std::string& json_out) {
   std::printf("device: BF16 tensor cores %.0f TFLOP/s (cuBLAS)\n", tc / 1e12);
   const int nh = 64, dq = 192, dv = 128, dr = 64;
   cuda::AttnDims d{nh, 128, dr, dv, 512, 1.0f / std::sqrt(192.0f)};
-  std::vector<std::pair<int64_t, int64_t>> sizes = {{4, 1024}, {1, 4096}, {1, 8192}, {16, 512}};
-  if (const char* e = std::getenv("FLASH_SIZES")) {
-    sizes.clear();
-    std::string spec = e;
-    for (size_t a = 0; a < spec.size();) {
-      size_t b = spec.find(',', a);
-      if (b == std::string::npos) b = spec.size();
-      const std::string item = spec.substr(a, b - a);
-      sizes.push_back({std::stoll(item.substr(0, item.find('x'))), std::stoll(item.substr(item.find('x') + 1))});
-      a = b + 1;
-    }
-  }
+  const auto sizes = sizes_from_env("FLASH_SIZES", {{4, 1024}, {1, 4096}, {1, 8192}, {16, 512}});
   json rows_out = json::array();
   std::printf("\n%6s %7s %10s %12s %10s %9s %8s %8s %10s\n", "batch", "tokens", "wgmma us", "mma.sync us", "to-bf16 us",
               "speedup", "TFLOP/s", "% tc", "same bits");

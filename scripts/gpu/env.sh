@@ -18,3 +18,21 @@ gpu_build() {
     -DICU_ROOT=$P/usr -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; return 1; }
   cmake --build build-gpu -j "$(nproc)" --target "$@" >"$OUT/build.log" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.log" | head -60; return 1; }
 }
+# gpu_op_tests FILTER [PATTERN]: the CUDA op tests matching FILTER (every one with FULL=1, and then the HF parity
+# tests too) into $OUT/ops.txt (and parity.txt); prints the summary lines, the lines matching PATTERN and any
+# failure; returns 1 when anything failed.
+gpu_op_tests() {
+  local filter=$1 show="^\[  (FAILED|PASSED) " rc=0
+  [ -n "${2:-}" ] && show="$show|$2"
+  [ "${FULL:-0}" = 1 ] && filter='*'
+  KSCOPE_REQUIRE_CUDA=1 build-gpu/tests/test_cuda_backend --gtest_filter="$filter" >"$OUT/ops.txt" 2>&1 || rc=1
+  grep -E "$show" "$OUT/ops.txt"
+  grep -B3 -A12 "Failure" "$OUT/ops.txt" | head -80
+  if [ "${FULL:-0}" = 1 ]; then
+    KSCOPE_TEST_DEVICE=cuda build-gpu/tests/test_parity >"$OUT/parity.txt" 2>&1 || rc=1
+    grep -E "^\[  (PASSED|FAILED) " "$OUT/parity.txt"; grep -B2 -A8 "Failure" "$OUT/parity.txt" | head -40
+  fi
+  return $rc
+}
+# the test binaries gpu_op_tests runs, for gpu_build
+gpu_test_targets() { echo test_cuda_backend; [ "${FULL:-0}" = 1 ] && echo test_parity; return 0; }

@@ -12,21 +12,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
-targets="test_cuda_backend bench_gpu"
-[ "${FULL:-0}" = 1 ] && targets="$targets test_parity"
-gpu_build $targets || exit 1
+gpu_build bench_gpu $(gpu_test_targets) || exit 1
 status=0
-if [ "${TESTS:-1}" != 0 ]; then
-  filter='*attention*'
-  [ "${FULL:-0}" = 1 ] && filter='*'
-  KSCOPE_REQUIRE_CUDA=1 build-gpu/tests/test_cuda_backend --gtest_filter="$filter" >"$OUT/ops.txt" 2>&1 || status=1
-  grep -E "^\[  FAILED|^\[  PASSED|prefill attention" "$OUT/ops.txt"
-  grep -B3 -A12 "Failure" "$OUT/ops.txt" | head -60
-  if [ "${FULL:-0}" = 1 ]; then
-    KSCOPE_TEST_DEVICE=cuda build-gpu/tests/test_parity >"$OUT/parity.txt" 2>&1 || status=1
-    grep -E "^\[  (PASSED|FAILED) " "$OUT/parity.txt"; grep -B2 -A8 "Failure" "$OUT/parity.txt" | head -40
-  fi
-fi
+[ "${TESTS:-1}" != 0 ] && { gpu_op_tests '*attention*' 'prefill attention' || status=1; }
 [ "${FLASH:-1}" != 0 ] && { build-gpu/bench/bench_gpu flash --json "$OUT/flash.json" | tee "$OUT/flash.txt" || status=1; }
 if [ "${FLASH:-1}" != 0 ] && [ "${PEER:-1}" != 0 ]; then
   python3 - "${FLASH_SIZES:-4x1024,1x4096,1x8192,16x512}" <<'PY' | tee "$OUT/flash-peer.txt"

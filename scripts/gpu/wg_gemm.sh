@@ -8,21 +8,9 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
-targets="test_cuda_backend bench_gpu"
-[ "${FULL:-0}" = 1 ] && targets="$targets test_parity"
-gpu_build $targets || exit 1
+gpu_build bench_gpu $(gpu_test_targets) || exit 1
 status=0
-if [ "${TESTS:-1}" != 0 ]; then
-  filter='*matmul*'
-  [ "${FULL:-0}" = 1 ] && filter='*'
-  KSCOPE_REQUIRE_CUDA=1 build-gpu/tests/test_cuda_backend --gtest_filter="$filter" >"$OUT/ops.txt" 2>&1 || status=1
-  grep -E "^\[       OK|^\[  FAILED|^\[  PASSED" "$OUT/ops.txt" | grep -v "^\[       OK" 
-  grep -B3 -A12 "Failure" "$OUT/ops.txt" | head -80
-  if [ "${FULL:-0}" = 1 ]; then
-    KSCOPE_TEST_DEVICE=cuda build-gpu/tests/test_parity >"$OUT/parity.txt" 2>&1 || status=1
-    grep -E "^\[  (PASSED|FAILED) " "$OUT/parity.txt"; grep -B2 -A8 "Failure" "$OUT/parity.txt" | head -40
-  fi
-fi
+[ "${TESTS:-1}" != 0 ] && { gpu_op_tests '*matmul*' || status=1; }
 if [ "${GEMM:-1}" != 0 ]; then
   for f in ${GEMM_FMT:-bf16}; do
     GEMM_ROWS=${GEMM_ROWS:-128,512,4096} GEMM_FMT=$f build-gpu/bench/bench_gpu gemm --json "$OUT/gemm-$f.json" | tee "$OUT/gemm-$f.txt"
