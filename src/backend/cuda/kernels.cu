@@ -2378,36 +2378,15 @@ __device__ __forceinline__ uint32_t int4x2_deq(uint32_t w, float sc, __nv_bfloat
   }
 }
 
-// A dense streamed launch's weights do not depend on the kernels before it: before waiting for its predecessor
-// (pdl_entry) each block starts pulling the first two stages of its 16-feature rows into L2 (lane tq: the row's
-// 128-byte line tq of a stage), which overlaps the end of the small kernels that usually precede a matmul.
-constexpr bool kPrefetchWeights = true;
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p)); }
-template <int FMT>
-__device__ __forceinline__ void prefetch_first_stages(const uint8_t* w, int64_t w_ld, int K, int N, int ksplit) {
-  constexpr int KC = few_kc<FMT>(), RB = FMT == kBf16 ? 2 * KC : FMT == kFp8 ? KC : KC / 2;  // bytes per row per stage
-  const int lane = threadIdx.x & 31, tq = lane & 3;
-  if (tq * 128 >= RB) return;
-  const int ct = blockIdx.x / ksplit, ks = blockIdx.x - ct * ksplit;
-  const int nst = K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps, st1 = min(nst, min(st0 + sps, st0 + 2));
-  const int nA = ct * kFewCols + (threadIdx.x >> 5) * 16 + (lane >> 2), nB = nA + 8;
-  for (int st = st0; st < st1; ++st) {
-    if (nA < N) prefetch_l2(w + static_cast<int64_t>(nA) * w_ld + static_cast<int64_t>(st) * RB + tq * 128);
-    if (nB < N) prefetch_l2(w + static_cast<int64_t>(nB) * w_ld + static_cast<int64_t>(st) * RB + tq * 128);
-  }
-}
-
 // Five blocks per multiprocessor at up to 8 rows (NT = 1; 96 registers): the gate+up pair at one row has 576 blocks
 // (9 experts or 18432 features x 2, 64 per block), one wave of 660 slots instead of 528 + a partial second wave.
 template <int FMT, int NT, bool SB>
 __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
                                                      float* part) {
+  pdl_entry();
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
   constexpr int XLD = KC + 8, R = 8 * NT;
-  // (a gate/up pair has one shape: only the pointer differs)
-  if (kPrefetchWeights && !gr.row_off) prefetch_first_stages<FMT>(blockIdx.z == 1 ? W2.w : W.w, W.w_ld, W.K, W.N, ksplit);
-  pdl_entry();
   if (blockIdx.z == 1) {
     W = W2;
     Y = Y2;
@@ -3068,8 +3047,6 @@ __global__ void __launch_bounds__(kWgThreads, 1)
 // (row_in_smem; out may alias x, so a row that does not fit is read again from x), squares summed by warps.
 __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ w, int64_t d,
                                                       float eps, float* out, bool row_in_smem) {
-  if (kPrefetchWeights)  // the norm's weights (a 128-byte line per 32) into L2 while the kernel before finishes
-    for (int64_t i = static_cast<int64_t>(threadIdx.x) * 32; i < d; i += static_cast<int64_t>(blockDim.x) * 32) prefetch_l2(w + i);
   pdl_entry();
   extern __shared__ float row[];  // [d] when row_in_smem
   __shared__ float part[32];
