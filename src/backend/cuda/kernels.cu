@@ -991,7 +991,8 @@ __device__ __forceinline__ void flash_softmax(float (&s)[32], int k0, int tq, in
 // ---- expanded-form (prefill) attention on tensor cores, flash-attention style: one block per (tile of up to 64
 // query rows of one sequence, head), 4 warps of 16 rows. Q (fp32) and each 64-key tile of K = [k_nope from kvx,
 // k_rope from the cache] and V (kvx) are rounded to bf16 in shared memory (as the reference's bf16 attention
-// rounds them); S = Q·Kᵀ and O += P·V are m16n8k16 mmas with fp32 accumulation, the softmax online in fp32 (flash_softmax), P rounded to bf16 as the A operand straight from the S registers. Row i attends keys
+// rounds them); S = Q·Kᵀ and O += P·V are m16n8k16 mmas with fp32 accumulation, the softmax online in fp32
+// (flash_softmax), P rounded to bf16 as the A operand straight from the S registers. Row i attends keys
 // [0, len_i). A row's result depends only on its own keys: the same alone or batched.
 constexpr int kFlashBM = kFlashTileRows, kFlashBN = 64;
 template <int DQ, int DV>
@@ -1155,9 +1156,6 @@ __device__ __forceinline__ void cp_async_arrive(uint64_t* b) {
 __device__ __forceinline__ void bar_arrive(uint64_t* b) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(tma::smem_u32(b)) : "memory");
 }
-__device__ __forceinline__ void bar_init_n(uint64_t* b, int n) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(tma::smem_u32(b)), "r"(n));
-}
 // named barriers for the two warpgroups' turns (ids 1 and 2; 0 is __syncthreads')
 __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory"); }
 __device__ __forceinline__ void named_arrive(int id) { asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory"); }
@@ -1178,8 +1176,8 @@ __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __
   const bf16* kv16 = reinterpret_cast<const bf16*>(r0.kvx);  // [key][head][512 bf16]: k_nope 128 | v 128 | unused
   if (threadIdx.x == 0) {
     for (int i = 0; i < kFwStages; ++i) {
-      bar_init_n(&full[i], 256);
-      bar_init_n(&empty[i], 256);
+      tma::bar_init(&full[i], 256);
+      tma::bar_init(&empty[i], 256);
     }
     tma::bar_init_fence();
   }

@@ -69,6 +69,9 @@ void set_wg_gemm(bool on, int rows = 0);
 // Tests: fp32-input matmuls (routers) from 8 rows on the tiled kernel (8 features × 8 rows per block, the default)
 // or, off, on the one-feature split kernel; the same bits either way.
 void set_f32_tile(bool on);
+// Kernels launched with programmatic dependent launch (the default) or, off, plainly; the same order of every memory
+// access either way (each kernel waits for the one before it before touching memory).
+void set_pdl(bool on);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
 void set_simple_attention(bool on);
 bool simple_attention();
@@ -145,9 +148,6 @@ bool flash_expanded_ok(const AttnDims& d);
 // tiles of up to flash_tile_rows(d) = 128 rows, over kvx converted to bf16 in place first (kvx_to_bf16: each row's
 // 256 floats become its first 256 bf16); set_flash_wg(false): the mma.sync kernel over fp32 kvx, 64-row tiles.
 bool flash_wg_ok(const AttnDims& d);
-// Kernels launched with programmatic dependent launch (the default) or, off, plainly; the same order of every memory
-// access either way (each kernel waits for the one before it before touching memory).
-void set_pdl(bool on);
 int flash_tile_rows(const AttnDims& d);
 void set_flash_wg(bool on);
 void kvx_to_bf16(float* kvx, int64_t n_rows, cudaStream_t s);

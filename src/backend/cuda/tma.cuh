@@ -11,8 +11,11 @@
 namespace kscope::cuda::tma {
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
-// An mbarrier for one arrival (the thread that issues the copies and announces their bytes).
-__device__ __forceinline__ void bar_init(uint64_t* b) { asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;\n" ::"r"(smem_u32(b))); }
+// An mbarrier for `count` arrivals a phase (by default one: the thread that issues the copies and announces their
+// bytes).
+__device__ __forceinline__ void bar_init(uint64_t* b, int count = 1) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(b)), "r"(count));
+}
 // After the initializing thread's bar_init calls, before the block's barrier that publishes them.
 __device__ __forceinline__ void bar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 // Arrive on b, expecting `bytes` of copies to complete the phase.
