@@ -319,6 +319,8 @@ void CudaBackend::set_flash_wg(bool on) { cuda::set_flash_wg(on); }
 void CudaBackend::set_pdl(bool on) { cuda::set_pdl(on); }
 void CudaBackend::set_mla_tma(bool on) { cuda::set_mla_tma(on); }
 int64_t CudaBackend::mla_tma_launches() { return cuda::mla_tma_launches(); }
+void CudaBackend::set_mla_specialized(bool on) { cuda::set_mla_specialized(on); }
+int64_t CudaBackend::mla_specialized_launches() { return cuda::mla_specialized_launches(); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> g(impl_->mu);
   impl_->kv_budget = bytes;

@@ -1811,6 +1811,205 @@ __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, con
   }
 }
 
+// ---- absorbed decode attention with specialized warpgroups (the default where the tiles come by tensor copies):
+// the blocks, splits and partial results of k_mla_wg, with 64-token tiles in two stages. Warpgroup 0 computes the
+// whole S = Q·Kᵀ of a tile (64 heads × 64 tokens, a chain of m64n64k16 over all C + 64 dimensions), runs the online
+// softmax, and hands P (bf16) and each head's rescale factor to warpgroup 1 through shared memory; each warpgroup
+// then adds P·V into its half of O (latent columns [0, C/2) and [C/2, C); P from registers in the first, from shared
+// memory in the second). Nothing else couples them: no S halves to exchange and no softmax computed twice (k_mla_wg
+// ties both warpgroups at two block barriers a tile, bench/NOTES.md 37), so the scores of tile j + 1 run on the
+// tensor cores while warpgroup 1 still multiplies tile j. Two named barriers pace the pair: "P ready" (warpgroup 0
+// arrives after writing P_j, warpgroup 1 waits) and "P consumed" (warpgroup 1 arrives after its P_j·V, warpgroup 0
+// waits before writing P_j+1 — its thread 0 then loads tile j + 2 into the freed stage, while S_j+1 runs). One tile
+// is in flight while one is multiplied (Q 72 KB + two 72 KB stages + P fill the shared memory).
+constexpr int kWsT = 64;  // tokens per tile
+size_t mla_ws_smem(int D) {
+  const size_t SL = static_cast<size_t>(D + 63) / 64;
+  return 1024 /* alignment of the swizzled slabs */ + SL * (kMlaH + 2 * kWsT) * 128 + kMlaH * kWsT * sizeof(bf16) + kMlaH * sizeof(float) +
+         3 * sizeof(uint64_t);
+}
+bool g_mla_ws = true;
+std::atomic<int64_t> g_mla_ws_launches{0};
+
+// NC = C / 2 (the latent columns of O per warpgroup), SL = (C + 64) / 64 (128-byte slabs of a key row; rope 64).
+template <int NC, int SL>
+__global__ void __launch_bounds__(256, 1) k_mla_ws(AttnDims d, const AttnRow* rows, int chunk, float* part,
+                                                   const __grid_constant__ CUtensorMap qmap, const CUtensorMap* maps) {
+  pdl_entry();
+  extern __shared__ __align__(1024) unsigned char ws_smem_raw[];
+  constexpr int KS = 4 * SL;          // 16-wide k-steps of S
+  constexpr int TB = kWsT * 128;      // bytes of one slab of a tile
+  unsigned char* q_s = ws_smem_raw + ((1024 - (tma::smem_u32(ws_smem_raw) & 1023)) & 1023);  // [SL][64 heads][128 B]
+  unsigned char* k_s = q_s + SL * kMlaH * 128;                  // 2 stages × [SL][64 tokens][128 B]
+  unsigned char* p_s = k_s + 2 * SL * TB;                       // P: [8 pieces of 8 tokens][64 heads][16 B]
+  float* corr_s = reinterpret_cast<float*>(p_s + kMlaH * kWsT * 2);  // each head's factor for O before P_j·V
+  uint64_t* bars = reinterpret_cast<uint64_t*>(corr_s + kMlaH);     // the two stages', then Q's
+  const int row = blockIdx.x, split = blockIdx.y, hg = blockIdx.z, splits = gridDim.y;
+  const AttnRow r = rows[row];
+  const int wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int rc = r.chunk > 0 ? r.chunk : chunk;
+  const int t0 = split * rc, t1 = min(r.len, t0 + rc);
+  const int ntiles = t1 > t0 ? (t1 - t0 + kWsT - 1) / kWsT : 0;
+  // a tile: every slab in boxes of kMlaT rows (the maps' box); rows past the cache's length arrive as zeros
+  auto load_tile = [&](int buf, int j0) {
+    unsigned char* dst = k_s + buf * SL * TB;
+    tma::expect(&bars[buf], SL * TB);
+#pragma unroll
+    for (int h = 0; h < kWsT / kMlaT; ++h) {
+      for (int sl = 0; sl < SL - 1; ++sl) tma::load_2d(dst + sl * TB + h * kMlaT * 128, &maps[2 * row], 64 * sl, j0 + h * kMlaT, &bars[buf]);
+      tma::load_2d(dst + (SL - 1) * TB + h * kMlaT * 128, &maps[2 * row + 1], 0, j0 + h * kMlaT, &bars[buf]);
+    }
+  };
+  if (threadIdx.x == 0) {
+    for (int i = 0; i < 3; ++i) tma::bar_init(&bars[i]);
+    tma::bar_init_fence();
+  }
+  __syncthreads();
+  if (ntiles > 0 && threadIdx.x == 0) {  // Q: rows of heads past this row's nh are the next row's (unused) or zeros
+    tma::expect(&bars[2], SL * kMlaH * 128);
+    for (int sl = 0; sl < SL; ++sl) tma::load_2d(q_s + sl * kMlaH * 128, &qmap, 64 * sl, row * d.nh + hg * kMlaH, &bars[2]);
+    load_tile(0, t0);
+    if (ntiles > 1) load_tile(1, t0 + kWsT);
+  }
+  float o[NC / 2];
+#pragma unroll
+  for (int i = 0; i < NC / 2; ++i) o[i] = 0.0f;
+  float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.0f, 0.0f};
+  const int rr0 = 16 * warp + g;  // this thread's heads (of the 64): rr0 and rr0 + 8
+  if (wgi == 0) {
+    const float sl = d.scale * 1.4426950408889634f;
+    if (ntiles > 0) tma::wait(&bars[2], 0);
+    for (int it = 0; it < ntiles; ++it) {
+      const int st = it & 1;
+      tma::wait(&bars[st], (it >> 1) & 1);
+      const unsigned char* kt = k_s + st * SL * TB;
+      float s[kWsT / 2];
+#pragma unroll
+      for (int i = 0; i < kWsT / 2; ++i) s[i] = 0.0f;
+      wg::fence();
+#pragma unroll
+      for (int ks = 0; ks < KS; ++ks)  // k-step ks: slab ks / 4, 32 bytes per k-step inside its 128-byte rows
+        wg::mma_ss<kWsT, 0, 0>(s, tma::sw128_desc(q_s + (ks >> 2) * kMlaH * 128 + (ks & 3) * 32, 16, 1024),
+                               tma::sw128_desc(kt + (ks >> 2) * TB + (ks & 3) * 32, 16, 1024), 1);
+      wg::commit();
+      if (it > 0) {
+        named_sync(2);  // warpgroup 1's P_j-1·V has finished (this one's too): P and the other stage are free
+        if (threadIdx.x == 0 && it + 1 < ntiles) load_tile(st ^ 1, t0 + (it + 1) * kWsT);
+      }
+      wg::wait<0>();
+      // keys past the split's end (only in its last tile) are masked; every tile has a valid first key, so the running
+      // maxima are finite from the first tile on and ex2(-inf) = 0 covers the initial m = -inf and masked keys
+      const int jb = t0 + it * kWsT;
+#pragma unroll
+      for (int j = 0; j < kWsT / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * tq + (e & 1);
+          s[4 * j + e] = jb + col < t1 ? s[4 * j + e] * sl : -INFINITY;
+        }
+      float pm[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < kWsT / 8; ++j) {
+        pm[0] = fmaxf(pm[0], fmaxf(s[4 * j], s[4 * j + 1]));
+        pm[1] = fmaxf(pm[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+      }
+      float corr[2], ps[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 1));
+        pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 2));
+        const float mnew = fmaxf(m_r[i], pm[i]);
+        corr[i] = ex2(m_r[i] - mnew);
+        m_r[i] = mnew;
+      }
+#pragma unroll
+      for (int j = 0; j < kWsT / 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = e >> 1;
+          const float p = ex2(s[4 * j + e] - m_r[i]);
+          s[4 * j + e] = p;
+          ps[i] += p;
+        }
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 1);
+        ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 2);
+        l_r[i] = l_r[i] * corr[i] + ps[i];
+      }
+      // P as the A operand (registers): k-step kk is tokens 16kk..16kk+15, S's 8-column tiles 2kk and 2kk+1; the
+      // same words to shared memory for warpgroup 1 (8-token pieces of 64 heads × 16 bytes: conflict-free stores)
+      uint32_t pa[kWsT / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kWsT / 16; ++kk)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pa[kk][i] = u32_of(__floats2bfloat162_rn(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]));
+#pragma unroll
+      for (int j = 0; j < kWsT / 8; ++j) {
+        const int kk = j >> 1, hi = j & 1;
+        *reinterpret_cast<uint32_t*>(p_s + (j * kMlaH + rr0) * 16 + 4 * tq) = pa[kk][2 * hi];
+        *reinterpret_cast<uint32_t*>(p_s + (j * kMlaH + rr0 + 8) * 16 + 4 * tq) = pa[kk][2 * hi + 1];
+      }
+      if (tq == 0) {
+        corr_s[rr0] = corr[0];
+        corr_s[rr0 + 8] = corr[1];
+      }
+      wg::fence_smem();  // P for the other warpgroup's wgmma (the async proxy)
+      named_arrive(1);
+#pragma unroll
+      for (int j = 0; j < NC / 8; ++j) {  // (unconditionally: a branch around it would serialize the wgmma chain)
+        o[4 * j] *= corr[0];
+        o[4 * j + 1] *= corr[0];
+        o[4 * j + 2] *= corr[1];
+        o[4 * j + 3] *= corr[1];
+      }
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < kWsT / 16; ++kk)  // V: 16 tokens = 2048 bytes per k-step; 64-column slabs TB apart
+        wg::mma_rs<NC, 1>(o, pa[kk], tma::sw128_desc(kt + kk * 2048, TB, 1024), 1);
+      wg::commit();
+      wg::wait<0>();  // (no wgmma in flight across iterations: ptxas would serialize every chain, C7514)
+    }
+  } else {
+    for (int it = 0; it < ntiles; ++it) {
+      const int st = it & 1;
+      tma::wait(&bars[st], (it >> 1) & 1);
+      named_sync(1);  // P_j and the factors are written
+      const float c0 = corr_s[rr0], c1 = corr_s[rr0 + 8];
+      const unsigned char* kt = k_s + st * SL * TB;
+#pragma unroll
+      for (int j = 0; j < NC / 8; ++j) {
+        o[4 * j] *= c0;
+        o[4 * j + 1] *= c0;
+        o[4 * j + 2] *= c1;
+        o[4 * j + 3] *= c1;
+      }
+      wg::fence();
+#pragma unroll
+      for (int kk = 0; kk < kWsT / 16; ++kk)  // P: a k-step is 2 pieces (2048 bytes); V: the second half's slabs
+        wg::mma_ss<NC, 0, 1>(o, wg::smem_desc(p_s + kk * 2 * kMlaH * 16, kMlaH * 16, 128),
+                             tma::sw128_desc(kt + (NC / 64) * TB + kk * 2048, TB, 1024), 1);
+      wg::commit();
+      wg::wait<0>();
+      if (it + 1 < ntiles) named_arrive(2);
+    }
+  }
+  // partial results as k_mla_decode's: [row][split][head][C + 4] = unnormalized O, then max (log2 domain) and sum
+  const int stride = mla_part_stride(d.C);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int h = hg * kMlaH + rr0 + 8 * i;
+    if (h >= d.nh) continue;
+    float* dst = part + ((static_cast<int64_t>(row) * splits + split) * d.nh + h) * stride + wgi * NC;
+#pragma unroll
+    for (int j = 0; j < NC / 8; ++j) *reinterpret_cast<float2*>(dst + 8 * j + 2 * tq) = make_float2(o[4 * j + 2 * i], o[4 * j + 2 * i + 1]);
+    if (wgi == 0 && tq == 0) {
+      dst[d.C] = m_r[i];
+      dst[d.C + 1] = l_r[i];
+    }
+  }
+}
+
 constexpr int kRB = 16, kCB = 128;  // rows per block, output columns per block (4 per thread, 8 reduction parts)
 
 // y[rr][n] = Σ_k x[rr][k] · W[k][n] for the first R (16 or 4) of the block's 16 rows and 128 columns of W (bf16, row
@@ -3592,6 +3791,8 @@ bool mla_tma_ok(const AttnDims& d) {
 static_assert(sizeof(CUtensorMap) == kMlaMapBytes);
 std::atomic<int64_t> g_mla_tma_launches{0};
 void set_mla_tma(bool on) { g_mla_tma = on; }
+void set_mla_specialized(bool on) { g_mla_ws = on; }
+int64_t mla_specialized_launches() { return g_mla_ws_launches.load(); }
 int64_t mla_tma_launches() { return g_mla_tma_launches.load(); }
 bool mla_tma_maps(const AttnDims& d, const AttnRow* rows, int n_rows, void* out) {
   if (!mla_tma_ok(d)) return false;
@@ -3645,7 +3846,19 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
         launch_k(kernel, grid, 256, mla_wg_smem(D), s, d, qcat, rows, chunk, part, qmap, maps);
       };
       const bool two = d.dr == 64;  // (C + dr) / 32 rounded up: C / 32 + 1, or + 2 with rope 64
-      if (tma) {
+      auto launch_ws = [&](auto kernel) {
+        allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(mla_ws_smem(512 + 64)));
+        // (splits of whole 64-token tiles where the split is not per row)
+        const int ws_chunk = ((max_len + splits - 1) / splits + kWsT - 1) / kWsT * kWsT;
+        launch_k(kernel, grid, 256, mla_ws_smem(D), s, d, rows, ws_chunk, part, qmap, maps);
+      };
+      if (tma && g_mla_ws) {
+        ++g_mla_tma_launches;
+        ++g_mla_ws_launches;
+        if (d.C == 128) launch_ws(k_mla_ws<64, 3>);
+        else if (d.C == 256) launch_ws(k_mla_ws<128, 5>);
+        else launch_ws(k_mla_ws<256, 9>);
+      } else if (tma) {
         ++g_mla_tma_launches;
         if (d.C == 128) launch_wg(k_mla_wg<64, 6, true>);
         else if (d.C == 256) launch_wg(k_mla_wg<128, 10, true>);
@@ -3668,7 +3881,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
     }
     // (for the tensor-core W_UV matmul the combine writes o_lat in bf16, into the same buffer: q_cat is consumed)
     launch_k(k_mla_combine, dim3(static_cast<unsigned>(n_rows), static_cast<unsigned>(d.nh)), 128, 0, s, d, splits, part, olat,
-                                                                                                    hm ? qcat : nullptr);
+             hm ? qcat : nullptr);
   } else {
   generic:
     constexpr int HG = 16;

@@ -171,6 +171,11 @@ bool mla_tma_maps(const AttnDims& d, const AttnRow* rows, int n_rows, void* out)
 // Benchmarks and tests: tensor copies on (default) or off (the cp.async loads); how many launches used them.
 void set_mla_tma(bool on);
 int64_t mla_tma_launches();
+// Benchmarks and tests: on the tensor-copy path, the kernel with specialized warpgroups (64-token tiles; warpgroup 0
+// the scores and softmax, each warpgroup half of O: the default) or, off, k_mla_wg (32-token tiles, both warpgroups
+// on every step); how many launches used the former.
+void set_mla_specialized(bool on);
+int64_t mla_specialized_launches();
 constexpr int kMlaPartPad = 4;  // the split results hold C + kMlaPartPad floats per (row, split, head)
 // qlat, olat: scratch [n_rows, heads, C] fp32; part: [n_rows, splits, heads, C + kMlaPartPad] fp32 for the fast path (null:
 // the CUDA-core kernel). kv_maps: device copy of mla_tma_maps' output, or null.
