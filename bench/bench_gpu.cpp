@@ -67,13 +67,13 @@ bool env_on(const char* name) {
 }
 
 // KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync);
-// KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false)); KSCOPE_MLA_SPECIALIZED=0 (CudaBackend::set_mla_specialized(false)); KSCOPE_WG_GEMM=0, KSCOPE_WG_ROWS=64|128|256
+// KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false)); KSCOPE_MLA_SPECIALIZED=0|1|2 (CudaBackend::set_mla_specialized); KSCOPE_WG_GEMM=0, KSCOPE_WG_ROWS=64|128|256
 // (CudaBackend::set_wg_gemm); KSCOPE_FLASH_WG=0 (CudaBackend::set_flash_wg(false): prefill attention on mma.sync);
 // KSCOPE_PDL=0 (CudaBackend::set_pdl(false): plain kernel launches)
 void apply_kernel_env() {
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
-  if (const char* f = std::getenv("KSCOPE_MLA_SPECIALIZED"); f && std::string(f) == "0") CudaBackend::set_mla_specialized(false);
+  if (const char* f = std::getenv("KSCOPE_MLA_SPECIALIZED")) CudaBackend::set_mla_specialized(std::atoi(f));  // 0, 1, 2
   if (const char* f = std::getenv("KSCOPE_FLASH_WG"); f && std::string(f) == "0") CudaBackend::set_flash_wg(false);
   if (const char* f = std::getenv("KSCOPE_PDL"); f && std::string(f) == "0") CudaBackend::set_pdl(false);
   {  // the many-row matmul on the mma.sync tile kernel (KSCOPE_WG_GEMM=0) or the wgmma one with R rows per block
@@ -462,9 +462,9 @@ int run_profile(const std::string& dir, int64_t T, int64_t prefill) {
 
 
 // Absorbed (decode) MLA attention at Kimi-K2's attention shapes (64 heads, nope 128, rope 64, v 128, kv_lora 512),
-// over random bf16 caches, for several batch x context sizes: the default (tiles by tensor copies into the kernel
-// with specialized warpgroups), the previous warpgroup-MMA kernel with tensor copies ("wgmma") and with cp.async
-// loads, the mma.sync kernel and the CUDA-core kernel in the same run, against the bandwidth floor (the cache read
+// over random bf16 caches, for several batch x context sizes: the default (tiles by tensor copies; the kernel with
+// specialized warpgroups for long splits), that kernel at every size ("spec."), the previous warpgroup-MMA kernel
+// with tensor copies ("wgmma") and with cp.async loads, the mma.sync kernel and the CUDA-core kernel in the same run, against the bandwidth floor (the cache read
 // once) and the tensor-core floor; speedup is mma.sync / default.
 int run_mla(const std::string& json_out) {
   const double bw = hbm_bandwidth(), tc = bf16_tensor_rate();
@@ -517,7 +517,7 @@ int run_mla(const std::string& json_out) {
   be.set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
   be.prepare_attention(cfg, aw);
   json rows = json::array();
-  std::printf("\n%6s %8s %10s %10s %12s %12s %12s %8s %8s %10s\n", "batch", "context", "default us", "wgmma us", "cp.async us",
+  std::printf("\n%6s %8s %10s %10s %10s %12s %12s %12s %8s %8s %10s\n", "batch", "context", "default us", "spec. us", "wgmma us", "cp.async us",
               "mma.sync us", "cuda-core us", "speedup", "% bw", "TFLOP/s");
   const auto sizes = sizes_from_env("MLA_SIZES", {{1, 4096}, {1, 32768}, {8, 4096}, {64, 1024}, {64, 4096}, {128, 4096}, {256, 1024}});
   const bool skip_simple = std::getenv("MLA_SKIP_SIMPLE") != nullptr;
@@ -535,9 +535,11 @@ int run_mla(const std::string& json_out) {
     Buf<float> q(be, randn(B * nh * dq, 9)), o1(be, B * nh * dv), o2(be, B * nh * dv);
     const float scale = 1.0f / std::sqrt(static_cast<float>(dq));
     const double t_fast = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o1.data()); }, 10);
-    CudaBackend::set_mla_specialized(false);
+    CudaBackend::set_mla_specialized(2);
+    const double t_ws = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data()); }, 10);
+    CudaBackend::set_mla_specialized(0);
     const double t_wg = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data()); }, 10);
-    CudaBackend::set_mla_specialized(true);
+    CudaBackend::set_mla_specialized(1);
     CudaBackend::set_mla_tma(false);
     const double t_cpa = time_it([&] { be.mla_attention(cfg, aw, q.data(), seqs, scale, o2.data()); }, 10);
     CudaBackend::set_mla_tma(true);
@@ -556,10 +558,10 @@ int run_mla(const std::string& json_out) {
     }
     const double bytes = double(B) * T * (C + dr) * 2;
     const double flops = double(B) * nh * T * (C + dr + C) * 2;
-    std::printf("%6lld %8lld %10.1f %10.1f %12.1f %12.1f %12.1f %7.2fx %7.0f%% %10.1f   (rel diff %.1e)\n", static_cast<long long>(B),
-                static_cast<long long>(T), t_fast * 1e6, t_wg * 1e6, t_cpa * 1e6, t_mma * 1e6, t_simple * 1e6, t_mma / t_fast, 100 * bytes / bw / t_fast,
+    std::printf("%6lld %8lld %10.1f %10.1f %10.1f %12.1f %12.1f %12.1f %7.2fx %7.0f%% %10.1f   (rel diff %.1e)\n", static_cast<long long>(B),
+                static_cast<long long>(T), t_fast * 1e6, t_ws * 1e6, t_wg * 1e6, t_cpa * 1e6, t_mma * 1e6, t_simple * 1e6, t_mma / t_fast, 100 * bytes / bw / t_fast,
                 flops / t_fast / 1e12, std::sqrt(num / den));
-    rows.push_back({{"batch", B}, {"context", T}, {"tensor_s", t_fast}, {"wgmma_s", t_wg}, {"cp_async_s", t_cpa}, {"mma_sync_s", t_mma}, {"cuda_core_s", t_simple}, {"bytes", bytes}, {"flops", flops},
+    rows.push_back({{"batch", B}, {"context", T}, {"tensor_s", t_fast}, {"specialized_s", t_ws}, {"wgmma_s", t_wg}, {"cp_async_s", t_cpa}, {"mma_sync_s", t_mma}, {"cuda_core_s", t_simple}, {"bytes", bytes}, {"flops", flops},
                     {"bw_floor_s", bytes / bw}, {"tc_floor_s", flops / tc}, {"rel_diff", std::sqrt(num / den)}});
   }
   if (!json_out.empty()) std::ofstream(json_out) << json({{"hbm_bytes_per_s", bw}, {"bf16_flops", tc}, {"mla", rows}}).dump(2) << "\n";

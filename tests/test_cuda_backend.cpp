@@ -787,24 +787,24 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     CudaBackend::force_simple_attention(false);
     expect_close(simple.host(), want, kChainTol, fmt::format("mla decode nh {} C {} (cuda cores) vs cpu", nh, C));
     std::vector<float> first;
-    // the default (where rope is 64: tiles by tensor copies into the kernel with specialized warpgroups; otherwise
-    // the warpgroup-MMA kernel with cp.async loads), the previous warpgroup-MMA kernel with tensor copies, the same
-    // with cp.async loads (the same bits), and the mma.sync kernel
+    // the kernel with specialized warpgroups (where rope is 64: tiles by tensor copies; otherwise the warpgroup-MMA
+    // kernel with cp.async loads), the previous warpgroup-MMA kernel with tensor copies, the same with cp.async loads
+    // (the same bits), and the mma.sync kernel
     std::vector<float> wg_bits;
     for (int path : {0, 1, 2, 3}) {
       const bool mma_sync = path == 3;
       CudaBackend::force_mla_mma_sync(mma_sync);
       CudaBackend::set_mla_tma(path <= 1);
-      CudaBackend::set_mla_specialized(path == 0);
+      CudaBackend::set_mla_specialized(path == 0 ? 2 : 0);
       const std::string what = fmt::format("mla decode nh {} C {} rope {} ({})", nh, C, dr,
-                                           path == 0   ? "default"
+                                           path == 0   ? "specialized"
                                            : path == 1 ? "wgmma, tensor copies"
                                            : path == 2 ? "wgmma, cp.async"
                                                        : "mma.sync");
       auto fast = poisoned(N * nh * dv);
       const int64_t tma_before = CudaBackend::mla_tma_launches(), ws_before = CudaBackend::mla_specialized_launches();
       gpu_->mla_attention(cfg, a, qd.data(), gs, scale, fast.data());
-      // tensor copies where rope is 64 (unless turned off), and with them the specialized kernel by default
+      // tensor copies where rope is 64 (unless turned off), and with them the specialized kernel where asked for
       EXPECT_EQ(CudaBackend::mla_tma_launches() - tma_before, path <= 1 && dr == 64 ? 1 : 0) << what;
       EXPECT_EQ(CudaBackend::mla_specialized_launches() - ws_before, path == 0 && dr == 64 ? 1 : 0) << what;
       // Q and P are rounded to bf16 on the tensor cores (one more bf16 rounding than the CUDA-core kernel):
@@ -813,7 +813,7 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
       expect_close(fh, want, kChainTol, what + " vs cpu");
       expect_close(fh, simple.host(), kChainTol, what + " vs cuda cores");
       if (first.empty()) first = fh;
-      else expect_close(fh, first, kChainTol, what + " vs the default");
+      else expect_close(fh, first, kChainTol, what + " vs the specialized kernel");
       // the previous warpgroup kernel's loads must not change a bit (and without rope 64 the default is that kernel)
       if (path == 1 || (path == 0 && dr != 64)) wg_bits = fh;
       if (path == 2) EXPECT_EQ(fh, wg_bits) << what << ": the loads must not change a bit";
@@ -836,7 +836,7 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     }
     CudaBackend::force_mla_mma_sync(false);
     CudaBackend::set_mla_tma(true);
-    CudaBackend::set_mla_specialized(true);
+    CudaBackend::set_mla_specialized(1);
   }
 }
 

@@ -319,7 +319,7 @@ void CudaBackend::set_flash_wg(bool on) { cuda::set_flash_wg(on); }
 void CudaBackend::set_pdl(bool on) { cuda::set_pdl(on); }
 void CudaBackend::set_mla_tma(bool on) { cuda::set_mla_tma(on); }
 int64_t CudaBackend::mla_tma_launches() { return cuda::mla_tma_launches(); }
-void CudaBackend::set_mla_specialized(bool on) { cuda::set_mla_specialized(on); }
+void CudaBackend::set_mla_specialized(int mode) { cuda::set_mla_specialized(mode); }
 int64_t CudaBackend::mla_specialized_launches() { return cuda::mla_specialized_launches(); }
 void CudaBackend::set_kv_budget(uint64_t bytes) {
   std::lock_guard<std::mutex> g(impl_->mu);
@@ -753,7 +753,7 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
       const int splits = !fast ? 1 : invariant ? row_splits : cuda::mla_splits(d, n, max_len, m.sms);
       Buf<float> part(*this, fast ? static_cast<int64_t>(n) * splits * d.nh * (d.C + cuda::kMlaPartPad) : 0);
       cuda::attention_absorbed(d, q, ait->second.w_uk, ait->second.w_uvt, r, n, max_len, splits, qlat.data(), olat.data(),
-                               fast ? part.data() : nullptr, out, m.stream, mbytes ? dev.data() + moff : nullptr);
+                               fast ? part.data() : nullptr, out, m.stream, mbytes ? dev.data() + moff : nullptr, invariant);
     }
     else if (!tiles.empty())
       cuda::attention_expanded_tiles(d, q, r, reinterpret_cast<const cuda::AttnTile*>(dev.data() + rbytes),

@@ -128,10 +128,11 @@ class CudaBackend final : public Backend {
   static void set_mla_tma(bool on);
   // Tests: decode attention launches that loaded their tiles by tensor copies so far.
   static int64_t mla_tma_launches();
-  // Benchmarks and tests: on the tensor-copy path, decode attention's kernel with specialized warpgroups (the
-  // default: warpgroup 0 computes the scores and the softmax of 64-token tiles, each warpgroup adds P·V into its half
-  // of O) or, off, the previous one (32-token tiles, both warpgroups on every step); launches of the former so far.
-  static void set_mla_specialized(bool on);
+  // Benchmarks and tests: on the tensor-copy path, decode attention's kernel with specialized warpgroups (warpgroup 0
+  // computes the scores and the softmax of 64-token tiles, each warpgroup adds P·V into its half of O) or the
+  // previous one (32-token tiles, both warpgroups on every step): mode 0 never the former, 1 (default) where each
+  // split of the cache is 1024 tokens or more and for the batch-invariant split, 2 always; launches of the former.
+  static void set_mla_specialized(int mode);
   static int64_t mla_specialized_launches();
   // Overrides the plan's KV budget (tests of admission control; a server that shares the device).
   void set_kv_budget(uint64_t bytes);

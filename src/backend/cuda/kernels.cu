@@ -1822,13 +1822,13 @@ __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, con
 // arrives after writing P_j, warpgroup 1 waits) and "P consumed" (warpgroup 1 arrives after its P_j·V, warpgroup 0
 // waits before writing P_j+1 — its thread 0 then loads tile j + 2 into the freed stage, while S_j+1 runs). One tile
 // is in flight while one is multiplied (Q 72 KB + two 72 KB stages + P fill the shared memory).
-constexpr int kWsT = 64;  // tokens per tile
+constexpr int kWsT = 64, kMlaWsMinChunk = 1024;  // tokens per tile; per split where the launch splits evenly
 size_t mla_ws_smem(int D) {
   const size_t SL = static_cast<size_t>(D + 63) / 64;
   return 1024 /* alignment of the swizzled slabs */ + SL * (kMlaH + 2 * kWsT) * 128 + kMlaH * kWsT * sizeof(bf16) + kMlaH * sizeof(float) +
          3 * sizeof(uint64_t);
 }
-bool g_mla_ws = true;
+int g_mla_ws = 1;  // set_mla_specialized
 std::atomic<int64_t> g_mla_ws_launches{0};
 
 // NC = C / 2 (the latent columns of O per warpgroup), SL = (C + 64) / 64 (128-byte slabs of a key row; rope 64).
@@ -3791,7 +3791,7 @@ bool mla_tma_ok(const AttnDims& d) {
 static_assert(sizeof(CUtensorMap) == kMlaMapBytes);
 std::atomic<int64_t> g_mla_tma_launches{0};
 void set_mla_tma(bool on) { g_mla_tma = on; }
-void set_mla_specialized(bool on) { g_mla_ws = on; }
+void set_mla_specialized(int mode) { g_mla_ws = mode; }
 int64_t mla_specialized_launches() { return g_mla_ws_launches.load(); }
 int64_t mla_tma_launches() { return g_mla_tma_launches.load(); }
 bool mla_tma_maps(const AttnDims& d, const AttnRow* rows, int n_rows, void* out) {
@@ -3806,7 +3806,7 @@ bool mla_tma_maps(const AttnDims& d, const AttnRow* rows, int n_rows, void* out)
 
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
                         int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s,
-                        const void* kv_maps) {
+                        const void* kv_maps, bool row_chunks) {
   if (n_rows == 0) return;
   const unsigned rchunks = static_cast<unsigned>((n_rows + kRB - 1) / kRB);
   const bool fast = mla_fast_path(d) && part;
@@ -3846,13 +3846,16 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
         launch_k(kernel, grid, 256, mla_wg_smem(D), s, d, qcat, rows, chunk, part, qmap, maps);
       };
       const bool two = d.dr == 64;  // (C + dr) / 32 rounded up: C / 32 + 1, or + 2 with rope 64
+      // (splits of whole 64-token tiles where the split is not per row)
+      const int ws_chunk = ((max_len + splits - 1) / splits + kWsT - 1) / kWsT * kWsT;
       auto launch_ws = [&](auto kernel) {
         allow_smem(reinterpret_cast<const void*>(kernel), static_cast<int>(mla_ws_smem(512 + 64)));
-        // (splits of whole 64-token tiles where the split is not per row)
-        const int ws_chunk = ((max_len + splits - 1) / splits + kWsT - 1) / kWsT * kWsT;
         launch_k(kernel, grid, 256, mla_ws_smem(D), s, d, rows, ws_chunk, part, qmap, maps);
       };
-      if (tma && g_mla_ws) {
+      // the specialized kernel for long splits (its two 64-token stages and Q take ~216 KB before the first tile's
+      // work, so splits of a few tiles run better on k_mla_wg: bench/NOTES.md 53); with per-row splits always (the
+      // kernel must not depend on the batch)
+      if (tma && (g_mla_ws == 2 || (g_mla_ws == 1 && (row_chunks || ws_chunk >= kMlaWsMinChunk)))) {
         ++g_mla_tma_launches;
         ++g_mla_ws_launches;
         if (d.C == 128) launch_ws(k_mla_ws<64, 3>);

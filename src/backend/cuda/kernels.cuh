@@ -172,16 +172,18 @@ bool mla_tma_maps(const AttnDims& d, const AttnRow* rows, int n_rows, void* out)
 void set_mla_tma(bool on);
 int64_t mla_tma_launches();
 // Benchmarks and tests: on the tensor-copy path, the kernel with specialized warpgroups (64-token tiles; warpgroup 0
-// the scores and softmax, each warpgroup half of O: the default) or, off, k_mla_wg (32-token tiles, both warpgroups
-// on every step); how many launches used the former.
-void set_mla_specialized(bool on);
+// the scores and softmax, each warpgroup half of O) or k_mla_wg (32-token tiles, both warpgroups on every step):
+// mode 0 never the former, 1 (default) for splits of kMlaWsMinChunk tokens or more and for per-row splits, 2 always;
+// how many launches used the former.
+void set_mla_specialized(int mode);
 int64_t mla_specialized_launches();
 constexpr int kMlaPartPad = 4;  // the split results hold C + kMlaPartPad floats per (row, split, head)
 // qlat, olat: scratch [n_rows, heads, C] fp32; part: [n_rows, splits, heads, C + kMlaPartPad] fp32 for the fast path (null:
-// the CUDA-core kernel). kv_maps: device copy of mla_tma_maps' output, or null.
+// the CUDA-core kernel). kv_maps: device copy of mla_tma_maps' output, or null. row_chunks: the rows carry their own
+// splits (AttnRow::chunk, the batch-invariant split).
 void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, const bf16* w_uvt, const AttnRow* rows,
                         int n_rows, int max_len, int splits, float* qlat, float* olat, float* part, float* out, cudaStream_t s,
-                        const void* kv_maps = nullptr);
+                        const void* kv_maps = nullptr, bool row_chunks = false);
 
 // Per row: max, log Σ exp(l − max) in double, the M largest (descending, ties to the lower id).
 // scratch: logits_top_scratch(R, V, M) bytes of device memory.
