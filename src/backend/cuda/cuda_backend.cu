@@ -739,9 +739,13 @@ void CudaBackend::mla_attention(const ModelConfig& cfg, const AttentionWeights& 
     const bool tma = absorbed && cuda::mla_tma_maps(d, rows.data(), static_cast<int>(rows.size()), maps.data());
     const size_t moff = (rbytes + tbytes + 127) / 128 * 128, mbytes = tma ? maps.size() * sizeof(MapBytes) : 0;
     Buf<uint8_t> dev(*this, static_cast<int64_t>(moff + mbytes));
-    upload(dev.data(), rows.data(), rbytes);
-    if (tbytes) upload(dev.data() + rbytes, tiles.data(), tbytes);
-    if (mbytes) upload(dev.data() + moff, maps.data(), mbytes);
+    {  // one copy on the stream, not three (each is a node the kernels after it wait for)
+      std::vector<uint8_t> packed(moff + mbytes);
+      std::memcpy(packed.data(), rows.data(), rbytes);
+      if (tbytes) std::memcpy(packed.data() + rbytes, tiles.data(), tbytes);
+      if (mbytes) std::memcpy(packed.data() + moff, maps.data(), mbytes);
+      upload(dev.data(), packed.data(), packed.size());
+    }
     const auto* r = reinterpret_cast<const cuda::AttnRow*>(dev.data());
     if (absorbed) {
       const int n = static_cast<int>(rows.size());
