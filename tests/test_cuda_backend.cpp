@@ -837,6 +837,27 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     CudaBackend::force_mla_mma_sync(false);
     CudaBackend::set_mla_tma(true);
     CudaBackend::set_mla_specialized(1);
+    {  // 70 rows: the W_UV matmul takes 64 rows per block above 64 rows (16 up to 64); with the batch-invariant
+       // split a row's bits must not depend on that either
+      gpu_->set_batch_invariant_attention(true);
+      const int64_t N2 = 70;
+      const auto q2 = randn(N2 * nh * dq, 2.0f);
+      std::vector<AttnSeq> gs2;
+      for (int64_t i = 0; i < N2; ++i) gs2.push_back({i, 1, lens[i % N], gks[i % N].get(), 0, true});
+      auto qd2 = dev(q2);
+      auto o2 = poisoned(N2 * nh * dv);
+      gpu_->mla_attention(cfg, a, qd2.data(), gs2, scale, o2.data());
+      const auto o2h = o2.host();
+      for (int64_t i : {0, 2, 63, 64, 69}) {
+        auto qi = dev(std::vector<float>(q2.begin() + i * nh * dq, q2.begin() + (i + 1) * nh * dq));
+        auto oi = poisoned(nh * dv);
+        const std::vector<AttnSeq> one = {{0, 1, lens[i % N], gks[i % N].get(), 0, true}};
+        gpu_->mla_attention(cfg, a, qi.data(), one, scale, oi.data());
+        EXPECT_EQ(oi.host(), std::vector<float>(o2h.begin() + i * nh * dv, o2h.begin() + (i + 1) * nh * dv))
+            << "nh " << nh << " C " << C << ": row " << i << " of 70 alone vs batched";
+      }
+      gpu_->set_batch_invariant_attention(false);
+    }
   }
 }
 

@@ -2136,27 +2136,29 @@ __global__ void __launch_bounds__(256) k_uv16(AttnDims d, const bf16* w_uvt, con
 
 // The absorption matmuls on tensor cores, per head h: q_lat = q_nope · W_UK[h] (K = dn, N = C) and out = o_lat ·
 // W_UV[h] (K = C, N = dv), with the activations rounded to bf16 (the reference's q_nope is bf16, and it rounds the
-// attention output to bf16 too) and fp32 accumulation. A block is 64 output columns (16 per warp) × up to 64 rows
-// (m-tiles past the rows skipped), K in 32-wide stages of X (bf16) and W ([32 k][64 n], cp.async) in shared memory,
+// attention output to bf16 too) and fp32 accumulation. A block is 64 output columns (16 per warp) × up to RB rows
+// (16 or 64; m-tiles past the rows skipped), K in 32-wide stages of X (bf16) and W ([32 k][64 n], cp.async) in shared memory,
 // the later stages' loads in flight while the current one is multiplied. Each output's chain of mma runs over k in
 // order from zero, whatever the number of rows: a row's bits do not depend on the batch. q_lat goes to qcat (bf16,
 // with the rope part after it), W_UV's output to Y (fp32).
 constexpr int kHmRows = 64, kHmCols = 64, kHmK = 32, kHmXL = kHmK + 8, kHmWL = kHmCols + 8;
 // XBF: X in bf16 (o_lat as the combine writes it), staged by cp.async in an NS-stage ring like W; otherwise X is fp32
 // (q), read into registers a stage ahead and converted (NS = 2).
-template <bool QLAT, bool XBF, int NS>
+template <bool QLAT, bool XBF, int NS, int RB>
 __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restrict__ Xv, const bf16* __restrict__ W,
                                                  const AttnRow* rows, int n_rows, float* __restrict__ Y, bf16* __restrict__ qcat) {
   pdl_entry();
   static_assert(XBF || NS == 2, "fp32 X goes through registers, one stage ahead");
-  __shared__ __align__(16) bf16 xs[NS][kHmRows * kHmXL];
+  static_assert(RB % 16 == 0 && RB <= kHmRows, "rows per block: whole m-tiles");
+  constexpr int MT = RB / 16;
+  __shared__ __align__(16) bf16 xs[NS][RB * kHmXL];
   __shared__ __align__(16) bf16 ws[NS][kHmK * kHmWL];
-  __shared__ int64_t xoff[kHmRows];  // where each row's K inputs for this head start in X
+  __shared__ int64_t xoff[RB];  // where each row's K inputs for this head start in X
   const float* X = static_cast<const float*>(Xv);
   const bf16* Xb = static_cast<const bf16*>(Xv);
-  const int r0 = blockIdx.x * kHmRows, h = blockIdx.y, n0 = blockIdx.z * kHmCols;
+  const int r0 = blockIdx.x * RB, h = blockIdx.y, n0 = blockIdx.z * kHmCols;
   const int K = QLAT ? d.dn : d.C, N = QLAT ? d.C : d.dv, D = d.C + d.dr, dq = d.dn + d.dr;
-  const int nr = min(kHmRows, n_rows - r0), mts = (nr + 15) / 16;
+  const int nr = min(RB, n_rows - r0), mts = (nr + 15) / 16;
   const bf16* wh = W + static_cast<int64_t>(h) * K * N;
   for (int rr = threadIdx.x; rr < nr; rr += blockDim.x)
     xoff[rr] = QLAT ? (static_cast<int64_t>(rows[r0 + rr].q_row) * d.nh + h) * dq : (static_cast<int64_t>(r0 + rr) * d.nh + h) * d.C;
@@ -2183,7 +2185,7 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restr
       cp_async16(&xs[buf][rr * kHmXL + p * 8], Xb + xoff[rr < nr ? rr : 0] + k0 + p * 8, rr < nr ? 16 : 0);
     }
   };
-  constexpr int XPT = kHmRows * (kHmK / 4) / 128;  // fp32 X: float4 per thread and stage
+  constexpr int XPT = RB * (kHmK / 4) / 128;  // fp32 X: float4 per thread and stage
   float4 xv[XPT];
   auto load_x = [&](int k0) {  // into registers; stored (as bf16) after the current stage's mma
 #pragma unroll
@@ -2202,9 +2204,9 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restr
     }
   };
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3, lj = lane >> 3, l8 = lane & 7;
-  float acc[4][2][4];
+  float acc[MT][2][4];
 #pragma unroll
-  for (int m = 0; m < 4; ++m)
+  for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int n = 0; n < 2; ++n) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.0f;
   const int nst = K / kHmK;
@@ -2234,7 +2236,7 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restr
       uint32_t b[4];
       ldsm4t(b, &ws[buf][(kk * 16 + l8 + 8 * (lj & 1)) * kHmWL + warp * 16 + 8 * (lj >> 1)]);
 #pragma unroll
-      for (int m = 0; m < 4; ++m)
+      for (int m = 0; m < MT; ++m)
         if (m < mts) {
           uint32_t a[4];
           ldsm4(a, &xs[buf][(m * 16 + l8 + 8 * (lj & 1)) * kHmXL + kk * 16 + 8 * (lj >> 1)]);
@@ -2247,7 +2249,7 @@ __global__ void __launch_bounds__(128) k_head_mm(AttnDims d, const void* __restr
   }
   cp_async_wait<0>();
 #pragma unroll
-  for (int m = 0; m < 4; ++m)
+  for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int n = 0; n < 2; ++n)
 #pragma unroll
@@ -3817,7 +3819,7 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
   if (hm) {
     dim3 g = hm_grid;
     g.z = static_cast<unsigned>((d.C + kHmCols - 1) / kHmCols);
-    launch_k(k_head_mm<true, false, 2>, g, 128, 0, s, d, q, w_uk, rows, n_rows, nullptr, qcat);
+    launch_k(k_head_mm<true, false, 2, kHmRows>, g, 128, 0, s, d, q, w_uk, rows, n_rows, nullptr, qcat);
   } else {
     const size_t smem = rows16_smem(d.dn);
     const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.C + kCB - 1) / kCB));
@@ -3894,9 +3896,17 @@ void attention_absorbed(const AttnDims& d, const float* q, const bf16* w_uk, con
     else launch_k(k_attn_latent<32, 8>, groups8(n_rows, d.nh), 8 * 32, 0, s, d, q, qlat, rows, olat);
   }
   if (hm) {
+    // W_UV (dv = 128: two column blocks per head) at 16 rows per block up to 64 rows: at 64 rows per block it is one
+    // block of 4 warps per multiprocessor, latency-bound (13.6 instead of 17.0 µs at 64 rows; q_lat, with 8 column
+    // blocks per head, went the other way, 17.0 → 20.1 µs: bench/NOTES.md 53)
     dim3 g = hm_grid;
     g.z = static_cast<unsigned>((d.dv + kHmCols - 1) / kHmCols);
-    launch_k(k_head_mm<false, true, 4>, g, 128, 0, s, d, qcat, w_uvt, rows, n_rows, out, nullptr);
+    if (n_rows <= 64) {
+      g.x = static_cast<unsigned>((n_rows + 15) / 16);
+      launch_k(k_head_mm<false, true, 4, 16>, g, 128, 0, s, d, qcat, w_uvt, rows, n_rows, out, nullptr);
+    } else {
+      launch_k(k_head_mm<false, true, 4, kHmRows>, g, 128, 0, s, d, qcat, w_uvt, rows, n_rows, out, nullptr);
+    }
     return;
   }
   const dim3 grid(rchunks, static_cast<unsigned>(d.nh), static_cast<unsigned>((d.dv + kCB - 1) / kCB));
