@@ -1770,7 +1770,11 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
 }
 
 // olat16: o_lat in bf16 instead of fp32 (the same rounding the tensor-core W_UV matmul would apply)
-__global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* part, float* olat, bf16* olat16) {
+// One block per (row, head): the max and sum of every split loaded together (one round trip), then each thread 4
+// consecutive columns by float4 loads (the loop over columns has no store between its loads, which otherwise waited
+// for each other: 14.9 µs at 64 × 4096 with scalar loads). Per column the same fma chain over the splits in order.
+__global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, const float* __restrict__ part, float* __restrict__ olat,
+                                                     bf16* __restrict__ olat16) {
   pdl_entry();
   __shared__ float w_s[kMlaMaxSplits];
   __shared__ float inv_l;
@@ -1778,22 +1782,22 @@ __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, con
   const float* base = part + (static_cast<int64_t>(row) * splits * d.nh + h) * stride;
   const int64_t ss = static_cast<int64_t>(d.nh) * stride;  // from one split to the next
   if (threadIdx.x < 32) {  // one warp: the splits' maxima and sums
-    float m[kMlaMaxSplits / 32];
+    float2 ml[kMlaMaxSplits / 32];
     float M = -INFINITY;
 #pragma unroll
     for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
       const int sp = threadIdx.x + 32 * j;
-      m[j] = sp < splits ? base[sp * ss + d.C] : -INFINITY;
-      M = fmaxf(M, m[j]);
+      ml[j] = sp < splits ? *reinterpret_cast<const float2*>(base + sp * ss + d.C) : make_float2(-INFINITY, 0.0f);
+      M = fmaxf(M, ml[j].x);
     }
     for (int off = 16; off >= 1; off >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, off));
     float L = 0.0f;
 #pragma unroll
     for (int j = 0; j < kMlaMaxSplits / 32; ++j) {
       const int sp = threadIdx.x + 32 * j;
-      const float w = m[j] == -INFINITY ? 0.0f : exp2f(m[j] - M);
+      const float w = ml[j].x == -INFINITY ? 0.0f : exp2f(ml[j].x - M);
       if (sp < splits) {
-        L = __fmaf_rn(w, base[sp * ss + d.C + 1], L);
+        L = __fmaf_rn(w, ml[j].y, L);
         w_s[sp] = w;
       }
     }
@@ -1801,13 +1805,24 @@ __global__ void __launch_bounds__(128) k_mla_combine(AttnDims d, int splits, con
     if (threadIdx.x == 0) inv_l = 1.0f / L;
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < d.C; c += blockDim.x) {
-    float acc = 0.0f;
+  const int64_t ob = (static_cast<int64_t>(row) * d.nh + h) * d.C;
+  for (int c = 4 * threadIdx.x; c < d.C; c += 4 * blockDim.x) {  // (C is a multiple of 32; rows 16-byte aligned)
+    float4 acc = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 #pragma unroll 8
-    for (int sp = 0; sp < splits; ++sp) acc = __fmaf_rn(base[sp * ss + c], w_s[sp], acc);
-    const float v = acc * inv_l;
-    if (olat16) olat16[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = __float2bfloat16(v);
-    else olat[(static_cast<int64_t>(row) * d.nh + h) * d.C + c] = v;
+    for (int sp = 0; sp < splits; ++sp) {
+      const float4 v = *reinterpret_cast<const float4*>(base + sp * ss + c);
+      const float w = w_s[sp];
+      acc.x = __fmaf_rn(v.x, w, acc.x);
+      acc.y = __fmaf_rn(v.y, w, acc.y);
+      acc.z = __fmaf_rn(v.z, w, acc.z);
+      acc.w = __fmaf_rn(v.w, w, acc.w);
+    }
+    const float il = inv_l;
+    if (olat16) {
+      *reinterpret_cast<uint2*>(olat16 + ob + c) = make_uint2(pack_bf16(acc.x * il, acc.y * il), pack_bf16(acc.z * il, acc.w * il));
+    } else {
+      *reinterpret_cast<float4*>(olat + ob + c) = make_float4(acc.x * il, acc.y * il, acc.z * il, acc.w * il);
+    }
   }
 }
 
