@@ -1563,6 +1563,76 @@ __device__ __forceinline__ void wg_stage(unsigned char* dst, int CH, Src src) {
 }
 
 
+// The online-softmax step of the decode kernels on one thread's scores of a tile (already scaled to the log2
+// domain, masked keys -inf): s[4j + e] holds head (e >> 1) of the thread's two (rr0, rr0 + 8), key 8j + 2t + (e & 1),
+// the 4 lanes of a quad hold a head's keys. Updates the running max m and sum l, leaves P = 2^(s − m) in s and the
+// factor for O in corr.
+template <int NJ>
+__device__ __forceinline__ void mla_softmax_step(float (&s)[4 * NJ], float (&m_r)[2], float (&l_r)[2], float (&corr)[2]) {
+  float pm[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < NJ; ++j) {
+    pm[0] = fmaxf(pm[0], fmaxf(s[4 * j], s[4 * j + 1]));
+    pm[1] = fmaxf(pm[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
+  }
+  float ps[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 1));
+    pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 2));
+    const float mnew = fmaxf(m_r[i], pm[i]);
+    corr[i] = ex2(m_r[i] - mnew);
+    m_r[i] = mnew;
+  }
+#pragma unroll
+  for (int j = 0; j < NJ; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int i = e >> 1;
+      const float p = ex2(s[4 * j + e] - m_r[i]);
+      s[4 * j + e] = p;
+      ps[i] += p;
+    }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 1);
+    ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 2);
+    l_r[i] = l_r[i] * corr[i] + ps[i];
+  }
+}
+// O (a warpgroup's m64nN accumulators) times each head's factor (unconditionally: a branch around it would serialize
+// the wgmma chain).
+template <int N>
+__device__ __forceinline__ void mla_rescale_o(float (&o)[N / 2], float c0, float c1) {
+#pragma unroll
+  for (int j = 0; j < N / 8; ++j) {
+    o[4 * j] *= c0;
+    o[4 * j + 1] *= c0;
+    o[4 * j + 2] *= c1;
+    o[4 * j + 3] *= c1;
+  }
+}
+// A split's partial results, as k_mla_decode's: [row][split][head][C + 4] = unnormalized O (this warpgroup's N
+// columns from col0), then max (log2 domain) and sum (written where `stats`).
+template <int N>
+__device__ __forceinline__ void mla_write_part(const AttnDims& d, float* part, int row, int split, int splits, int hg, int rr0,
+                                               int tq, int col0, bool stats, const float (&o)[N / 2], const float (&m_r)[2],
+                                               const float (&l_r)[2]) {
+  const int stride = mla_part_stride(d.C);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int h = hg * kMlaH + rr0 + 8 * i;
+    if (h >= d.nh) continue;
+    float* dst = part + ((static_cast<int64_t>(row) * splits + split) * d.nh + h) * stride + col0;
+#pragma unroll
+    for (int j = 0; j < N / 8; ++j) *reinterpret_cast<float2*>(dst + 8 * j + 2 * tq) = make_float2(o[4 * j + 2 * i], o[4 * j + 2 * i + 1]);
+    if (stats && tq == 0) {
+      dst[d.C - col0] = m_r[i];
+      dst[d.C - col0 + 1] = l_r[i];
+    }
+  }
+}
+
 // NC = C / 2: the latent columns of O per warpgroup; KSH: 16-wide k-steps of S per warpgroup, (C + dr) / 32 rounded
 // up (the dimensions padded with zeros to an even count of k-steps). Both are compile-time so that each
 // warpgroup's chain of wgmma is unrolled and issued back to back (ptxas serializes a chain inside a runtime loop).
@@ -1695,43 +1765,9 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
         const float v = wgi == 0 ? s[4 * j + e] + other : other + s[4 * j + e];  // part 0 + part 1 in both
         s[4 * j + e] = jb + col < t1 ? v * sl : -INFINITY;
       }
-    float pm[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      pm[0] = fmaxf(pm[0], fmaxf(s[4 * j], s[4 * j + 1]));
-      pm[1] = fmaxf(pm[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-    }
-    float corr[2], ps[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 1));
-      pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 2));
-      const float mnew = fmaxf(m_r[i], pm[i]);
-      corr[i] = ex2(m_r[i] - mnew);
-      m_r[i] = mnew;
-    }
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = e >> 1;
-        const float p = ex2(s[4 * j + e] - m_r[i]);
-        s[4 * j + e] = p;
-        ps[i] += p;
-      }
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 1);
-      ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 2);
-      l_r[i] = l_r[i] * corr[i] + ps[i];
-    }
-#pragma unroll
-    for (int j = 0; j < NC / 8; ++j) {  // (unconditionally: a branch around it would serialize the wgmma chain)
-      o[4 * j] *= corr[0];
-      o[4 * j + 1] *= corr[0];
-      o[4 * j + 2] *= corr[1];
-      o[4 * j + 3] *= corr[1];
-    }
+    float corr[2];
+    mla_softmax_step<4>(s, m_r, l_r, corr);
+    mla_rescale_o<NC>(o, corr[0], corr[1]);
     // P as the A operand (registers): k-step kk is tokens 16kk..16kk+15, S's 8-column tiles 2kk and 2kk+1
     uint32_t pa[2][4];
 #pragma unroll
@@ -1753,20 +1789,7 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
     wg::wait<0>();
   }
   if constexpr (!TMA) cp_async_wait<0>();
-  // partial results as k_mla_decode's: [row][split][head][C + 4] = unnormalized O, then max (log2 domain) and sum
-  const int stride = mla_part_stride(d.C);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int h = hg * kMlaH + rr0 + 8 * i;
-    if (h >= d.nh) continue;
-    float* dst = part + ((static_cast<int64_t>(row) * splits + split) * d.nh + h) * stride + wgi * NC;
-#pragma unroll
-    for (int j = 0; j < NC / 8; ++j) *reinterpret_cast<float2*>(dst + 8 * j + 2 * tq) = make_float2(o[4 * j + 2 * i], o[4 * j + 2 * i + 1]);
-    if (wgi == 0 && tq == 0) {
-      dst[d.C] = m_r[i];
-      dst[d.C + 1] = l_r[i];
-    }
-  }
+  mla_write_part<NC>(d, part, row, split, splits, hg, rr0, tq, wgi * NC, wgi == 0, o, m_r, l_r);
 }
 
 // olat16: o_lat in bf16 instead of fp32 (the same rounding the tensor-core W_UV matmul would apply)
@@ -1922,36 +1945,8 @@ __global__ void __launch_bounds__(256, 1) k_mla_ws(AttnDims d, const AttnRow* ro
           const int col = 8 * j + 2 * tq + (e & 1);
           s[4 * j + e] = jb + col < t1 ? s[4 * j + e] * sl : -INFINITY;
         }
-      float pm[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < kWsT / 8; ++j) {
-        pm[0] = fmaxf(pm[0], fmaxf(s[4 * j], s[4 * j + 1]));
-        pm[1] = fmaxf(pm[1], fmaxf(s[4 * j + 2], s[4 * j + 3]));
-      }
-      float corr[2], ps[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 1));
-        pm[i] = fmaxf(pm[i], __shfl_xor_sync(0xffffffffu, pm[i], 2));
-        const float mnew = fmaxf(m_r[i], pm[i]);
-        corr[i] = ex2(m_r[i] - mnew);
-        m_r[i] = mnew;
-      }
-#pragma unroll
-      for (int j = 0; j < kWsT / 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = e >> 1;
-          const float p = ex2(s[4 * j + e] - m_r[i]);
-          s[4 * j + e] = p;
-          ps[i] += p;
-        }
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 1);
-        ps[i] += __shfl_xor_sync(0xffffffffu, ps[i], 2);
-        l_r[i] = l_r[i] * corr[i] + ps[i];
-      }
+      float corr[2];
+      mla_softmax_step<kWsT / 8>(s, m_r, l_r, corr);
       // P as the A operand (registers): k-step kk is tokens 16kk..16kk+15, S's 8-column tiles 2kk and 2kk+1; the
       // same words to shared memory for warpgroup 1 (8-token pieces of 64 heads × 16 bytes: conflict-free stores)
       uint32_t pa[kWsT / 16][4];
@@ -1971,13 +1966,7 @@ __global__ void __launch_bounds__(256, 1) k_mla_ws(AttnDims d, const AttnRow* ro
       }
       wg::fence_smem();  // P for the other warpgroup's wgmma (the async proxy)
       named_arrive(1);
-#pragma unroll
-      for (int j = 0; j < NC / 8; ++j) {  // (unconditionally: a branch around it would serialize the wgmma chain)
-        o[4 * j] *= corr[0];
-        o[4 * j + 1] *= corr[0];
-        o[4 * j + 2] *= corr[1];
-        o[4 * j + 3] *= corr[1];
-      }
+      mla_rescale_o<NC>(o, corr[0], corr[1]);
       wg::fence();
 #pragma unroll
       for (int kk = 0; kk < kWsT / 16; ++kk)  // V: 16 tokens = 2048 bytes per k-step; 64-column slabs TB apart
@@ -1992,13 +1981,7 @@ __global__ void __launch_bounds__(256, 1) k_mla_ws(AttnDims d, const AttnRow* ro
       named_sync(1);  // P_j and the factors are written
       const float c0 = corr_s[rr0], c1 = corr_s[rr0 + 8];
       const unsigned char* kt = k_s + st * SL * TB;
-#pragma unroll
-      for (int j = 0; j < NC / 8; ++j) {
-        o[4 * j] *= c0;
-        o[4 * j + 1] *= c0;
-        o[4 * j + 2] *= c1;
-        o[4 * j + 3] *= c1;
-      }
+      mla_rescale_o<NC>(o, c0, c1);
       wg::fence();
 #pragma unroll
       for (int kk = 0; kk < kWsT / 16; ++kk)  // P: a k-step is 2 pieces (2048 bytes); V: the second half's slabs
@@ -2009,20 +1992,7 @@ __global__ void __launch_bounds__(256, 1) k_mla_ws(AttnDims d, const AttnRow* ro
       if (it + 1 < ntiles) named_arrive(2);
     }
   }
-  // partial results as k_mla_decode's: [row][split][head][C + 4] = unnormalized O, then max (log2 domain) and sum
-  const int stride = mla_part_stride(d.C);
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int h = hg * kMlaH + rr0 + 8 * i;
-    if (h >= d.nh) continue;
-    float* dst = part + ((static_cast<int64_t>(row) * splits + split) * d.nh + h) * stride + wgi * NC;
-#pragma unroll
-    for (int j = 0; j < NC / 8; ++j) *reinterpret_cast<float2*>(dst + 8 * j + 2 * tq) = make_float2(o[4 * j + 2 * i], o[4 * j + 2 * i + 1]);
-    if (wgi == 0 && tq == 0) {
-      dst[d.C] = m_r[i];
-      dst[d.C + 1] = l_r[i];
-    }
-  }
+  mla_write_part<NC>(d, part, row, split, splits, hg, rr0, tq, wgi * NC, wgi == 0, o, m_r, l_r);
 }
 
 constexpr int kRB = 16, kCB = 128;  // rows per block, output columns per block (4 per thread, 8 reduction parts)
