@@ -786,6 +786,15 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
     gpu_->mla_attention(cfg, a, qd.data(), gs, scale, simple.data());
     CudaBackend::force_simple_attention(false);
     expect_close(simple.host(), want, kChainTol, fmt::format("mla decode nh {} C {} (cuda cores) vs cpu", nh, C));
+    // row i of a batch's output `batched` (queries qs) against the row run alone, over cache c with `len` cached
+    auto expect_alone_equals = [&](const std::vector<float>& qs, const std::vector<float>& batched, int64_t i, int64_t len,
+                                   KvState* c, const std::string& what) {
+      auto qi = dev(std::vector<float>(qs.begin() + i * nh * dq, qs.begin() + (i + 1) * nh * dq));
+      auto oi = poisoned(nh * dv);
+      const std::vector<AttnSeq> one = {{0, 1, len, c, 0, true}};
+      gpu_->mla_attention(cfg, a, qi.data(), one, scale, oi.data());
+      EXPECT_EQ(oi.host(), std::vector<float>(batched.begin() + i * nh * dv, batched.begin() + (i + 1) * nh * dv)) << what;
+    };
     std::vector<float> first;
     // the kernel with specialized warpgroups (where rope is 64: tiles by tensor copies; otherwise the warpgroup-MMA
     // kernel with cp.async loads), the previous warpgroup-MMA kernel with tensor copies, the same with cp.async loads
@@ -816,7 +825,9 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
       else expect_close(fh, first, kChainTol, what + " vs the specialized kernel");
       // the previous warpgroup kernel's loads must not change a bit (and without rope 64 the default is that kernel)
       if (path == 1 || (path == 0 && dr != 64)) wg_bits = fh;
-      if (path == 2) EXPECT_EQ(fh, wg_bits) << what << ": the loads must not change a bit";
+      if (path == 2) {
+        EXPECT_EQ(fh, wg_bits) << what << ": the loads must not change a bit";
+      }
       // the batch-invariant split (each row's parts from its own length): each row alone gives the bits it has in
       // the batch, where the longer rows take more parts and the absorption matmuls run 16 rows per block
       gpu_->set_batch_invariant_attention(true);
@@ -824,14 +835,9 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
       gpu_->mla_attention(cfg, a, qd.data(), gs, scale, inv.data());
       const auto invh = inv.host();
       expect_close(invh, want, kChainTol, what + " (batch-invariant split) vs cpu");
-      for (int64_t i = 0; i < N; ++i) {
-        auto qi = dev(std::vector<float>(q.begin() + i * nh * dq, q.begin() + (i + 1) * nh * dq));
-        auto oi = poisoned(nh * dv);
-        const std::vector<AttnSeq> one = {{0, 1, lens[i], gks[i].get(), 0, true}};
-        gpu_->mla_attention(cfg, a, qi.data(), one, scale, oi.data());
-        EXPECT_EQ(oi.host(), std::vector<float>(invh.begin() + i * nh * dv, invh.begin() + (i + 1) * nh * dv))
-            << what << ": row " << i << " (" << lens[i] << " cached) alone vs batched";
-      }
+      for (int64_t i = 0; i < N; ++i)
+        expect_alone_equals(q, invh, i, lens[i], gks[i].get(),
+                            fmt::format("{}: row {} ({} cached) alone vs batched", what, i, lens[i]));
       gpu_->set_batch_invariant_attention(false);
     }
     CudaBackend::force_mla_mma_sync(false);
@@ -848,14 +854,8 @@ TEST_F(CudaOps, mla_decode_on_tensor_cores_at_k2_shapes) {
       auto o2 = poisoned(N2 * nh * dv);
       gpu_->mla_attention(cfg, a, qd2.data(), gs2, scale, o2.data());
       const auto o2h = o2.host();
-      for (int64_t i : {0, 2, 63, 64, 69}) {
-        auto qi = dev(std::vector<float>(q2.begin() + i * nh * dq, q2.begin() + (i + 1) * nh * dq));
-        auto oi = poisoned(nh * dv);
-        const std::vector<AttnSeq> one = {{0, 1, lens[i % N], gks[i % N].get(), 0, true}};
-        gpu_->mla_attention(cfg, a, qi.data(), one, scale, oi.data());
-        EXPECT_EQ(oi.host(), std::vector<float>(o2h.begin() + i * nh * dv, o2h.begin() + (i + 1) * nh * dv))
-            << "nh " << nh << " C " << C << ": row " << i << " of 70 alone vs batched";
-      }
+      for (int64_t i : {0, 2, 63, 64, 69})
+        expect_alone_equals(q2, o2h, i, lens[i % N], gks[i % N].get(), fmt::format("nh {} C {}: row {} of 70 alone vs batched", nh, C, i));
       gpu_->set_batch_invariant_attention(false);
     }
   }

@@ -1164,7 +1164,7 @@ __global__ void __launch_bounds__(256, 1) k_flash_wg(AttnDims d, const float* __
                                                      const AttnTile* tiles, float* __restrict__ out) {
   pdl_entry();
   extern __shared__ __align__(1024) unsigned char fw_raw[];
-  unsigned char* kv_s = fw_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(fw_raw)) & 1023)) & 1023);
+  unsigned char* kv_s = tma::align1024(fw_raw);
   uint64_t* full = reinterpret_cast<uint64_t*>(kv_s + kFwStages * kFwStageBytes);
   uint64_t* empty = full + kFwStages;
   // a head's tiles side by side (their K/V tiles stay in L2), the heaviest (latest rows: the most keys) first
@@ -1342,6 +1342,16 @@ __device__ __forceinline__ void pair_sync(int pair) { asm volatile("bar.sync %0,
 constexpr int kMlaH = 64, kMlaT = 32, kMlaPs = 40, kMlaStages = 3, kMlaMaxSplits = 128;  // heads per block, tokens per tile, P row stride, tiles in flight
 // floats per (row, split, head) of the split partial results: O[C], max, sum, 2 of padding (16-byte aligned rows)
 __host__ __device__ constexpr int mla_part_stride(int C) { return C + kMlaPartPad; }
+// A decode block's tokens: split `split` of its row's cache ([t0, t1): the row's own chunk where it has one, else the
+// launch's), and how many tiles of T tokens cover it.
+struct MlaSplit {
+  int t0, t1, ntiles;
+};
+__device__ __forceinline__ MlaSplit mla_split(const AttnRow& r, int chunk, int split, int T) {
+  const int rc = r.chunk > 0 ? r.chunk : chunk;
+  const int t0 = split * rc, t1 = min(r.len, t0 + rc);
+  return {t0, t1, t1 > t0 ? (t1 - t0 + T - 1) / T : 0};
+}
 
 size_t mla_smem_bytes(int D) {
   const int LS = D + 8;
@@ -1363,9 +1373,8 @@ __global__ void __launch_bounds__(256, 1) k_mla_decode(AttnDims d, const bf16* q
   const AttnRow r = rows[row];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, mt = warp >> 1, half = warp & 1;
   const int g = lane >> 2, tq = lane & 3, lj = lane >> 3, l8 = lane & 7;
-  const int rc = r.chunk > 0 ? r.chunk : chunk;
-  const int t0 = split * rc, t1 = min(r.len, t0 + rc);
-  const int ntiles = t1 > t0 ? (t1 - t0 + kMlaT - 1) / kMlaT : 0;
+  const MlaSplit sp = mla_split(r, chunk, split, kMlaT);
+  const int t0 = sp.t0, t1 = sp.t1, ntiles = sp.ntiles;
   auto load_tile = [&](int buf, int j0) {
     bf16* dst = k_s + buf * kMlaT * LS;
     const int cpr = D / 8;
@@ -1651,16 +1660,15 @@ __global__ void __launch_bounds__(256, 1) k_mla_wg(AttnDims d, const bf16* qcat,
   constexpr int Dp = 32 * KSH, CHp = Dp / 8, SLABS = Dp / 64;
   const int D = d.C + d.dr, CH = D / 8;
   // (swizzled slabs need 1024-byte alignment)
-  unsigned char* q_s = wg_smem_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(wg_smem_raw)) & 1023)) & 1023);
+  unsigned char* q_s = tma::align1024(wg_smem_raw);
   unsigned char* k_s = q_s + kMlaH * Dp * 2;              // stages × [CHp][32 tokens][16 B] (TMA: [slab][32][128 B])
   float* x_s = reinterpret_cast<float*>(k_s + kWgStages * kMlaT * Dp * 2);  // [2][64][kWgXs] partial S
   uint64_t* bars = reinterpret_cast<uint64_t*>(x_s + 2 * kMlaH * kWgXs);   // TMA: one per stage, then Q's
   const int row = blockIdx.x, split = blockIdx.y, hg = blockIdx.z, splits = gridDim.y;
   const AttnRow r = rows[row];
   const int wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const int rc = r.chunk > 0 ? r.chunk : chunk;
-  const int t0 = split * rc, t1 = min(r.len, t0 + rc);
-  const int ntiles = t1 > t0 ? (t1 - t0 + kMlaT - 1) / kMlaT : 0;
+  const MlaSplit sp = mla_split(r, chunk, split, kMlaT);
+  const int t0 = sp.t0, t1 = sp.t1, ntiles = sp.ntiles;
   const int C8 = d.C / 8;
   auto load_tile = [&](int buf, int j0) {
     if constexpr (TMA) {
@@ -1866,8 +1874,6 @@ size_t mla_ws_smem(int D) {
   return 1024 /* alignment of the swizzled slabs */ + SL * (kMlaH + 2 * kWsT) * 128 + kMlaH * kWsT * sizeof(bf16) + kMlaH * sizeof(float) +
          3 * sizeof(uint64_t);
 }
-int g_mla_ws = 1;  // set_mla_specialized
-std::atomic<int64_t> g_mla_ws_launches{0};
 
 // NC = C / 2 (the latent columns of O per warpgroup), SL = (C + 64) / 64 (128-byte slabs of a key row; rope 64).
 template <int NC, int SL>
@@ -1877,7 +1883,7 @@ __global__ void __launch_bounds__(256, 1) k_mla_ws(AttnDims d, const AttnRow* ro
   extern __shared__ __align__(1024) unsigned char ws_smem_raw[];
   constexpr int KS = 4 * SL;          // 16-wide k-steps of S
   constexpr int TB = kWsT * 128;      // bytes of one slab of a tile
-  unsigned char* q_s = ws_smem_raw + ((1024 - (tma::smem_u32(ws_smem_raw) & 1023)) & 1023);  // [SL][64 heads][128 B]
+  unsigned char* q_s = tma::align1024(ws_smem_raw);  // [SL][64 heads][128 B]
   unsigned char* k_s = q_s + SL * kMlaH * 128;                  // 2 stages × [SL][64 tokens][128 B]
   unsigned char* p_s = k_s + 2 * SL * TB;                       // P: [8 pieces of 8 tokens][64 heads][16 B]
   float* corr_s = reinterpret_cast<float*>(p_s + kMlaH * kWsT * 2);  // each head's factor for O before P_j·V
@@ -1885,9 +1891,8 @@ __global__ void __launch_bounds__(256, 1) k_mla_ws(AttnDims d, const AttnRow* ro
   const int row = blockIdx.x, split = blockIdx.y, hg = blockIdx.z, splits = gridDim.y;
   const AttnRow r = rows[row];
   const int wgi = threadIdx.x >> 7, warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
-  const int rc = r.chunk > 0 ? r.chunk : chunk;
-  const int t0 = split * rc, t1 = min(r.len, t0 + rc);
-  const int ntiles = t1 > t0 ? (t1 - t0 + kWsT - 1) / kWsT : 0;
+  const MlaSplit sp = mla_split(r, chunk, split, kWsT);
+  const int t0 = sp.t0, t1 = sp.t1, ntiles = sp.ntiles;
   // a tile: every slab in boxes of kMlaT rows (the maps' box); rows past the cache's length arrive as zeros
   auto load_tile = [&](int buf, int j0) {
     unsigned char* dst = k_s + buf * SL * TB;
@@ -3101,7 +3106,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
   extern __shared__ __align__(1024) uint8_t wg_sm_raw[];
   // (swizzled tiles need 1024-byte alignment)
-  uint8_t* wg_sm = wg_sm_raw + ((1024 - (static_cast<unsigned>(__cvta_generic_to_shared(wg_sm_raw)) & 1023)) & 1023);
+  uint8_t* wg_sm = tma::align1024(wg_sm_raw);
   uint64_t* bars = reinterpret_cast<uint64_t*>(wg_sm + NS * STAGE);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, tq = lane & 3;
   const int f0 = (warp >> 2) * 64 + (warp & 3) * 16;  // the warp's first feature in the tile
@@ -3750,6 +3755,8 @@ int mla_row_chunk(int len) {
 }
 namespace {
 bool g_mla_tma = true;
+int g_mla_ws = 1;  // set_mla_specialized
+std::atomic<int64_t> g_mla_ws_launches{0};
 PFN_cuTensorMapEncodeTiled_v12000 tma_encoder() {
   static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
     void* f = nullptr;

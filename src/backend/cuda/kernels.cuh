@@ -173,7 +173,7 @@ void set_mla_tma(bool on);
 int64_t mla_tma_launches();
 // Benchmarks and tests: on the tensor-copy path, the kernel with specialized warpgroups (64-token tiles; warpgroup 0
 // the scores and softmax, each warpgroup half of O) or k_mla_wg (32-token tiles, both warpgroups on every step):
-// mode 0 never the former, 1 (default) for splits of kMlaWsMinChunk tokens or more and for per-row splits, 2 always;
+// mode 0 never the former, 1 (default) for splits of 1024 tokens or more and for per-row splits, 2 always;
 // how many launches used the former.
 void set_mla_specialized(int mode);
 int64_t mla_specialized_launches();

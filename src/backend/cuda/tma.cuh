@@ -11,6 +11,8 @@
 namespace kscope::cuda::tma {
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+// The first 1024-byte-aligned address (in the shared window) at or after p: swizzled slabs need it.
+__device__ __forceinline__ unsigned char* align1024(unsigned char* p) { return p + ((1024 - (smem_u32(p) & 1023)) & 1023); }
 // An mbarrier for `count` arrivals a phase (by default one: the thread that issues the copies and announces their
 // bytes).
 __device__ __forceinline__ void bar_init(uint64_t* b, int count = 1) {
