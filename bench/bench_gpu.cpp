@@ -2,6 +2,7 @@
 // next to HF transformers on the same checkpoint).
 //   bench_gpu make DIR --format bf16|fp8|int4 [--layers 2]     write the kimi-k2-slice checkpoint
 //   bench_gpu run DIR [--json FILE]                             measure
+//   bench_gpu moe DIR [--json FILE]                             the MoE block table of `run` alone
 //   bench_gpu mla [--json FILE]                                  absorbed decode attention alone at K2's attention
 //                                                               shapes: tensor-core kernel vs the CUDA-core one
 //   bench_gpu profile DIR [--tokens T] [--prefill T]            for ncu (--profile-from-start off): the MoE block
@@ -211,7 +212,7 @@ struct MoeStep {
   }
 };
 
-int run(const std::string& dir, const std::string& json_path) {
+int run(const std::string& dir, const std::string& json_path, bool moe_only = false) {
   json out;
   cudaDeviceProp p{};
   CU(cudaGetDeviceProperties(&p, 0));
@@ -299,6 +300,10 @@ int run(const std::string& dir, const std::string& json_path) {
                    {"bw_floor", fb}, {"tc_floor", fc}});
   }
   out["moe"] = moe;
+  if (moe_only) {  // `bench_gpu moe`: the MoE table alone (A/B runs of the expert matmuls)
+    if (!json_path.empty()) std::ofstream(json_path) << out.dump(1) << "\n";
+    return 0;
+  }
 
   // ---- MLA absorbed decode attention, batch 64 x 4096 cached tokens
   {
@@ -830,11 +835,11 @@ int main(int argc, char** argv) {
       std::printf("wrote %s in %.1f s\n", argv[2], std::chrono::duration<double>(clk::now() - t0).count());
       return 0;
     }
-    if (argc >= 3 && std::string(argv[1]) == "run") {
+    if (argc >= 3 && (std::string(argv[1]) == "run" || std::string(argv[1]) == "moe")) {
       std::string js;
       for (int i = 3; i < argc; ++i)
         if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
-      return run(argv[2], js);
+      return run(argv[2], js, std::string(argv[1]) == "moe");
     }
     if (argc >= 2 && std::string(argv[1]) == "mla") {
       std::string js;
@@ -862,7 +867,7 @@ int main(int argc, char** argv) {
         if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
       return run_gemm(js);
     }
-    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T] [--prefill T] | bench_gpu gemm [--json FILE] | bench_gpu flash [--json FILE]\n");
+    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu moe DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T] [--prefill T] | bench_gpu gemm [--json FILE] | bench_gpu flash [--json FILE]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());

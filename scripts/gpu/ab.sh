@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A/B in one device call, for changes that cannot be switched at run time (launch bounds, compile-time constants):
 # builds bench_gpu from the working tree (A) and from a copy of it with the sed script SED applied to FILE (B), then
-# runs CMD once per build, A first, with $BENCH_GPU naming that build's binary.
+# runs CMD once per build (REPEAT times), A first, with $BENCH_GPU naming that build's binary. PATCH (a patch file in the tree, -p1)
+# instead of SED and FILE: B is the tree with that patch applied.
 #   run: SED='s/x/y/' FILE=src/backend/cuda/kernels.cu CMD='$BENCH_GPU gemm' bash scripts/gpu/ab.sh   (carry .deps;
 #        SLICE=bf16 first writes that 2-layer slice to /tmp/k2-slice-bf16-2 for CMDs that run it)
 set -uo pipefail
@@ -13,18 +14,25 @@ B=/tmp/ab-b
 rm -rf $B && mkdir -p $B
 tar --exclude=./build-gpu --exclude=./out --exclude=./.deps -cf - . | tar -C $B -xf -
 ln -s "$PWD/.deps" $B/.deps
-sed -i "$SED" "$B/$FILE"
-if diff -q "$FILE" "$B/$FILE" >/dev/null; then echo "ab.sh: SED changed nothing in $FILE"; exit 1; fi
-diff "$FILE" "$B/$FILE"
+if [ -n "${PATCH:-}" ]; then
+  (cd $B && patch -s -p1 < "$PATCH") || { echo "ab.sh: $PATCH does not apply"; exit 1; }
+else
+  sed -i "$SED" "$B/$FILE"
+  if diff -q "$FILE" "$B/$FILE" >/dev/null; then echo "ab.sh: SED changed nothing in $FILE"; exit 1; fi
+  diff "$FILE" "$B/$FILE"
+fi
 (cd $B && OUT=$PWD/out && source scripts/gpu/env.sh && gpu_build bench_gpu) || exit 1
 if [ -n "${SLICE:-}" ]; then
   d=/tmp/k2-slice-$SLICE-2
   [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $SLICE --layers 2 2>&1 | tail -1
 fi
-for v in A B; do
-  if [ $v = A ]; then BENCH_GPU=$PWD/build-gpu/bench/bench_gpu; else BENCH_GPU=$B/build-gpu/bench/bench_gpu; fi
-  echo "== $v"
-  eval "$CMD" > "$OUT/ab-$v.txt" 2>&1
-  cat "$OUT/ab-$v.txt" | grep -v "^ *writing"
+# REPEAT=n runs the pair n times (A B A B ...: drift of the machine shows as a difference between the rounds)
+for i in $(seq 1 ${REPEAT:-1}); do
+  for v in A B; do
+    if [ $v = A ]; then BENCH_GPU=$PWD/build-gpu/bench/bench_gpu; else BENCH_GPU=$B/build-gpu/bench/bench_gpu; fi
+    echo "== $v${REPEAT:+ (round $i)}"
+    eval "$CMD" > "$OUT/ab-$v$i.txt" 2>&1
+    cat "$OUT/ab-$v$i.txt" | grep -v "^ *writing"
+  done
 done
 rm -f "$OUT/cmake.log" "$OUT/build.log"

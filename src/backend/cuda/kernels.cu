@@ -2529,8 +2529,9 @@ __global__ void __launch_bounds__(256) k_sample_rows(const float* lg, int64_t V,
 // (16 output features × 16 k per m16n8k16), read from global memory straight into registers and dequantized there
 // (no shared-memory tile); X is the B operand (8 rows per n-tile, up to 32 rows per block: the row tiles of
 // row_tile()), staged in shared memory. Each lane reads 16 contiguous weight bytes per row and chunk, so the k order
-// inside a chunk is a lane-specific permutation that the B fragments follow. A block is 4 warps × 16 output features
-// over a range of K stages; dense matrices with few output columns split K over blocks by shape alone (partial sums
+// inside a chunk is a lane-specific permutation that the B fragments follow; X is staged in its own order with an
+// XOR swizzle inside 128-byte segments (few_swz), so that every X read is one conflict-free 16-byte load (NOTES
+// 55). A block is 4 warps × 16 output features over a range of K stages; dense matrices with few output columns split K over blocks by shape alone (partial sums
 // added in a fixed order by k_sum_parts). Each output element's chain of operations depends only on its own row,
 // the weights and the shape, so it is the same alone or batched. The dequantized weight values are those of the
 // tile kernels (bf16(fp8 · scale), bf16((q − 8) · scale)); the fp32 sums are grouped differently.
@@ -2544,7 +2545,15 @@ __host__ __device__ constexpr int few_chunks() { return few_kc<FMT>() / (4 * few
 // K per stage of a matrix in its format
 __host__ __device__ constexpr int few_stage_k(const DLin& W) { return W.fmt == kInt4 ? few_kc<kInt4>() : few_kc<kBf16>(); }
 template <int FMT>
-__host__ __device__ constexpr size_t few_smem(int nt) { return size_t(2) * 8 * nt * (few_kc<FMT>() + 8) * 2; }
+__host__ __device__ constexpr int few_xld() { return few_kc<FMT>(); }  // X row stride (elements; a multiple of 128 bytes)
+// The XOR swizzle of X's 16-byte pieces inside each 128-byte segment of a staged row (k_gemm_few): piece q of row r
+// sits at slot q ^ few_swz. Lane (gq, tq) reads its P pieces per chunk (P = 1, 2, 4 for bf16, FP8, INT4), the four
+// lanes of a quad side by side; with the swizzle the eight 16-byte reads of a quarter-warp (rows gq, gq + 1) fall
+// in eight different bank groups, and the eight pieces a quarter-warp copies stay in one segment.
+template <int P>
+__device__ __forceinline__ int few_swz(int r, int q) { return P == 1 ? 4 * (r & 1) : P == 2 ? (r & 1) : ((q >> 3) & 1) | 2 * (r & 1); }
+template <int FMT>
+__host__ __device__ constexpr size_t few_smem(int nt) { return size_t(2) * 8 * nt * few_xld<FMT>() * 2; }
 
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 // two e4m3 bytes (low byte first) -> bf16x2 of bf16(fp8 · sc), as load_w_tile computes each
@@ -2575,7 +2584,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
                                                      float* part) {
   pdl_entry();
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
-  constexpr int XLD = KC + 8, R = 8 * NT;
+  constexpr int XLD = few_xld<FMT>(), R = 8 * NT, P = E16 / 8;  // P: a lane's 16-byte X pieces per chunk
   if (blockIdx.z == 1) {
     W = W2;
     Y = Y2;
@@ -2599,10 +2608,10 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
     bf16* dst = xs + buf * R * XLD;
     constexpr int cpr = KC / 8;  // 16-byte pieces per row
     for (int c = threadIdx.x; c < R * cpr; c += 128) {
-      const int r = c / cpr, col = (c - r * cpr) * 8;
+      const int r = c / cpr, q = c - r * cpr;
       const bool ok = r < rows;
-      cp_async16(dst + r * XLD + col, X + static_cast<int64_t>(r0 + (ok ? r : 0)) * W.K + static_cast<int64_t>(st) * KC + col,
-                 ok ? 16 : 0);
+      cp_async16(dst + r * XLD + (q ^ few_swz<P>(r, q)) * 8,
+                 X + static_cast<int64_t>(r0 + (ok ? r : 0)) * W.K + static_cast<int64_t>(st) * KC + q * 8, ok ? 16 : 0);
     }
     cp_async_commit();
   };
@@ -2632,38 +2641,63 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
     else cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
+    // lane (gq, tq) reads piece p of chunk c, piece q = c·4P + tq·P + p of rows gq + 8j (row parity = gq's), at
+    // slot q ^ few_swz: the swizzle only touches bits the lane's own part of q holds, so the slot is a lane offset
+    // per p (per chunk parity for bf16: c·4 has bit 2) plus a constant
     const bf16* xb = xs + buf * R * XLD + gq * XLD;
+    auto xaddr = [&](int j, int c, int p) {
+      const int lq = P == 1 ? (c & 1) * 4 + tq : tq * P + p;  // the bits of q below 8 (P = 1) or below 4P
+      const int base = P == 1 ? (c >> 1) * 8 : c * 4 * P;
+      return xb + j * 8 * XLD + (base + (lq ^ few_swz<P>(gq, lq))) * 8;
+    };
+    auto xpiece = [&](int j, int c, int p) { return *reinterpret_cast<const uint4*>(xaddr(j, c, p)); };
 #pragma unroll
     for (int c = 0; c < CH; ++c) {
-      const int xc = c * CW + tq * E16;
-      if constexpr (FMT == kBf16) {
+      if constexpr (FMT == kBf16 && NT == 1) {  // half a piece per mma: two registers fewer live (96 at five blocks per SM)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint32_t a[4] = {word_of(wa[c], 2 * h), word_of(wv[c], 2 * h), word_of(wa[c], 2 * h + 1), word_of(wv[c], 2 * h + 1)};
+          const uint2 b = *reinterpret_cast<const uint2*>(xaddr(0, c, 0) + 4 * h);
+          mma16816(acc[0], a, b.x, b.y);
+        }
+      } else if constexpr (FMT == kBf16) {
+        uint4 xv[NT];
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+          if (j * 8 < rows) xv[j] = xpiece(j, c, 0);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const uint32_t a[4] = {word_of(wa[c], 2 * h), word_of(wv[c], 2 * h), word_of(wa[c], 2 * h + 1), word_of(wv[c], 2 * h + 1)};
 #pragma unroll
           for (int j = 0; j < NT; ++j)
-            if (j * 8 < rows) {
-              const uint2 b = *reinterpret_cast<const uint2*>(xb + j * 8 * XLD + xc + 4 * h);
-              mma16816(acc[j], a, b.x, b.y);
-            }
+            if (j * 8 < rows) mma16816(acc[j], a, word_of(xv[j], 2 * h), word_of(xv[j], 2 * h + 1));
         }
       } else if constexpr (FMT == kFp8) {
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          const uint32_t pa = word_of(wa[c], h), pb = word_of(wv[c], h);
-          const uint32_t a[4] = {fp8x2_deq(pa, sa[c]), fp8x2_deq(pb, sv[c]), fp8x2_deq(pa >> 16, sa[c]), fp8x2_deq(pb >> 16, sv[c])};
+        for (int p = 0; p < 2; ++p) {
+          uint4 xv[NT];
 #pragma unroll
           for (int j = 0; j < NT; ++j)
-            if (j * 8 < rows) {
-              const uint2 b = *reinterpret_cast<const uint2*>(xb + j * 8 * XLD + xc + 4 * h);
-              mma16816(acc[j], a, b.x, b.y);
-            }
+            if (j * 8 < rows) xv[j] = xpiece(j, c, p);
+#pragma unroll
+          for (int hh = 0; hh < 2; ++hh) {
+            const int h = 2 * p + hh;
+            const uint32_t pa = word_of(wa[c], h), pb = word_of(wv[c], h);
+            const uint32_t a[4] = {fp8x2_deq(pa, sa[c]), fp8x2_deq(pb, sv[c]), fp8x2_deq(pa >> 16, sa[c]), fp8x2_deq(pb >> 16, sv[c])};
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+              if (j * 8 < rows) mma16816(acc[j], a, word_of(xv[j], 2 * hh), word_of(xv[j], 2 * hh + 1));
+          }
         }
       } else {
         const __nv_bfloat162 s2a = __floats2bfloat162_rn(sa[c], sa[c]), s2b = __floats2bfloat162_rn(sv[c], sv[c]);
 #pragma unroll
         for (int wi = 0; wi < 4; ++wi) {
           const uint32_t pa = word_of(wa[c], wi), pb = word_of(wv[c], wi);
+          uint4 xv[NT];
+#pragma unroll
+          for (int j = 0; j < NT; ++j)
+            if (j * 8 < rows) xv[j] = xpiece(j, c, wi);
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             // elements (2h, 2h+4) and (2h+1, 2h+5) of the word's eight
@@ -2672,8 +2706,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
 #pragma unroll
             for (int j = 0; j < NT; ++j)
               if (j * 8 < rows) {
-                const uint4 xv = *reinterpret_cast<const uint4*>(xb + j * 8 * XLD + xc + 8 * wi);
-                const uint32_t lo = h == 0 ? xv.x : xv.y, hi = h == 0 ? xv.z : xv.w;
+                const uint32_t lo = h == 0 ? xv[j].x : xv[j].y, hi = h == 0 ? xv[j].z : xv[j].w;
                 mma16816(acc[j], a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
               }
           }
