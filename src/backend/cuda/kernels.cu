@@ -2564,9 +2564,14 @@ __device__ __forceinline__ uint32_t fp8x2_deq(uint32_t two, float sc) {
 }
 // nibbles 0 and 4 of w (each q + 8) -> bf16x2 of bf16((q − 8) · sc): 128 + nibble built as a bf16 bit pattern,
 // minus 136 exactly; then one rounding of the product (bf16 multiply when the scale is a bf16 value, else fp32)
-template <bool SB>
+// L3: the mask and the bias as one LOP3 (written as two operations with two constants, ptxas emits two: an
+// instruction holds one immediate). The streamed kernel's integer pipe (half the rate of the FMA pipes) bounds its
+// INT4 dequantization; the warpgroup kernel got slower with it (NOTES 55), so it keeps the plain form.
+template <bool SB, bool L3 = false>
 __device__ __forceinline__ uint32_t int4x2_deq(uint32_t w, float sc, __nv_bfloat162 sc2) {
-  const uint32_t v = (w & 0x000f000fu) | 0x43004300u;
+  uint32_t v;
+  if constexpr (L3) asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(v) : "r"(w), "r"(0x000f000fu), "r"(0x43004300u));  // (a & b) | c
+  else v = (w & 0x000f000fu) | 0x43004300u;
   const __nv_bfloat162 q = __hsub2(*reinterpret_cast<const __nv_bfloat162*>(&v), __floats2bfloat162_rn(136.0f, 136.0f));
   if constexpr (SB) {
     return u32_of(__hmul2(q, sc2));
@@ -2641,6 +2646,19 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
     else cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
+    constexpr bool kPair = FMT == kInt4 && NT >= 2;
+    if constexpr (kPair) {
+      // INT4 fragments pair elements e and e + 4 of each 8 (int4x2_deq): the block pairs X once per stage, in place
+      // (each piece's 16 bytes permuted), instead of each warp doing it with two byte permutes per mma and row tile
+      uint4* xp = reinterpret_cast<uint4*>(xs + buf * R * XLD);
+      const int n = (rows + 7) / 8 * 8 * (XLD / 8);
+      for (int i = threadIdx.x; i < n; i += 128) {
+        const uint4 v = xp[i];
+        xp[i] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
+                           __byte_perm(v.y, v.w, 0x7632));
+      }
+      __syncthreads();
+    }
     // lane (gq, tq) reads piece p of chunk c, piece q = c·4P + tq·P + p of rows gq + 8j (row parity = gq's), at
     // slot q ^ few_swz: the swizzle only touches bits the lane's own part of q holds, so the slot is a lane offset
     // per p (per chunk parity for bf16: c·4 has bit 2) plus a constant
@@ -2701,13 +2719,18 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
 #pragma unroll
           for (int h = 0; h < 2; ++h) {
             // elements (2h, 2h+4) and (2h+1, 2h+5) of the word's eight
-            const uint32_t a[4] = {int4x2_deq<SB>(pa >> (8 * h), sa[c], s2a), int4x2_deq<SB>(pb >> (8 * h), sv[c], s2b),
-                                   int4x2_deq<SB>(pa >> (8 * h + 4), sa[c], s2a), int4x2_deq<SB>(pb >> (8 * h + 4), sv[c], s2b)};
+            const uint32_t a[4] = {int4x2_deq<SB, true>(pa >> (8 * h), sa[c], s2a), int4x2_deq<SB, true>(pb >> (8 * h), sv[c], s2b),
+                                   int4x2_deq<SB, true>(pa >> (8 * h + 4), sa[c], s2a),
+                                   int4x2_deq<SB, true>(pb >> (8 * h + 4), sv[c], s2b)};
 #pragma unroll
             for (int j = 0; j < NT; ++j)
               if (j * 8 < rows) {
-                const uint32_t lo = h == 0 ? xv[j].x : xv[j].y, hi = h == 0 ? xv[j].z : xv[j].w;
-                mma16816(acc[j], a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+                if constexpr (kPair) {
+                  mma16816(acc[j], a, word_of(xv[j], 2 * h), word_of(xv[j], 2 * h + 1));
+                } else {
+                  const uint32_t lo = h == 0 ? xv[j].x : xv[j].y, hi = h == 0 ? xv[j].z : xv[j].w;
+                  mma16816(acc[j], a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+                }
               }
           }
         }
