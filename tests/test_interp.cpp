@@ -251,6 +251,23 @@ TEST_F(Interp, mean_reduction_is_the_mean_of_the_selected_rows) {
   for (int d = 0; d < 160; ++d) EXPECT_NEAR(b[d], (a[d] + a[160 + d] + a[320 + d]) / 3.0, 1e-6);
 }
 
+TEST(CaptureFiling, counts_the_activation_bytes_it_filed) {
+  CaptureSpec spec;
+  spec.sites = {Site{SiteKind::resid_post, 0}, Site{SiteKind::final_norm, -1}};
+  CaptureHook cap(spec, 2);
+  EXPECT_EQ(cap.filing().bytes, 0.0);
+  std::vector<float> rows(3 * 16, 0.5f);
+  cap.on(spec.sites[0], 0, rows.data(), 3, 16, 0);
+  cap.on(spec.sites[1], 1, rows.data(), 2, 16, 5);
+  const auto f = cap.filing();
+  EXPECT_EQ(f.bytes, 5.0 * 16 * sizeof(float));
+  EXPECT_GE(f.seconds, 0.0);
+  std::vector<int32_t> idx = {3, 1};
+  std::vector<float> w = {0.25f, 0.75f};
+  cap.on_router(0, 0, nullptr, idx.data(), w.data(), 1, 4, 2, 0);  // router rows are not activation rows
+  EXPECT_EQ(cap.filing().bytes, f.bytes);
+}
+
 TEST(Positions, the_language_selects_what_it_says) {
   SeqLayout l;
   l.prompt_len = 10;

@@ -1,6 +1,7 @@
 #include "interp/capture.hpp"
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 
 #include "util/error.hpp"
@@ -27,6 +28,7 @@ bool CaptureHook::wants(const Site& s) const {
 }
 
 void CaptureHook::on(const Site& s, int64_t seq, float* data, int64_t n, int64_t w, int64_t pos0) {
+  const auto t0 = std::chrono::steady_clock::now();
   const std::string name = s.str();
   std::lock_guard<std::mutex> lk(mu_);
   Rows& r = seqs_[seq][name];
@@ -41,6 +43,13 @@ void CaptureHook::on(const Site& s, int64_t seq, float* data, int64_t n, int64_t
     std::memcpy(r.blocks.back().get() + (at % r.block_rows) * w, data + i * w, w * sizeof(float));
     r.pos.push_back(pos0 + i);
   }
+  filing_.bytes += static_cast<double>(n) * w * sizeof(float);
+  filing_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+CaptureHook::FilingStats CaptureHook::filing() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return filing_;
 }
 
 void CaptureHook::on_router(int64_t layer, int64_t seq, const float*, int32_t* idx, float* weight, int64_t n,

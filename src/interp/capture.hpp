@@ -50,6 +50,12 @@ class CaptureHook : public Hook {
                  int64_t e, int64_t k, int64_t pos0) override;
   // Selects and reduces sequence seq's rows for its final layout.
   CapturedSeq finish(int64_t seq, const SeqLayout& layout) const;
+  // Activation bytes filed so far and the seconds on() spent filing them (allocation and copy; on a device that is
+  // the delivery thread's work per pass, which must stay under a decode step's time to stay hidden).
+  struct FilingStats {
+    double bytes = 0, seconds = 0;
+  };
+  FilingStats filing() const;
 
  private:
   // A site's rows of one sequence. Activation rows go into fixed blocks of whole rows (about 64 KB, so they come
@@ -67,6 +73,7 @@ class CaptureHook : public Hook {
   CaptureSpec spec_;
   mutable std::mutex mu_;  // seqs_: rows come from the delivery thread, router rows from the forward pass
   std::vector<std::map<std::string, Rows>> seqs_;
+  FilingStats filing_;
 };
 
 struct CaptureRequest {
