@@ -2581,6 +2581,13 @@ __device__ __forceinline__ uint32_t int4x2_deq(uint32_t w, float sc, __nv_bfloat
   }
 }
 
+// X elements 0-7 of a 16-byte piece as INT4 fragments take them: (0, 4), (1, 5), (2, 6), (3, 7) — the B words of
+// an mma with int4x2_deq's A (nibbles 2h, 2h + 4 and 2h + 1, 2h + 5 of a weight word) are words 2h and 2h + 1
+__device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // word i of the paired piece
+  const uint32_t lo = i < 2 ? v.x : v.y, hi = i < 2 ? v.z : v.w;
+  return __byte_perm(lo, hi, i % 2 == 0 ? 0x5410 : 0x7632);
+}
+
 // Five blocks per multiprocessor at up to 8 rows (NT = 1; 96 registers): the gate+up pair at one row has 576 blocks
 // (9 experts or 18432 features x 2, 64 per block), one wave of 660 slots instead of 528 + a partial second wave.
 template <int FMT, int NT, bool SB>
@@ -2654,8 +2661,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
       const int n = (rows + 7) / 8 * 8 * (XLD / 8);
       for (int i = threadIdx.x; i < n; i += 128) {
         const uint4 v = xp[i];
-        xp[i] = make_uint4(__byte_perm(v.x, v.z, 0x5410), __byte_perm(v.x, v.z, 0x7632), __byte_perm(v.y, v.w, 0x5410),
-                           __byte_perm(v.y, v.w, 0x7632));
+        xp[i] = make_uint4(int4_pair_word(v, 0), int4_pair_word(v, 1), int4_pair_word(v, 2), int4_pair_word(v, 3));
       }
       __syncthreads();
     }
@@ -2712,7 +2718,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
 #pragma unroll
         for (int wi = 0; wi < 4; ++wi) {
           const uint32_t pa = word_of(wa[c], wi), pb = word_of(wv[c], wi);
-          uint4 xv[NT];
+          uint4 xv[NT];  // paired by the block's pass (kPair), else paired per mma below
 #pragma unroll
           for (int j = 0; j < NT; ++j)
             if (j * 8 < rows) xv[j] = xpiece(j, c, wi);
@@ -2724,14 +2730,9 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
                                    int4x2_deq<SB, true>(pb >> (8 * h + 4), sv[c], s2b)};
 #pragma unroll
             for (int j = 0; j < NT; ++j)
-              if (j * 8 < rows) {
-                if constexpr (kPair) {
-                  mma16816(acc[j], a, word_of(xv[j], 2 * h), word_of(xv[j], 2 * h + 1));
-                } else {
-                  const uint32_t lo = h == 0 ? xv[j].x : xv[j].y, hi = h == 0 ? xv[j].z : xv[j].w;
-                  mma16816(acc[j], a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
-                }
-              }
+              if (j * 8 < rows)
+                mma16816(acc[j], a, kPair ? word_of(xv[j], 2 * h) : int4_pair_word(xv[j], 2 * h),
+                         kPair ? word_of(xv[j], 2 * h + 1) : int4_pair_word(xv[j], 2 * h + 1));
           }
         }
       }
