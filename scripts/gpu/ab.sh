@@ -11,17 +11,13 @@ source scripts/gpu/env.sh
 nvidia-smi --query-gpu=name --format=csv,noheader
 gpu_build bench_gpu || exit 1
 B=/tmp/ab-b
-rm -rf $B && mkdir -p $B
-tar --exclude=./build-gpu --exclude=./out --exclude=./.deps -cf - . | tar -C $B -xf -
-ln -s "$PWD/.deps" $B/.deps
-if [ -n "${PATCH:-}" ]; then
-  (cd $B && patch -s -p1 < "$PATCH") || { echo "ab.sh: $PATCH does not apply"; exit 1; }
-else
+gpu_copy_tree $B "${PATCH:-}" || exit 1
+if [ -z "${PATCH:-}" ]; then
   sed -i "$SED" "$B/$FILE"
   if diff -q "$FILE" "$B/$FILE" >/dev/null; then echo "ab.sh: SED changed nothing in $FILE"; exit 1; fi
   diff "$FILE" "$B/$FILE"
 fi
-(cd $B && OUT=$PWD/out && source scripts/gpu/env.sh && gpu_build bench_gpu) || exit 1
+gpu_build_in $B bench_gpu || exit 1
 if [ -n "${SLICE:-}" ]; then
   d=/tmp/k2-slice-$SLICE-2
   [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $SLICE --layers 2 2>&1 | tail -1

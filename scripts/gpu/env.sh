@@ -18,6 +18,15 @@ gpu_build() {
     -DICU_ROOT=$P/usr -DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc >"$OUT/cmake.log" 2>&1 || { tail -30 "$OUT/cmake.log"; return 1; }
   cmake --build build-gpu -j "$(nproc)" --target "$@" >"$OUT/build.log" 2>&1 || { grep -E "error|Error" -A3 "$OUT/build.log" | head -60; return 1; }
 }
+# gpu_copy_tree DIR [PATCH]: a copy of this tree (without builds and outputs) in DIR for a second build, with the
+# patch file PATCH (-p1) applied if given; gpu_build_in DIR TARGETS...: gpu_build there.
+gpu_copy_tree() {
+  rm -rf "$1" && mkdir -p "$1"
+  tar --exclude=./build-gpu --exclude=./out --exclude=./.deps -cf - . | tar -C "$1" -xf -
+  ln -s "$PWD/.deps" "$1/.deps"
+  [ -z "${2:-}" ] || (cd "$1" && patch -s -p1 < "$2") || { echo "$2 does not apply"; return 1; }
+}
+gpu_build_in() { (cd "$1" && OUT=$1/out && source scripts/gpu/env.sh && gpu_build "${@:2}"); }
 # gpu_op_tests FILTER [PATTERN]: the CUDA op tests matching FILTER (every one with FULL=1, and then the HF parity
 # tests too) into $OUT/ops.txt (and parity.txt); prints the summary lines, the lines matching PATTERN and any
 # failure; returns 1 when anything failed.

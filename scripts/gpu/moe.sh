@@ -14,11 +14,8 @@ echo "build: $(( $(date +%s) - t0 )) s"
 B=
 if [ -n "${PATCH:-}" ]; then  # build B in a copy of the tree while the tests run
   B=/tmp/moe-b
-  rm -rf $B && mkdir -p $B
-  tar --exclude=./build-gpu --exclude=./out --exclude=./.deps -cf - . | tar -C $B -xf -
-  ln -s "$PWD/.deps" $B/.deps
-  (cd $B && patch -s -p1 < "$PATCH") || { echo "moe.sh: $PATCH does not apply"; exit 1; }
-  (cd $B && OUT=$B/out && source scripts/gpu/env.sh && gpu_build bench_gpu) > "$OUT/build-b.txt" 2>&1 &
+  gpu_copy_tree $B "$PATCH" || exit 1
+  gpu_build_in $B bench_gpu > "$OUT/build-b.txt" 2>&1 &
   bpid=$!
 fi
 FORMATS=${FORMATS:-int4 fp8 bf16}
