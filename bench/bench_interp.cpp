@@ -2,7 +2,9 @@
 // sites on every token, (b) a different steering vector and coefficient on every row, (c) both.
 //   bench_interp [MODEL_DIR] [--batch 16] [--steps 32] [--device cpu|cuda]
 // On cuda, KSCOPE_COPY_STREAM=0 copies captures out on the compute stream instead of the copy stream (to compare).
-// After the table: the time the capture hooks spent filing rows (allocation + copy), per generate() call.
+// After the table: the time the capture hooks spent filing rows (allocation + copy, thread-seconds), per generate()
+// call, and the delivery thread's busy time and what generate() waited for it (KSCOPE_DELIVERY_THREADS: how many
+// threads file one pass's rows; default half the host's threads, at most 8).
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -68,26 +70,34 @@ int main(int argc, char** argv) {
     ivs[i] = {iv};
     layouts[i].prompt_len = static_cast<int64_t>(reqs[i].prompt.size());
   }
-  auto run = [&](Hook* h) {
+  // per run: the delivery thread's busy time and what generate() waited for it (Model::delivery_stats), per call
+  std::vector<std::pair<std::string, Model::DeliveryStats>> delivery;
+  auto run = [&](Hook* h, const std::string& name) {
     GenerateOptions o;
     o.observer = h;
     double best = 1e30;
+    const auto d0 = model->delivery_stats();
     for (int rep = 0; rep < 3; ++rep) {
       const auto t0 = clk::now();
       generate(*model, reqs, o);
       best = std::min(best, std::chrono::duration<double>(clk::now() - t0).count());
     }
+    auto d = model->delivery_stats();
+    d.jobs -= d0.jobs;
+    d.busy_seconds -= d0.busy_seconds;
+    d.waited_seconds -= d0.waited_seconds;
+    if (h) delivery.emplace_back(name, d);
     return batch * steps / best;
   };
-  const double plain = run(nullptr);
+  const double plain = run(nullptr, "plain");
   CaptureHook cap(cs, batch);
-  const double with_capture = run(&cap);
+  const double with_capture = run(&cap, "capture");
   SteeringHook steer(ivs, layouts);
-  const double with_steer = run(&steer);
+  const double with_steer = run(&steer, "steering");
   CaptureHook cap2(cs, batch);
   HookList both;
   both.hooks = {&steer, &cap2};
-  const double with_both = run(&both);
+  const double with_both = run(&both, "both");
   fmt::print("| run | tok/s | vs plain |\n|---|---|---|\n");
   fmt::print("| plain decode | {:.1f} | 1.00 |\n", plain);
   fmt::print("| capture {} sites, every token | {:.1f} | {:.3f} |\n", cs.sites.size(), with_capture, with_capture / plain);
@@ -99,9 +109,13 @@ int main(int argc, char** argv) {
   // hidden while it stays under a step): both hooks filed 3 generate() calls' rows, each call's into fresh memory
   for (const auto* c : {&cap, &cap2}) {
     const auto f = c->filing();
-    fmt::print("capture filing{}: {:.0f} MB in {:.1f} ms ({:.2f} GB/s; {:.1f} ms per generate() call)\n",
+    fmt::print("capture filing{}: {:.0f} MB in {:.1f} thread-ms ({:.2f} GB/s per thread; {:.1f} thread-ms per generate() call)\n",
                c == &cap ? "" : " (with steering)", f.bytes / 1e6, f.seconds * 1e3,
                f.seconds > 0 ? f.bytes / f.seconds / 1e9 : 0.0, f.seconds * 1e3 / 3);
   }
+  for (const auto& [name, d] : delivery)
+    if (d.jobs > 0)
+      fmt::print("delivery ({}): {} passes, delivery thread busy {:.1f} ms, generate() waited {:.1f} ms for it, per "
+                 "generate() call\n", name, d.jobs / 3, d.busy_seconds * 1e3 / 3, d.waited_seconds * 1e3 / 3);
   return 0;
 }

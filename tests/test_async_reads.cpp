@@ -5,7 +5,9 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdlib>
 #include <future>
+#include <map>
 #include <thread>
 
 #include "backend/cpu/cpu_backend.hpp"
@@ -280,6 +282,76 @@ TEST_F(AsyncReads, the_engine_files_inline_captures_on_the_delivery_thread_with_
     EXPECT_EQ(h[i].capture->rows, s[i].capture->rows) << i;
     EXPECT_FALSE(s[i].capture->rows.at("final_norm").empty()) << i;
   }
+}
+
+// Counts how many of its reads run at once (each holds a few milliseconds) and records each (site, sequence)'s
+// positions in the order they arrive.
+struct Overlap : Hook {
+  std::vector<Site> sites;
+  bool concurrent = true;
+  std::atomic<int> in{0}, most{0};
+  std::mutex mu;
+  std::map<std::string, std::vector<int64_t>> pos;
+  bool wants(const Site& s) const override { return std::find(sites.begin(), sites.end(), s) != sites.end(); }
+  bool writes(const Site&) const override { return false; }
+  bool async_reads() const override { return true; }
+  bool concurrent_reads() const override { return concurrent; }
+  void on(const Site& s, int64_t seq, float*, int64_t n, int64_t, int64_t pos0) override {
+    const int now = ++in;
+    for (int m = most.load(); now > m && !most.compare_exchange_weak(m, now);) {
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(4));
+    {
+      std::lock_guard<std::mutex> lk(mu);
+      auto& v = pos[s.str() + "/" + std::to_string(seq)];
+      for (int64_t i = 0; i < n; ++i) v.push_back(pos0 + i);
+    }
+    --in;
+  }
+  ~Overlap() override {
+    try {
+      wait_reads();
+    } catch (...) {
+    }
+  }
+};
+
+TEST(AsyncReadsPool, a_pass_s_rows_are_filed_in_parallel_for_hooks_that_allow_it_each_sequence_in_pass_order) {
+  setenv("KSCOPE_DELIVERY_THREADS", "4", 1);  // read when the model's delivery thread starts (its first pass)
+  auto m = Model::load(fixture("kimi_bf16"), make_backend("cpu-staged"));
+  std::vector<GenerateRequest> reqs;
+  for (int i = 0; i < 8; ++i) {
+    GenerateRequest r;
+    r.prompt = prompt_of(i, 2 + i % 3);
+    r.max_new_tokens = 4;
+    r.ignore_eos = true;
+    reqs.push_back(r);
+  }
+  for (bool concurrent : {true, false}) {
+    Overlap h;
+    h.sites = {parse_site("0.resid_post", 3), parse_site("2.resid_post", 3), parse_site("final_norm", 3)};
+    h.concurrent = concurrent;
+    GenerateOptions o;
+    o.observer = &h;
+    const auto before = m->delivery_stats();
+    generate(*m, reqs, o);  // returns with every read filed
+    const auto after = m->delivery_stats();
+    if (concurrent)
+      EXPECT_GE(h.most.load(), 2) << "one pass's 8 sequences were filed one at a time";
+    else
+      EXPECT_EQ(h.most.load(), 1) << "a hook without concurrent_reads() was called from two threads at once";
+    ASSERT_EQ(h.pos.size(), 3u * 8u);
+    for (auto& [key, v] : h.pos) {
+      const int i = std::stoi(key.substr(key.find('/') + 1));
+      const int64_t want = static_cast<int64_t>(reqs[i].prompt.size()) + 4 - 1;  // the last token is not fed
+      ASSERT_EQ(static_cast<int64_t>(v.size()), want) << key;
+      for (int64_t p = 0; p < want; ++p) EXPECT_EQ(v[p], p) << key;  // nothing lost, doubled or out of order
+    }
+    EXPECT_GE(after.jobs - before.jobs, 4);  // the prefill and three decode steps, each delivered after its pass
+    EXPECT_GT(after.busy_seconds - before.busy_seconds, 0.0);
+    EXPECT_GE(after.waited_seconds, before.waited_seconds);
+  }
+  unsetenv("KSCOPE_DELIVERY_THREADS");
 }
 
 }  // namespace

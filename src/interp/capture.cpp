@@ -30,8 +30,13 @@ bool CaptureHook::wants(const Site& s) const {
 void CaptureHook::on(const Site& s, int64_t seq, float* data, int64_t n, int64_t w, int64_t pos0) {
   const auto t0 = std::chrono::steady_clock::now();
   const std::string name = s.str();
-  std::lock_guard<std::mutex> lk(mu_);
-  Rows& r = seqs_[seq][name];
+  Rows* rp;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    rp = &seqs_[seq][name];  // map nodes stay put: the copy below runs outside the hook-wide lock
+  }
+  Rows& r = *rp;
+  std::unique_lock<std::mutex> rl(r.mu);
   if (r.block_rows == 0) {
     r.width = w;
     r.block_rows = std::max<int64_t>(1, (int64_t{1} << 14) / w);
@@ -43,6 +48,8 @@ void CaptureHook::on(const Site& s, int64_t seq, float* data, int64_t n, int64_t
     std::memcpy(r.blocks.back().get() + (at % r.block_rows) * w, data + i * w, w * sizeof(float));
     r.pos.push_back(pos0 + i);
   }
+  rl.unlock();
+  std::lock_guard<std::mutex> lk(mu_);
   filing_.bytes += static_cast<double>(n) * w * sizeof(float);
   filing_.seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }

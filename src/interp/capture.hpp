@@ -45,13 +45,15 @@ class CaptureHook : public Hook {
   bool wants(const Site& s) const override;
   bool writes(const Site&) const override { return false; }
   bool async_reads() const override { return true; }
+  bool concurrent_reads() const override { return true; }
   void on(const Site& s, int64_t seq, float* data, int64_t n_rows, int64_t width, int64_t pos0) override;
   void on_router(int64_t layer, int64_t seq, const float* logits, int32_t* idx, float* weight, int64_t n,
                  int64_t e, int64_t k, int64_t pos0) override;
   // Selects and reduces sequence seq's rows for its final layout.
   CapturedSeq finish(int64_t seq, const SeqLayout& layout) const;
-  // Activation bytes filed so far and the seconds on() spent filing them (allocation and copy; on a device that is
-  // the delivery thread's work per pass, which must stay under a decode step's time to stay hidden).
+  // Activation bytes filed so far and the thread-seconds on() spent filing them (allocation and copy, summed over
+  // the threads that filed; on a device that is the delivery threads' work per pass, which must stay under a
+  // decode step's time to stay hidden: Model::delivery_stats() has its wall time and what the caller waited).
   struct FilingStats {
     double bytes = 0, seconds = 0;
   };
@@ -62,6 +64,7 @@ class CaptureHook : public Hook {
   // from the heap and are never moved or copied as the capture grows: growing one vector per sequence and site
   // meant reallocation copies and fresh pages on every doubling); router rows (k values) into vectors.
   struct Rows {
+    std::mutex mu;  // on() for one (sequence, site) at a time; different ones file in parallel
     std::vector<int64_t> pos;
     std::vector<std::unique_ptr<float[]>> blocks;
     int64_t block_rows = 0;
@@ -71,7 +74,7 @@ class CaptureHook : public Hook {
     const float* row(int64_t i) const { return blocks[i / block_rows].get() + (i % block_rows) * width; }
   };
   CaptureSpec spec_;
-  mutable std::mutex mu_;  // seqs_: rows come from the delivery thread, router rows from the forward pass
+  mutable std::mutex mu_;  // seqs_'s maps, filing_: rows come from the delivery threads, router rows from the pass
   std::vector<std::map<std::string, Rows>> seqs_;
   FilingStats filing_;
 };

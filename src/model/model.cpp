@@ -1,6 +1,8 @@
 #include "model/model.hpp"
 
 #include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <condition_variable>
 #include <deque>
 #include <set>
@@ -8,6 +10,7 @@
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "util/error.hpp"
+#include "util/thread_pool.hpp"
 
 namespace kscope {
 
@@ -133,10 +136,13 @@ struct Model::Deferred {
   int64_t mark;  // the backend mark after its copy (-1: synchronous)
 };
 
-// One thread that runs posted jobs in order; each post's future is ready when its job has run (or thrown).
+// One thread that runs posted jobs in order; each post's future is ready when its job has run (or thrown). Its
+// pool (the courier thread and helpers: KSCOPE_DELIVERY_THREADS, default half the host's threads, at most 8) files
+// one pass's rows in parallel; it is its own, so filing never waits on, or holds up, the global pool.
 class Model::Courier {
  public:
-  Courier() : thread_([this] { loop(); }) {}
+  Courier() : pool_(pool_size()), thread_([this] { loop(); }) {}
+  ThreadPool& pool() { return pool_; }
   ~Courier() {
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -170,6 +176,14 @@ class Model::Courier {
       task();  // an exception lands in the task's future
     }
   }
+  static int pool_size() {
+    if (const char* e = std::getenv("KSCOPE_DELIVERY_THREADS")) {
+      const int n = std::atoi(e);
+      if (n > 0) return n;
+    }
+    return static_cast<int>(std::clamp(std::thread::hardware_concurrency() / 2, 1u, 8u));
+  }
+  ThreadPool pool_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<std::packaged_task<void()>> jobs_;
@@ -186,8 +200,16 @@ Model::~Model() {
 // the next pass (on a server, another request).
 void Model::drain() {
   if (!pending_.valid()) return;
+  const auto t0 = std::chrono::steady_clock::now();
   pending_.wait();
   pending_ = {};
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  delivery_.waited_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+Model::DeliveryStats Model::delivery_stats() const {
+  std::lock_guard<std::mutex> lk(stats_mu_);
+  return delivery_;
 }
 
 namespace {
@@ -261,12 +283,22 @@ void Model::emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& i
 
 // Each site's rows go to their hooks as soon as their copy is done, while the device still computes the layers
 // after it.
-void Model::deliver_now(Backend& be, const std::vector<Deferred>& later) {
-  int64_t waited = -2;
-  for (auto& d : later) {
-    if (d.mark != waited) be.wait_mark(d.mark);
-    waited = d.mark;
-    d.to->on_read(d.site, d.seq, d.host, d.n, d.width, d.pos0);
+void Model::deliver_now(Backend& be, const std::vector<Deferred>& later, ThreadPool* pool) {
+  for (size_t i = 0; i < later.size();) {
+    size_t j = i + 1;  // [i, j): the reads behind one copy
+    while (j < later.size() && later[j].mark == later[i].mark) ++j;
+    be.wait_mark(later[i].mark);
+    auto file = [&](int64_t b, int64_t e) {
+      for (int64_t k = b; k < e; ++k) {
+        const Deferred& d = later[i + k];
+        d.to->on_read(d.site, d.seq, d.host, d.n, d.width, d.pos0);
+      }
+    };
+    if (pool)
+      pool->parallel_for(static_cast<int64_t>(j - i), 2, file);
+    else
+      file(0, static_cast<int64_t>(j - i));
+    i = j;
   }
 }
 
@@ -287,7 +319,16 @@ bool Model::deliver(std::vector<Deferred>& later) {
   auto job = std::make_shared<std::vector<Deferred>>(std::move(later));
   later.clear();
   Backend* be = backend_.get();
-  pending_ = courier_->post([be, job] { deliver_now(*be, *job); });
+  bool concurrent = true;
+  for (auto& d : *job) concurrent = concurrent && d.to->concurrent_reads();
+  ThreadPool* pool = concurrent ? &courier_->pool() : nullptr;
+  pending_ = courier_->post([this, be, job, pool] {
+    const auto t0 = std::chrono::steady_clock::now();
+    deliver_now(*be, *job, pool);
+    std::lock_guard<std::mutex> lk(stats_mu_);
+    ++delivery_.jobs;
+    delivery_.busy_seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  });
   std::set<Hook*> hooks;
   for (auto& d : *job) hooks.insert(d.to);
   for (Hook* h : hooks) h->set_reads_done(pending_);

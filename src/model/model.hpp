@@ -16,6 +16,8 @@
 
 namespace kscope {
 
+class ThreadPool;
+
 // The compressed MLA cache of one sequence: per layer, the normed latent and the rotated rope key per token,
 // held by the model's backend (host memory on CPU, device memory on CUDA).
 struct KvCache {
@@ -75,6 +77,10 @@ class Hook {
   // pass's reads are all in before the next pass's begin. A device backend then copies and files a pass's
   // captures while the next pass runs, instead of holding the next step back.
   virtual bool async_reads() const { return false; }
+  // True when, on the delivery thread, on_read() may run on several threads at once for different (site, seq)
+  // pairs of one pass (never twice at once for one pair): the delivery thread then files a pass's rows in
+  // parallel, which matters where filing into fresh memory (first-touch page faults) is slower than a step.
+  virtual bool concurrent_reads() const { return false; }
   // Blocks until every read handed to this hook asynchronously is in; rethrows an error thrown by on_read().
   void wait_reads() const {
     if (reads_done_.valid()) reads_done_.get();
@@ -188,6 +194,14 @@ class Model {
   // Waits for the last pass's asynchronous reads. forward() does this itself before delivering the next pass,
   // generate() before it returns; hooks wait for their own reads, and get a read's error, with wait_reads().
   void drain();
+  // What delivering asynchronous reads cost so far: jobs (one per pass), the delivery thread's busy seconds
+  // (waiting for copies and filing rows), and the seconds forward() spent waiting for the pass before's reads
+  // (drain(): the part of the capture cost the caller sees).
+  struct DeliveryStats {
+    int64_t jobs = 0;
+    double busy_seconds = 0, waited_seconds = 0;
+  };
+  DeliveryStats delivery_stats() const;
   ~Model();
 
  private:
@@ -209,7 +223,8 @@ class Model {
   // Hands a pass's deferred reads to their hooks: now, or on the delivery thread (returns true: the pass's staging
   // memory must outlive it, see Backend::stage_swap).
   bool deliver(std::vector<Deferred>& later);
-  static void deliver_now(Backend& be, const std::vector<Deferred>& later);
+  // pool: files the reads after each copy in parallel (every reader concurrent_reads()); nullptr: in order
+  static void deliver_now(Backend& be, const std::vector<Deferred>& later, ThreadPool* pool = nullptr);
   class Courier;  // the delivery thread
 
   ModelConfig cfg_;
@@ -220,6 +235,8 @@ class Model {
   int64_t max_pass_tokens_ = 0;
   std::unique_ptr<Courier> courier_;
   std::shared_future<void> pending_;  // the last pass's asynchronous reads
+  mutable std::mutex stats_mu_;
+  DeliveryStats delivery_;
   std::vector<double> inv_freq_;
   double attn_factor_ = 1.0;
   float attn_scale_ = 1.0f;
