@@ -764,7 +764,13 @@ int run_gemm(const std::string& json_out) {
       } else if (fmt == cuda::kInt4) {
         W.g = 32;
         W.s_cols = sh.K / 32;
-        W.s = const_floats(size_t(sh.N) * W.s_cols, 1.0f / 64);
+        {  // bf16 scales 1/64 (0x3c80), stored as compressed-tensors ships them
+          std::vector<uint16_t> hs(size_t(sh.N) * W.s_cols, 0x3c80);
+          uint16_t* ds = nullptr;
+          CU(cudaMalloc(&ds, hs.size() * 2));
+          CU(cudaMemcpy(ds, hs.data(), hs.size() * 2, cudaMemcpyHostToDevice));
+          W.s16 = ds;
+        }
         W.s_bf16 = true;
       }
       cuda::DLin W2 = W;  // the pair's second matrix: the next rows of the same allocation (cuBLAS: one [2N, K])
@@ -792,7 +798,7 @@ int run_gemm(const std::string& json_out) {
         }
         const double mats = sh.pair ? 2.0 : 1.0;
         const double flops = 2.0 * M * double(sh.N) * sh.K * mats;
-        const double bytes = mats * (wbytes + (W.s ? 4.0 * sh.N * sh.K / (fmt == cuda::kFp8 ? 16384 : 32) : 0)) +
+        const double bytes = mats * (wbytes + (W.s ? 4.0 * sh.N * sh.K / 16384 : W.s16 ? 2.0 * sh.N * sh.K / 32 : 0)) +
                              2.0 * M * sh.K + mats * 4.0 * M * sh.N;
         const double floor = std::max(bytes / bw, flops / tc);
         const double t_best = std::min({t_few, t_tile, std::isnan(t_wg) ? t_tile : t_wg});
@@ -806,6 +812,7 @@ int run_gemm(const std::string& json_out) {
       }
       cudaFree(const_cast<uint8_t*>(W.w));
       if (W.s) cudaFree(const_cast<float*>(W.s));
+      if (W.s16) cudaFree(const_cast<uint16_t*>(W.s16));
     }
   cublasDestroy(h);
   cudaFree(X);

@@ -252,15 +252,43 @@ struct CudaBackend::Impl {
     }
     return d;
   }
-  // Uploads linear l into (w, s) at the given offsets; clears *s_bf16 when a scale is not a bf16 value.
-  void put_linear(const Linear& l, uint8_t* w, float* s, bool* s_bf16) {
+  // INT4 scales stay bf16 on the device when the checkpoint ships them so (compressed-tensors does): the matmuls
+  // read half the scale bytes of fp32 (INT4 weight + scale bytes 1.25 -> 1.125 per weight byte), the real model's
+  // scales take half the memory, and they load as raw bytes. Every other scale is fp32.
+  static bool bf16_scales(const Linear& l) {
+    return l.format == WeightFormat::int4_group && l.scale && l.scale->dtype == DType::BF16;
+  }
+  // Uploads linear l into w and its scales into s (fp32) or s16 (bf16) at the given offsets.
+  void put_linear(const Linear& l, uint8_t* w, float* s, uint16_t* s16) {
     if (l.format == WeightFormat::dense) {
       if (l.weight->dtype == DType::BF16) put_raw(*l.weight, w);
       else put_converted<uint16_t>(*l.weight, reinterpret_cast<uint16_t*>(w));
-    } else {
-      put_raw(*l.weight, w);
-      put_converted<float>(*l.scale, s, s_bf16);
+      return;
     }
+    put_raw(*l.weight, w);
+    if (!s16) {
+      put_converted<float>(*l.scale, s);
+      return;
+    }
+    KSCOPE_CHECK(static_cast<size_t>(l.scale->numel()) == scale_count(l), weights, l.scale->file + ": tensor '" + l.scale->name + "'",
+                 "{} scales for a [{}, {}] INT4 matrix in groups of {} (expected {})", l.scale->numel(), l.out, l.in, l.group,
+                 scale_count(l));
+    if (l.scale->dtype == DType::BF16) {
+      put_raw(*l.scale, reinterpret_cast<uint8_t*>(s16));
+    } else {  // an expert whose scales came in another dtype, stacked with bf16 ones: exact bf16 values only
+      bool exact = true;
+      put_converted<uint16_t>(*l.scale, s16, &exact);
+      KSCOPE_CHECK(exact, weights, l.scale->file + ": tensor '" + l.scale->name + "'",
+                   "{} scales beside experts with bf16 scales hold values bf16 cannot represent", dtype_name(l.scale->dtype));
+    }
+  }
+  // Device memory for n linears' scales in their storage (nullptr for bf16 weights).
+  void alloc_scales(const Linear& l, int64_t n, const std::string& name, float** s, uint16_t** s16) {
+    *s = nullptr;
+    *s16 = nullptr;
+    if (l.format == WeightFormat::dense) return;
+    if (bf16_scales(l)) *s16 = static_cast<uint16_t*>(dmalloc(scale_count(l) * n * 2, name));
+    else *s = static_cast<float*>(dmalloc(scale_count(l) * n * 4, name));
   }
 
   const float* param(const std::vector<float>& v) {
@@ -347,11 +375,14 @@ void CudaBackend::prepare_linear(const Linear& l) {
     d.w = static_cast<const uint8_t*>(it->second);
   } else {
     auto* w = static_cast<uint8_t*>(m.dmalloc(Impl::weight_bytes(l), l.name));
-    float* s = l.format == WeightFormat::dense ? nullptr : static_cast<float*>(m.dmalloc(Impl::scale_count(l) * 4, l.name + " scales"));
-    d.s_bf16 = true;
-    m.put_linear(l, w, s, &d.s_bf16);
+    float* s;
+    uint16_t* s16;
+    m.alloc_scales(l, 1, l.name + " scales", &s, &s16);
+    m.put_linear(l, w, s, s16);
     d.w = w;
     d.s = s;
+    d.s16 = s16;
+    d.s_bf16 = s16 != nullptr;
     m.tensors[l.weight] = w;
     m.source[{Impl::kTensor, l.weight}] = l.weight->data;
   }
@@ -379,17 +410,20 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
     const Linear& l0 = get(mw.experts[0]);
     DLin d = Impl::describe(l0);
     const size_t wb = Impl::weight_bytes(l0), sc = Impl::scale_count(l0);
-    d.s_bf16 = true;
     auto* w = static_cast<uint8_t*>(m.dmalloc(wb * S, l0.name + " (all experts)"));
-    float* s = sc ? static_cast<float*>(m.dmalloc(sc * S * 4, l0.name + " scales (all experts)")) : nullptr;
+    float* s;
+    uint16_t* s16;
+    m.alloc_scales(l0, S, l0.name + " scales (all experts)", &s, &s16);
     for (int64_t e = 0; e < S; ++e) {
       const Linear& l = get(e < E ? mw.experts[e] : *mw.shared);
       KSCOPE_CHECK(same(l, l0), weights, l.name, "experts of one layer must share format and shape ({} vs {})", format_name(l.format),
                    format_name(l0.format));
-      m.put_linear(l, w + e * wb, s ? s + e * sc : nullptr, &d.s_bf16);
+      m.put_linear(l, w + e * wb, s ? s + e * sc : nullptr, s16 ? s16 + e * sc : nullptr);
     }
     d.w = w;
     d.s = s;
+    d.s16 = s16;
+    d.s_bf16 = s16 != nullptr;
     d.w_stride = static_cast<int64_t>(wb);
     d.s_stride = static_cast<int64_t>(sc);
     return d;

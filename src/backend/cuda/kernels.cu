@@ -74,6 +74,25 @@ void launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStre
   cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
 }
 
+// A matrix's scales, fp32 (s) or bf16 (s16: INT4 scales as the checkpoint ships them, half the bytes of fp32 —
+// 1/8 of an INT4 weight's instead of 1/4, read by every matmul). [] reads either; ld<H> is the hot loops' load
+// when the kernel knows the storage (H: bf16, the kernels' SB).
+struct SPtr {
+  const float* f = nullptr;
+  const uint16_t* h = nullptr;
+  __device__ __forceinline__ float operator[](int64_t i) const { return h ? __uint_as_float(uint32_t(h[i]) << 16) : f[i]; }
+  __device__ __forceinline__ SPtr operator+(int64_t i) const { return {f ? f + i : nullptr, h ? h + i : nullptr}; }
+  template <bool H>
+  __device__ __forceinline__ float ld(int64_t i) const {
+    if constexpr (H) return __uint_as_float(uint32_t(__ldg(h + i)) << 16);
+    else return __ldg(f + i);
+  }
+};
+// Expert (group) g's scales.
+__device__ __forceinline__ SPtr scales_of(const DLin& W, int g) {
+  return {W.s ? W.s + g * W.s_stride : nullptr, W.s16 ? W.s16 + g * W.s_stride : nullptr};
+}
+
 // One weight element, dequantized (reference path of gemm_f32).
 __device__ __forceinline__ float weight_at(const DLin& W, int64_t n, int64_t k) {
   switch (W.fmt) {
@@ -81,7 +100,7 @@ __device__ __forceinline__ float weight_at(const DLin& W, int64_t n, int64_t k) 
       return fp8(W.w[n * W.w_ld + k]) * W.s[(n / W.bo) * W.s_cols + k / W.bi];
     case kInt4: {
       const uint32_t word = reinterpret_cast<const uint32_t*>(W.w + n * W.w_ld)[k / 8];
-      return static_cast<float>(static_cast<int>((word >> (4 * (k % 8))) & 15u) - 8) * W.s[n * W.s_cols + k / W.g];
+      return static_cast<float>(static_cast<int>((word >> (4 * (k % 8))) & 15u) - 8) * scales_of(W, 0)[n * W.s_cols + k / W.g];
     }
     default:
       return bf(reinterpret_cast<const bf16*>(W.w + n * W.w_ld)[k]);
@@ -94,7 +113,7 @@ constexpr int kLds = kBK + 8;  // padded smem row (bf16 elements)
 // Loads the W tile [kBN rows, kBK cols] starting at (n0, k0) into ws, dequantized to bf16. Thread t handles
 // row t/2, 32 consecutive columns. Rows past N and columns past K are zero.
 template <int FMT>
-__device__ __forceinline__ void load_w_tile(const DLin& W, const uint8_t* wb, const float* sb, int n0, int k0,
+__device__ __forceinline__ void load_w_tile(const DLin& W, const uint8_t* wb, SPtr sb, int n0, int k0,
                                             bf16 (*ws)[kLds]) {
   const int r = threadIdx.x >> 1, c0 = (threadIdx.x & 1) * 32;
   const int n = n0 + r, kseg = k0 + c0;
@@ -115,7 +134,7 @@ __device__ __forceinline__ void load_w_tile(const DLin& W, const uint8_t* wb, co
     }
   } else if constexpr (FMT == kFp8) {
     const uint8_t* src = wb + n * W.w_ld + kseg;
-    const float* srow = sb + (n / W.bo) * W.s_cols;
+    const SPtr srow = sb + (n / W.bo) * W.s_cols;
     if (full && (W.K & 15) == 0 && W.bi % 32 == 0) {
       const float sc = srow[kseg / W.bi];
       const uint4* s4 = reinterpret_cast<const uint4*>(src);
@@ -133,7 +152,7 @@ __device__ __forceinline__ void load_w_tile(const DLin& W, const uint8_t* wb, co
     }
   } else {  // kInt4
     const uint32_t* words = reinterpret_cast<const uint32_t*>(wb + n * W.w_ld) + kseg / 8;
-    const float* srow = sb + n * W.s_cols;
+    const SPtr srow = sb + n * W.s_cols;
     uint32_t wv[4];
     if (full && W.w_ld % 16 == 0) {
       const uint4 q = *reinterpret_cast<const uint4*>(words);
@@ -188,7 +207,7 @@ __global__ void __launch_bounds__(128) k_gemm(const bf16* __restrict__ X, int M,
   int g, r0, r1;
   if (!row_tile(gr, M, t, g, r0, r1)) return;
   const uint8_t* wb = W.w + g * W.w_stride;
-  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  const SPtr sb = scales_of(W, g);
   const int warp = threadIdx.x >> 5;
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
   wmma::fill_fragment(acc[0], 0.0f);
@@ -272,7 +291,7 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
   int g, r0, r1;
   if (!row_tile(gr, M, t, g, r0, r1)) return;
   const uint8_t* wb = W.w + g * W.w_stride;
-  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  const SPtr sb = scales_of(W, g);
   const int nk = W.K / kBK;
   auto issue = [&](int kt) {
     const int st = kt % kStages, k0 = kt * kBK;
@@ -2613,7 +2632,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
   const int nA = ct * kFewCols + warp * 16 + gq, nB = nA + 8;
   const bool okA = nA < W.N, okB = nB < W.N;
   const uint8_t* wb = W.w + g * W.w_stride;
-  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  const SPtr sb = scales_of(W, g);
   const uint8_t* rowA = wb + static_cast<int64_t>(okA ? nA : 0) * W.w_ld;
   const uint8_t* rowB = wb + static_cast<int64_t>(okB ? nB : 0) * W.w_ld;
   auto stage_x = [&](int st, int buf) {
@@ -2642,11 +2661,11 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
       wa[c] = okA ? __ldg(reinterpret_cast<const uint4*>(rowA + off)) : make_uint4(0, 0, 0, 0);
       wv[c] = okB ? __ldg(reinterpret_cast<const uint4*>(rowB + off)) : make_uint4(0, 0, 0, 0);
       if constexpr (FMT == kFp8) {
-        sa[c] = okA ? __ldg(sb + (nA / W.bo) * W.s_cols + k / W.bi) : 0.0f;
-        sv[c] = okB ? __ldg(sb + (nB / W.bo) * W.s_cols + k / W.bi) : 0.0f;
+        sa[c] = okA ? sb.ld<false>((nA / W.bo) * W.s_cols + k / W.bi) : 0.0f;
+        sv[c] = okB ? sb.ld<false>((nB / W.bo) * W.s_cols + k / W.bi) : 0.0f;
       } else if constexpr (FMT == kInt4) {
-        sa[c] = okA ? __ldg(sb + static_cast<int64_t>(nA) * W.s_cols + k / W.g) : 0.0f;
-        sv[c] = okB ? __ldg(sb + static_cast<int64_t>(nB) * W.s_cols + k / W.g) : 0.0f;
+        sa[c] = okA ? sb.ld<SB>(static_cast<int64_t>(nA) * W.s_cols + k / W.g) : 0.0f;
+        sv[c] = okB ? sb.ld<SB>(static_cast<int64_t>(nB) * W.s_cols + k / W.g) : 0.0f;
       }
     }
     if (st + 1 < st1) stage_x(st + 1, buf ^ 1);
@@ -2835,7 +2854,7 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
   if (!block_tile(gr, M, W.N, R, BF, g, r0, r1, ct)) return;
   const int rows = r1 - r0, n0 = ct * BF;
   const uint8_t* wb = W.w + g * W.w_stride;
-  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  const SPtr sb = scales_of(W, g);
   extern __shared__ __align__(128) uint8_t tile_sm[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
   const int wf = (warp % FW) * 64, wr = (warp / FW) * WN * 8;  // the warp's first feature and row in the tile
@@ -2975,7 +2994,7 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
   // scales: FP8 one per lane and chunk (the tile kernel takes FP8 only with bo % 64 == 0, so a warp's 64 features
   // lie in one block of rows); INT4 one per row and chunk, rows nA + 8·i (i = 2·mt + hf)
   const int nA = n0 + wf + gq;
-  const float* srow = nullptr;
+  SPtr srow;
   int64_t sstep = 0;
   if constexpr (FMT == kFp8) srow = sb + static_cast<int64_t>(min(nA, W.N - 1) / W.bo) * W.s_cols;
   if constexpr (FMT == kInt4) {
@@ -3025,9 +3044,9 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
 #pragma unroll
             for (int hf = 0; hf < 2; ++hf) {
               if constexpr (FMT == kFp8) {
-                sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? __ldg(srow + kc) : 0.0f;
+                sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? srow.ld<false>(kc) : 0.0f;
               } else {
-                sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? __ldg(srow + (2 * mt + hf) * sstep + kc) : 0.0f;
+                sc[mt][hf] = nA + mt * 16 + 8 * hf < W.N ? srow.ld<SB>((2 * mt + hf) * sstep + kc) : 0.0f;
               }
             }
         }
@@ -3160,7 +3179,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   int g, r0, r1, ct;
   if (!block_tile(gr, M, W.N, R, kWgFeat, g, r0, r1, ct)) return;
   const int rows = r1 - r0, n0 = ct * kWgFeat;
-  const float* sb = W.s ? W.s + g * W.s_stride : nullptr;
+  const SPtr sb = scales_of(W, g);
   extern __shared__ __align__(1024) uint8_t wg_sm_raw[];
   // (swizzled tiles need 1024-byte alignment)
   uint8_t* wg_sm = tma::align1024(wg_sm_raw);
@@ -3194,7 +3213,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
   for (int e = 0; e < (SPLIT ? R / 2 : 1); ++e) tot[e] = 0.0f;
   // scales (FP8: one per lane and chunk; the launch takes FP8 only with bo % 64 == 0, so a warpgroup's 64
   // features lie in one block of rows)
-  const float* srow = nullptr;
+  SPtr srow;
   if constexpr (FMT == kFp8) srow = sb + static_cast<int64_t>(min(n0 + f0 + gq, W.N - 1) / W.bo) * W.s_cols;
   if constexpr (FMT == kInt4) srow = sb + static_cast<int64_t>(n0 + f0 + gq) * W.s_cols;  // INT4: rows' own scales
   const bool sa_ok = n0 + f0 + gq < W.N, sv_ok = n0 + f0 + gq + 8 < W.N;
@@ -3227,7 +3246,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         }
       } else if constexpr (FMT == kFp8) {
         const int kk = ((st * KC + kc) * CW + tq * E16) / W.bi;
-        const float sa = sa_ok ? __ldg(srow + kk) : 0.0f, sv = sv_ok ? __ldg(srow + kk) : 0.0f;
+        const float sa = sa_ok ? srow.ld<false>(kk) : 0.0f, sv = sv_ok ? srow.ld<false>(kk) : 0.0f;
 #pragma unroll
         for (int h = 0; h < 4; ++h) {
           const uint32_t pa = word_of(wa, h), pb = word_of(wv, h);
@@ -3238,7 +3257,7 @@ __global__ void __launch_bounds__(kWgThreads, 1)
         }
       } else {  // INT4: k-step 2·wi + h holds elements (2h, 2h + 4) and (2h + 1, 2h + 5) of word wi's eight
         const int kk = ((st * KC + kc) * CW + tq * E16) / W.g;
-        const float sa = sa_ok ? __ldg(srow + kk) : 0.0f, sv = sv_ok ? __ldg(srow + 8 * W.s_cols + kk) : 0.0f;
+        const float sa = sa_ok ? srow.ld<SB>(kk) : 0.0f, sv = sv_ok ? srow.ld<SB>(8 * W.s_cols + kk) : 0.0f;
         const __nv_bfloat162 s2a = __floats2bfloat162_rn(sa, sa), s2b = __floats2bfloat162_rn(sv, sv);
 #pragma unroll
         for (int wi = 0; wi < 4; ++wi) {

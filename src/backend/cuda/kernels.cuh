@@ -21,18 +21,20 @@ enum Fmt : int { kBf16 = 0, kFp8 = 1, kInt4 = 2 };
 // A linear layer (or a stack of E experts' layers) on the device, in its stored format.
 //   kBf16: w bf16 [N, K]
 //   kFp8 : w e4m3 [N, K], s f32 [ceil(N/bo), ceil(K/bi)]
-//   kInt4: w int32 [N, ceil(K/8)] (8 nibbles, element i at bits 4i, value q+8), s f32 [N, ceil(K/g)]
-// Expert e's weight starts at w + e*w_stride bytes, its scales at s + e*s_stride floats.
+//   kInt4: w int32 [N, ceil(K/8)] (8 nibbles, element i at bits 4i, value q+8), scales [N, ceil(K/g)]: s16 bf16
+//          (s_bf16: the checkpoint's own bf16 scales, as shipped) or s f32 (scales of another dtype)
+// Expert e's weight starts at w + e*w_stride bytes, its scales at s (or s16) + e*s_stride elements.
 struct DLin {
   int fmt = kBf16;
   int N = 0, K = 0;
   const uint8_t* w = nullptr;
   const float* s = nullptr;
+  const uint16_t* s16 = nullptr;  // INT4 scales as bf16 (then s is nullptr)
   int64_t w_stride = 0, s_stride = 0;
   int bo = 0, bi = 0, g = 0;
   int s_cols = 0;   // scale columns
   int64_t w_ld = 0; // bytes per weight row
-  bool s_bf16 = false;  // every scale is a bf16 value (INT4: dequantized with bf16 multiplies, same values)
+  bool s_bf16 = false;  // INT4 scales are bf16 values stored in s16 (dequantized with bf16 multiplies, same values)
 };
 
 // Row groups of a grouped matmul: group e owns rows [row_off[e], row_off[e+1]) and row tiles
