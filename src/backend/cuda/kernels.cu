@@ -3148,12 +3148,16 @@ template <int FMT>
 __host__ __device__ constexpr int wg_kc() { return 64 * wg_xb<FMT>() / tile_cw<FMT>(); }  // chunks per stage
 template <int FMT, int R>
 __host__ __device__ constexpr int wg_stage_bytes() { return wg_xb<FMT>() * R * 128 + kWgFeat * 64 * wg_kc<FMT>(); }  // X, W
-template <int FMT, int R>
-__host__ __device__ constexpr int wg_stages() {  // as many as fit 221 KB (of 227), at most 6
-  return (221 * 1024) / wg_stage_bytes<FMT, R>() > 6 ? 6 : (221 * 1024) / wg_stage_bytes<FMT, R>();
+// Stages: as many as fit 221 KB (of 227), at most 6; BPS = 2 (blocks per multiprocessor): as many as fit 110 KB, so
+// that two blocks share a multiprocessor. The grouped (expert) launches at 64 rows per block take BPS = 2: one block
+// of 8 warps per multiprocessor left most of its issue slots idle waiting on its pipeline (MoE block 512-2048 tokens
+// 12-14% faster in INT4, NOTES 58); dense launches at 64 rows (a grid of about two waves) were 5-10% slower with it.
+template <int FMT, int R, int BPS = 1>
+__host__ __device__ constexpr int wg_stages() {
+  return (BPS == 2 ? 110 : 221) * 1024 / wg_stage_bytes<FMT, R>() > 6 ? 6 : (BPS == 2 ? 110 : 221) * 1024 / wg_stage_bytes<FMT, R>();
 }
-template <int FMT, int R>
-__host__ __device__ constexpr size_t wg_smem() { return size_t(wg_stages<FMT, R>()) * wg_stage_bytes<FMT, R>() + 1024 + 64; }
+template <int FMT, int R, int BPS = 1>
+__host__ __device__ constexpr size_t wg_smem() { return size_t(wg_stages<FMT, R, BPS>()) * wg_stage_bytes<FMT, R>() + 1024 + 64; }
 
 // Xp = X with each chunk of 4P words in k-slot order (see above); one thread per output 16-byte piece
 __global__ void k_permute_x(const uint32_t* __restrict__ X, int64_t pieces, int P, uint4* __restrict__ Xp) {
@@ -3179,13 +3183,13 @@ __global__ void k_permute_x4(const bf16* __restrict__ X, int64_t words, uint32_t
 
 // xmap: Xp as [M][K] bf16, boxes of 64 k x R rows, 128-byte swizzle; wmap/wmap2: the pair's weights as bytes.
 // cps: chunks per K split (SPLIT); grouped row tiles come in kBM units (row_tile's) and a block takes R / kBM.
-template <int FMT, int R, bool SPLIT, bool SB>
-__global__ void __launch_bounds__(kWgThreads, 1)
+template <int FMT, int R, bool SPLIT, bool SB, int BPS = 1>
+__global__ void __launch_bounds__(kWgThreads, BPS)
     k_gemm_wg(const __grid_constant__ CUtensorMap xmap, const __grid_constant__ CUtensorMap wmap,
               const __grid_constant__ CUtensorMap wmap2, int M, float* __restrict__ Y, DLin W, float* __restrict__ Y2,
               DLin W2, Groups gr, int cps) {
   pdl_entry();
-  constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), NS = wg_stages<FMT, R>(), XB = wg_xb<FMT>(), KST = 64 * XB;
+  constexpr int CW = tile_cw<FMT>(), KC = wg_kc<FMT>(), NS = wg_stages<FMT, R, BPS>(), XB = wg_xb<FMT>(), KST = 64 * XB;
   constexpr int STAGE = wg_stage_bytes<FMT, R>(), XBYTES = XB * R * 128, E16 = few_per16<FMT>();
   static_assert(NS >= 3, "the ring needs two stages ahead of the multiplies");
   const CUtensorMap* wm = &wmap;
@@ -3554,12 +3558,13 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
 struct WgMaps {
   CUtensorMap x, w, w2;
 };
-template <int FMT, int R, bool SPLIT, bool SB>
+template <int FMT, int R, bool SPLIT, bool SB, int BPS = 1>
 void launch_wg(dim3 grid, cudaStream_t s, const WgMaps& X, int M, float* Y, const DLin& W, float* Y2, const DLin& W2,
                const Groups& gr, int cps) {
-  const void* k = reinterpret_cast<const void*>(k_gemm_wg<FMT, R, SPLIT, SB>);
-  allow_smem(k, int(wg_smem<FMT, R>()));
-  launch_k(k_gemm_wg<FMT, R, SPLIT, SB>, grid, kWgThreads, wg_smem<FMT, R>(), s, X.x, X.w, X.w2, M, Y, W, Y2, W2, gr, cps);
+  const void* k = reinterpret_cast<const void*>(k_gemm_wg<FMT, R, SPLIT, SB, BPS>);
+  allow_smem(k, int(wg_smem<FMT, R, BPS>()));
+  launch_k(k_gemm_wg<FMT, R, SPLIT, SB, BPS>, grid, kWgThreads, wg_smem<FMT, R, BPS>(), s, X.x, X.w, X.w2, M, Y, W, Y2, W2, gr,
+           cps);
 }
 template <int FMT, bool SB = false>
 void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const WgMaps& X, int M, float* Y, const DLin& W,
@@ -3568,7 +3573,8 @@ void launch_wg_rows(int R, bool split, dim3 grid, cudaStream_t s, const WgMaps& 
     if (R == 64) launch_wg<FMT, 64, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
     else launch_wg<FMT, 128, true, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (R == 64) {
-    launch_wg<FMT, 64, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    if (gr.row_off) launch_wg<FMT, 64, false, SB, 2>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
+    else launch_wg<FMT, 64, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else if (R == 128) {
     launch_wg<FMT, 128, false, SB>(grid, s, X, M, Y, W, Y2, W2, gr, cps);
   } else {
