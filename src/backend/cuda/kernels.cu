@@ -4,6 +4,7 @@
 #include <atomic>
 #include <climits>
 #include <mutex>
+#include <unordered_map>
 #include <set>
 #include <tuple>
 #include <type_traits>
@@ -2551,7 +2552,7 @@ __global__ void __launch_bounds__(256) k_sample_rows(const float* lg, int64_t V,
 // inside a chunk is a lane-specific permutation that the B fragments follow; X is staged in its own order with an
 // XOR swizzle inside 128-byte segments (few_swz), so that every X read is one conflict-free 16-byte load (NOTES
 // 55). A block is 4 warps × 16 output features over a range of K stages; dense matrices with few output columns split K over blocks by shape alone (partial sums
-// added in a fixed order by k_sum_parts). Each output element's chain of operations depends only on its own row,
+// added in split order by the tile's last block). Each output element's chain of operations depends only on its own row,
 // the weights and the shape, so it is the same alone or batched. The dequantized weight values are those of the
 // tile kernels (bf16(fp8 · scale), bf16((q − 8) · scale)); the fp32 sums are grouped differently.
 constexpr int kFewWarps = 4, kFewCols = 16 * kFewWarps;
@@ -2609,10 +2610,13 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
 
 // Five blocks per multiprocessor at up to 8 rows (NT = 1; 96 registers): the gate+up pair at one row has 576 blocks
 // (9 experts or 18432 features x 2, 64 per block), one wave of 660 slots instead of 528 + a partial second wave.
+// K split (part != nullptr): each block writes its split's sums to part; the last of a tile's ksplit blocks to finish
+// (a counter per tile in cnt, which it resets) adds the splits' sums in split order into Y: Y[i] = Σ_s part[s][i]
+// from 0 — what a separate reduction kernel did, without its launch (NOTES 61).
 template <int FMT, int NT, bool SB>
 __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
-                                                     float* part) {
+                                                     float* part, int* cnt) {
   pdl_entry();
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
   constexpr int XLD = few_xld<FMT>(), R = 8 * NT, P = E16 / 8;  // P: a lane's 16-byte X pieces per chunk
@@ -2789,17 +2793,26 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
         if (okB) out[row + nB] = acc[j][2 + e];
       }
     }
-}
-// y[i] = Σ_s part[s][i] in split order; blockIdx.y picks the pair's second matmul
-__global__ void k_sum_parts(const float* part, int ksplit, int64_t n, float* y, float* y2) {
-  pdl_entry();
-  const float* p = part + (blockIdx.y ? static_cast<int64_t>(ksplit) * n : 0);
-  float* out = blockIdx.y ? y2 : y;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+  if (!part) return;
+  // the tile's split sums: the last block to arrive adds them
+  __shared__ int last;
+  __threadfence();  // this block's partial sums, visible device-wide before it counts itself in
+  __syncthreads();
+  int* c = cnt + (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * (gridDim.x / ksplit) + ct;
+  if (threadIdx.x == 0) last = atomicAdd(c, 1) == ksplit - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int64_t plane = static_cast<int64_t>(M) * W.N;
+  for (int i = threadIdx.x; i < rows * kFewCols; i += 128) {
+    const int tok = i / kFewCols, n = ct * kFewCols + i % kFewCols;
+    if (n >= W.N) continue;
+    const int64_t o = static_cast<int64_t>(r0 + tok) * W.N + n;
     float a = 0;
-    for (int s = 0; s < ksplit; ++s) a += p[s * n + i];
-    out[i] = a;
+    for (int sp = 0; sp < ksplit; ++sp) a += __ldcg(part + sp * plane + o);
+    Y[o] = a;
   }
+  if (threadIdx.x == 0) *c = 0;  // for the next launch on this stream
 }
 
 // ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
@@ -2808,7 +2821,8 @@ __global__ void k_sum_parts(const float* part, int ksplit, int64_t n, float* y, 
 // (weights) and 4 m-tiles (rows). Every mma gets the operands k_gemm_few gives it, in the same places: a lane's 16
 // bytes of a weight row per chunk, dequantized by the same functions, and the X elements of the same k; an output
 // element's mmas run in the same k order from zero, K is split where the streamed kernel splits it (dense narrow
-// matrices), and the splits' sums are added in k_sum_parts' order, here in registers. So a row's bits are those of
+// matrices), and the splits' sums are added in split order from zero, as the streamed kernel's last block adds them, here in
+// registers. So a row's bits are those of
 // the streamed kernel at any row count, and the two kernels can be chosen by batch size alone.
 // Warps: FW along the features (64 each) × 2 along the rows (8·WN each). Shared memory per stage: the weight tile
 // [64·FW][64 bytes] (one chunk: 32 bf16 / 64 fp8 / 128 int4 k), then the X tile [R][chunk] with each lane's 16-byte
@@ -3084,7 +3098,7 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
         if constexpr (MODE == 2) chunk(std::true_type{}, ws, xs, sc);
         if constexpr (MODE == 1) chunk(std::false_type{}, ws, xs, sc);
       }
-      if constexpr (SPLIT) {  // the end of a split: its sum joins the total, as k_sum_parts adds
+      if constexpr (SPLIT) {  // the end of a split: its sum joins the total, in split order
         each_acc([&](int mt, int j, int e) {
           tot[mt][j][e] += acc[mt][j][e];
           acc[mt][j][e] = 0.0f;
@@ -3139,7 +3153,7 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
 // warpgroup has waited for the wgmma group that read it). The tensor cores read A registers until the group is
 // waited for, so a warpgroup waits for its previous group before loading the next fragments (the other
 // warpgroup's multiplies fill that gap). K splits (narrow dense matrices) end with their sum added to the total in
-// registers, as k_sum_parts adds them. INT4 (chunks of 128 k, stages of one chunk) takes X permuted element by
+// registers, in split order as the streamed kernel adds them. INT4 (chunks of 128 k, stages of one chunk) takes X permuted element by
 // element (k_permute_x4: its fragments pair elements 4 apart).
 constexpr int kWgFeat = 128, kWgThreads = 256;
 template <int FMT>
@@ -3230,7 +3244,7 @@ __global__ void __launch_bounds__(kWgThreads, BPS)
   float acc[R / 2];
 #pragma unroll
   for (int e = 0; e < R / 2; ++e) acc[e] = 0.0f;
-  float tot[SPLIT ? R / 2 : 1];  // K split: the splits' sums added in k_sum_parts' order
+  float tot[SPLIT ? R / 2 : 1];  // K split: the splits' sums added in split order
 #pragma unroll
   for (int e = 0; e < (SPLIT ? R / 2 : 1); ++e) tot[e] = 0.0f;
   // scales (FP8: one per lane and chunk; the launch takes FP8 only with bo % 64 == 0, so a warpgroup's 64
@@ -3455,17 +3469,41 @@ bool same_shape(const DLin& a, const DLin& b) {
 }
 template <int FMT, int NT, bool SB>
 void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
-                const DLin& W2, const Groups& gr, int ksplit, float* part) {
+                const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
   allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB>), int(few_smem<FMT>(NT)));
-  launch_k(k_gemm_few<FMT, NT, SB>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part);
+  launch_k(k_gemm_few<FMT, NT, SB>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
 }
 template <int FMT, bool SB>
 void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
-                   const DLin& W2, const Groups& gr, int ksplit, float* part) {
+                   const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
   const size_t smem = few_smem<FMT>(nt);
-  if (nt == 1) launch_few<FMT, 1, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part);
-  else if (nt == 2) launch_few<FMT, 2, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part);
-  else launch_few<FMT, 4, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part);
+  if (nt == 1) launch_few<FMT, 1, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  else if (nt == 2) launch_few<FMT, 2, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  else launch_few<FMT, 4, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+}
+// The split matmuls' tile counters of a stream: zero between launches (the last block of each tile resets its
+// own), grown (synchronously, once) to the largest grid seen; one array per stream, so launches on different
+// streams never share a counter, and launches on one stream run one after the other.
+int* split_counters(cudaStream_t s, size_t n) {
+  static std::mutex mu;
+  static std::unordered_map<cudaStream_t, std::pair<int*, size_t>> per_stream;
+  std::lock_guard<std::mutex> lk(mu);
+  auto& [p, cap] = per_stream[s];
+  if (cap < n) {
+    if (p) {
+      if (cudaStreamSynchronize(s) != cudaSuccess || cudaFree(p) != cudaSuccess) cuda_fail(cudaGetLastError(), "split counters");
+    }
+    p = nullptr;
+    cap = 0;
+    const size_t want = std::max<size_t>(n, 4096);
+    if (cudaMalloc(reinterpret_cast<void**>(&p), want * sizeof(int)) != cudaSuccess) {
+      cudaGetLastError();
+      cuda_fail(cudaErrorMemoryAllocation, "counters of the split matmuls");
+    }
+    if (cudaMemset(p, 0, want * sizeof(int)) != cudaSuccess) cuda_fail(cudaGetLastError(), "split counters");
+    cap = want;
+  }
+  return p;
 }
 // One launch of the streamed-weight matmul over max_row_tiles row tiles of at most max_rows rows (8/16/32: the
 // n-tiles a block carries; it does not change any output bit).
@@ -3480,19 +3518,17 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
     cuda_fail(cudaErrorMemoryAllocation, "partial sums of a split matmul");
   }
   const dim3 grid(static_cast<unsigned>(col_tiles * ksplit), static_cast<unsigned>(max_row_tiles), W2 ? 2u : 1u);
+  int* cnt = part ? split_counters(s, static_cast<size_t>(col_tiles) * grid.y * grid.z) : nullptr;
   const DLin& w2 = W2 ? *W2 : W;
   switch (W.fmt) {
-    case kFp8: launch_few_nt<kFp8, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part); break;
+    case kFp8: launch_few_nt<kFp8, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt); break;
     case kInt4:
-      if (W.s_bf16) launch_few_nt<kInt4, true>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part);
-      else launch_few_nt<kInt4, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part);
+      if (W.s_bf16) launch_few_nt<kInt4, true>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt);
+      else launch_few_nt<kInt4, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt);
       break;
-    default: launch_few_nt<kBf16, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part); break;
+    default: launch_few_nt<kBf16, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt); break;
   }
-  if (part) {
-    launch_k(k_sum_parts, dim3(static_cast<unsigned>(grid_for(n_out)), W2 ? 2u : 1u), 256, 0, s, part, ksplit, n_out, Y, Y2);
-    cudaFreeAsync(part, s);
-  }
+  if (part) cudaFreeAsync(part, s);
 }
 
 template <int FMT, int FW, int WN, bool SPLIT, bool SB>
