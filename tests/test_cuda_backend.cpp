@@ -447,6 +447,41 @@ TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
   }
 }
 
+// The norms' bf16 copy (rmsnorm_bf16) is exactly bf16 of their fp32 output, and the matmuls fed with it
+// (linear_bf16, mlp_bf16) give the bits of the same matmuls converting their fp32 input themselves.
+TEST_F(CudaOps, the_norms_bf16_copy_feeds_the_matmuls_the_bits_of_their_own_conversion) {
+  ASSERT_TRUE(gpu_->bf16_inputs());
+  struct Norm { int64_t n, d, ld; };
+  for (Norm c : {Norm{1, 512, 512}, Norm{5, 512, 576}, Norm{40, 256, 256}, Norm{3, 7168, 7168}}) {
+    const auto x = randn(c.n * c.ld), w = randn(c.d);
+    auto xd = dev(x);
+    auto o1 = poisoned(c.n * c.d), o2 = poisoned(c.n * c.d);
+    Buf<uint16_t> o16(*gpu_, c.n * c.d);
+    gpu_->rmsnorm(xd.data(), w, c.n, c.d, 1e-6f, o1.data(), c.ld);
+    gpu_->rmsnorm_bf16(xd.data(), w, c.n, c.d, 1e-6f, o2.data(), o16.data(), c.ld);
+    const auto f = o1.host();
+    EXPECT_EQ(o2.host(), f) << "rmsnorm_bf16's fp32 output, d=" << c.d;
+    std::vector<uint16_t> want(f.size());
+    for (size_t i = 0; i < f.size(); ++i) want[i] = f32_to_bf16(f[i]);
+    EXPECT_EQ(o16.host(), want) << "rmsnorm_bf16's bf16 copy, d=" << c.d << " ld=" << c.ld;
+    if (c.d == 7168) continue;
+    for (auto wf : kFormats) {
+      const Linear& l = make_linear(wf, 200, c.d);
+      gpu_->prepare_linear(l);
+      auto y1 = poisoned(c.n * 200), y2 = poisoned(c.n * 200);
+      gpu_->linear(l, o1.data(), c.n, y1.data());
+      gpu_->linear_bf16(l, o1.data(), o16.data(), c.n, y2.data());
+      EXPECT_EQ(y1.host(), y2.host()) << "linear_bf16 " << format_name(wf) << " d=" << c.d << " n=" << c.n;
+      MlpWeights mlp;
+      make_mlp(mlp, wf, c.d, 256);
+      auto m1 = poisoned(c.n * c.d), m2 = poisoned(c.n * c.d);
+      gpu_->mlp(mlp, o1.data(), c.n, m1.data());
+      gpu_->mlp_bf16(mlp, o1.data(), o16.data(), c.n, m2.data());
+      EXPECT_EQ(m1.host(), m2.host()) << "mlp_bf16 " << format_name(wf) << " d=" << c.d << " n=" << c.n;
+    }
+  }
+}
+
 TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {
   // RMSNorm at an odd width (strided rows too), Kimi-K2's hidden width, its kv_a rows (512 of 576) and a row too
   // wide for shared memory (read twice from global memory)

@@ -104,6 +104,22 @@ class Backend {
   virtual bool moe_includes_shared(const MoeWeights& w) const { return false; }
   // out[n, H] = down(silu(gate(x)) * up(x))
   virtual void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) = 0;
+  // bf16 copies of matmul inputs, for backends whose matmuls read bf16 activations (the CUDA one: each linear/mlp
+  // otherwise converts its fp32 input in a launch of its own). With bf16_inputs(), rmsnorm_bf16 also writes
+  // bf16(out) into out_bf16 (when not nullptr), and linear_bf16 / mlp_bf16 take x_bf16 == bf16(x) — which the
+  // caller guarantees: nothing may write x between — instead of converting x. The same bits either way. Defaults:
+  // the plain ops (x_bf16 ignored).
+  virtual bool bf16_inputs() const { return false; }
+  virtual void rmsnorm_bf16(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
+                            uint16_t* out_bf16, int64_t ld = 0) {
+    rmsnorm(x, w, n, d, eps, out, ld);
+  }
+  virtual void linear_bf16(const Linear& w, const float* x, const uint16_t* x_bf16, int64_t n, float* y) {
+    linear(w, x, n, y);
+  }
+  virtual void mlp_bf16(const MlpWeights& w, const float* x, const uint16_t* x_bf16, int64_t n, float* out) {
+    mlp(w, x, n, out);
+  }
   // y += x
   virtual void add(float* y, const float* x, int64_t n) = 0;
   // dst[i, :] = src[rows[i], :]   (rows: backend memory, n entries)

@@ -91,7 +91,7 @@ void HookList::on_router(int64_t layer, int64_t seq, const float* logits, int32_
 // the shared expert on a second stream beside the router was measured slower at one token on the H100: its matmul
 // fills every multiprocessor, so the router's one-block kernels wait for it.
 void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const float* x, int64_t N, float* y,
-               const std::function<void(float*, int32_t*, float*)>& on_route) {
+               const std::function<void(float*, int32_t*, float*)>& on_route, const uint16_t* x_bf16) {
   const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, H = cfg.hidden_size;
   Buf<float> rl(be, N * E), wt(be, N * K);
   Buf<int32_t> idx(be, N * K);
@@ -101,7 +101,7 @@ void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const f
   be.moe_experts(m, x, N, K, idx.data(), wt.data(), y);
   if (m.shared && !be.moe_includes_shared(m)) {
     Buf<float> sh(be, N * H);
-    be.mlp(*m.shared, x, N, sh.data());
+    be.mlp_bf16(*m.shared, x, x_bf16, N, sh.data());
     be.add(y, sh.data(), N * H);
   }
 }
@@ -335,7 +335,7 @@ bool Model::deliver(std::vector<Deferred>& later) {
   return true;
 }
 
-void Model::attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items,
+void Model::attention(int64_t layer, const float* x, const uint16_t* x_bf16, const std::vector<ForwardItem>& items,
                       const std::vector<int64_t>& row0, const int64_t* pos, int64_t N,
                       const std::vector<uint8_t>& absorbed, float* out) {
   Backend& be = *backend_;
@@ -346,17 +346,19 @@ void Model::attention(int64_t layer, const float* x, const std::vector<ForwardIt
   // queries [N, heads, nope + rope]
   Buf<float> q(be, N * nh * dq);
   if (a.q_proj) {
-    be.linear(*a.q_proj, x, N, q.data());
+    be.linear_bf16(*a.q_proj, x, x_bf16, N, q.data());
   } else {
-    Buf<float> qa(be, N * a.q_a_proj->out);
-    be.linear(*a.q_a_proj, x, N, qa.data());
-    be.rmsnorm(qa.data(), a.q_a_norm, N, a.q_a_proj->out, eps, qa.data());
-    be.linear(*a.q_b_proj, qa.data(), N, q.data());
+    const int64_t Q = a.q_a_proj->out;
+    Buf<float> qa(be, N * Q);
+    Buf<uint16_t> qa16(be, x_bf16 ? N * Q : 0);
+    be.linear_bf16(*a.q_a_proj, x, x_bf16, N, qa.data());
+    be.rmsnorm_bf16(qa.data(), a.q_a_norm, N, Q, eps, qa.data(), qa16.data());
+    be.linear_bf16(*a.q_b_proj, qa.data(), qa16.data(), N, q.data());
   }
   be.rope(q.data(), N, nh, nh * dq, dq, cfg_.qk_nope_head_dim, dr, pos, inv_freq_, attn_factor_, cfg_.rope.interleave);
   // compressed kv [N, kv_lora + rope]: normed latent + shared rope key, appended to each sequence's cache
   Buf<float> ckv(be, N * (C + dr)), lat(be, N * C);
-  be.linear(a.kv_a_proj, x, N, ckv.data());
+  be.linear_bf16(a.kv_a_proj, x, x_bf16, N, ckv.data());
   be.rmsnorm(ckv.data(), a.kv_a_norm, N, C, eps, lat.data(), C + dr);
   be.rope(ckv.data(), N, 1, C + dr, 0, C, dr, pos, inv_freq_, attn_factor_, cfg_.rope.interleave);
   std::vector<AttnSeq> seqs;
@@ -406,17 +408,20 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t
   Buf<int32_t> ids_b(be, ids);
   Buf<int64_t> pos_b(be, pos);
   Buf<float> h(be, N * H), x(be, N * H), y(be, N * H);  // residual [N, H], normed input, sublayer output
+  // bf16(x), written by the norms, for backends whose matmuls read bf16 (nothing writes x between a norm and the
+  // matmuls that read it: no hook site lies between them)
+  Buf<uint16_t> x16(be, be.bf16_inputs() ? N * H : 0);
   be.embed(*w_.embed, ids_b.data(), N, h.data());
   emit(obs, {SiteKind::embed, -1}, items, row0, h.data(), N, H, later);
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     const auto& lw = w_.layers[l];
     emit(obs, {SiteKind::resid_pre, l}, items, row0, h.data(), N, H, later);
-    be.rmsnorm(h.data(), lw.input_norm, N, H, eps, x.data());
-    attention(l, x.data(), items, row0, pos_b.data(), N, absorbed, y.data());
+    be.rmsnorm_bf16(h.data(), lw.input_norm, N, H, eps, x.data(), x16.data());
+    attention(l, x.data(), x16.data(), items, row0, pos_b.data(), N, absorbed, y.data());
     emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), N, H, later);
     be.add(h.data(), y.data(), N * H);
     emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H, later);
-    be.rmsnorm(h.data(), lw.post_attention_norm, N, H, eps, x.data());
+    be.rmsnorm_bf16(h.data(), lw.post_attention_norm, N, H, eps, x.data(), x16.data());
     if (lw.moe) {
       const int64_t E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
       std::function<void(float*, int32_t*, float*)> on_route;
@@ -450,9 +455,9 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t
             be.upload(wt, wth.data(), wth.size() * sizeof(float));
           }
         };
-      moe_block(be, cfg_, *lw.moe, x.data(), N, y.data(), on_route);
+      moe_block(be, cfg_, *lw.moe, x.data(), N, y.data(), on_route, x16.data());
     } else {
-      be.mlp(*lw.mlp, x.data(), N, y.data());
+      be.mlp_bf16(*lw.mlp, x.data(), x16.data(), N, y.data());
     }
     emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), N, H, later);
     be.add(h.data(), y.data(), N * H);

@@ -155,8 +155,10 @@ struct ForwardItem {
 // One MoE block as the model runs it (router, top-k, routed experts, shared expert added): y[N, H]
 // from the normed input x[N, H]. on_route, when given, sees the router's logits [N, E], choices and weights [N, K]
 // in backend memory before the experts run, and may rewrite the choices and weights (the model's router hooks).
+// x_bf16: bf16(x) for a backend with bf16_inputs() (the shared expert's input), or nullptr.
 void moe_block(Backend& be, const ModelConfig& cfg, const MoeWeights& m, const float* x, int64_t N, float* y,
-               const std::function<void(float* logits, int32_t* idx, float* weight)>& on_route = nullptr);
+               const std::function<void(float* logits, int32_t* idx, float* weight)>& on_route = nullptr,
+               const uint16_t* x_bf16 = nullptr);
 
 class Model {
  public:
@@ -206,7 +208,8 @@ class Model {
 
  private:
   // absorbed[i]: sequence i attends in the absorbed (decode) form
-  void attention(int64_t layer, const float* x, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,
+  void attention(int64_t layer, const float* x, const uint16_t* x_bf16, const std::vector<ForwardItem>& items,
+                 const std::vector<int64_t>& row0,
                  const int64_t* pos, int64_t N, const std::vector<uint8_t>& absorbed, float* out);
   struct Deferred;  // a read delivered after the pass (device backends)
   void emit(Hook* hook, const Site& site, const std::vector<ForwardItem>& items, const std::vector<int64_t>& row0,

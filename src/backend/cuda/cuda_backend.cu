@@ -551,7 +551,7 @@ void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
   const uint64_t per_token = 4 * (4 * H + nh * (cfg.qk_head_dim() + cfg.v_head_dim) + cfg.kv_lora_rank * 2 +
                                   std::max<int64_t>(1, cfg.n_routed_experts) + cfg.vocab_size) +
                              K * (2 * 2 * H + 4 * 2 * cfg.moe_intermediate_size + 2 * cfg.moe_intermediate_size + 4 * H) +
-                             4 * 3 * I;
+                             4 * 3 * I + 2 * H;  // (2 H: the norms' bf16 copy of the matmul input)
   p.kv_bytes_per_token = static_cast<uint64_t>(cfg.num_hidden_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2;
   // CUDA context growth, fragmentation, the two capture snapshot buffers
   const uint64_t reserve = (512ull << 20) + 2 * Impl::kSnapBytes;
@@ -671,6 +671,11 @@ void CudaBackend::embed(const TensorInfo& table, const int32_t* ids, int64_t n, 
 
 void CudaBackend::rmsnorm(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
                           int64_t ld) {
+  rmsnorm_bf16(x, w, n, d, eps, out, nullptr, ld);
+}
+
+void CudaBackend::rmsnorm_bf16(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
+                               uint16_t* out_bf16, int64_t ld) {
   if (ld == 0) ld = d;
   const float* dw = impl_->param(w);
   Buf<float> tmp;
@@ -678,20 +683,27 @@ void CudaBackend::rmsnorm(const float* x, const std::vector<float>& w, int64_t n
     tmp = Buf<float>(*this, w);
     dw = tmp.data();
   }
-  cuda::rmsnorm(x, ld, dw, n, d, eps, out, impl_->stream);
+  cuda::rmsnorm(x, ld, dw, n, d, eps, out, reinterpret_cast<bf16*>(out_bf16), impl_->stream);
 }
 
-void CudaBackend::linear(const Linear& w, const float* x, int64_t n, float* y) {
+void CudaBackend::linear(const Linear& w, const float* x, int64_t n, float* y) { linear_bf16(w, x, nullptr, n, y); }
+
+void CudaBackend::linear_bf16(const Linear& w, const float* x, const uint16_t* x_bf16, int64_t n, float* y) {
   auto it = impl_->lin.find(&w);
   KSCOPE_CHECK(it != impl_->lin.end() && impl_->current(Impl::kLinear, &w, w.weight->data), internal, "cuda", "linear '{}' was not prepared", w.name);
   if (impl_->fp32_input.count(&w)) {
     cuda::gemm_f32(x, static_cast<int>(n), y, it->second, impl_->stream);
     return;
   }
-  Buf<bf16> xb(*this, n * w.in);
-  cuda::f32_to_bf16(x, xb.data(), n * w.in, impl_->stream);
+  Buf<bf16> xb;
+  const bf16* xin = reinterpret_cast<const bf16*>(x_bf16);
+  if (!xin) {
+    xb = Buf<bf16>(*this, n * w.in);
+    cuda::f32_to_bf16(x, xb.data(), n * w.in, impl_->stream);
+    xin = xb.data();
+  }
   KSCOPE_CHECK(cdiv(n, cuda::kBM) <= 65535, resource, "cuda", "{} rows in one matmul exceed the grid limit", n);
-  cuda::gemm(xb.data(), static_cast<int>(n), y, it->second, {}, static_cast<int>(cdiv(n, cuda::kBM)), impl_->stream);
+  cuda::gemm(xin, static_cast<int>(n), y, it->second, {}, static_cast<int>(cdiv(n, cuda::kBM)), impl_->stream);
 }
 
 void CudaBackend::rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset,
@@ -872,7 +884,9 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   cuda::moe_combine(dn.data(), slot_pos.data(), idx, weight, n, static_cast<int>(k), H, out, m.stream);
 }
 
-void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out) {
+void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out) { mlp_bf16(w, x, nullptr, n, out); }
+
+void CudaBackend::mlp_bf16(const MlpWeights& w, const float* x, const uint16_t* x_bf16, int64_t n, float* out) {
   Impl& m = *impl_;
   auto gi = m.lin.find(&w.gate), ui = m.lin.find(&w.up), di = m.lin.find(&w.down);
   KSCOPE_CHECK(gi != m.lin.end() && ui != m.lin.end() && di != m.lin.end() && m.current(Impl::kLinear, &w.gate, w.gate.weight->data) &&
@@ -881,11 +895,16 @@ void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out
                w.gate.name);
   const int64_t H = w.gate.in, I = w.gate.out;
   if (n == 0) return;
-  Buf<bf16> xb(*this, n * H);
-  cuda::f32_to_bf16(x, xb.data(), n * H, m.stream);
+  Buf<bf16> xb;
+  const bf16* xin = reinterpret_cast<const bf16*>(x_bf16);
+  if (!xin) {
+    xb = Buf<bf16>(*this, n * H);
+    cuda::f32_to_bf16(x, xb.data(), n * H, m.stream);
+    xin = xb.data();
+  }
   const int tiles = static_cast<int>(cdiv(n, cuda::kBM));
   Buf<float> g(*this, n * I), u(*this, n * I);
-  cuda::gemm(xb.data(), static_cast<int>(n), g.data(), gi->second, {}, tiles, m.stream, u.data(), &ui->second);
+  cuda::gemm(xin, static_cast<int>(n), g.data(), gi->second, {}, tiles, m.stream, u.data(), &ui->second);
   Buf<bf16> act(*this, n * I);
   cuda::silu_mul(g.data(), u.data(), n * I, act.data(), m.stream);
   cuda::gemm(act.data(), static_cast<int>(n), out, di->second, {}, tiles, m.stream);

@@ -65,6 +65,11 @@ class CudaBackend final : public Backend {
   void moe_experts(const MoeWeights& w, const float* x, int64_t n, int64_t k, const int32_t* idx, const float* weight,
                    float* out) override;
   void mlp(const MlpWeights& w, const float* x, int64_t n, float* out) override;
+  bool bf16_inputs() const override { return true; }
+  void rmsnorm_bf16(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
+                    uint16_t* out_bf16, int64_t ld = 0) override;
+  void linear_bf16(const Linear& w, const float* x, const uint16_t* x_bf16, int64_t n, float* y) override;
+  void mlp_bf16(const MlpWeights& w, const float* x, const uint16_t* x_bf16, int64_t n, float* out) override;
   void add(float* y, const float* x, int64_t n) override;
   void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) override;
   void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum, float* top_v,

@@ -3347,7 +3347,7 @@ __global__ void __launch_bounds__(kWgThreads, BPS)
 // RMSNorm, one block per row: the row read once (16-byte loads where aligned) into shared memory when it fits there
 // (row_in_smem; out may alias x, so a row that does not fit is read again from x), squares summed by warps.
 __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ w, int64_t d,
-                                                      float eps, float* out, bool row_in_smem) {
+                                                      float eps, float* out, bf16* out16, bool row_in_smem) {
   pdl_entry();
   extern __shared__ float row[];  // [d] when row_in_smem
   __shared__ float part[32];
@@ -3369,7 +3369,11 @@ __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld
   }
   const float r = 1.0f / sqrtf(block_sum(ss, part) / static_cast<float>(d) + eps);
   const float* src = row_in_smem ? row : xr;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) out[t * d + i] = w[i] * (src[i] * r);
+  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
+    const float v = w[i] * (src[i] * r);
+    out[t * d + i] = v;
+    if (out16) out16[t * d + i] = __float2bfloat16(v);  // what k_f32_to_bf16 makes of out
+  }
 }
 
 // fp32-input matmul (routers) for bf16 weights with K % 64 == 0: a block of 8 warps per output feature and up to 4
@@ -3792,11 +3796,13 @@ void add(float* y, const float* x, int64_t n, cudaStream_t s) {
 void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
   if (n) launch_k(k_embed, dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s, table, H, ids, out);
 }
-void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, cudaStream_t s) {
+void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, bf16* out16,
+             cudaStream_t s) {
   if (n == 0) return;
   const bool in_smem = d * 4 <= 48 * 1024;
   const int block = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, cdiv(cdiv(d, 4), 32) * 32)));
-  launch_k(k_rmsnorm_row, static_cast<unsigned>(n), block, in_smem ? d * sizeof(float) : 0, s, x, ld, w, d, eps, out, in_smem);
+  launch_k(k_rmsnorm_row, static_cast<unsigned>(n), block, in_smem ? d * sizeof(float) : 0, s, x, ld, w, d, eps, out, out16,
+           in_smem);
 }
 void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
           const int64_t* pos, const float* inv_freq, float attn_factor, bool interleaved, cudaStream_t s) {
