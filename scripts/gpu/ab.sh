@@ -22,13 +22,14 @@ if [ -n "${SLICE:-}" ]; then
   d=/tmp/k2-slice-$SLICE-2
   [ -f $d/config.json ] || build-gpu/bench/bench_gpu make $d --format $SLICE --layers 2 2>&1 | tail -1
 fi
-# REPEAT=n runs the pair n times (A B A B ...: drift of the machine shows as a difference between the rounds)
-for i in $(seq 1 ${REPEAT:-1}); do
-  for v in A B; do
-    if [ $v = A ]; then BENCH_GPU=$PWD/build-gpu/bench/bench_gpu; else BENCH_GPU=$B/build-gpu/bench/bench_gpu; fi
-    echo "== $v${REPEAT:+ (round $i)}"
-    eval "$CMD" > "$OUT/ab-$v$i.txt" 2>&1
-    cat "$OUT/ab-$v$i.txt" | grep -v "^ *writing"
+# REPEAT=n runs the pair n times (A B A B ...: drift of the machine shows as a difference between the rounds).
+# CMD runs in a subshell, so its own variables (a `for i` loop) cannot change the rounds here.
+for ab_round in $(seq 1 ${REPEAT:-1}); do
+  for ab_v in A B; do
+    if [ $ab_v = A ]; then BENCH_GPU=$PWD/build-gpu/bench/bench_gpu; else BENCH_GPU=$B/build-gpu/bench/bench_gpu; fi
+    echo "== $ab_v${REPEAT:+ (round $ab_round)}"
+    ( export BENCH_GPU; eval "$CMD" ) > "$OUT/ab-$ab_v$ab_round.txt" 2>&1
+    grep -v "^ *writing" "$OUT/ab-$ab_v$ab_round.txt"
   done
 done
 rm -f "$OUT/cmake.log" "$OUT/build.log"
