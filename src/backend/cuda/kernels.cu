@@ -2610,10 +2610,12 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
 
 // Five blocks per multiprocessor at up to 8 rows (NT = 1; 96 registers): the gate+up pair at one row has 576 blocks
 // (9 experts or 18432 features x 2, 64 per block), one wave of 660 slots instead of 528 + a partial second wave.
-// K split (part != nullptr): each block writes its split's sums to part; the last of a tile's ksplit blocks to finish
-// (a counter per tile in cnt, which it resets) adds the splits' sums in split order into Y: Y[i] = Σ_s part[s][i]
-// from 0 — what a separate reduction kernel did, without its launch (NOTES 61).
-template <int FMT, int NT, bool SB>
+// K split (SPLIT, part != nullptr): each block writes its split's sums to part; the last of a tile's ksplit blocks to
+// finish (a counter per tile in cnt, which it resets) adds the splits' sums in split order into Y: Y[i] = Σ_s
+// part[s][i] from 0 — what a separate reduction kernel did, without its launch (NOTES 61). A template parameter, so
+// that the unsplit launches (every expert launch) compile without that tail: with it in every variant the MoE block
+// ran 5-10% slower at 1-256 tokens (NOTES 63).
+template <int FMT, int NT, bool SB, bool SPLIT>
 __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
                                                      float* part, int* cnt) {
@@ -2793,26 +2795,27 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
         if (okB) out[row + nB] = acc[j][2 + e];
       }
     }
-  if (!part) return;
-  // the tile's split sums: the last block to arrive adds them
-  __shared__ int last;
-  __threadfence();  // this block's partial sums, visible device-wide before it counts itself in
-  __syncthreads();
-  int* c = cnt + (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * (gridDim.x / ksplit) + ct;
-  if (threadIdx.x == 0) last = atomicAdd(c, 1) == ksplit - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int64_t plane = static_cast<int64_t>(M) * W.N;
-  for (int i = threadIdx.x; i < rows * kFewCols; i += 128) {
-    const int tok = i / kFewCols, n = ct * kFewCols + i % kFewCols;
-    if (n >= W.N) continue;
-    const int64_t o = static_cast<int64_t>(r0 + tok) * W.N + n;
-    float a = 0;
-    for (int sp = 0; sp < ksplit; ++sp) a += __ldcg(part + sp * plane + o);
-    Y[o] = a;
+  if constexpr (SPLIT) {
+    // the tile's split sums: the last block to arrive adds them
+    __shared__ int last;
+    __threadfence();  // this block's partial sums, visible device-wide before it counts itself in
+    __syncthreads();
+    int* c = cnt + (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * (gridDim.x / ksplit) + ct;
+    if (threadIdx.x == 0) last = atomicAdd(c, 1) == ksplit - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+    const int64_t plane = static_cast<int64_t>(M) * W.N;
+    for (int i = threadIdx.x; i < rows * kFewCols; i += 128) {
+      const int tok = i / kFewCols, n = ct * kFewCols + i % kFewCols;
+      if (n >= W.N) continue;
+      const int64_t o = static_cast<int64_t>(r0 + tok) * W.N + n;
+      float a = 0;
+      for (int sp = 0; sp < ksplit; ++sp) a += __ldcg(part + sp * plane + o);
+      Y[o] = a;
+    }
+    if (threadIdx.x == 0) *c = 0;  // for the next launch on this stream
   }
-  if (threadIdx.x == 0) *c = 0;  // for the next launch on this stream
 }
 
 // ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
@@ -3474,8 +3477,13 @@ bool same_shape(const DLin& a, const DLin& b) {
 template <int FMT, int NT, bool SB>
 void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                 const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
-  allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB>), int(few_smem<FMT>(NT)));
-  launch_k(k_gemm_few<FMT, NT, SB>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  if (part) {
+    allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB, true>), int(few_smem<FMT>(NT)));
+    launch_k(k_gemm_few<FMT, NT, SB, true>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  } else {
+    allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB, false>), int(few_smem<FMT>(NT)));
+    launch_k(k_gemm_few<FMT, NT, SB, false>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  }
 }
 template <int FMT, bool SB>
 void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
