@@ -70,8 +70,10 @@ bool env_on(const char* name) {
 // KSCOPE_TILE_ROWS=dense,group (CudaBackend::set_tile_rows); KSCOPE_MLA_MMA_SYNC=1 (CudaBackend::force_mla_mma_sync);
 // KSCOPE_MLA_NO_TMA=1 (CudaBackend::set_mla_tma(false)); KSCOPE_MLA_SPECIALIZED=0|1|2 (CudaBackend::set_mla_specialized); KSCOPE_WG_GEMM=0, KSCOPE_WG_ROWS=64|128|256
 // (CudaBackend::set_wg_gemm); KSCOPE_FLASH_WG=0 (CudaBackend::set_flash_wg(false): prefill attention on mma.sync);
-// KSCOPE_PDL=0 (CudaBackend::set_pdl(false): plain kernel launches)
+// KSCOPE_PDL=0 (CudaBackend::set_pdl(false): plain kernel launches); KSCOPE_FEW_BY_ROWS=0
+// (CudaBackend::set_few_by_rows(false): the streamed expert matmuls as one launch, not one per tile size)
 void apply_kernel_env() {
+  if (const char* f = std::getenv("KSCOPE_FEW_BY_ROWS"); f && std::string(f) == "0") CudaBackend::set_few_by_rows(false);
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
   if (const char* f = std::getenv("KSCOPE_MLA_SPECIALIZED")) CudaBackend::set_mla_specialized(std::atoi(f));  // 0, 1, 2
@@ -771,7 +773,6 @@ int run_gemm(const std::string& json_out) {
           CU(cudaMemcpy(ds, hs.data(), hs.size() * 2, cudaMemcpyHostToDevice));
           W.s16 = ds;
         }
-        W.s_bf16 = true;
       }
       cuda::DLin W2 = W;  // the pair's second matrix: the next rows of the same allocation (cuBLAS: one [2N, K])
       W2.w = W.w + wbytes;

@@ -15,6 +15,7 @@
 #include "runtime/engine.hpp"
 #include "testutil.hpp"
 #include "util/error.hpp"
+#include "util/thread_pool.hpp"
 
 using namespace kscope;
 
@@ -350,6 +351,45 @@ TEST(AsyncReadsPool, a_pass_s_rows_are_filed_in_parallel_for_hooks_that_allow_it
     EXPECT_GE(after.jobs - before.jobs, 4);  // the prefill and three decode steps, each delivered after its pass
     EXPECT_GT(after.busy_seconds - before.busy_seconds, 0.0);
     EXPECT_GE(after.waited_seconds, before.waited_seconds);
+  }
+  unsetenv("KSCOPE_DELIVERY_THREADS");
+}
+
+TEST(ThreadCounts, come_from_the_environment_and_a_malformed_count_is_an_error_naming_the_variable) {
+  unsetenv("KSCOPE_TEST_THREADS");
+  EXPECT_EQ(ThreadPool::env_threads("KSCOPE_TEST_THREADS", 5), 5);
+  setenv("KSCOPE_TEST_THREADS", "", 1);  // set but empty: as if unset
+  EXPECT_EQ(ThreadPool::env_threads("KSCOPE_TEST_THREADS", 5), 5);
+  setenv("KSCOPE_TEST_THREADS", "3", 1);
+  EXPECT_EQ(ThreadPool::env_threads("KSCOPE_TEST_THREADS", 5), 3);
+  for (const char* bad : {"0", "-2", "abc", "4x", "99999999999999999999", "5000"}) {
+    setenv("KSCOPE_TEST_THREADS", bad, 1);
+    try {
+      ThreadPool::env_threads("KSCOPE_TEST_THREADS", 5);
+      ADD_FAILURE() << "'" << bad << "' was taken as a thread count";
+    } catch (const Error& e) {
+      EXPECT_EQ(e.kind(), ErrorKind::config);
+      EXPECT_NE(std::string(e.what()).find("KSCOPE_TEST_THREADS"), std::string::npos) << e.what();
+      EXPECT_NE(std::string(e.what()).find(bad), std::string::npos) << e.what();
+    }
+  }
+  unsetenv("KSCOPE_TEST_THREADS");
+  // the delivery pool's count: a bad value stops the generation that would start it, with the variable's name
+  setenv("KSCOPE_DELIVERY_THREADS", "many", 1);
+  auto m = Model::load(fixture("kimi_bf16"), make_backend("cpu-staged"));
+  GenerateRequest r;
+  r.prompt = prompt_of(0, 3);
+  r.max_new_tokens = 2;
+  r.ignore_eos = true;
+  Overlap h;
+  h.sites = {parse_site("0.resid_post", 3)};
+  GenerateOptions o;
+  o.observer = &h;
+  try {
+    generate(*m, {r}, o);
+    ADD_FAILURE() << "KSCOPE_DELIVERY_THREADS=many was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("KSCOPE_DELIVERY_THREADS"), std::string::npos) << e.what();
   }
   unsetenv("KSCOPE_DELIVERY_THREADS");
 }

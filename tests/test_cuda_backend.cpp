@@ -304,7 +304,8 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
     }
   // MLP (gate and up in one launch, K split) and MoE experts at aligned shapes, with routing skewed so that expert 0
   // takes every token (up to 300 rows: 10 streamed row tiles, 3 of the tile kernel) while the others share the
-  // rest; on the streamed kernel alone, and (from 40 tokens) on the many-row tile kernel, which must give its bits
+  // rest (tiles of every size: 1-8, 9-16 and 17-32 rows); on the streamed kernel alone (one launch per tile size,
+  // and as one launch), and (from 40 tokens) on the many-row tile kernel, which must give its bits
   struct Restore {
     ~Restore() { CudaBackend::set_tile_rows(-1, -1); }
   } restore;
@@ -344,6 +345,13 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
       gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), md.data());
       const auto got = md.host();
       expect_close(got, want, kChainTol, fmt::format("streamed moe {} n={}", format_name(wf), n));
+      {  // one launch sized for the most rows instead of one per tile size: the same bits
+        auto mo = poisoned(n * H);
+        CudaBackend::set_few_by_rows(false);
+        gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mo.data());
+        CudaBackend::set_few_by_rows(true);
+        EXPECT_EQ(mo.host(), got) << "moe " << format_name(wf) << " n=" << n << ": one streamed launch vs one per tile size";
+      }
       if (n >= 40) {
         auto mt = poisoned(n * H);
         CudaBackend::set_tile_rows(1, 1);
@@ -369,6 +377,27 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
 // wide: 16 and 6 parts; 300x7168: 5 uneven parts) and whole, widths that leave partial 128-feature and 16-feature
 // tiles, INT4 scales off the bf16 grid, row counts that leave partial 64/128/256-row tiles; and match the CPU. Then
 // the gate/up pair and the MoE experts (a group spanning several row tiles, the others a few rows each) on each.
+// A K-split launch (13 outputs x 4096 inputs: the streamed kernel splits K over blocks) takes tile counters for its
+// stream; a destroyed backend frees its stream's, and a new backend's split launches count from zero again
+TEST_F(CudaOps, a_destroyed_backend_frees_its_split_counters) {
+  const Linear& l = make_linear(WeightFormat::dense, 13, 4096);
+  const auto x = randn(4096);
+  std::vector<float> want(13);
+  cpu_.linear(l, x.data(), 1, want.data());
+  const size_t before = CudaBackend::split_counter_streams();
+  for (int round = 0; round < 2; ++round) {
+    {
+      auto be = std::make_shared<CudaBackend>(0);
+      be->prepare_linear(l);
+      Buf<float> xd(*be, x), yd(*be, 13);
+      be->linear(l, xd.data(), 1, yd.data());
+      expect_close(yd.host(), want, kMatmulTol, fmt::format("split matmul on a new backend, round {}", round));
+      EXPECT_EQ(CudaBackend::split_counter_streams(), before + 1) << "the split launch took no counters of its own";
+    }
+    EXPECT_EQ(CudaBackend::split_counter_streams(), before) << "a destroyed backend kept its stream's counters";
+  }
+}
+
 TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
   struct Restore {
     ~Restore() {

@@ -177,11 +177,7 @@ class Model::Courier {
     }
   }
   static int pool_size() {
-    if (const char* e = std::getenv("KSCOPE_DELIVERY_THREADS")) {
-      const int n = std::atoi(e);
-      if (n > 0) return n;
-    }
-    return static_cast<int>(std::clamp(std::thread::hardware_concurrency() / 2, 1u, 8u));
+    return ThreadPool::env_threads("KSCOPE_DELIVERY_THREADS", static_cast<int>(std::clamp(std::thread::hardware_concurrency() / 2, 1u, 8u)));
   }
   ThreadPool pool_;
   std::mutex mu_;

@@ -1,8 +1,11 @@
 #include "util/thread_pool.hpp"
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <string>
+
+#include "util/error.hpp"
 
 namespace kscope {
 
@@ -19,14 +22,19 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
+int ThreadPool::env_threads(const char* name, int fallback) {
+  const char* e = std::getenv(name);
+  if (!e || !*e) return fallback;
+  char* end = nullptr;
+  errno = 0;
+  const long n = std::strtol(e, &end, 10);
+  if (errno || *end || n <= 0 || n > 4096)
+    fail(ErrorKind::config, name, "expected a thread count (a positive integer up to 4096), got '{}'", e);
+  return static_cast<int>(n);
+}
+
 ThreadPool& ThreadPool::global() {
-  static ThreadPool pool([] {
-    if (const char* e = std::getenv("KSCOPE_THREADS")) {
-      const int n = std::atoi(e);
-      if (n > 0) return n;
-    }
-    return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  }());
+  static ThreadPool pool(env_threads("KSCOPE_THREADS", static_cast<int>(std::max(1u, std::thread::hardware_concurrency()))));
   return pool;
 }
 

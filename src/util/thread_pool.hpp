@@ -25,6 +25,10 @@ class ThreadPool {
   // The process-wide pool: KSCOPE_THREADS, else the hardware concurrency.
   static ThreadPool& global();
 
+  // A thread count from the environment variable `name` (a positive integer), else `fallback`. A value that is
+  // set but not a positive integer is an error naming the variable (not a silent fallback).
+  static int env_threads(const char* name, int fallback);
+
  private:
   void worker_loop();
   void run_chunks();

@@ -142,7 +142,10 @@ struct CudaBackend::Impl {
       if (stage[i]) cudaFreeHost(stage[i]);
       if (stage_ev[i]) cudaEventDestroy(stage_ev[i]);
     }
-    if (stream) cudaStreamDestroy(stream);
+    if (stream) {
+      cuda::release_split_counters(stream);
+      cudaStreamDestroy(stream);
+    }
   }
 
   void* dmalloc(size_t bytes, const std::string& what) {
@@ -337,6 +340,8 @@ int64_t CudaBackend::max_pass_tokens() const { return impl_->plan.max_batch_toke
 uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
 void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
 void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }
+void CudaBackend::set_few_by_rows(bool on) { cuda::set_few_by_rows(on); }
+size_t CudaBackend::split_counter_streams() { return cuda::split_counter_streams(); }
 void CudaBackend::set_tile_rows(int dense_rows, int group_rows) { cuda::set_tile_rows(dense_rows, group_rows); }
 void CudaBackend::set_wg_gemm(bool on, int rows) { cuda::set_wg_gemm(on, rows); }
 void CudaBackend::set_f32_tile(bool on) { cuda::set_f32_tile(on); }
@@ -382,7 +387,6 @@ void CudaBackend::prepare_linear(const Linear& l) {
     d.w = w;
     d.s = s;
     d.s16 = s16;
-    d.s_bf16 = s16 != nullptr;
     m.tensors[l.weight] = w;
     m.source[{Impl::kTensor, l.weight}] = l.weight->data;
   }
@@ -423,7 +427,6 @@ void CudaBackend::prepare_moe(const MoeWeights& mw) {
     d.w = w;
     d.s = s;
     d.s16 = s16;
-    d.s_bf16 = s16 != nullptr;
     d.w_stride = static_cast<int64_t>(wb);
     d.s_stride = static_cast<int64_t>(sc);
     return d;
@@ -686,6 +689,16 @@ void CudaBackend::rmsnorm_bf16(const float* x, const std::vector<float>& w, int6
   cuda::rmsnorm(x, ld, dw, n, d, eps, out, reinterpret_cast<bf16*>(out_bf16), impl_->stream);
 }
 
+// A matmul's bf16 input: the caller's copy (a norm wrote it beside its fp32 output, the same bits as converting),
+// else count floats of x converted into hold
+static const bf16* bf16_input(Backend& be, const float* x, const uint16_t* x_bf16, int64_t count, Buf<bf16>& hold,
+                              cudaStream_t s) {
+  if (x_bf16) return reinterpret_cast<const bf16*>(x_bf16);
+  hold = Buf<bf16>(be, count);
+  cuda::f32_to_bf16(x, hold.data(), count, s);
+  return hold.data();
+}
+
 void CudaBackend::linear(const Linear& w, const float* x, int64_t n, float* y) { linear_bf16(w, x, nullptr, n, y); }
 
 void CudaBackend::linear_bf16(const Linear& w, const float* x, const uint16_t* x_bf16, int64_t n, float* y) {
@@ -696,12 +709,7 @@ void CudaBackend::linear_bf16(const Linear& w, const float* x, const uint16_t* x
     return;
   }
   Buf<bf16> xb;
-  const bf16* xin = reinterpret_cast<const bf16*>(x_bf16);
-  if (!xin) {
-    xb = Buf<bf16>(*this, n * w.in);
-    cuda::f32_to_bf16(x, xb.data(), n * w.in, impl_->stream);
-    xin = xb.data();
-  }
+  const bf16* xin = bf16_input(*this, x, x_bf16, n * w.in, xb, impl_->stream);
   KSCOPE_CHECK(cdiv(n, cuda::kBM) <= 65535, resource, "cuda", "{} rows in one matmul exceed the grid limit", n);
   cuda::gemm(xin, static_cast<int>(n), y, it->second, {}, static_cast<int>(cdiv(n, cuda::kBM)), impl_->stream);
 }
@@ -896,12 +904,7 @@ void CudaBackend::mlp_bf16(const MlpWeights& w, const float* x, const uint16_t* 
   const int64_t H = w.gate.in, I = w.gate.out;
   if (n == 0) return;
   Buf<bf16> xb;
-  const bf16* xin = reinterpret_cast<const bf16*>(x_bf16);
-  if (!xin) {
-    xb = Buf<bf16>(*this, n * H);
-    cuda::f32_to_bf16(x, xb.data(), n * H, m.stream);
-    xin = xb.data();
-  }
+  const bf16* xin = bf16_input(*this, x, x_bf16, n * H, xb, m.stream);
   const int tiles = static_cast<int>(cdiv(n, cuda::kBM));
   Buf<float> g(*this, n * I), u(*this, n * I);
   cuda::gemm(xin, static_cast<int>(n), g.data(), gi->second, {}, tiles, m.stream, u.data(), &ui->second);

@@ -93,9 +93,14 @@ class CudaBackend final : public Backend {
   uint64_t kv_bytes() const;
   // Tests: run every matmul with the single-stage kernel instead of the pipelined one.
   static void force_simple_gemm(bool on);
+  // Tests: how many streams hold K-split counters (a backend frees its stream's when destroyed).
+  static size_t split_counter_streams();
   // Tests and benchmarks: turn the streamed-weight matmul (and the many-row kernel that shares its arithmetic) off,
   // so the older tile kernels run everything.
   static void force_few_rows(bool on);
+  // Tests and benchmarks: the streamed expert matmuls as one launch per tile size (8, 16, 32 rows; the default) or
+  // as one launch sized for the most rows an expert can have (the same bits).
+  static void set_few_by_rows(bool on);
   // Tests and benchmarks: from how many rows the many-row matmul kernel takes over from the streamed one (the same
   // bits; cuda::set_tile_rows): dense matmuls of >= dense_rows rows, grouped ones averaging >= group_rows per group.
   // 0 never, 1 always, negative the default (48 and 8; 24 with the warpgroup kernel off). bench_gpu reads

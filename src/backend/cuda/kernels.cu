@@ -2615,10 +2615,12 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
 // part[s][i] from 0 — what a separate reduction kernel did, without its launch (NOTES 61). A template parameter, so
 // that the unsplit launches (every expert launch) compile without that tail: with it in every variant the MoE block
 // ran 5-10% slower at 1-256 tokens (NOTES 63).
+// rows_lo: the launch takes the row tiles of rows_lo..R rows (the grouped launches run one launch per tile size,
+// so that an expert of a few rows runs at NT = 1's occupancy beside one of 30: NOTES 64).
 template <int FMT, int NT, bool SB, bool SPLIT>
 __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
-                                                     float* part, int* cnt) {
+                                                     float* part, int* cnt, int rows_lo) {
   pdl_entry();
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
   constexpr int XLD = few_xld<FMT>(), R = 8 * NT, P = E16 / 8;  // P: a lane's 16-byte X pieces per chunk
@@ -2630,7 +2632,9 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
   const int ct = blockIdx.x / ksplit, ks = blockIdx.x - ct * ksplit;
   int g, r0, r1;
   if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
-  const int rows = min(r1 - r0, R);
+  // launches by tile size (gemm_few): this one takes the tiles of rows_lo to R rows, the others run elsewhere
+  if (r1 - r0 < rows_lo || r1 - r0 > R) return;
+  const int rows = r1 - r0;
   const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps, st1 = min(nst, st0 + sps);
   extern __shared__ __align__(16) uint8_t few_sm[];
   bf16* xs = reinterpret_cast<bf16*>(few_sm);  // [2][R][XLD]
@@ -3461,6 +3465,7 @@ bool g_f32_tile = true;
 int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int64_t>(cdiv(n, block), 65535 * 8)); }
 
 bool g_few_rows = true;
+bool g_few_by_rows = true;  // the expert launches by tile size (gemm_few)
 int sm_count() {
   static int n = 0;
   if (n == 0) {
@@ -3472,35 +3477,43 @@ int sm_count() {
   return n;
 }
 bool same_shape(const DLin& a, const DLin& b) {
-  return a.fmt == b.fmt && a.N == b.N && a.K == b.K && a.bo == b.bo && a.bi == b.bi && a.g == b.g && a.s_bf16 == b.s_bf16;
+  return a.fmt == b.fmt && a.N == b.N && a.K == b.K && a.bo == b.bo && a.bi == b.bi && a.g == b.g && a.scales_bf16() == b.scales_bf16();
 }
 template <int FMT, int NT, bool SB>
 void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
-                const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
+                const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt, int rows_lo) {
   if (part) {
     allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB, true>), int(few_smem<FMT>(NT)));
-    launch_k(k_gemm_few<FMT, NT, SB, true>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+    launch_k(k_gemm_few<FMT, NT, SB, true>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
   } else {
     allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB, false>), int(few_smem<FMT>(NT)));
-    launch_k(k_gemm_few<FMT, NT, SB, false>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+    launch_k(k_gemm_few<FMT, NT, SB, false>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
   }
 }
 template <int FMT, bool SB>
 void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
-                   const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
+                   const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt, int rows_lo) {
   const size_t smem = few_smem<FMT>(nt);
-  if (nt == 1) launch_few<FMT, 1, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
-  else if (nt == 2) launch_few<FMT, 2, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
-  else launch_few<FMT, 4, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  if (nt == 1) launch_few<FMT, 1, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
+  else if (nt == 2) launch_few<FMT, 2, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
+  else launch_few<FMT, 4, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
 }
 // The split matmuls' tile counters of a stream: zero between launches (the last block of each tile resets its
 // own), grown (synchronously, once) to the largest grid seen; one array per stream, so launches on different
-// streams never share a counter, and launches on one stream run one after the other.
+// streams never share a counter, and launches on one stream run one after the other. Freed with the stream
+// (release_split_counters).
+struct SplitCounters {
+  std::mutex mu;
+  std::unordered_map<cudaStream_t, std::pair<int*, size_t>> per_stream;
+};
+SplitCounters& split_counter_map() {
+  static SplitCounters c;
+  return c;
+}
 int* split_counters(cudaStream_t s, size_t n) {
-  static std::mutex mu;
-  static std::unordered_map<cudaStream_t, std::pair<int*, size_t>> per_stream;
-  std::lock_guard<std::mutex> lk(mu);
-  auto& [p, cap] = per_stream[s];
+  SplitCounters& c = split_counter_map();
+  std::lock_guard<std::mutex> lk(c.mu);
+  auto& [p, cap] = c.per_stream[s];
   if (cap < n) {
     if (p) {
       if (cudaStreamSynchronize(s) != cudaSuccess || cudaFree(p) != cudaSuccess) cuda_fail(cudaGetLastError(), "split counters");
@@ -3532,13 +3545,26 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
   const dim3 grid(static_cast<unsigned>(col_tiles * ksplit), static_cast<unsigned>(max_row_tiles), W2 ? 2u : 1u);
   int* cnt = part ? split_counters(s, static_cast<size_t>(col_tiles) * grid.y * grid.z) : nullptr;
   const DLin& w2 = W2 ? *W2 : W;
-  switch (W.fmt) {
-    case kFp8: launch_few_nt<kFp8, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt); break;
-    case kInt4:
-      if (W.s_bf16) launch_few_nt<kInt4, true>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt);
-      else launch_few_nt<kInt4, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt);
-      break;
-    default: launch_few_nt<kBf16, false>(nt, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt); break;
+  auto launch = [&](int nt_, int rows_lo) {
+    switch (W.fmt) {
+      case kFp8: launch_few_nt<kFp8, false>(nt_, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt, rows_lo); break;
+      case kInt4:
+        if (W.scales_bf16()) launch_few_nt<kInt4, true>(nt_, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt, rows_lo);
+        else launch_few_nt<kInt4, false>(nt_, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt, rows_lo);
+        break;
+      default: launch_few_nt<kBf16, false>(nt_, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt, rows_lo); break;
+    }
+  };
+  if (groups.row_off && nt > 1 && g_few_by_rows) {
+    // Expert launches: the host knows only a bound on an expert's rows (the tokens), and the kernel's row count NT
+    // sets its shared memory and registers for every block (INT4 at NT = 4: 64 KB, three blocks per multiprocessor;
+    // NT = 1: 16 KB, five). So one launch per tile size, each taking the tiles it fits: 17-32 rows, 9-16, 1-8. Every
+    // tile's arithmetic is what one launch would do (the same bits).
+    if (nt == 4) launch(4, 17);
+    launch(2, 9);
+    launch(1, 1);
+  } else {
+    launch(nt, 1);
   }
   if (part) cudaFreeAsync(part, s);
 }
@@ -3596,7 +3622,7 @@ void gemm_tile(const bf16* X, int M, float* Y, const DLin& W, const Groups& grou
   switch (W.fmt) {
     case kFp8: launch_tile_fmt<kFp8, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps); break;
     case kInt4:
-      if (W.s_bf16) launch_tile_fmt<kInt4, true>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
+      if (W.scales_bf16()) launch_tile_fmt<kInt4, true>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
       else launch_tile_fmt<kInt4, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps);
       break;
     default: launch_tile_fmt<kBf16, false>(split, grid, s, X, M, Y, W, Y2, w2, groups, cps); break;
@@ -3674,7 +3700,7 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
       !wmap(&maps.w, W) || !wmap(&maps.w2, w2))
     cuda_fail(cudaErrorInvalidValue, "tensor maps of the many-row matmul");
   if (W.fmt == kFp8) launch_wg_rows<kFp8>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
-  else if (W.fmt == kInt4 && W.s_bf16) launch_wg_rows<kInt4, true>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
+  else if (W.fmt == kInt4 && W.scales_bf16()) launch_wg_rows<kInt4, true>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
   else if (W.fmt == kInt4) launch_wg_rows<kInt4, false>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
   else launch_wg_rows<kBf16>(R, split, grid, s, maps, M, Y, W, Y2, w2, groups, cps);
   cudaFreeAsync(xp, s);
@@ -3693,6 +3719,23 @@ int tile_group_rows() {
 
 }  // namespace
 
+void release_split_counters(cudaStream_t s) {
+  SplitCounters& c = split_counter_map();
+  std::lock_guard<std::mutex> lk(c.mu);
+  auto it = c.per_stream.find(s);
+  if (it == c.per_stream.end()) return;
+  if (it->second.first) {
+    cudaStreamSynchronize(s);  // no launch of the stream still counts on them
+    cudaFree(it->second.first);
+  }
+  c.per_stream.erase(it);
+}
+size_t split_counter_streams() {
+  SplitCounters& c = split_counter_map();
+  std::lock_guard<std::mutex> lk(c.mu);
+  return c.per_stream.size();
+}
+
 void set_f32_tile(bool on) { g_f32_tile = on; }
 void set_wg_gemm(bool on, int rows) {
   g_wg_gemm = on;
@@ -3709,6 +3752,7 @@ bool few_rows_ok(const DLin& W) {
          W.w_ld % 16 == 0;
 }
 void set_few_rows(bool on) { g_few_rows = on; }
+void set_few_by_rows(bool on) { g_few_by_rows = on; }
 
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
           float* Y2, const DLin* W2, int max_rows) {

@@ -22,7 +22,7 @@ enum Fmt : int { kBf16 = 0, kFp8 = 1, kInt4 = 2 };
 //   kBf16: w bf16 [N, K]
 //   kFp8 : w e4m3 [N, K], s f32 [ceil(N/bo), ceil(K/bi)]
 //   kInt4: w int32 [N, ceil(K/8)] (8 nibbles, element i at bits 4i, value q+8), scales [N, ceil(K/g)]: s16 bf16
-//          (s_bf16: the checkpoint's own bf16 scales, as shipped) or s f32 (scales of another dtype)
+//          (the checkpoint's own bf16 scales, as shipped; dequantized with bf16 multiplies) or s f32 (another dtype)
 // Expert e's weight starts at w + e*w_stride bytes, its scales at s (or s16) + e*s_stride elements.
 struct DLin {
   int fmt = kBf16;
@@ -30,11 +30,11 @@ struct DLin {
   const uint8_t* w = nullptr;
   const float* s = nullptr;
   const uint16_t* s16 = nullptr;  // INT4 scales as bf16 (then s is nullptr)
+  bool scales_bf16() const { return s16 != nullptr; }
   int64_t w_stride = 0, s_stride = 0;
   int bo = 0, bi = 0, g = 0;
   int s_cols = 0;   // scale columns
   int64_t w_ld = 0; // bytes per weight row
-  bool s_bf16 = false;  // INT4 scales are bf16 values stored in s16 (dequantized with bf16 multiplies, same values)
 };
 
 // Row groups of a grouped matmul: group e owns rows [row_off[e], row_off[e+1]) and row tiles
@@ -54,11 +54,17 @@ constexpr int kBM = 32, kBN = 64, kBK = 64;  // tile kernels; kBM is also the ro
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
           float* Y2 = nullptr, const DLin* W2 = nullptr, int max_rows = 1 << 30);
 bool few_rows_ok(const DLin& W);
+// The K-split launches' per-stream tile counters: free a stream's (before the stream is destroyed); how many
+// streams hold some (tests: a destroyed backend leaves none behind).
+void release_split_counters(cudaStream_t s);
+size_t split_counter_streams();
 // Tests: force the single-stage kernel (the pipelined one must give the same bits; also turns the streamed kernel
 // off).
 void set_simple_gemm(bool on);
 // Tests and benchmarks: turn the streamed-weight kernel off (on by default), so the tile kernels run everything.
 void set_few_rows(bool on);
+// Tests and benchmarks: run the streamed expert launches one per tile size (default), or as one launch.
+void set_few_by_rows(bool on);
 // When the many-row tile kernel takes a streamed-kernel shape (the same bits either way, so only speed depends on
 // it): a dense matmul of at least dense_rows rows, a grouped one whose groups average at least group_rows rows.
 // 0 turns it off, 1 makes it take everything (tests), negative restores the default (48 and 8; grouped 24 with
