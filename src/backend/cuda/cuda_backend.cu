@@ -554,6 +554,7 @@ void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
   const uint64_t per_token = 4 * (4 * H + nh * (cfg.qk_head_dim() + cfg.v_head_dim) + cfg.kv_lora_rank * 2 +
                                   std::max<int64_t>(1, cfg.n_routed_experts) + cfg.vocab_size) +
                              K * (2 * 2 * H + 4 * 2 * cfg.moe_intermediate_size + 2 * cfg.moe_intermediate_size + 4 * H) +
+                             K * (2 * 4 + 3 * 8) +  // the slots' permutation, the row-tile lists (at most a tile per slot)
                              4 * 3 * I + 2 * H;  // (2 H: the norms' bf16 copy of the matmul input)
   p.kv_bytes_per_token = static_cast<uint64_t>(cfg.num_hidden_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2;
   // CUDA context growth, fragmentation, the two capture snapshot buffers
@@ -874,14 +875,16 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   }
   const int E = static_cast<int>(w.experts.size()) + (dm.shared ? 1 : 0);  // row groups
   const int64_t M = n * k;
+  const int tiles = static_cast<int>(cuda::group_row_tiles(M, E));
+  KSCOPE_CHECK(tiles <= 65535, resource, "cuda", "{} routed rows in one MoE call exceed the grid limit", M);
   Buf<int> counts(*this, E), row_off(*this, E + 1), tile_off(*this, E + 1), cursor(*this, E), perm(*this, M), slot_pos(*this, M);
+  Buf<int> cls_count(*this, 4);
+  Buf<int2> cls_tiles(*this, 3 * static_cast<int64_t>(tiles));  // the row tiles by size (1-8, 9-16, 17-32 rows)
   cuda::moe_permute(idx, M, E, counts.data(), row_off.data(), tile_off.data(), cursor.data(), perm.data(), slot_pos.data(),
-                    m.stream);
+                    cls_count.data(), cls_tiles.data(), tiles, m.stream);
   Buf<bf16> xp(*this, M * H);
   cuda::moe_gather(x, perm.data(), M, static_cast<int>(k), H, xp.data(), m.stream);
-  const cuda::Groups g{row_off.data(), tile_off.data(), E};
-  const int tiles = static_cast<int>(cdiv(M, cuda::kBM) + std::min<int64_t>(E, M));
-  KSCOPE_CHECK(tiles <= 65535, resource, "cuda", "{} routed rows in one MoE call exceed the grid limit", M);
+  const cuda::Groups g{row_off.data(), tile_off.data(), E, cls_count.data(), cls_tiles.data(), tiles};
   const int max_rows = static_cast<int>(std::min<int64_t>(n, cuda::kBM));  // an expert gets at most one row per token
   Buf<float> gt(*this, M * I), up(*this, M * I);
   cuda::gemm(xp.data(), static_cast<int>(M), gt.data(), dm.gate, g, tiles, m.stream, up.data(), &dm.up, max_rows);

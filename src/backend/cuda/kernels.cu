@@ -636,60 +636,82 @@ __global__ void k_moe_count(const int32_t* idx, int64_t n, int* counts) {
     atomicAdd(&counts[idx[i]], 1);
 }
 // Offsets of each expert's rows and row tiles, in expert order: one block, each thread a run of experts, a
-// Hillis-Steele scan over the threads' sums. counts and cursor may be shared or global memory.
+// Hillis-Steele scan over the threads' sums. counts and cursor may be shared or global memory. Also the row tiles
+// by size (Groups::cls_*), in expert order within each class: the three classes' tile counts of a thread packed
+// in one 64-bit word (21 bits each: at most 65535 tiles in all), scanned with the rest.
 constexpr int kScanThreads = 512;
-__device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_off, int* cursor) {
+__device__ __forceinline__ int tile_class(int rows) { return rows <= 8 ? 0 : rows <= 16 ? 1 : 2; }
+__device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_off, int* cursor, int* cls_count,
+                            int2* cls_tiles, int cls_cap) {
   __shared__ int sr[kScanThreads], st[kScanThreads];
+  __shared__ unsigned long long sc[kScanThreads];
   const int per = (E + kScanThreads - 1) / kScanThreads;
   const int e0 = min(E, static_cast<int>(threadIdx.x) * per), e1 = min(E, e0 + per);
   int r = 0, t = 0;
+  unsigned long long c = 0;
   for (int e = e0; e < e1; ++e) {
     r += counts[e];
     t += (counts[e] + kBM - 1) / kBM;
+    for (int left = counts[e]; left > 0; left -= kBM) c += 1ull << (21 * tile_class(min(left, kBM)));
   }
   sr[threadIdx.x] = r;
   st[threadIdx.x] = t;
+  sc[threadIdx.x] = c;
   __syncthreads();
   for (int d = 1; d < kScanThreads; d <<= 1) {
     int ar = 0, at = 0;
-    if (threadIdx.x >= d) { ar = sr[threadIdx.x - d]; at = st[threadIdx.x - d]; }
+    unsigned long long ac = 0;
+    if (threadIdx.x >= d) { ar = sr[threadIdx.x - d]; at = st[threadIdx.x - d]; ac = sc[threadIdx.x - d]; }
     __syncthreads();
     sr[threadIdx.x] += ar;
     st[threadIdx.x] += at;
+    sc[threadIdx.x] += ac;
     __syncthreads();
   }
   r = sr[threadIdx.x] - r;  // exclusive
   t = st[threadIdx.x] - t;
+  c = sc[threadIdx.x] - c;
+  int ci[3] = {static_cast<int>(c & 0x1fffff), static_cast<int>((c >> 21) & 0x1fffff), static_cast<int>(c >> 42)};
   for (int e = e0; e < e1; ++e) {
     row_off[e] = r;
     tile_off[e] = t;
     cursor[e] = r;
+    for (int left = counts[e], r0 = r; left > 0; left -= kBM, r0 += kBM) {
+      const int k = tile_class(min(left, kBM));
+      if (ci[k] < cls_cap) cls_tiles[k * cls_cap + ci[k]] = make_int2(e, r0);
+      ++ci[k];
+    }
     r += counts[e];
     t += (counts[e] + kBM - 1) / kBM;
   }
   if (threadIdx.x == kScanThreads - 1) {
     row_off[E] = sr[threadIdx.x];
     tile_off[E] = st[threadIdx.x];
+    const unsigned long long all = sc[threadIdx.x];
+    cls_count[0] = static_cast<int>(all & 0x1fffff);
+    cls_count[1] = static_cast<int>((all >> 21) & 0x1fffff);
+    cls_count[2] = static_cast<int>(all >> 42);
   }
   __syncthreads();
 }
 __global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, int E, int* row_off, int* tile_off,
-                                                           int* cursor) {
+                                                           int* cursor, int* cls_count, int2* cls_tiles, int cls_cap) {
   pdl_entry();
-  moe_offsets(counts, E, row_off, tile_off, cursor);
+  moe_offsets(counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap);
 }
 // The whole permutation in one block for few routed slots (decode steps): counts, offsets and cursors in shared
 // memory, one launch instead of a memset and three.
 constexpr int kPermuteSmallSlots = 4096, kPermuteSmallExperts = 2048;
 __global__ void __launch_bounds__(kScanThreads) k_moe_permute_small(const int32_t* idx, int n, int E, int* row_off,
-                                                                    int* tile_off, int* perm, int* slot_pos) {
+                                                                    int* tile_off, int* perm, int* slot_pos,
+                                                                    int* cls_count, int2* cls_tiles, int cls_cap) {
   pdl_entry();
   __shared__ int counts[kPermuteSmallExperts], cursor[kPermuteSmallExperts];
   for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
   __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&counts[idx[i]], 1);
   __syncthreads();
-  moe_offsets(counts, E, row_off, tile_off, cursor);
+  moe_offsets(counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int p = atomicAdd(&cursor[idx[i]], 1);
     perm[p] = i;
@@ -2615,26 +2637,15 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
 // part[s][i] from 0 — what a separate reduction kernel did, without its launch (NOTES 61). A template parameter, so
 // that the unsplit launches (every expert launch) compile without that tail: with it in every variant the MoE block
 // ran 5-10% slower at 1-256 tokens (NOTES 63).
-// rows_lo: the launch takes the row tiles of rows_lo..R rows (the grouped launches run one launch per tile size,
-// so that an expert of a few rows runs at NT = 1's occupancy beside one of 30: NOTES 64).
+// Grouped launches with the row tiles by size (Groups::cls_tiles) run one launch per size, each over its list, so
+// that an expert of a few rows runs at NT = 1's occupancy beside one of 30 (NOTES 64).
+// One block's tile: rows [r0, r0 + rows) of group g (rows <= 8·NT), output features ct·64 .. +64, K split part ks
+// (SPLIT: ty is the row tile's index for the split counters).
 template <int FMT, int NT, bool SB, bool SPLIT>
-__global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
-                                                     float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
-                                                     float* part, int* cnt, int rows_lo) {
-  pdl_entry();
+__device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, const DLin& W, int ksplit,
+                                         float* part, int* cnt, int g, int r0, int rows, int ct, int ks, int ty) {
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
   constexpr int XLD = few_xld<FMT>(), R = 8 * NT, P = E16 / 8;  // P: a lane's 16-byte X pieces per chunk
-  if (blockIdx.z == 1) {
-    W = W2;
-    Y = Y2;
-    if (part) part += static_cast<int64_t>(ksplit) * M * W.N;
-  }
-  const int ct = blockIdx.x / ksplit, ks = blockIdx.x - ct * ksplit;
-  int g, r0, r1;
-  if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) return;
-  // launches by tile size (gemm_few): this one takes the tiles of rows_lo to R rows, the others run elsewhere
-  if (r1 - r0 < rows_lo || r1 - r0 > R) return;
-  const int rows = r1 - r0;
   const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps, st1 = min(nst, st0 + sps);
   extern __shared__ __align__(16) uint8_t few_sm[];
   bf16* xs = reinterpret_cast<bf16*>(few_sm);  // [2][R][XLD]
@@ -2804,7 +2815,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
     __shared__ int last;
     __threadfence();  // this block's partial sums, visible device-wide before it counts itself in
     __syncthreads();
-    int* c = cnt + (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * (gridDim.x / ksplit) + ct;
+    int* c = cnt + (static_cast<int64_t>(blockIdx.z) * gridDim.y + ty) * (gridDim.x / ksplit) + ct;
     if (threadIdx.x == 0) last = atomicAdd(c, 1) == ksplit - 1;
     __syncthreads();
     if (!last) return;
@@ -2820,6 +2831,33 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
     }
     if (threadIdx.x == 0) *c = 0;  // for the next launch on this stream
   }
+}
+
+template <int FMT, int NT, bool SB, bool SPLIT>
+__global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
+                                                     float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
+                                                     float* part, int* cnt) {
+  pdl_entry();
+  if (blockIdx.z == 1) {
+    W = W2;
+    Y = Y2;
+    if (part) part += static_cast<int64_t>(ksplit) * M * W.N;
+  }
+  const int ct = blockIdx.x / ksplit, ks = blockIdx.x - ct * ksplit;
+  // a launch per tile size (gemm_few, gr.cls_tiles): tile blockIdx.y of this launch's list (tiles of 8·NT rows or
+  // fewer, more than the next smaller size); else the row tile blockIdx.y
+  int g, r0, r1;
+  if (gr.cls_tiles) {
+    constexpr int c = NT == 1 ? 0 : NT == 2 ? 1 : 2;
+    if (static_cast<int>(blockIdx.y) >= gr.cls_count[c]) return;
+    const int2 t = gr.cls_tiles[c * gr.cls_cap + blockIdx.y];
+    g = t.x;
+    r0 = t.y;
+    r1 = min(r0 + kBM, gr.row_off[g + 1]);
+  } else if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) {
+    return;
+  }
+  few_tile<FMT, NT, SB, SPLIT>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks, blockIdx.y);
 }
 
 // ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
@@ -3481,22 +3519,22 @@ bool same_shape(const DLin& a, const DLin& b) {
 }
 template <int FMT, int NT, bool SB>
 void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
-                const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt, int rows_lo) {
+                const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
   if (part) {
     allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB, true>), int(few_smem<FMT>(NT)));
-    launch_k(k_gemm_few<FMT, NT, SB, true>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
+    launch_k(k_gemm_few<FMT, NT, SB, true>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
   } else {
     allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB, false>), int(few_smem<FMT>(NT)));
-    launch_k(k_gemm_few<FMT, NT, SB, false>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
+    launch_k(k_gemm_few<FMT, NT, SB, false>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
   }
 }
 template <int FMT, bool SB>
 void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
-                   const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt, int rows_lo) {
+                   const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
   const size_t smem = few_smem<FMT>(nt);
-  if (nt == 1) launch_few<FMT, 1, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
-  else if (nt == 2) launch_few<FMT, 2, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
-  else launch_few<FMT, 4, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt, rows_lo);
+  if (nt == 1) launch_few<FMT, 1, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  else if (nt == 2) launch_few<FMT, 2, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  else launch_few<FMT, 4, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
 }
 // The split matmuls' tile counters of a stream: zero between launches (the last block of each tile resets its
 // own), grown (synchronously, once) to the largest grid seen; one array per stream, so launches on different
@@ -3545,26 +3583,33 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
   const dim3 grid(static_cast<unsigned>(col_tiles * ksplit), static_cast<unsigned>(max_row_tiles), W2 ? 2u : 1u);
   int* cnt = part ? split_counters(s, static_cast<size_t>(col_tiles) * grid.y * grid.z) : nullptr;
   const DLin& w2 = W2 ? *W2 : W;
-  auto launch = [&](int nt_, int rows_lo) {
+  auto launch = [&](int nt_, dim3 grid_, const Groups& gr) {
     switch (W.fmt) {
-      case kFp8: launch_few_nt<kFp8, false>(nt_, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt, rows_lo); break;
+      case kFp8: launch_few_nt<kFp8, false>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt); break;
       case kInt4:
-        if (W.scales_bf16()) launch_few_nt<kInt4, true>(nt_, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt, rows_lo);
-        else launch_few_nt<kInt4, false>(nt_, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt, rows_lo);
+        if (W.scales_bf16()) launch_few_nt<kInt4, true>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt);
+        else launch_few_nt<kInt4, false>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt);
         break;
-      default: launch_few_nt<kBf16, false>(nt_, grid, s, X, M, Y, W, Y2, w2, groups, ksplit, part, cnt, rows_lo); break;
+      default: launch_few_nt<kBf16, false>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt); break;
     }
   };
-  if (groups.row_off && nt > 1 && g_few_by_rows) {
+  if (groups.cls_tiles && g_few_by_rows && ksplit == 1) {
     // Expert launches: the host knows only a bound on an expert's rows (the tokens), and the kernel's row count NT
     // sets its shared memory and registers for every block (INT4 at NT = 4: 64 KB, three blocks per multiprocessor;
-    // NT = 1: 16 KB, five). So one launch per tile size, each taking the tiles it fits: 17-32 rows, 9-16, 1-8. Every
-    // tile's arithmetic is what one launch would do (the same bits).
-    if (nt == 4) launch(4, 17);
-    launch(2, 9);
-    launch(1, 1);
+    // NT = 1: 16 KB, five). So one launch per tile size over moe_permute's lists of the tiles of that size: 17-32
+    // rows, 9-16, 1-8 (a group has at most one tile of fewer than 32 rows, and a tile of class c more than 8·c
+    // rows, which bounds each list and so the launch's rows of blocks; the blocks past the list's length return at
+    // once). A block per tile: a loop over tiles in the block made the kernels spill. Every tile's arithmetic is
+    // what one launch would do (the same bits).
+    for (int c = nt == 4 ? 2 : nt == 2 ? 1 : 0; c >= 0; --c) {
+      const int64_t bound = c == 2 ? int64_t(M) / 17 : c == 1 ? std::min<int64_t>(groups.G, M / 9) : std::min<int64_t>(groups.G, M);
+      const int64_t gy = std::min(bound, int64_t(max_row_tiles));
+      if (gy > 0) launch(1 << c, dim3(grid.x, static_cast<unsigned>(gy), grid.z), groups);
+    }
   } else {
-    launch(nt, 1);
+    Groups plain = groups;  // one launch over every row tile
+    plain.cls_tiles = nullptr;
+    launch(nt, grid, plain);
   }
   if (part) cudaFreeAsync(part, s);
 }
@@ -3876,14 +3921,15 @@ void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n
   launch_k(k_route, static_cast<unsigned>(n), kRouteThreads, smem, s, a, logits, bias, idx, weight);
 }
 void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
-                 int* perm, int* slot_pos, cudaStream_t s) {
+                 int* perm, int* slot_pos, int* cls_count, int2* cls_tiles, int cls_cap, cudaStream_t s) {
   if (n_slots <= kPermuteSmallSlots && E <= kPermuteSmallExperts) {
-    launch_k(k_moe_permute_small, 1, kScanThreads, 0, s, idx, static_cast<int>(n_slots), E, row_off, tile_off, perm, slot_pos);
+    launch_k(k_moe_permute_small, 1, kScanThreads, 0, s, idx, static_cast<int>(n_slots), E, row_off, tile_off, perm, slot_pos,
+             cls_count, cls_tiles, cls_cap);
     return;
   }
   cudaMemsetAsync(counts, 0, E * sizeof(int), s);
   if (n_slots) launch_k(k_moe_count, grid_for(n_slots), 256, 0, s, idx, n_slots, counts);
-  launch_k(k_moe_scan, 1, kScanThreads, 0, s, counts, E, row_off, tile_off, cursor);
+  launch_k(k_moe_scan, 1, kScanThreads, 0, s, counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap);
   if (n_slots) launch_k(k_moe_scatter, grid_for(n_slots), 256, 0, s, idx, n_slots, cursor, perm, slot_pos);
 }
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s) {

@@ -39,10 +39,15 @@ struct DLin {
 
 // Row groups of a grouped matmul: group e owns rows [row_off[e], row_off[e+1]) and row tiles
 // [tile_off[e], tile_off[e+1]). nullptr: one group of all M rows.
+// Optionally (moe_permute writes them) the row tiles by size, for the streamed kernel's launches per tile size:
+// class c (0: 1-8 rows, 1: 9-16, 2: 17-32) has cls_count[c] tiles, (group, first row) at cls_tiles[c * cls_cap + i].
 struct Groups {
   const int* row_off = nullptr;
   const int* tile_off = nullptr;
   int G = 1;
+  const int* cls_count = nullptr;
+  const int2* cls_tiles = nullptr;
+  int cls_cap = 0;
 };
 
 constexpr int kBM = 32, kBN = 64, kBK = 64;  // tile kernels; kBM is also the row tile of the streamed one
@@ -114,9 +119,12 @@ void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n
            cudaStream_t s);
 
 // MoE token permutation: counts -> offsets -> slots sorted by expert (order within an expert irrelevant: every
-// row is computed independently). Writes perm[pos] = slot, slot_pos[slot] = pos, row_off/tile_off [E+1].
+// row is computed independently). Writes perm[pos] = slot, slot_pos[slot] = pos, row_off/tile_off [E+1], and the
+// row tiles by size (Groups::cls_*): cls_count [3], cls_tiles [3][cls_cap] with cls_cap >= the number of row tiles.
 void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
-                 int* perm, int* slot_pos, cudaStream_t s);
+                 int* perm, int* slot_pos, int* cls_count, int2* cls_tiles, int cls_cap, cudaStream_t s);
+// The bound on a grouped launch's row tiles (of kBM rows) for M rows in G groups
+inline int64_t group_row_tiles(int64_t M, int64_t G) { return (M + kBM - 1) / kBM + (G < M ? G : M); }
 // Xp[pos] = bf16(x[perm[pos] / k])
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s);
 // out[t] = Σ over t's slots in ascending expert id: weight · D[slot_pos[slot]]
