@@ -345,12 +345,17 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
       gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), md.data());
       const auto got = md.host();
       expect_close(got, want, kChainTol, fmt::format("streamed moe {} n={}", format_name(wf), n));
-      {  // one launch sized for the most rows instead of one per tile size: the same bits
+      {  // one launch sized for the most rows instead of one per tile size, and tiles of at most 16 rows: the same bits
         auto mo = poisoned(n * H);
         CudaBackend::set_few_by_rows(false);
         gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mo.data());
         CudaBackend::set_few_by_rows(true);
         EXPECT_EQ(mo.host(), got) << "moe " << format_name(wf) << " n=" << n << ": one streamed launch vs one per tile size";
+        auto mp = poisoned(n * H);
+        CudaBackend::set_few_piece(16);
+        gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mp.data());
+        CudaBackend::set_few_piece(32);
+        EXPECT_EQ(mp.host(), got) << "moe " << format_name(wf) << " n=" << n << ": tiles of 16 rows vs 32";
       }
       if (n >= 40) {
         auto mt = poisoned(n * H);

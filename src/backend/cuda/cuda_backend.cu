@@ -341,6 +341,7 @@ uint64_t CudaBackend::kv_bytes() const { return impl_->kv_bytes; }
 void CudaBackend::force_simple_gemm(bool on) { cuda::set_simple_gemm(on); }
 void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }
 void CudaBackend::set_few_by_rows(bool on) { cuda::set_few_by_rows(on); }
+void CudaBackend::set_few_piece(int rows) { cuda::set_few_piece(rows); }
 size_t CudaBackend::split_counter_streams() { return cuda::split_counter_streams(); }
 void CudaBackend::set_tile_rows(int dense_rows, int group_rows) { cuda::set_tile_rows(dense_rows, group_rows); }
 void CudaBackend::set_wg_gemm(bool on, int rows) { cuda::set_wg_gemm(on, rows); }
@@ -879,12 +880,15 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   KSCOPE_CHECK(tiles <= 65535, resource, "cuda", "{} routed rows in one MoE call exceed the grid limit", M);
   Buf<int> counts(*this, E), row_off(*this, E + 1), tile_off(*this, E + 1), cursor(*this, E), perm(*this, M), slot_pos(*this, M);
   Buf<int> cls_count(*this, 4);
-  Buf<int2> cls_tiles(*this, 3 * static_cast<int64_t>(tiles));  // the row tiles by size (1-8, 9-16, 17-32 rows)
+  // the row tiles by size (1-8, 9-16, 17-32 rows), in pieces of at most `piece` rows: at most one piece per 8 rows
+  const int piece = cuda::few_piece();
+  const int cap = piece == cuda::kBM ? tiles : static_cast<int>(cdiv(M, 8) + std::min<int64_t>(E, M));
+  Buf<int2> cls_tiles(*this, 3 * static_cast<int64_t>(cap));
   cuda::moe_permute(idx, M, E, counts.data(), row_off.data(), tile_off.data(), cursor.data(), perm.data(), slot_pos.data(),
-                    cls_count.data(), cls_tiles.data(), tiles, m.stream);
+                    cls_count.data(), cls_tiles.data(), cap, piece, m.stream);
   Buf<bf16> xp(*this, M * H);
   cuda::moe_gather(x, perm.data(), M, static_cast<int>(k), H, xp.data(), m.stream);
-  const cuda::Groups g{row_off.data(), tile_off.data(), E, cls_count.data(), cls_tiles.data(), tiles};
+  const cuda::Groups g{row_off.data(), tile_off.data(), E, cls_count.data(), cls_tiles.data(), cap, piece};
   const int max_rows = static_cast<int>(std::min<int64_t>(n, cuda::kBM));  // an expert gets at most one row per token
   Buf<float> gt(*this, M * I), up(*this, M * I);
   cuda::gemm(xp.data(), static_cast<int>(M), gt.data(), dm.gate, g, tiles, m.stream, up.data(), &dm.up, max_rows);

@@ -101,6 +101,9 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: the streamed expert matmuls as one launch per tile size (8, 16, 32 rows; the default) or
   // as one launch sized for the most rows an expert can have (the same bits).
   static void set_few_by_rows(bool on);
+  // Tests and benchmarks: the most rows of one streamed expert tile, 32 (default) or 16 (the experts' tiles of 17-32
+  // rows run as two 16-row pieces; the same bits).
+  static void set_few_piece(int rows);
   // Tests and benchmarks: from how many rows the many-row matmul kernel takes over from the streamed one (the same
   // bits; cuda::set_tile_rows): dense matmuls of >= dense_rows rows, grouped ones averaging >= group_rows per group.
   // 0 never, 1 always, negative the default (48 and 8; 24 with the warpgroup kernel off). bench_gpu reads

@@ -638,11 +638,13 @@ __global__ void k_moe_count(const int32_t* idx, int64_t n, int* counts) {
 // Offsets of each expert's rows and row tiles, in expert order: one block, each thread a run of experts, a
 // Hillis-Steele scan over the threads' sums. counts and cursor may be shared or global memory. Also the row tiles
 // by size (Groups::cls_*), in expert order within each class: the three classes' tile counts of a thread packed
-// in one 64-bit word (21 bits each: at most 65535 tiles in all), scanned with the rest.
+// in one 64-bit word (21 bits each: at most 65535 tiles in all), scanned with the rest. A listed tile has at most
+// `piece` rows (32 or 16: an expert's rows in pieces of that many, the last piece the rest; its kernel takes
+// min(8·NT, the group's rows from the piece's first) rows).
 constexpr int kScanThreads = 512;
 __device__ __forceinline__ int tile_class(int rows) { return rows <= 8 ? 0 : rows <= 16 ? 1 : 2; }
 __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_off, int* cursor, int* cls_count,
-                            int2* cls_tiles, int cls_cap) {
+                            int2* cls_tiles, int cls_cap, int piece) {
   __shared__ int sr[kScanThreads], st[kScanThreads];
   __shared__ unsigned long long sc[kScanThreads];
   const int per = (E + kScanThreads - 1) / kScanThreads;
@@ -652,7 +654,7 @@ __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_of
   for (int e = e0; e < e1; ++e) {
     r += counts[e];
     t += (counts[e] + kBM - 1) / kBM;
-    for (int left = counts[e]; left > 0; left -= kBM) c += 1ull << (21 * tile_class(min(left, kBM)));
+    for (int left = counts[e]; left > 0; left -= piece) c += 1ull << (21 * tile_class(min(left, piece)));
   }
   sr[threadIdx.x] = r;
   st[threadIdx.x] = t;
@@ -676,8 +678,8 @@ __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_of
     row_off[e] = r;
     tile_off[e] = t;
     cursor[e] = r;
-    for (int left = counts[e], r0 = r; left > 0; left -= kBM, r0 += kBM) {
-      const int k = tile_class(min(left, kBM));
+    for (int left = counts[e], r0 = r; left > 0; left -= piece, r0 += piece) {
+      const int k = tile_class(min(left, piece));
       if (ci[k] < cls_cap) cls_tiles[k * cls_cap + ci[k]] = make_int2(e, r0);
       ++ci[k];
     }
@@ -695,23 +697,25 @@ __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_of
   __syncthreads();
 }
 __global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, int E, int* row_off, int* tile_off,
-                                                           int* cursor, int* cls_count, int2* cls_tiles, int cls_cap) {
+                                                           int* cursor, int* cls_count, int2* cls_tiles, int cls_cap,
+                                                           int piece) {
   pdl_entry();
-  moe_offsets(counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap);
+  moe_offsets(counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap, piece);
 }
 // The whole permutation in one block for few routed slots (decode steps): counts, offsets and cursors in shared
 // memory, one launch instead of a memset and three.
 constexpr int kPermuteSmallSlots = 4096, kPermuteSmallExperts = 2048;
 __global__ void __launch_bounds__(kScanThreads) k_moe_permute_small(const int32_t* idx, int n, int E, int* row_off,
                                                                     int* tile_off, int* perm, int* slot_pos,
-                                                                    int* cls_count, int2* cls_tiles, int cls_cap) {
+                                                                    int* cls_count, int2* cls_tiles, int cls_cap,
+                                                                    int piece) {
   pdl_entry();
   __shared__ int counts[kPermuteSmallExperts], cursor[kPermuteSmallExperts];
   for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
   __syncthreads();
   for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&counts[idx[i]], 1);
   __syncthreads();
-  moe_offsets(counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap);
+  moe_offsets(counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap, piece);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
     const int p = atomicAdd(&cursor[idx[i]], 1);
     perm[p] = i;
@@ -3504,6 +3508,7 @@ int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int6
 
 bool g_few_rows = true;
 bool g_few_by_rows = true;  // the expert launches by tile size (gemm_few)
+int g_few_piece = kBM;       // the most rows of a listed tile (moe_permute): 32, or 16 (no 32-row launch)
 int sm_count() {
   static int n = 0;
   if (n == 0) {
@@ -3601,16 +3606,20 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
     // rows, which bounds each list and so the launch's rows of blocks; the blocks past the list's length return at
     // once). A block per tile: a loop over tiles in the block made the kernels spill. Every tile's arithmetic is
     // what one launch would do (the same bits).
-    for (int c = nt == 4 ? 2 : nt == 2 ? 1 : 0; c >= 0; --c) {
-      const int64_t bound = c == 2 ? int64_t(M) / 17 : c == 1 ? std::min<int64_t>(groups.G, M / 9) : std::min<int64_t>(groups.G, M);
-      const int64_t gy = std::min(bound, int64_t(max_row_tiles));
-      if (gy > 0) launch(1 << c, dim3(grid.x, static_cast<unsigned>(gy), grid.z), groups);
+    const bool pieces16 = groups.cls_piece == 16;  // every listed tile has at most 16 rows (no 32-row launch)
+    int64_t gy[3] = {0, 0, 0};
+    for (int c = 0; c <= (nt == 4 && !pieces16 ? 2 : nt >= 2 ? 1 : 0); ++c)
+      gy[c] = c == 2 ? int64_t(M) / 17 : c == 1 ? (pieces16 ? int64_t(M) / 9 : std::min<int64_t>(groups.G, M / 9)) : std::min<int64_t>(groups.G, M);
+    if (gy[0] <= 65535 && gy[1] <= 65535 && gy[2] <= 65535) {
+      for (int c = 2; c >= 0; --c)
+        if (gy[c] > 0) launch(1 << c, dim3(grid.x, static_cast<unsigned>(gy[c]), grid.z), groups);
+      if (part) cudaFreeAsync(part, s);
+      return;
     }
-  } else {
-    Groups plain = groups;  // one launch over every row tile
-    plain.cls_tiles = nullptr;
-    launch(nt, grid, plain);
   }
+  Groups plain = groups;  // one launch over every row tile
+  plain.cls_tiles = nullptr;
+  launch(nt, grid, plain);
   if (part) cudaFreeAsync(part, s);
 }
 
@@ -3798,6 +3807,8 @@ bool few_rows_ok(const DLin& W) {
 }
 void set_few_rows(bool on) { g_few_rows = on; }
 void set_few_by_rows(bool on) { g_few_by_rows = on; }
+void set_few_piece(int rows) { g_few_piece = rows == 16 ? 16 : kBM; }
+int few_piece() { return g_few_piece; }
 
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
           float* Y2, const DLin* W2, int max_rows) {
@@ -3921,15 +3932,15 @@ void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n
   launch_k(k_route, static_cast<unsigned>(n), kRouteThreads, smem, s, a, logits, bias, idx, weight);
 }
 void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
-                 int* perm, int* slot_pos, int* cls_count, int2* cls_tiles, int cls_cap, cudaStream_t s) {
+                 int* perm, int* slot_pos, int* cls_count, int2* cls_tiles, int cls_cap, int piece, cudaStream_t s) {
   if (n_slots <= kPermuteSmallSlots && E <= kPermuteSmallExperts) {
     launch_k(k_moe_permute_small, 1, kScanThreads, 0, s, idx, static_cast<int>(n_slots), E, row_off, tile_off, perm, slot_pos,
-             cls_count, cls_tiles, cls_cap);
+             cls_count, cls_tiles, cls_cap, piece);
     return;
   }
   cudaMemsetAsync(counts, 0, E * sizeof(int), s);
   if (n_slots) launch_k(k_moe_count, grid_for(n_slots), 256, 0, s, idx, n_slots, counts);
-  launch_k(k_moe_scan, 1, kScanThreads, 0, s, counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap);
+  launch_k(k_moe_scan, 1, kScanThreads, 0, s, counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap, piece);
   if (n_slots) launch_k(k_moe_scatter, grid_for(n_slots), 256, 0, s, idx, n_slots, cursor, perm, slot_pos);
 }
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s) {

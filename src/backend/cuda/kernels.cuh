@@ -48,6 +48,7 @@ struct Groups {
   const int* cls_count = nullptr;
   const int2* cls_tiles = nullptr;
   int cls_cap = 0;
+  int cls_piece = 32;  // the most rows of a listed tile (moe_permute's piece)
 };
 
 constexpr int kBM = 32, kBN = 64, kBK = 64;  // tile kernels; kBM is also the row tile of the streamed one
@@ -70,6 +71,10 @@ void set_simple_gemm(bool on);
 void set_few_rows(bool on);
 // Tests and benchmarks: run the streamed expert launches one per tile size (default), or as one launch.
 void set_few_by_rows(bool on);
+// The most rows of a listed expert tile (32, or 16: the experts' tiles of 17-32 rows as pieces of 16, at 16-row
+// launches' occupancy); few_piece() for moe_permute.
+void set_few_piece(int rows);
+int few_piece();
 // When the many-row tile kernel takes a streamed-kernel shape (the same bits either way, so only speed depends on
 // it): a dense matmul of at least dense_rows rows, a grouped one whose groups average at least group_rows rows.
 // 0 turns it off, 1 makes it take everything (tests), negative restores the default (48 and 8; grouped 24 with
@@ -121,8 +126,9 @@ void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n
 // MoE token permutation: counts -> offsets -> slots sorted by expert (order within an expert irrelevant: every
 // row is computed independently). Writes perm[pos] = slot, slot_pos[slot] = pos, row_off/tile_off [E+1], and the
 // row tiles by size (Groups::cls_*): cls_count [3], cls_tiles [3][cls_cap] with cls_cap >= the number of row tiles.
+// piece: the most rows of a listed tile (32: kBM; 16: an expert's rows in pieces of 16, no 32-row launch).
 void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
-                 int* perm, int* slot_pos, int* cls_count, int2* cls_tiles, int cls_cap, cudaStream_t s);
+                 int* perm, int* slot_pos, int* cls_count, int2* cls_tiles, int cls_cap, int piece, cudaStream_t s);
 // The bound on a grouped launch's row tiles (of kBM rows) for M rows in G groups
 inline int64_t group_row_tiles(int64_t M, int64_t G) { return (M + kBM - 1) / kBM + (G < M ? G : M); }
 // Xp[pos] = bf16(x[perm[pos] / k])
