@@ -98,8 +98,8 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: turn the streamed-weight matmul (and the many-row kernel that shares its arithmetic) off,
   // so the older tile kernels run everything.
   static void force_few_rows(bool on);
-  // Tests and benchmarks: the streamed expert matmuls as one launch per tile size (8, 16, 32 rows; the default) or
-  // as one launch sized for the most rows an expert can have (the same bits).
+  // Tests and benchmarks: the streamed FP8/INT4 expert matmuls as one launch per tile size (8, 16, 32 rows; the
+  // default) or as one launch sized for the most rows an expert can have, as bf16's always are (the same bits).
   static void set_few_by_rows(bool on);
   // Tests and benchmarks: the most rows of one streamed expert tile, 32 (default) or 16 (the experts' tiles of 17-32
   // rows run as two 16-row pieces; the same bits).

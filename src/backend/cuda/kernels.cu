@@ -3598,10 +3598,13 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
       default: launch_few_nt<kBf16, false>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt); break;
     }
   };
-  if (groups.cls_tiles && g_few_by_rows && ksplit == 1) {
-    // Expert launches: the host knows only a bound on an expert's rows (the tokens), and the kernel's row count NT
-    // sets its shared memory and registers for every block (INT4 at NT = 4: 64 KB, three blocks per multiprocessor;
-    // NT = 1: 16 KB, five). So one launch per tile size over moe_permute's lists of the tiles of that size: 17-32
+  if (groups.cls_tiles && g_few_by_rows && ksplit == 1 && W.fmt != kBf16) {
+    // Expert launches (FP8, INT4): the host knows only a bound on an expert's rows (the tokens), and the kernel's
+    // row count NT sets its shared memory and registers for every block (INT4 at NT = 4: 64 KB, three blocks per
+    // multiprocessor; NT = 1: 16 KB, five), which their dequantization needs to keep the memory busy (NOTES 64:
+    // MoE INT4 32-128 tokens 60-57% -> 82-70% of the floor, FP8 66-67% -> 78-80%). bf16 experts, whose kernel
+    // waits on memory rather than on instructions, ran 2-6% slower that way (the launches' tails) and keep one
+    // launch. So one launch per tile size over moe_permute's lists of the tiles of that size: 17-32
     // rows, 9-16, 1-8 (a group has at most one tile of fewer than 32 rows, and a tile of class c more than 8·c
     // rows, which bounds each list and so the launch's rows of blocks; the blocks past the list's length return at
     // once). A block per tile: a loop over tiles in the block made the kernels spill. Every tile's arithmetic is

@@ -69,7 +69,8 @@ size_t split_counter_streams();
 void set_simple_gemm(bool on);
 // Tests and benchmarks: turn the streamed-weight kernel off (on by default), so the tile kernels run everything.
 void set_few_rows(bool on);
-// Tests and benchmarks: run the streamed expert launches one per tile size (default), or as one launch.
+// Tests and benchmarks: run the streamed FP8 and INT4 expert launches one per tile size (default), or as one
+// launch (bf16 expert launches are always one).
 void set_few_by_rows(bool on);
 // The most rows of a listed expert tile (32, or 16: the experts' tiles of 17-32 rows as pieces of 16, at 16-row
 // launches' occupancy); few_piece() for moe_permute.
