@@ -305,7 +305,8 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
   // MLP (gate and up in one launch, K split) and MoE experts at aligned shapes, with routing skewed so that expert 0
   // takes every token (up to 300 rows: 10 streamed row tiles, 3 of the tile kernel) while the others share the
   // rest (tiles of every size: 1-8, 9-16 and 17-32 rows); on the streamed kernel alone (one launch per tile size,
-  // and as one launch), and (from 40 tokens) on the many-row tile kernel, which must give its bits
+  // and as one launch), and (from 40 tokens) on the many-row tile kernel, which must give its bits. 1100 tokens take
+  // moe_permute's many-slot path (count, scan, scatter launches), whose tile lists must be as complete
   struct Restore {
     ~Restore() { CudaBackend::set_tile_rows(-1, -1); }
   } restore;
@@ -316,7 +317,7 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
     MoeWeights moe;
     make_moe(moe, wf, H, I, E);
     const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
-    for (int64_t n : {1, 5, 40, 120, 300}) {
+    for (int64_t n : {1, 5, 40, 120, 300, 1100}) {  // 1100 x 4 slots: the permutation's many-slot path (over 4096)
       CudaBackend::set_tile_rows(0, 0);
       const auto x = randn(n * H);
       auto xd = dev(x);
