@@ -555,7 +555,7 @@ void CudaBackend::prepare(const ModelConfig& cfg, const ModelWeights& w) {
   const uint64_t per_token = 4 * (4 * H + nh * (cfg.qk_head_dim() + cfg.v_head_dim) + cfg.kv_lora_rank * 2 +
                                   std::max<int64_t>(1, cfg.n_routed_experts) + cfg.vocab_size) +
                              K * (2 * 2 * H + 4 * 2 * cfg.moe_intermediate_size + 2 * cfg.moe_intermediate_size + 4 * H) +
-                             K * (2 * 4 + 3 * 8) +  // the slots' permutation, the row-tile lists (at most a tile per slot)
+                             K * (2 * 4 + 25) +  // the slots' permutation; the row-tile lists (3 x 8 B x 1 + 1/32 tiles per slot)
                              4 * 3 * I + 2 * H;  // (2 H: the norms' bf16 copy of the matmul input)
   p.kv_bytes_per_token = static_cast<uint64_t>(cfg.num_hidden_layers) * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 2;
   // CUDA context growth, fragmentation, the two capture snapshot buffers
