@@ -517,6 +517,36 @@ TEST_F(CudaOps, the_norms_bf16_copy_feeds_the_matmuls_the_bits_of_their_own_conv
   }
 }
 
+// The residual add with the norm after it in one launch: the bits of add() then rmsnorm_bf16(), the summed rows
+// written back, at K2's width (row in shared memory), an odd width and rows too wide for shared memory and for the
+// weights the kernel holds in registers (13001 > 8 × 1024), with and without the bf16 copy; and the CPU's add then
+// norm beside it.
+TEST_F(CudaOps, the_residual_add_fused_with_the_norm_gives_the_bits_of_the_two_apart) {
+  struct Norm { int64_t n, d; };
+  for (Norm c : {Norm{1, 7168}, Norm{9, 7168}, Norm{7, 203}, Norm{40, 512}, Norm{2, 13001}}) {
+    const auto h = randn(c.n * c.d), y = randn(c.n * c.d, 2.0f), w = randn(c.d);
+    for (bool with16 : {true, false}) {
+      auto h1 = dev(h), h2 = dev(h), yd = dev(y);
+      auto o1 = poisoned(c.n * c.d), o2 = poisoned(c.n * c.d);
+      Buf<uint16_t> b1(*gpu_, c.n * c.d), b2(*gpu_, c.n * c.d);
+      gpu_->add(h1.data(), yd.data(), c.n * c.d);
+      gpu_->rmsnorm_bf16(h1.data(), w, c.n, c.d, 1e-6f, o1.data(), with16 ? b1.data() : nullptr);
+      gpu_->add_rmsnorm_bf16(h2.data(), yd.data(), w, c.n, c.d, 1e-6f, o2.data(), with16 ? b2.data() : nullptr);
+      const std::string what = fmt::format("n={} d={} bf16 copy {}", c.n, c.d, with16);
+      EXPECT_EQ(h2.host(), h1.host()) << "the summed residual, " << what;
+      EXPECT_EQ(o2.host(), o1.host()) << "the norm, " << what;
+      if (with16) {
+        EXPECT_EQ(b2.host(), b1.host()) << "the bf16 copy, " << what;
+      }
+      auto hc = h;
+      std::vector<float> oc(c.n * c.d);
+      cpu_.add_rmsnorm_bf16(hc.data(), y.data(), w, c.n, c.d, 1e-6f, oc.data(), nullptr);
+      EXPECT_EQ(h2.host(), hc) << "the summed residual against the CPU, " << what;
+      expect_close(o2.host(), oc, kF32Tol, "the norm against the CPU, " + what);
+    }
+  }
+}
+
 TEST_F(CudaOps, rmsnorm_rope_add_gather_embed) {
   // RMSNorm at an odd width (strided rows too), Kimi-K2's hidden width, its kv_a rows (512 of 576) and a row too
   // wide for shared memory (read twice from global memory)
@@ -1058,6 +1088,68 @@ TEST_F(CudaOps, device_steering_and_async_capture_equal_the_host_round_trip) {
   // and the steering did something: row 0's tokens differ from an unsteered run
   const auto plain = generate(*model, reqs);
   EXPECT_NE(plain[0].tokens, fast.first[0].tokens);
+}
+
+// A hook that says it writes at the sites of `inner` and writes nothing (no row ops): the model then keeps each
+// residual add apart from the norm after it at those sites.
+struct WritesNothing : Hook {
+  Hook* inner;
+  explicit WritesNothing(Hook* h) : inner(h) {}
+  bool wants(const Site& s) const override { return inner->wants(s); }
+  bool writes(const Site&) const override { return true; }
+  bool reads(const Site&) const override { return false; }
+  void on(const Site&, int64_t, float*, int64_t, int64_t, int64_t) override {}
+  bool row_ops(const Site&, int64_t, int64_t, int64_t, int64_t, std::vector<RowOp>&) override { return true; }
+};
+
+// Where hooks only read, the model runs each residual add with the norm after it (add_rmsnorm_bf16); where one
+// writes, apart. Reads see the same rows either way and the tokens and log-probabilities are the same bits.
+TEST_F(CudaOps, captures_and_logits_are_the_same_bits_with_the_residual_add_fused_or_apart) {
+  for (const char* fixture : {"kimi_bf16", "dsv3_int4"}) {
+    auto model = Model::load(test::fixtures() + "/reference/" + fixture, gpu_);
+    const auto& cfg = model->config();
+    const int64_t L = cfg.num_hidden_layers;
+    std::vector<GenerateRequest> reqs(2);
+    std::vector<SeqLayout> layouts;
+    for (int i = 0; i < 2; ++i) {
+      for (int t = 0; t < 6 + 3 * i; ++t) reqs[i].prompt.push_back((i * 41 + t * 13 + 5) % cfg.vocab_size);
+      reqs[i].max_new_tokens = 5;
+      reqs[i].ignore_eos = true;
+      layouts.push_back({static_cast<int64_t>(reqs[i].prompt.size()), -1, {}});
+    }
+    CaptureSpec spec;
+    for (int64_t l = 0; l < L; ++l)
+      for (const char* k : {"resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"})
+        spec.sites.push_back(parse_site(fmt::format("{}.{}", l, k), L));
+    spec.sites.push_back(parse_site("final_norm", L));
+    spec.positions = PositionSpec::parse("all");
+    auto run = [&](bool apart) {
+      CaptureHook cap(spec, 2);
+      WritesNothing nop(&cap);
+      HookList both;
+      both.hooks = {&nop, &cap};
+      GenerateOptions o;
+      o.observer = apart ? static_cast<Hook*>(&both) : &cap;
+      o.feed_last = true;
+      auto res = generate(*model, reqs, o);
+      std::vector<CapturedSeq> caps;
+      for (int i = 0; i < 2; ++i) {
+        SeqLayout l = layouts[i];
+        l.total_len = res[i].states;
+        caps.push_back(cap.finish(i, l));
+      }
+      return std::make_pair(res, caps);
+    };
+    const auto fused = run(false), apart = run(true);
+    const auto plain = generate(*model, reqs);
+    for (int i = 0; i < 2; ++i) {
+      EXPECT_EQ(fused.first[i].tokens, apart.first[i].tokens) << fixture << " seq " << i;
+      EXPECT_EQ(fused.first[i].logprobs, apart.first[i].logprobs) << fixture << " seq " << i;
+      EXPECT_EQ(fused.first[i].logprobs, plain[i].logprobs) << fixture << " seq " << i << ": reads changed the run";
+      EXPECT_EQ(fused.second[i].rows.size(), spec.sites.size()) << fixture;
+      EXPECT_EQ(fused.second[i].rows, apart.second[i].rows) << fixture << " seq " << i;
+    }
+  }
 }
 
 TEST_F(CudaOps, sampling_from_device_summaries_equals_sampling_from_whole_rows) {

@@ -122,6 +122,14 @@ class Backend {
   }
   // y += x
   virtual void add(float* y, const float* x, int64_t n) = 0;
+  // The residual add and the norm after it: h[n, d] += y, then out = x / rms(x) * w of the new h (and bf16(out) as
+  // rmsnorm_bf16 writes it; out_bf16 may be nullptr). The same bits as add() then rmsnorm_bf16(); a backend may do
+  // both in one pass over the rows. out must not alias h.
+  virtual void add_rmsnorm_bf16(float* h, const float* y, const std::vector<float>& w, int64_t n, int64_t d, float eps,
+                                float* out, uint16_t* out_bf16) {
+    add(h, y, n * d);
+    rmsnorm_bf16(h, w, n, d, eps, out, out_bf16);
+  }
   // dst[i, :] = src[rows[i], :]   (rows: backend memory, n entries)
   virtual void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) = 0;
   // Per row r of logits [R, V] (backend memory) into host arrays: the max, log Σ exp(l − max) (double), and the

@@ -409,15 +409,27 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t
   Buf<uint16_t> x16(be, be.bf16_inputs() ? N * H : 0);
   be.embed(*w_.embed, ids_b.data(), N, h.data());
   emit(obs, {SiteKind::embed, -1}, items, row0, h.data(), N, H, later);
-  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+  // The residual adds run with the norm after them (add_rmsnorm_bf16: one launch on a device) unless a hook
+  // writes at a site between the two: a hook that only reads sees the same rows after the norm as before it (the
+  // norm writes x, not h), and its reads keep their order.
+  auto writes_at = [&](SiteKind k, int64_t l) { return obs && obs->wants({k, l}) && obs->writes({k, l}); };
+  const int64_t L = cfg_.num_hidden_layers;
+  bool normed = false;  // x already holds layer l's input norm (done with the previous layer's last add)
+  for (int64_t l = 0; l < L; ++l) {
     const auto& lw = w_.layers[l];
     emit(obs, {SiteKind::resid_pre, l}, items, row0, h.data(), N, H, later);
-    be.rmsnorm_bf16(h.data(), lw.input_norm, N, H, eps, x.data(), x16.data());
+    if (!normed) be.rmsnorm_bf16(h.data(), lw.input_norm, N, H, eps, x.data(), x16.data());
     attention(l, x.data(), x16.data(), items, row0, pos_b.data(), N, absorbed, y.data());
-    emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), N, H, later);
-    be.add(h.data(), y.data(), N * H);
-    emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H, later);
-    be.rmsnorm_bf16(h.data(), lw.post_attention_norm, N, H, eps, x.data(), x16.data());
+    if (!writes_at(SiteKind::attn_out, l) && !writes_at(SiteKind::resid_mid, l)) {
+      be.add_rmsnorm_bf16(h.data(), y.data(), lw.post_attention_norm, N, H, eps, x.data(), x16.data());
+      emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), N, H, later);
+      emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H, later);
+    } else {
+      emit(obs, {SiteKind::attn_out, l}, items, row0, y.data(), N, H, later);
+      be.add(h.data(), y.data(), N * H);
+      emit(obs, {SiteKind::resid_mid, l}, items, row0, h.data(), N, H, later);
+      be.rmsnorm_bf16(h.data(), lw.post_attention_norm, N, H, eps, x.data(), x16.data());
+    }
     if (lw.moe) {
       const int64_t E = cfg_.n_routed_experts, K = cfg_.num_experts_per_tok;
       std::function<void(float*, int32_t*, float*)> on_route;
@@ -455,11 +467,22 @@ Buf<float> Model::run(std::vector<ForwardItem>& items, const std::vector<uint8_t
     } else {
       be.mlp_bf16(*lw.mlp, x.data(), x16.data(), N, y.data());
     }
-    emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), N, H, later);
-    be.add(h.data(), y.data(), N * H);
-    emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), N, H, later);
+    // the next norm: layer l + 1's input norm (bf16 copy for its matmuls), or the final norm (fp32 only)
+    const bool last = l + 1 == L;
+    normed = !writes_at(SiteKind::mlp_out, l) && !writes_at(SiteKind::resid_post, l) &&
+             (last || !writes_at(SiteKind::resid_pre, l + 1));
+    if (normed) {
+      be.add_rmsnorm_bf16(h.data(), y.data(), last ? w_.final_norm : w_.layers[l + 1].input_norm, N, H, eps, x.data(),
+                          last ? nullptr : x16.data());
+      emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), N, H, later);
+      emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), N, H, later);
+    } else {
+      emit(obs, {SiteKind::mlp_out, l}, items, row0, y.data(), N, H, later);
+      be.add(h.data(), y.data(), N * H);
+      emit(obs, {SiteKind::resid_post, l}, items, row0, h.data(), N, H, later);
+    }
   }
-  be.rmsnorm(h.data(), w_.final_norm, N, H, eps, x.data());
+  if (!normed) be.rmsnorm(h.data(), w_.final_norm, N, H, eps, x.data());
   emit(obs, {SiteKind::final_norm, -1}, items, row0, x.data(), N, H, later);
   // lm_head only on the rows whose logits are wanted
   rows.clear();

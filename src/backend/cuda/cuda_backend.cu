@@ -679,16 +679,28 @@ void CudaBackend::rmsnorm(const float* x, const std::vector<float>& w, int64_t n
   rmsnorm_bf16(x, w, n, d, eps, out, nullptr, ld);
 }
 
+// A norm's weights on the device: the model's registered copy, or (a vector the model did not register: tests) one
+// uploaded into tmp for this call.
+const float* CudaBackend::norm_weights(const std::vector<float>& w, Buf<float>& tmp) {
+  if (const float* dw = impl_->param(w)) return dw;
+  tmp = Buf<float>(*this, w);
+  return tmp.data();
+}
+
 void CudaBackend::rmsnorm_bf16(const float* x, const std::vector<float>& w, int64_t n, int64_t d, float eps, float* out,
                                uint16_t* out_bf16, int64_t ld) {
   if (ld == 0) ld = d;
-  const float* dw = impl_->param(w);
   Buf<float> tmp;
-  if (!dw) {  // a vector the model did not register (tests): upload for this call
-    tmp = Buf<float>(*this, w);
-    dw = tmp.data();
-  }
+  const float* dw = norm_weights(w, tmp);
   cuda::rmsnorm(x, ld, dw, n, d, eps, out, reinterpret_cast<bf16*>(out_bf16), impl_->stream);
+}
+
+void CudaBackend::add_rmsnorm_bf16(float* h, const float* y, const std::vector<float>& w, int64_t n, int64_t d,
+                                   float eps, float* out, uint16_t* out_bf16) {
+  KSCOPE_CHECK(out != h, internal, "add_rmsnorm", "the norm's output may not alias the residual it adds into");
+  Buf<float> tmp;
+  const float* dw = norm_weights(w, tmp);
+  cuda::add_rmsnorm(h, y, dw, n, d, eps, out, reinterpret_cast<bf16*>(out_bf16), impl_->stream);
 }
 
 // A matmul's bf16 input: the caller's copy (a norm wrote it beside its fp32 output, the same bits as converting),

@@ -71,6 +71,8 @@ class CudaBackend final : public Backend {
   void linear_bf16(const Linear& w, const float* x, const uint16_t* x_bf16, int64_t n, float* y) override;
   void mlp_bf16(const MlpWeights& w, const float* x, const uint16_t* x_bf16, int64_t n, float* out) override;
   void add(float* y, const float* x, int64_t n) override;
+  void add_rmsnorm_bf16(float* h, const float* y, const std::vector<float>& w, int64_t n, int64_t d, float eps,
+                        float* out, uint16_t* out_bf16) override;
   void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst) override;
   void logits_top(const float* logits, int64_t R, int64_t V, int64_t M, float* max, double* log_sum, float* top_v,
                   int32_t* top_i) override;
@@ -154,6 +156,7 @@ class CudaBackend final : public Backend {
 
  private:
   void grow_kv(KvState& kv, int64_t layer, int64_t cap);
+  const float* norm_weights(const std::vector<float>& w, Buf<float>& tmp);
   std::shared_ptr<Impl> impl_;
 };
 

@@ -53,8 +53,9 @@ void allow_smem(const void* kernel, int bytes) {
 // Every kernel starts with pdl_entry(): it waits until the kernel before it in the stream has completed and its
 // writes are visible (griddepcontrol.wait; a no-op when the launch has no programmatic dependency), then lets the
 // next kernel's blocks be launched. launch_k launches with programmatic stream serialization (g_pdl, the default),
-// so a kernel's launch and block scheduling overlap the end of the one before it instead of following it; since
-// nothing in a kernel precedes the wait, the order of every memory access is what plain launches give.
+// so a kernel's launch and block scheduling overlap the end of the one before it instead of following it. Before the
+// wait a kernel only reads weights (which no kernel writes: k_rmsnorm_row's norm weights, k_gemm_few's L2 prefetch),
+// so the order of every access to memory that kernels write is what plain launches give.
 __device__ __forceinline__ void pdl_entry() {
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
@@ -2305,10 +2306,11 @@ bool head_mm_ok(const AttnDims& d) { return d.dn % kHmK == 0 && d.C % kHmK == 0 
 // (value, id) ordered as the samplers order logits: larger value first, then lower id.
 __device__ __forceinline__ bool before(float v, int i, float w, int j) { return v > w || (v == w && i < j); }
 
-// logits_top in three launches over chunks of the vocabulary, so one row spreads over many multiprocessors:
-// (1) each chunk's M best (value, id) and its max; (2) each chunk's Σ exp(l − row max) in double, the row max
-// taken from the chunk maxima; (3) per row, the M best of the chunks' candidates and the log of the chunk sums
-// added in chunk order. Every (value, id) comparison is the samplers' order, as in the CPU reference.
+// logits_top in one launch over chunks of the vocabulary, so one row spreads over many multiprocessors: each
+// chunk's block takes its M best (value, id) and Σ exp(l − chunk max) in double from the chunk it holds in shared
+// memory; the row's last block to finish (a counter per row) takes the M best of the chunks' candidates and the
+// log of Σ sum_c · exp(max_c − row max), added in chunk order. Every (value, id) comparison is the samplers' order,
+// as in the CPU reference.
 constexpr int kTopChunk = 4096, kTopThreads = 512;
 __device__ __forceinline__ void top_reduce(float* sv, int* si) {
   for (int w = kTopThreads / 2; w > 0; w >>= 1) {
@@ -2348,12 +2350,15 @@ __device__ void top_passes(int n, int M, Get get, float* sv, int* si, float* out
     __syncthreads();
   }
 }
-__global__ void __launch_bounds__(kTopThreads) k_top_chunk(const float* lg, int64_t V, int M, float* cand_v, int* cand_i,
-                                                           float* cmax) {
+__global__ void __launch_bounds__(kTopThreads) k_top(const float* lg, int64_t V, int M, float* cand_v, int* cand_i,
+                                                     float* cmax, double* psum, int* done, float* maxv, double* log_sum,
+                                                     float* top_v, int32_t* top_i) {
   pdl_entry();
   __shared__ float sl[kTopChunk];
   __shared__ float sv[kTopThreads];
   __shared__ int si[kTopThreads];
+  __shared__ double sd[kTopThreads];
+  __shared__ bool last;
   const int nch = gridDim.x;
   const int64_t r = blockIdx.y, c0 = static_cast<int64_t>(blockIdx.x) * kTopChunk;
   const int n = static_cast<int>(min(static_cast<int64_t>(kTopChunk), V - c0));
@@ -2363,43 +2368,42 @@ __global__ void __launch_bounds__(kTopThreads) k_top_chunk(const float* lg, int6
   const int64_t at = (r * nch + blockIdx.x) * M;
   top_passes(n, M, [&](int j, float& v, int& id) { v = sl[j]; id = static_cast<int>(c0 + j); }, sv, si, cand_v + at,
              cand_i + at);
-  if (threadIdx.x == 0) cmax[r * nch + blockIdx.x] = cand_v[at];
-}
-__global__ void __launch_bounds__(kTopThreads) k_top_sum(const float* lg, int64_t V, const float* cmax, double* psum) {
-  pdl_entry();
-  __shared__ double sd[kTopThreads];
-  const int nch = gridDim.x;
-  const int64_t r = blockIdx.y, c0 = static_cast<int64_t>(blockIdx.x) * kTopChunk;
-  float mx = -INFINITY;
-  for (int b = 0; b < nch; ++b) mx = fmaxf(mx, cmax[r * nch + b]);
-  const int n = static_cast<int>(min(static_cast<int64_t>(kTopChunk), V - c0));
-  const float* l = lg + r * V + c0;
+  __shared__ float m_sh;
+  if (threadIdx.x == 0) m_sh = cand_v[at];  // the first pick: the chunk's max (thread 0 wrote it)
+  __syncthreads();
+  const float m = m_sh;
   double acc = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += exp(static_cast<double>(l[i] - mx));
+  for (int i = threadIdx.x; i < n; i += blockDim.x) acc += exp(static_cast<double>(sl[i] - m));
   sd[threadIdx.x] = acc;
   __syncthreads();
   for (int w = kTopThreads / 2; w > 0; w >>= 1) {
     if (threadIdx.x < w) sd[threadIdx.x] += sd[threadIdx.x + w];
     __syncthreads();
   }
-  if (threadIdx.x == 0) psum[r * nch + blockIdx.x] = sd[0];
-}
-__global__ void __launch_bounds__(kTopThreads) k_top_merge(int nch, int M, const float* cand_v, const int* cand_i,
-                                                           const double* psum, float* maxv, double* log_sum,
-                                                           float* top_v, int32_t* top_i) {
-  pdl_entry();
-  __shared__ float sv[kTopThreads];
-  __shared__ int si[kTopThreads];
-  const int64_t r = blockIdx.x;
+  if (threadIdx.x == 0) {
+    psum[r * nch + blockIdx.x] = sd[0];
+    cmax[r * nch + blockIdx.x] = m;
+    __threadfence();  // this chunk's results, visible device-wide before it counts itself in
+    last = atomicAdd(done + r, 1) == nch - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
   const float* cv = cand_v + r * nch * M;
   const int* ci = cand_i + r * nch * M;
-  top_passes(nch * M, M, [&](int j, float& v, int& id) { v = cv[j]; id = ci[j]; }, sv, si, top_v + r * M,
-             reinterpret_cast<int*>(top_i) + r * M);
+  top_passes(nch * M, M, [&](int j, float& v, int& id) { v = __ldcg(cv + j); id = __ldcg(ci + j); }, sv, si,
+             top_v + r * M, reinterpret_cast<int*>(top_i) + r * M);
   if (threadIdx.x == 0) {
-    double s = 0;
-    for (int b = 0; b < nch; ++b) s += psum[r * nch + b];
-    maxv[r] = top_v[r * M];
-    log_sum[r] = log(s);
+    const float mx = top_v[r * M];  // the row's max (thread 0 wrote it)
+    double t = 0;
+    for (int b = 0; b < nch; ++b) {
+      const float cm = __ldcg(cmax + r * nch + b);
+      if (cm == -INFINITY && mx != -INFINITY) continue;  // a chunk of -inf logits adds nothing (its sum is NaN)
+      t += __ldcg(psum + r * nch + b) * exp(static_cast<double>(cm - mx));
+    }
+    maxv[r] = mx;
+    log_sum[r] = log(t);
+    done[r] = 0;  // for the next launch on this stream
   }
 }
 
@@ -2644,10 +2648,10 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
 // Grouped launches with the row tiles by size (Groups::cls_tiles) run one launch per size, each over its list, so
 // that an expert of a few rows runs at NT = 1's occupancy beside one of 30 (NOTES 64).
 // One block's tile: rows [r0, r0 + rows) of group g (rows <= 8·NT), output features ct·64 .. +64, K split part ks
-// (SPLIT: ty is the row tile's index for the split counters).
+// (SPLIT: the split counters are per (blockIdx.z, blockIdx.y, column tile)).
 template <int FMT, int NT, bool SB, bool SPLIT>
 __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, const DLin& W, int ksplit,
-                                         float* part, int* cnt, int g, int r0, int rows, int ct, int ks, int ty) {
+                                         float* part, int* cnt, int g, int r0, int rows, int ct, int ks) {
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
   constexpr int XLD = few_xld<FMT>(), R = 8 * NT, P = E16 / 8;  // P: a lane's 16-byte X pieces per chunk
   const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps, st1 = min(nst, st0 + sps);
@@ -2819,7 +2823,7 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
     __shared__ int last;
     __threadfence();  // this block's partial sums, visible device-wide before it counts itself in
     __syncthreads();
-    int* c = cnt + (static_cast<int64_t>(blockIdx.z) * gridDim.y + ty) * (gridDim.x / ksplit) + ct;
+    int* c = cnt + (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * (gridDim.x / ksplit) + ct;
     if (threadIdx.x == 0) last = atomicAdd(c, 1) == ksplit - 1;
     __syncthreads();
     if (!last) return;
@@ -2837,17 +2841,40 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
   }
 }
 
+// A dense launch's weights are known before the kernel before it is done (no kernel writes them): the first
+// kFewPrefetch stages of a block's 64 weight rows are asked into L2 before the wait on it, so that the block's
+// first loads after the wait find them there and the weight stream starts while the kernel before ends (the small
+// kernels between a decode step's matmuls leave the memory idle). Grouped launches learn their groups after the
+// wait and do not.
+constexpr int kFewPrefetch = 2;
+template <int FMT>
+__device__ __forceinline__ void few_prefetch(const DLin& W, int ct, int ks, int ksplit) {
+  constexpr int KC = few_kc<FMT>();
+  constexpr int BPR = FMT == kBf16 ? KC * 2 : FMT == kFp8 ? KC : KC / 2;  // bytes of a row's stage
+  constexpr int LPR = BPR / 128, PER = kFewCols * LPR;                    // 128-byte lines per row, per stage
+  const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps;
+  const int n_st = max(0, min(nst - st0, min(sps, kFewPrefetch)));
+  for (int i = threadIdx.x; i < PER * n_st; i += blockDim.x) {
+    const int st = st0 + i / PER, row = (i % PER) / LPR, line = i % LPR;
+    const int n = ct * kFewCols + row;
+    if (n >= W.N) continue;
+    const uint8_t* p = W.w + static_cast<int64_t>(n) * W.w_ld + static_cast<int64_t>(st) * BPR + line * 128;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+  }
+}
+
 template <int FMT, int NT, bool SB, bool SPLIT>
 __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
                                                      float* part, int* cnt) {
-  pdl_entry();
   if (blockIdx.z == 1) {
     W = W2;
     Y = Y2;
     if (part) part += static_cast<int64_t>(ksplit) * M * W.N;
   }
   const int ct = blockIdx.x / ksplit, ks = blockIdx.x - ct * ksplit;
+  if (kFewPrefetch > 0 && !gr.row_off && blockIdx.y == 0) few_prefetch<FMT>(W, ct, ks, ksplit);
+  pdl_entry();
   // a launch per tile size (gemm_few, gr.cls_tiles): tile blockIdx.y of this launch's list (tiles of 8·NT rows or
   // fewer, more than the next smaller size); else the row tile blockIdx.y
   int g, r0, r1;
@@ -2861,7 +2888,7 @@ __global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* _
   } else if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) {
     return;
   }
-  few_tile<FMT, NT, SB, SPLIT>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks, blockIdx.y);
+  few_tile<FMT, NT, SB, SPLIT>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks);
 }
 
 // ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
@@ -3395,8 +3422,21 @@ __global__ void __launch_bounds__(kWgThreads, BPS)
 
 // RMSNorm, one block per row: the row read once (16-byte loads where aligned) into shared memory when it fits there
 // (row_in_smem; out may alias x, so a row that does not fit is read again from x), squares summed by warps.
-__global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ w, int64_t d,
-                                                      float eps, float* out, bf16* out16, bool row_in_smem) {
+// ADD: the residual add before the norm, x[t] += y[t] written back through sum (x itself; rows d apart), the same
+// fp32 adds as k_add, so the same bits as k_add then the norm, in one launch. The weights, which no kernel writes,
+// are read into registers (kNormW per thread) before the wait on the kernel before, so that their latency overlaps
+// its end.
+constexpr int kNormW = 8;
+template <bool ADD>
+__global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ y, float* sum,
+                                                      const float* __restrict__ w, int64_t d, float eps, float* out,
+                                                      bf16* out16, bool row_in_smem) {
+  float wr[kNormW];
+#pragma unroll
+  for (int j = 0; j < kNormW; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    wr[j] = i < d ? w[i] : 0.0f;
+  }
   pdl_entry();
   extern __shared__ float row[];  // [d] when row_in_smem
   __shared__ float part[32];
@@ -3405,24 +3445,40 @@ __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld
   float ss = 0;
   if ((d & 3) == 0 && (ld & 3) == 0) {
     for (int64_t i = threadIdx.x; i < d / 4; i += blockDim.x) {
-      const float4 v = reinterpret_cast<const float4*>(xr)[i];
+      float4 v = reinterpret_cast<const float4*>(xr)[i];
+      if constexpr (ADD) {
+        const float4 a = reinterpret_cast<const float4*>(y + t * d)[i];
+        v = make_float4(v.x + a.x, v.y + a.y, v.z + a.z, v.w + a.w);
+        reinterpret_cast<float4*>(sum + t * d)[i] = v;
+      }
       if (row_in_smem) reinterpret_cast<float4*>(row)[i] = v;
       ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
   } else {
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-      const float v = xr[i];
+      float v = xr[i];
+      if constexpr (ADD) {
+        v += y[t * d + i];
+        sum[t * d + i] = v;
+      }
       if (row_in_smem) row[i] = v;
       ss += v * v;
     }
   }
+  // block_sum's barriers also make this block's writes of the summed row visible to the reads below
   const float r = 1.0f / sqrtf(block_sum(ss, part) / static_cast<float>(d) + eps);
-  const float* src = row_in_smem ? row : xr;
-  for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
-    const float v = w[i] * (src[i] * r);
+  const float* src = row_in_smem ? row : ADD ? sum + t * d : xr;
+  auto put = [&](int64_t i, float wi) {
+    const float v = wi * (src[i] * r);
     out[t * d + i] = v;
     if (out16) out16[t * d + i] = __float2bfloat16(v);  // what k_f32_to_bf16 makes of out
+  };
+#pragma unroll
+  for (int j = 0; j < kNormW; ++j) {
+    const int64_t i = threadIdx.x + static_cast<int64_t>(j) * blockDim.x;
+    if (i < d) put(i, wr[j]);
   }
+  for (int64_t i = threadIdx.x + static_cast<int64_t>(kNormW) * blockDim.x; i < d; i += blockDim.x) put(i, w[i]);
 }
 
 // fp32-input matmul (routers) for bf16 weights with K % 64 == 0: a block of 8 warps per output feature and up to 4
@@ -3598,6 +3654,7 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
       default: launch_few_nt<kBf16, false>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt); break;
     }
   };
+  bool by_size = false;
   if (groups.cls_tiles && g_few_by_rows && ksplit == 1 && W.fmt != kBf16) {
     // Expert launches (FP8, INT4): the host knows only a bound on an expert's rows (the tokens), and the kernel's
     // row count NT sets its shared memory and registers for every block (INT4 at NT = 4: 64 KB, three blocks per
@@ -3613,16 +3670,16 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
     int64_t gy[3] = {0, 0, 0};
     for (int c = 0; c <= (nt == 4 && !pieces16 ? 2 : nt >= 2 ? 1 : 0); ++c)
       gy[c] = c == 2 ? int64_t(M) / 17 : c == 1 ? (pieces16 ? int64_t(M) / 9 : std::min<int64_t>(groups.G, M / 9)) : std::min<int64_t>(groups.G, M);
-    if (gy[0] <= 65535 && gy[1] <= 65535 && gy[2] <= 65535) {
+    by_size = gy[0] <= 65535 && gy[1] <= 65535 && gy[2] <= 65535;
+    if (by_size)
       for (int c = 2; c >= 0; --c)
         if (gy[c] > 0) launch(1 << c, dim3(grid.x, static_cast<unsigned>(gy[c]), grid.z), groups);
-      if (part) cudaFreeAsync(part, s);
-      return;
-    }
   }
-  Groups plain = groups;  // one launch over every row tile
-  plain.cls_tiles = nullptr;
-  launch(nt, grid, plain);
+  if (!by_size) {
+    Groups plain = groups;  // one launch over every row tile
+    plain.cls_tiles = nullptr;
+    launch(nt, grid, plain);
+  }
   if (part) cudaFreeAsync(part, s);
 }
 
@@ -3907,13 +3964,21 @@ void add(float* y, const float* x, int64_t n, cudaStream_t s) {
 void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t n, float* out, cudaStream_t s) {
   if (n) launch_k(k_embed, dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s, table, H, ids, out);
 }
+// one block per row: a thread per four columns, 32 to 1024 of them
+static int rmsnorm_block(int64_t d) { return static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, cdiv(cdiv(d, 4), 32) * 32))); }
 void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, bf16* out16,
              cudaStream_t s) {
   if (n == 0) return;
   const bool in_smem = d * 4 <= 48 * 1024;
-  const int block = static_cast<int>(std::min<int64_t>(1024, std::max<int64_t>(32, cdiv(cdiv(d, 4), 32) * 32)));
-  launch_k(k_rmsnorm_row, static_cast<unsigned>(n), block, in_smem ? d * sizeof(float) : 0, s, x, ld, w, d, eps, out, out16,
-           in_smem);
+  launch_k(k_rmsnorm_row<false>, static_cast<unsigned>(n), rmsnorm_block(d), in_smem ? d * sizeof(float) : 0, s, x, ld,
+           nullptr, nullptr, w, d, eps, out, out16, in_smem);
+}
+void add_rmsnorm(float* h, const float* y, const float* w, int64_t n, int64_t d, float eps, float* out, bf16* out16,
+                 cudaStream_t s) {
+  if (n == 0) return;
+  const bool in_smem = d * 4 <= 48 * 1024;
+  launch_k(k_rmsnorm_row<true>, static_cast<unsigned>(n), rmsnorm_block(d), in_smem ? d * sizeof(float) : 0, s, h, d, y, h,
+           w, d, eps, out, out16, in_smem);
 }
 void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
           const int64_t* pos, const float* inv_freq, float attn_factor, bool interleaved, cudaStream_t s) {
@@ -4177,9 +4242,8 @@ void logits_top(const float* lg, int64_t R, int64_t V, int M, float* max, double
   auto* cand_v = cmax + R * nch;
   auto* cand_i = reinterpret_cast<int*>(cand_v + R * nch * M);
   const dim3 grid(static_cast<unsigned>(nch), static_cast<unsigned>(R));
-  launch_k(k_top_chunk, grid, kTopThreads, 0, s, lg, V, M, cand_v, cand_i, cmax);
-  launch_k(k_top_sum, grid, kTopThreads, 0, s, lg, V, cmax, psum);
-  launch_k(k_top_merge, static_cast<unsigned>(R), kTopThreads, 0, s, nch, M, cand_v, cand_i, psum, max, log_sum, top_v, top_i);
+  launch_k(k_top, grid, kTopThreads, 0, s, lg, V, M, cand_v, cand_i, cmax, psum, split_counters(s, static_cast<size_t>(R)),
+           max, log_sum, top_v, top_i);
 }
 void sample_rows(const float* lg, int64_t V, const int64_t* rows, const RowDrawD* draws, int n, double* scratch,
                  int32_t* tok, float* logit, cudaStream_t s) {

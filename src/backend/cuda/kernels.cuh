@@ -108,6 +108,10 @@ void embed(const bf16* table, int64_t V, int64_t H, const int32_t* ids, int64_t 
 // out [n, d] fp32 and, when out16 is not nullptr, the same values rounded to bf16 [n, d] (the next matmul's input)
 void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, bf16* out16,
              cudaStream_t s);
+// h [n, d] += y (rows d apart), then rmsnorm of the new h into out / out16 (out must not alias h): one launch, the
+// same bits as add() then rmsnorm()
+void add_rmsnorm(float* h, const float* y, const float* w, int64_t n, int64_t d, float eps, float* out, bf16* out16,
+                 cudaStream_t s);
 void rope(float* x, int64_t n, int64_t n_heads, int64_t row_stride, int64_t head_stride, int64_t offset, int64_t dim,
           const int64_t* pos, const float* inv_freq, float attn_factor, bool interleaved, cudaStream_t s);
 void gather_rows(const float* src, const int64_t* rows, int64_t n, int64_t width, float* dst, cudaStream_t s);
