@@ -2638,6 +2638,32 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
   return __byte_perm(lo, hi, i % 2 == 0 ? 0x5410 : 0x7632);
 }
 
+// L2 prefetch of the weights (prefetch.global.L2, 128-byte lines; the block's 64 weight rows of one K stage, two
+// lines a thread at most). A dense launch's weights are known before the kernel before it is done (no kernel writes
+// them): its first kFewPrefetch stages are asked for before the wait on that kernel, so that the block's first loads
+// after the wait find them in L2 and the weight stream starts while the kernel before ends (the small kernels
+// between a decode step's matmuls leave the memory idle); grouped launches learn their groups after the wait.
+// Prefetching stage st + 1 inside the loop as well made the batch-1 step 20% slower (NOTES 66).
+constexpr int kFewPrefetch = 2;
+template <int FMT>
+__device__ __forceinline__ void few_prefetch_stage(const uint8_t* wb, const DLin& W, int ct, int st) {
+  constexpr int KC = few_kc<FMT>();
+  constexpr int BPR = FMT == kBf16 ? KC * 2 : FMT == kFp8 ? KC : KC / 2;  // bytes of a row's stage
+  constexpr int LPR = BPR / 128;                                          // 128-byte lines per row and stage
+  for (int i = threadIdx.x; i < kFewCols * LPR; i += blockDim.x) {
+    const int n = ct * kFewCols + i / LPR;
+    if (n < W.N)
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(wb + static_cast<int64_t>(n) * W.w_ld + static_cast<int64_t>(st) * BPR +
+                                                      (i % LPR) * 128));
+  }
+}
+template <int FMT>
+__device__ __forceinline__ void few_prefetch(const DLin& W, int ct, int ks, int ksplit) {
+  const int nst = W.K / few_kc<FMT>(), sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps;
+  const int st1 = min(nst, st0 + min(sps, kFewPrefetch));
+  for (int st = st0; st < st1; ++st) few_prefetch_stage<FMT>(W.w, W, ct, st);
+}
+
 // Five blocks per multiprocessor at up to 8 rows (NT = 1; 96 registers): the gate+up pair at one row has 576 blocks
 // (9 experts or 18432 features x 2, 64 per block), one wave of 660 slots instead of 528 + a partial second wave.
 // K split (SPLIT, part != nullptr): each block writes its split's sums to part; the last of a tile's ksplit blocks to
@@ -2841,30 +2867,12 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
   }
 }
 
-// A dense launch's weights are known before the kernel before it is done (no kernel writes them): the first
-// kFewPrefetch stages of a block's 64 weight rows are asked into L2 before the wait on it, so that the block's
-// first loads after the wait find them there and the weight stream starts while the kernel before ends (the small
-// kernels between a decode step's matmuls leave the memory idle). Grouped launches learn their groups after the
-// wait and do not.
-constexpr int kFewPrefetch = 2;
-template <int FMT>
-__device__ __forceinline__ void few_prefetch(const DLin& W, int ct, int ks, int ksplit) {
-  constexpr int KC = few_kc<FMT>();
-  constexpr int BPR = FMT == kBf16 ? KC * 2 : FMT == kFp8 ? KC : KC / 2;  // bytes of a row's stage
-  constexpr int LPR = BPR / 128, PER = kFewCols * LPR;                    // 128-byte lines per row, per stage
-  const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps;
-  const int n_st = max(0, min(nst - st0, min(sps, kFewPrefetch)));
-  for (int i = threadIdx.x; i < PER * n_st; i += blockDim.x) {
-    const int st = st0 + i / PER, row = (i % PER) / LPR, line = i % LPR;
-    const int n = ct * kFewCols + row;
-    if (n >= W.N) continue;
-    const uint8_t* p = W.w + static_cast<int64_t>(n) * W.w_ld + static_cast<int64_t>(st) * BPR + line * 128;
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-  }
-}
-
-template <int FMT, int NT, bool SB, bool SPLIT>
-__global__ void __launch_bounds__(128, NT == 1 ? 5 : 4) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
+// MINB: blocks per multiprocessor the registers must allow (launch bounds). Five at up to 8 rows; dense bf16
+// matrices at up to 8 rows (lm_head, the attention's and dense MLP's projections at decode) take four, where the
+// kernel does not spill (40 bytes at five): the batch-1 step 1722-1748 -> 1661-1687 us (NOTES 66). The grouped bf16
+// expert launches keep five (their gate+up at one token is one wave of 576 blocks at five, not at four).
+template <int FMT, int NT, bool SB, bool SPLIT, int MINB>
+__global__ void __launch_bounds__(128, MINB) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
                                                      float* part, int* cnt) {
   if (blockIdx.z == 1) {
@@ -3581,13 +3589,20 @@ bool same_shape(const DLin& a, const DLin& b) {
 template <int FMT, int NT, bool SB>
 void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                 const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
-  if (part) {
-    allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB, true>), int(few_smem<FMT>(NT)));
-    launch_k(k_gemm_few<FMT, NT, SB, true>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
-  } else {
-    allow_smem(reinterpret_cast<const void*>(k_gemm_few<FMT, NT, SB, false>), int(few_smem<FMT>(NT)));
-    launch_k(k_gemm_few<FMT, NT, SB, false>, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  auto go = [&](auto kernel) {
+    allow_smem(reinterpret_cast<const void*>(kernel), int(few_smem<FMT>(NT)));
+    launch_k(kernel, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  };
+  constexpr int kMinB = NT == 1 ? 5 : 4;
+  if constexpr (FMT == kBf16 && NT == 1) {
+    if (!gr.row_off) {  // dense: four blocks per multiprocessor (k_gemm_few's MINB)
+      if (part) go(k_gemm_few<FMT, NT, SB, true, 4>);
+      else go(k_gemm_few<FMT, NT, SB, false, 4>);
+      return;
+    }
   }
+  if (part) go(k_gemm_few<FMT, NT, SB, true, kMinB>);
+  else go(k_gemm_few<FMT, NT, SB, false, kMinB>);
 }
 template <int FMT, bool SB>
 void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
