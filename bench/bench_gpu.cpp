@@ -5,8 +5,9 @@
 //   bench_gpu moe DIR [--json FILE]                             the MoE block table of `run` alone
 //   bench_gpu mla [--json FILE]                                  absorbed decode attention alone at K2's attention
 //                                                               shapes: tensor-core kernel vs the CUDA-core one
-//   bench_gpu profile DIR [--tokens T] [--prefill T]            for ncu (--profile-from-start off): the MoE block
-//                                                               at T tokens and one batch-1 decode step, each once
+//   bench_gpu profile DIR [--tokens T] [--prefill T] [--batch B] for ncu (--profile-from-start off): the MoE block
+//                                                               at T tokens and one decode step of B sequences
+//                                                               (default 1), each once
 //                                                               inside cudaProfilerStart/Stop, after warm-up; prints
 //                                                               the decode step's wall time without the profiler.
 //                                                               --prefill T: one prefill of 1 x T tokens instead
@@ -424,7 +425,7 @@ int run(const std::string& dir, const std::string& json_path, bool moe_only = fa
 // One MoE block at T tokens and one batch-1 decode step, each run once between cudaProfilerStart/Stop after
 // warm-up, for `ncu --profile-from-start off` (per-kernel times); also prints the decode step's wall time over
 // 20 unprofiled steps, to compare with the sum of its kernels.
-int run_profile(const std::string& dir, int64_t T, int64_t prefill) {
+int run_profile(const std::string& dir, int64_t T, int64_t prefill, int64_t batch) {
   auto backend = std::make_shared<CudaBackend>(0);
   backend->set_batch_invariant_attention(env_on("KSCOPE_INVARIANT_ATTENTION"));
   apply_kernel_env();
@@ -458,17 +459,25 @@ int run_profile(const std::string& dir, int64_t T, int64_t prefill) {
   step();
   CU(cudaDeviceSynchronize());
   CU(cudaProfilerStop());
-  KvCache cache = model->new_cache();
-  std::vector<int32_t> prompt;
-  for (int t = 0; t < 16; ++t) prompt.push_back(static_cast<int32_t>((t * 17 + 3) % cfg.vocab_size));
-  std::vector<ForwardItem> items{{&cache, prompt.data(), 16, false}};
+  // the decode step: `batch` sequences of 16-token prompts of their own (so that they route to different experts,
+  // as in the decode table of `run`; batch 1 keeps the prompt it always had), one greedy token each per step
+  std::vector<KvCache> caches;
+  std::vector<std::vector<int32_t>> prompts(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    caches.push_back(model->new_cache());
+    for (int t = 0; t < 16; ++t) prompts[b].push_back(static_cast<int32_t>((b * 131 + t * 17 + 3) % cfg.vocab_size));
+  }
+  std::vector<ForwardItem> items;
+  for (int64_t b = 0; b < batch; ++b) items.push_back({&caches[b], prompts[b].data(), 16, false});
   std::vector<LogitSummary> logits;
-  const std::vector<RowDraw> full(1);
+  const std::vector<RowDraw> full(batch);
   model->forward(items, full, 1, logits);
-  int32_t next = 0;
+  std::vector<int32_t> next(batch, 0);
   auto dstep = [&] {
-    next = logits[0].top_ids[0];
-    items[0] = {&cache, &next, 1, false};
+    for (int64_t b = 0; b < batch; ++b) {
+      next[b] = logits[b].top_ids[0];
+      items[b] = {&caches[b], &next[b], 1, false};
+    }
     model->forward(items, full, 1, logits);
   };
   const double s_dec = time_it(dstep, 20);
@@ -476,8 +485,8 @@ int run_profile(const std::string& dir, int64_t T, int64_t prefill) {
   dstep();
   CU(cudaDeviceSynchronize());
   CU(cudaProfilerStop());
-  std::printf("MoE block, %lld tokens: %.1f us; decode step, batch 1: %.1f us (wall, median of 20)\n",
-              static_cast<long long>(T), s_moe * 1e6, s_dec * 1e6);
+  std::printf("MoE block, %lld tokens: %.1f us; decode step, batch %lld: %.1f us (wall, median of 20)\n",
+              static_cast<long long>(T), s_moe * 1e6, static_cast<long long>(batch), s_dec * 1e6);
   return 0;
 }
 
@@ -858,12 +867,14 @@ int main(int argc, char** argv) {
       return run_mla(js);
     }
     if (argc >= 3 && std::string(argv[1]) == "profile") {
-      int64_t T = 1, prefill = 0;
+      int64_t T = 1, prefill = 0, batch = 1;
       for (int i = 3; i < argc; ++i) {
         if (std::string(argv[i]) == "--tokens" && i + 1 < argc) T = std::stoll(argv[++i]);
         else if (std::string(argv[i]) == "--prefill" && i + 1 < argc) prefill = std::stoll(argv[++i]);
+        else if (std::string(argv[i]) == "--batch" && i + 1 < argc) batch = std::stoll(argv[++i]);
       }
-      return run_profile(argv[2], T, prefill);
+      KSCOPE_CHECK(batch >= 1, input, "profile", "--batch must be at least 1, not {}", batch);
+      return run_profile(argv[2], T, prefill, batch);
     }
     if (argc >= 2 && std::string(argv[1]) == "flash") {
       std::string js;
@@ -877,7 +888,7 @@ int main(int argc, char** argv) {
         if (std::string(argv[i]) == "--json" && i + 1 < argc) js = argv[++i];
       return run_gemm(js);
     }
-    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu moe DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T] [--prefill T] | bench_gpu gemm [--json FILE] | bench_gpu flash [--json FILE]\n");
+    std::fprintf(stderr, "usage: bench_gpu make DIR --format bf16|fp8|int4 [--layers N] | bench_gpu run DIR [--json FILE] | bench_gpu moe DIR [--json FILE] | bench_gpu mla [--json FILE] | bench_gpu profile DIR [--tokens T] [--prefill T] [--batch B] | bench_gpu gemm [--json FILE] | bench_gpu flash [--json FILE]\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "bench_gpu: %s\n", e.what());
