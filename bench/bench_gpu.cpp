@@ -73,12 +73,10 @@ bool env_on(const char* name) {
 // (CudaBackend::set_wg_gemm); KSCOPE_FLASH_WG=0 (CudaBackend::set_flash_wg(false): prefill attention on mma.sync);
 // KSCOPE_PDL=0 (CudaBackend::set_pdl(false): plain kernel launches); KSCOPE_FEW_BY_ROWS=0
 // (CudaBackend::set_few_by_rows(false): the streamed expert matmuls as one launch, not one per tile size);
-// KSCOPE_FEW_PIECE=16 (CudaBackend::set_few_piece: expert tiles of at most 16 rows); KSCOPE_NORM_CLUSTERS=0
-// (CudaBackend::set_norm_clusters(false): every norm one block per row)
+// KSCOPE_FEW_PIECE=16 (CudaBackend::set_few_piece: expert tiles of at most 16 rows)
 void apply_kernel_env() {
   if (const char* f = std::getenv("KSCOPE_FEW_BY_ROWS"); f && std::string(f) == "0") CudaBackend::set_few_by_rows(false);
   if (const char* f = std::getenv("KSCOPE_FEW_PIECE"); f && *f) CudaBackend::set_few_piece(std::atoi(f));
-  if (const char* f = std::getenv("KSCOPE_NORM_CLUSTERS"); f && std::string(f) == "0") CudaBackend::set_norm_clusters(false);
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
   if (const char* f = std::getenv("KSCOPE_MLA_SPECIALIZED")) CudaBackend::set_mla_specialized(std::atoi(f));  // 0, 1, 2

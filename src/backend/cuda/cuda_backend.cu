@@ -351,7 +351,6 @@ void CudaBackend::force_simple_attention(bool on) { cuda::set_simple_attention(o
 void CudaBackend::force_mla_mma_sync(bool on) { cuda::set_mla_mma_sync(on); }
 void CudaBackend::set_flash_wg(bool on) { cuda::set_flash_wg(on); }
 void CudaBackend::set_pdl(bool on) { cuda::set_pdl(on); }
-void CudaBackend::set_norm_clusters(bool on) { cuda::set_norm_clusters(on); }
 void CudaBackend::set_mla_tma(bool on) { cuda::set_mla_tma(on); }
 int64_t CudaBackend::mla_tma_launches() { return cuda::mla_tma_launches(); }
 void CudaBackend::set_mla_specialized(int mode) { cuda::set_mla_specialized(mode); }

@@ -138,9 +138,6 @@ class CudaBackend final : public Backend {
   // end of the one before it; every kernel waits for its predecessor before touching memory) or plainly.
   // bench_gpu reads KSCOPE_PDL=0.
   static void set_pdl(bool on);
-  // Tests and benchmarks: the norms of a few wide rows (decode) on clusters of 8 blocks per row (the default) or,
-  // off, on one block per row; the same bits. bench_gpu reads KSCOPE_NORM_CLUSTERS=0.
-  static void set_norm_clusters(bool on);
   // Benchmarks and tests: decode attention's cache tiles by tensor copies (TMA; the default where rope is 64 and
   // kv_lora 128/256/512) or, off, by per-thread cp.async (the same arithmetic, so the same bits).
   static void set_mla_tma(bool on);

@@ -1,4 +1,3 @@
-#include <cooperative_groups.h>
 #include <mma.h>
 
 #include <cfloat>
@@ -62,32 +61,19 @@ __device__ __forceinline__ void pdl_entry() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 bool g_pdl = true;
-bool g_norm_clusters = true;  // norms of few wide rows on clusters (k_rmsnorm_cluster)
-// cluster > 1: thread-block clusters of that many blocks along x (launch_kc)
 template <class... P, class... A>
-void launch_kc(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, unsigned cluster, A&&... args) {
-  cudaLaunchAttribute attr[2];
-  unsigned n = 0;
-  if (g_pdl) {
-    attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[n++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (cluster > 1) {
-    attr[n].id = cudaLaunchAttributeClusterDimension;
-    attr[n++].val.clusterDim = {cluster, 1, 1};
-  }
+void launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = s;
   cfg.attrs = attr;
-  cfg.numAttrs = n;
+  cfg.numAttrs = g_pdl ? 1 : 0;
   cudaLaunchKernelEx(&cfg, kernel, std::forward<A>(args)...);
-}
-template <class... P, class... A>
-void launch_k(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A&&... args) {
-  launch_kc(kernel, grid, block, smem, s, 1u, std::forward<A>(args)...);
 }
 
 // A matrix's scales, fp32 (s) or bf16 (s16: INT4 scales as the checkpoint ships them, half the bytes of fp32 —
@@ -3449,11 +3435,6 @@ __global__ void __launch_bounds__(kWgThreads, BPS)
 // are read into registers (kNormW per thread) before the wait on the kernel before, so that their latency overlaps
 // its end.
 constexpr int kNormW = 8;
-// ss + (x² + y² + z² + w²), rounded as written (no contraction): the one-block and the cluster kernels add the same
-__device__ __forceinline__ float add_squares(float ss, float4 v) {
-  return __fadd_rn(ss, __fadd_rn(__fadd_rn(__fadd_rn(__fmul_rn(v.x, v.x), __fmul_rn(v.y, v.y)), __fmul_rn(v.z, v.z)),
-                                 __fmul_rn(v.w, v.w)));
-}
 template <bool ADD>
 __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld, const float* __restrict__ y, float* sum,
                                                       const float* __restrict__ w, int64_t d, float eps, float* out,
@@ -3479,7 +3460,7 @@ __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld
         reinterpret_cast<float4*>(sum + t * d)[i] = v;
       }
       if (row_in_smem) reinterpret_cast<float4*>(row)[i] = v;
-      ss = add_squares(ss, v);
+      ss += v.x * v.x + v.y * v.y + v.z * v.z + v.w * v.w;
     }
   } else {
     for (int64_t i = threadIdx.x; i < d; i += blockDim.x) {
@@ -3506,88 +3487,6 @@ __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld
     if (i < d) put(i, wr[j]);
   }
   for (int64_t i = threadIdx.x + static_cast<int64_t>(kNormW) * blockDim.x; i < d; i += blockDim.x) put(i, w[i]);
-}
-
-// RMSNorm of a few rows at widths where k_rmsnorm_row runs 1024 threads (d > 3968, d and ld multiples of 4): each
-// row on a cluster of kNormG blocks of 1024 / kNormG threads instead of one block, so that it is read and written by
-// kNormG multiprocessors (a decode step's norms, ADD as k_rmsnorm_row's). Thread v of the cluster (block rank · 128
-// + thread) sums the float4s k_rmsnorm_row's thread v sums, in the same order; its warps' sums go to the first
-// block's shared memory and each block adds the 32 of them as block_sum does: the same sum, so the same bits as
-// k_rmsnorm_row at any row count. A thread keeps its float4s (up to kNormW4) and their weights in registers.
-constexpr int kNormG = 8, kNormW4 = 4;
-template <bool ADD>
-__global__ void __launch_bounds__(1024 / kNormG) k_rmsnorm_cluster(const float* x, int64_t ld, const float* __restrict__ y,
-                                                                   float* sum, const float* __restrict__ w, int64_t d,
-                                                                   float eps, float* out, bf16* out16) {
-  namespace cg = cooperative_groups;
-  constexpr int T = 1024;
-  const cg::cluster_group cl = cg::this_cluster();
-  const int v = static_cast<int>(cl.block_rank()) * (T / kNormG) + threadIdx.x;
-  const int64_t t = blockIdx.x / kNormG, n4 = d / 4;
-  float4 wr[kNormW4];
-#pragma unroll
-  for (int j = 0; j < kNormW4; ++j)
-    wr[j] = v + j * T < n4 ? reinterpret_cast<const float4*>(w)[v + j * T] : make_float4(0, 0, 0, 0);
-  pdl_entry();
-  __shared__ float part[32];
-  __shared__ float total;
-  const float4* xr = reinterpret_cast<const float4*>(x + t * ld);
-  float4 keep[kNormW4];
-  float ss = 0;
-#pragma unroll
-  for (int j = 0; j < kNormW4; ++j) {
-    const int64_t i = v + static_cast<int64_t>(j) * T;
-    if (i < n4) {
-      float4 a = xr[i];
-      if constexpr (ADD) {
-        const float4 b = reinterpret_cast<const float4*>(y + t * d)[i];
-        a = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-        reinterpret_cast<float4*>(sum + t * d)[i] = a;
-      }
-      keep[j] = a;
-      ss = add_squares(ss, a);
-    }
-  }
-  for (int64_t i = v + static_cast<int64_t>(kNormW4) * T; i < n4; i += T) {
-    float4 a = xr[i];
-    if constexpr (ADD) {
-      const float4 b = reinterpret_cast<const float4*>(y + t * d)[i];
-      a = make_float4(a.x + b.x, a.y + b.y, a.z + b.z, a.w + b.w);
-      reinterpret_cast<float4*>(sum + t * d)[i] = a;
-    }
-    ss = add_squares(ss, a);
-  }
-  ss = warp_sum(ss);
-  float* part0 = cl.map_shared_rank(part, 0);
-  if ((threadIdx.x & 31) == 0) part0[v >> 5] = ss;
-  cl.sync();
-  if (threadIdx.x < 32) {
-    const float s32 = warp_sum(part0[threadIdx.x]);
-    if (threadIdx.x == 0) total = s32;
-  }
-  cl.sync();  // every block has read the first block's sums before it may exit; this block's total is visible
-  const float r = 1.0f / sqrtf(total / static_cast<float>(d) + eps);
-  auto put = [&](int64_t i, float4 a, float4 wi) {
-    const float4 o = make_float4(wi.x * (a.x * r), wi.y * (a.y * r), wi.z * (a.z * r), wi.w * (a.w * r));
-    reinterpret_cast<float4*>(out + t * d)[i] = o;
-    if (out16) {
-      __nv_bfloat162* o16 = reinterpret_cast<__nv_bfloat162*>(out16 + t * d + 4 * i);
-      o16[0] = __halves2bfloat162(__float2bfloat16(o.x), __float2bfloat16(o.y));
-      o16[1] = __halves2bfloat162(__float2bfloat16(o.z), __float2bfloat16(o.w));
-    }
-  };
-#pragma unroll
-  for (int j = 0; j < kNormW4; ++j) {
-    const int64_t i = v + static_cast<int64_t>(j) * T;
-    if (i < n4) put(i, keep[j], wr[j]);
-  }
-  for (int64_t i = v + static_cast<int64_t>(kNormW4) * T; i < n4; i += T)
-    put(i, ADD ? reinterpret_cast<const float4*>(sum + t * d)[i] : xr[i], reinterpret_cast<const float4*>(w)[i]);
-}
-// the rows at or below which a norm runs on clusters (kNormG multiprocessors per row)
-constexpr int64_t kNormClusterRows = 16;
-bool norm_on_clusters(int64_t n, int64_t d, int64_t ld) {
-  return n <= kNormClusterRows && d > 3968 && (d & 3) == 0 && (ld & 3) == 0;
 }
 
 // fp32-input matmul (routers) for bf16 weights with K % 64 == 0: a block of 8 warps per output feature and up to 4
@@ -4085,11 +3984,6 @@ static int rmsnorm_block(int64_t d) { return static_cast<int>(std::min<int64_t>(
 void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, float eps, float* out, bf16* out16,
              cudaStream_t s) {
   if (n == 0) return;
-  if (g_norm_clusters && norm_on_clusters(n, d, ld)) {
-    launch_kc(k_rmsnorm_cluster<false>, static_cast<unsigned>(n * kNormG), 1024 / kNormG, 0, s, kNormG, x, ld, nullptr,
-              nullptr, w, d, eps, out, out16);
-    return;
-  }
   const bool in_smem = d * 4 <= 48 * 1024;
   launch_k(k_rmsnorm_row<false>, static_cast<unsigned>(n), rmsnorm_block(d), in_smem ? d * sizeof(float) : 0, s, x, ld,
            nullptr, nullptr, w, d, eps, out, out16, in_smem);
@@ -4097,11 +3991,6 @@ void rmsnorm(const float* x, int64_t ld, const float* w, int64_t n, int64_t d, f
 void add_rmsnorm(float* h, const float* y, const float* w, int64_t n, int64_t d, float eps, float* out, bf16* out16,
                  cudaStream_t s) {
   if (n == 0) return;
-  if (g_norm_clusters && norm_on_clusters(n, d, d)) {
-    launch_kc(k_rmsnorm_cluster<true>, static_cast<unsigned>(n * kNormG), 1024 / kNormG, 0, s, kNormG, h, d, y, h, w, d,
-              eps, out, out16);
-    return;
-  }
   const bool in_smem = d * 4 <= 48 * 1024;
   launch_k(k_rmsnorm_row<true>, static_cast<unsigned>(n), rmsnorm_block(d), in_smem ? d * sizeof(float) : 0, s, h, d, y, h,
            w, d, eps, out, out16, in_smem);
@@ -4158,7 +4047,6 @@ bool flash_expanded_ok(const AttnDims& d) {
 bool g_flash_wg = true;
 void set_flash_wg(bool on) { g_flash_wg = on; }
 void set_pdl(bool on) { g_pdl = on; }
-void set_norm_clusters(bool on) { g_norm_clusters = on; }
 bool flash_wg_ok(const AttnDims& d) { return g_flash_wg && flash_expanded_ok(d) && d.dn == 128 && d.dr == 64; }
 int flash_tile_rows(const AttnDims& d) { return flash_wg_ok(d) ? kFwRows : kFlashTileRows; }
 void kvx_to_bf16(float* kvx, int64_t n, cudaStream_t s) {

@@ -91,9 +91,6 @@ void set_f32_tile(bool on);
 // Kernels launched with programmatic dependent launch (the default) or, off, plainly; the same order of every memory
 // access either way (each kernel waits for the one before it before touching memory).
 void set_pdl(bool on);
-// Norms of up to 16 rows wider than 3968 on clusters of 8 blocks (the default) or, off, one block per row: the same
-// bits either way.
-void set_norm_clusters(bool on);
 // Tests: run absorbed decode attention with the CUDA-core kernel instead of the tensor-core one.
 void set_simple_attention(bool on);
 bool simple_attention();
