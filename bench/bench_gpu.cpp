@@ -217,6 +217,35 @@ struct MoeStep {
   }
 };
 
+// B sequences with 16-token prompts of their own (so that they route to different experts; sequence 0's is the
+// batch-1 profile's prompt of earlier rounds), prefilled; step() decodes one greedy token for each, as generate()
+// does: the device reduces each row to its top logit and normalizer.
+struct GreedyBatch {
+  Model& model;
+  std::vector<KvCache> caches;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<ForwardItem> items;
+  std::vector<LogitSummary> logits;
+  std::vector<RowDraw> full;  // greedy: nothing drawn
+  std::vector<int32_t> next;
+  GreedyBatch(Model& m, int64_t B) : model(m), prompts(B), full(B), next(B) {
+    const int64_t V = m.config().vocab_size;
+    for (int64_t b = 0; b < B; ++b) {
+      caches.push_back(m.new_cache());
+      for (int t = 0; t < 16; ++t) prompts[b].push_back(static_cast<int32_t>((b * 131 + t * 17 + 3) % V));
+    }
+    for (int64_t b = 0; b < B; ++b) items.push_back({&caches[b], prompts[b].data(), 16, false});
+    model.forward(items, full, 1, logits);
+  }
+  void step() {
+    for (size_t b = 0; b < items.size(); ++b) {
+      next[b] = logits[b].top_ids[0];
+      items[b] = {&caches[b], &next[b], 1, false};
+    }
+    model.forward(items, full, 1, logits);
+  }
+};
+
 int run(const std::string& dir, const std::string& json_path, bool moe_only = false) {
   json out;
   cudaDeviceProp p{};
@@ -340,28 +369,12 @@ int run(const std::string& dir, const std::string& json_path, bool moe_only = fa
   uint64_t peak = used_bytes() - base;
   for (int64_t B : {1, 16, 64, 128, 256}) {
     try {
-      std::vector<KvCache> caches;
-      std::vector<std::vector<int32_t>> prompts(B);
-      for (int64_t b = 0; b < B; ++b) {
-        caches.push_back(model->new_cache());
-        for (int t = 0; t < 16; ++t) prompts[b].push_back(static_cast<int32_t>((b * 131 + t * 17 + 3) % cfg.vocab_size));
-      }
-      std::vector<ForwardItem> items;
-      for (int64_t b = 0; b < B; ++b) items.push_back({&caches[b], prompts[b].data(), 16, false});
-      // greedy decode as generate() runs it: the device reduces each row to its top logit and normalizer
-      std::vector<LogitSummary> logits;
-      const std::vector<RowDraw> full(B);  // greedy: nothing drawn
-      model->forward(items, full, 1, logits);
-      std::vector<int32_t> next(B);
+      GreedyBatch g(*model, B);
       const int steps = 16;
       std::vector<double> t;
       for (int s = 0; s < steps; ++s) {
-        for (int64_t b = 0; b < B; ++b) {
-          next[b] = logits[b].top_ids[0];
-          items[b] = {&caches[b], &next[b], 1, false};
-        }
         const auto t0 = clk::now();
-        model->forward(items, full, 1, logits);
+        g.step();
         t.push_back(std::chrono::duration<double>(clk::now() - t0).count());
       }
       const double st = median(t);
@@ -459,27 +472,9 @@ int run_profile(const std::string& dir, int64_t T, int64_t prefill, int64_t batc
   step();
   CU(cudaDeviceSynchronize());
   CU(cudaProfilerStop());
-  // the decode step: `batch` sequences of 16-token prompts of their own (so that they route to different experts,
-  // as in the decode table of `run`; batch 1 keeps the prompt it always had), one greedy token each per step
-  std::vector<KvCache> caches;
-  std::vector<std::vector<int32_t>> prompts(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    caches.push_back(model->new_cache());
-    for (int t = 0; t < 16; ++t) prompts[b].push_back(static_cast<int32_t>((b * 131 + t * 17 + 3) % cfg.vocab_size));
-  }
-  std::vector<ForwardItem> items;
-  for (int64_t b = 0; b < batch; ++b) items.push_back({&caches[b], prompts[b].data(), 16, false});
-  std::vector<LogitSummary> logits;
-  const std::vector<RowDraw> full(batch);
-  model->forward(items, full, 1, logits);
-  std::vector<int32_t> next(batch, 0);
-  auto dstep = [&] {
-    for (int64_t b = 0; b < batch; ++b) {
-      next[b] = logits[b].top_ids[0];
-      items[b] = {&caches[b], &next[b], 1, false};
-    }
-    model->forward(items, full, 1, logits);
-  };
+  // the decode step of `batch` sequences (the decode table's)
+  GreedyBatch g(*model, batch);
+  auto dstep = [&] { g.step(); };
   const double s_dec = time_it(dstep, 20);
   CU(cudaProfilerStart());
   dstep();
