@@ -2645,12 +2645,13 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
 // between a decode step's matmuls leave the memory idle); grouped launches learn their groups after the wait.
 // Prefetching stage st + 1 inside the loop as well made the batch-1 step 20% slower (NOTES 66).
 constexpr int kFewPrefetch = 2;
-// A streamed weight load (16 bytes, read once). l2b: through the read-only path without a place in L1, asking L2
+// A streamed weight load (16 bytes, read once). L2B: through the read-only path without a place in L1, asking L2
 // for the 256-byte block around it (a quad's four lanes read 64 contiguous bytes of a row per chunk and the next
-// chunks follow): the dense launches (the batch-1 step 1722-1728 -> 1584-1627 us, NOTES 70); the expert launches
-// keep __ldg (with the hint they were 2-4% slower at 64-256 tokens).
-__device__ __forceinline__ uint4 ld_weights(const uint8_t* p, bool l2b) {
-  if (l2b) {
+// chunks follow): the dense launches (the batch-1 step 1659-1728 -> 1584-1627 us, NOTES 70); the expert launches
+// keep __ldg (with the hint they were 2-4% slower at 64-256 tokens) and their code: L2B is a template argument.
+template <bool L2B>
+__device__ __forceinline__ uint4 ld_weights(const uint8_t* p) {
+  if constexpr (L2B) {
     uint4 v;
     asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
@@ -2688,10 +2689,10 @@ __device__ __forceinline__ void few_prefetch(const DLin& W, int ct, int ks, int 
 // Grouped launches with the row tiles by size (Groups::cls_tiles) run one launch per size, each over its list, so
 // that an expert of a few rows runs at NT = 1's occupancy beside one of 30 (NOTES 64).
 // One block's tile: rows [r0, r0 + rows) of group g (rows <= 8·NT), output features ct·64 .. +64, K split part ks
-// (SPLIT: the split counters are per (blockIdx.z, blockIdx.y, column tile)); l2b: ld_weights' L2 hint (dense).
-template <int FMT, int NT, bool SB, bool SPLIT>
+// (SPLIT: the split counters are per (blockIdx.z, blockIdx.y, column tile)); L2B: ld_weights' L2 hint (dense).
+template <int FMT, int NT, bool SB, bool SPLIT, bool L2B>
 __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, const DLin& W, int ksplit,
-                                         float* part, int* cnt, int g, int r0, int rows, int ct, int ks, bool l2b) {
+                                         float* part, int* cnt, int g, int r0, int rows, int ct, int ks) {
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
   constexpr int XLD = few_xld<FMT>(), R = 8 * NT, P = E16 / 8;  // P: a lane's 16-byte X pieces per chunk
   const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps, st1 = min(nst, st0 + sps);
@@ -2727,8 +2728,8 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
     for (int c = 0; c < CH; ++c) {
       const int k = st * KC + c * CW + tq * E16;  // first element of this lane's 16 bytes
       const int64_t off = FMT == kBf16 ? int64_t(k) * 2 : FMT == kFp8 ? int64_t(k) : int64_t(k) / 2;
-      wa[c] = okA ? ld_weights(rowA + off, l2b) : make_uint4(0, 0, 0, 0);
-      wv[c] = okB ? ld_weights(rowB + off, l2b) : make_uint4(0, 0, 0, 0);
+      wa[c] = okA ? ld_weights<L2B>(rowA + off) : make_uint4(0, 0, 0, 0);
+      wv[c] = okB ? ld_weights<L2B>(rowB + off) : make_uint4(0, 0, 0, 0);
       if constexpr (FMT == kFp8) {
         sa[c] = okA ? sb.ld<false>((nA / W.bo) * W.s_cols + k / W.bi) : 0.0f;
         sv[c] = okB ? sb.ld<false>((nB / W.bo) * W.s_cols + k / W.bi) : 0.0f;
@@ -2885,7 +2886,7 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
 // matrices at up to 8 rows (lm_head, the attention's and dense MLP's projections at decode) take four, where the
 // kernel does not spill (40 bytes at five): the batch-1 step 1722-1748 -> 1661-1687 us (NOTES 66). The grouped bf16
 // expert launches keep five (their gate+up at one token is one wave of 576 blocks at five, not at four).
-template <int FMT, int NT, bool SB, bool SPLIT, int MINB>
+template <int FMT, int NT, bool SB, bool SPLIT, int MINB, bool L2B>
 __global__ void __launch_bounds__(128, MINB) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
                                                      float* part, int* cnt) {
@@ -2910,7 +2911,7 @@ __global__ void __launch_bounds__(128, MINB) k_gemm_few(const bf16* __restrict__
   } else if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) {
     return;
   }
-  few_tile<FMT, NT, SB, SPLIT>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks, !gr.row_off);
+  few_tile<FMT, NT, SB, SPLIT, L2B>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks);
 }
 
 // ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
@@ -3608,15 +3609,14 @@ void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, fl
     launch_k(kernel, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
   };
   constexpr int kMinB = NT == 1 ? 5 : 4;
-  if constexpr (FMT == kBf16 && NT == 1) {
-    if (!gr.row_off) {  // dense: four blocks per multiprocessor (k_gemm_few's MINB)
-      if (part) go(k_gemm_few<FMT, NT, SB, true, 4>);
-      else go(k_gemm_few<FMT, NT, SB, false, 4>);
-      return;
-    }
+  if (!gr.row_off) {  // dense: the L2 hint of ld_weights; bf16 at NT = 1 four blocks per multiprocessor (MINB)
+    constexpr int kMinBD = FMT == kBf16 && NT == 1 ? 4 : kMinB;
+    if (part) go(k_gemm_few<FMT, NT, SB, true, kMinBD, true>);
+    else go(k_gemm_few<FMT, NT, SB, false, kMinBD, true>);
+    return;
   }
-  if (part) go(k_gemm_few<FMT, NT, SB, true, kMinB>);
-  else go(k_gemm_few<FMT, NT, SB, false, kMinB>);
+  if (part) go(k_gemm_few<FMT, NT, SB, true, kMinB, false>);
+  else go(k_gemm_few<FMT, NT, SB, false, kMinB, false>);
 }
 template <int FMT, bool SB>
 void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
