@@ -2643,7 +2643,7 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
 // them): its first kFewPrefetch stages are asked for before the wait on that kernel, so that the block's first loads
 // after the wait find them in L2 and the weight stream starts while the kernel before ends (the small kernels
 // between a decode step's matmuls leave the memory idle); grouped launches learn their groups after the wait.
-// Prefetching stage st + 1 inside the loop as well made the batch-1 step 20% slower (NOTES 66).
+// Prefetching stage st + 1 inside the loop as well made the batch-1 step 20% slower (NOTES 67).
 constexpr int kFewPrefetch = 2;
 // A streamed weight load (16 bytes, read once). L2B: through the read-only path without a place in L1, asking L2
 // for the 256-byte block around it (a quad's four lanes read 64 contiguous bytes of a row per chunk and the next
@@ -2884,7 +2884,7 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
 
 // MINB: blocks per multiprocessor the registers must allow (launch bounds). Five at up to 8 rows; dense bf16
 // matrices at up to 8 rows (lm_head, the attention's and dense MLP's projections at decode) take four, where the
-// kernel does not spill (40 bytes at five): the batch-1 step 1722-1748 -> 1661-1687 us (NOTES 66). The grouped bf16
+// kernel does not spill (40 bytes at five): the batch-1 step 1722-1748 -> 1661-1687 us (NOTES 68). The grouped bf16
 // expert launches keep five (their gate+up at one token is one wave of 576 blocks at five, not at four).
 template <int FMT, int NT, bool SB, bool SPLIT, int MINB, bool L2B>
 __global__ void __launch_bounds__(128, MINB) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
