@@ -42,14 +42,28 @@ def targets(k, h, interp):
     moe = {r["tokens"]: r for r in k["moe"]}
     hm = {r["tokens"]: r for r in h.get("moe", []) if "seconds" in r}
 
+    # The MoE block alone (one call synchronized: its host work and launch latency exposed) and, where measured,
+    # queued back to back as a decode step's layers run (the kernels' time); the target is judged on the latter, as
+    # the decode attention's is. HF's ratio is against the time alone (HF's figure is one synchronized call).
+    def sq(r):
+        return r.get("seconds_queued") or r["seconds"]
+
     def frac_bw(r):
-        return r["bw_floor"] / r["seconds"]
+        return r["bw_floor"] / sq(r)
+
+    def shown(r):
+        q = r.get("seconds_queued")
+        return f"{r['seconds'] * 1e6:.0f} µs" + (f" alone, {q * 1e6:.0f} µs queued" if q else "")
+
+    def frac_shown(r):
+        q = r.get("seconds_queued")
+        return f"{100 * r['bw_floor'] / r['seconds']:.0f}%" + (f" / {100 * r['bw_floor'] / q:.0f}%" if q else "")
 
     if 1 in moe:
         r = moe[1]
         hr = hm.get(1)
-        rows.append(("MoE layer, 1 token: ≥ 80% of the bandwidth floor", f"{r['seconds'] * 1e6:.0f} µs",
-                     f"{r['bw_floor'] * 1e6:.0f} µs", f"{100 * frac_bw(r):.0f}%",
+        rows.append(("MoE layer, 1 token: ≥ 80% of the bandwidth floor", shown(r),
+                     f"{r['bw_floor'] * 1e6:.0f} µs", frac_shown(r),
                      f"{hr['seconds'] * 1e6:.0f} µs ({100 * r['bw_floor'] / hr['seconds']:.0f}%)" if hr else "—",
                      f"{hr['seconds'] / r['seconds']:.1f}×" if hr else "—", frac_bw(r) >= 0.8))
     mid = [moe[t] for t in sorted(moe) if 16 <= t <= 256]
@@ -57,16 +71,16 @@ def targets(k, h, interp):
         worst = min(mid, key=frac_bw)
         hr = hm.get(worst["tokens"])
         rows.append((f"MoE layer, 16-256 tokens: ≥ 90% (worst: {worst['tokens']} tokens)",
-                     f"{worst['seconds'] * 1e6:.0f} µs", f"{worst['bw_floor'] * 1e6:.0f} µs",
-                     f"{100 * frac_bw(worst):.0f}% ({100 * min(map(frac_bw, mid)):.0f}-{100 * max(map(frac_bw, mid)):.0f}%)",
+                     shown(worst), f"{worst['bw_floor'] * 1e6:.0f} µs",
+                     f"{frac_shown(worst)} ({100 * min(map(frac_bw, mid)):.0f}-{100 * max(map(frac_bw, mid)):.0f}%)",
                      f"{hr['seconds'] * 1e6:.0f} µs" if hr else "—", f"{hr['seconds'] / worst['seconds']:.1f}×" if hr else "—",
                      frac_bw(worst) >= 0.9))
     big = [moe[t] for t in sorted(moe) if t >= 2048]
     if big:
         r = big[0]
-        f = r["tc_floor"] / r["seconds"]
+        f = r["tc_floor"] / sq(r)
         hr = hm.get(r["tokens"])
-        rows.append((f"MoE layer, {r['tokens']} tokens: ≥ 60% of the tensor-core rate", f"{r['seconds'] * 1e6:.0f} µs",
+        rows.append((f"MoE layer, {r['tokens']} tokens: ≥ 60% of the tensor-core rate", shown(r),
                      f"{r['tc_floor'] * 1e6:.0f} µs (tc)", f"{100 * f:.0f}%", f"{hr['seconds'] * 1e6:.0f} µs" if hr else "—",
                      f"{hr['seconds'] / r['seconds']:.1f}×" if hr else "—", f >= 0.6))
     m = k["mla_decode"]
@@ -138,7 +152,7 @@ def main():
             met = "—" if t[6] is None else ("yes" if t[6] else "no")
             print("| " + " | ".join(t[:6]) + f" | {met} |")
         print()
-        print("| measure | kscope | floor | of floor | HF | speed-up over HF |")
+        print("| measure | kscope (alone / queued) | floor | of floor | HF | speed-up over HF |")
         print("|---|---:|---:|---:|---:|---:|")
         hm = {r["tokens"]: r for r in h.get("moe", [])}
         for r in k["moe"]:
@@ -147,8 +161,11 @@ def main():
             hs = f"{hr['seconds'] * 1e6:.0f} µs" if "seconds" in hr else hr.get("error", "—")[:40]
             ratio = f"{hr['seconds'] / r['seconds']:.2f}×" if "seconds" in hr else "—"
             bound = "bw" if r["bw_floor"] >= r["tc_floor"] else "tc"
-            print(f"| MoE block, {r['tokens']} tok ({r['experts']} experts) | {r['seconds'] * 1e6:.0f} µs | "
-                  f"{fl * 1e6:.0f} µs ({bound}) | {100 * fl / r['seconds']:.0f}% | {hs} | {ratio} |")
+            q = r.get("seconds_queued")
+            qs = f" / {q * 1e6:.0f} µs" if q else ""
+            qf = f" / {100 * fl / q:.0f}%" if q else ""
+            print(f"| MoE block, {r['tokens']} tok ({r['experts']} experts) | {r['seconds'] * 1e6:.0f} µs{qs} | "
+                  f"{fl * 1e6:.0f} µs ({bound}) | {100 * fl / r['seconds']:.0f}%{qf} | {hs} | {ratio} |")
         m = k["mla_decode"]
         mf = m["bytes"] / bw
         print(f"| MLA decode attention, batch {m['batch']} × {m['context']} ctx | {m['seconds'] * 1e6:.0f} µs | "

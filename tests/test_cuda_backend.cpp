@@ -357,6 +357,14 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
         gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mp.data());
         CudaBackend::set_few_piece(32);
         EXPECT_EQ(mp.host(), got) << "moe " << format_name(wf) << " n=" << n << ": tiles of 16 rows vs 32";
+        const int wide0 = CudaBackend::few_wide();
+        for (int wide : {0, 6}) {  // the 9-32-row launches in 8-warp blocks of 128 features, or 4-warp ones of 64
+          auto mw = poisoned(n * H);
+          CudaBackend::set_few_wide(wide);
+          gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mw.data());
+          CudaBackend::set_few_wide(wide0);
+          EXPECT_EQ(mw.host(), got) << "moe " << format_name(wf) << " n=" << n << ": wide blocks " << wide;
+        }
       }
       if (n >= 40) {
         auto mt = poisoned(n * H);
@@ -372,6 +380,48 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
       auto m1 = poisoned(H);
       gpu_->moe_experts(moe, x1.data(), 1, K, id1.data(), wd1.data(), m1.data());
       EXPECT_EQ(m1.host(), std::vector<float>(got.end() - H, got.end())) << "moe " << format_name(wf) << ": token alone vs in " << n;
+    }
+  }
+}
+
+// The expert launches of 9-16 and 17-32 rows per tile in 8-warp blocks of 128 output features (set_few_wide) give
+// the bits of 4-warp blocks of 64 and match the CPU, also where an expert's width (192) leaves a half-filled 128-feature
+// tile; expert 0 takes every token (tiles of 32 rows and a partial one), the others 8-60 rows each
+TEST_F(CudaOps, wide_expert_blocks_give_the_narrow_ones_bits_at_partial_feature_tiles) {
+  const int wide0 = CudaBackend::few_wide();
+  struct Restore {
+    int w;
+    ~Restore() {
+      CudaBackend::set_few_wide(w);
+      CudaBackend::set_tile_rows(-1, -1);
+    }
+  } restore{wide0};
+  CudaBackend::set_tile_rows(0, 0);  // the streamed kernel for every row count
+  const int64_t H = 512, I = 192, E = 16, K = 4;
+  for (auto wf : {WeightFormat::fp8_block, WeightFormat::int4_group}) {
+    MoeWeights moe;
+    make_moe(moe, wf, H, I, E);
+    const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
+    for (int64_t n : {40, 300}) {
+      const auto x = randn(n * H);
+      auto xd = dev(x);
+      std::vector<float> rl(n * E), wt(n * K), want(n * H);
+      std::vector<int32_t> idx(n * K);
+      cpu_.linear(moe.router, x.data(), n, rl.data());
+      for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;
+      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
+      cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
+      Buf<int32_t> id(*gpu_, idx);
+      auto wd = dev(wt);
+      std::vector<float> got[2];
+      for (int w : {0, 1}) {
+        CudaBackend::set_few_wide(w ? 6 : 0);
+        auto md = poisoned(n * H);
+        gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), md.data());
+        got[w] = md.host();
+      }
+      expect_close(got[1], want, kChainTol, fmt::format("wide moe {} n={}", format_name(wf), n));
+      EXPECT_EQ(got[1], got[0]) << "moe " << format_name(wf) << " n=" << n << ": 8-warp blocks vs 4-warp";
     }
   }
 }

@@ -2,7 +2,8 @@
 # A/B of a runtime switch on the MoE block, one build: builds, runs the CUDA op tests (FULL=1: every one and the HF
 # parity tests; else the matmul/MoE ones), then for each of FORMATS (default "int4") makes the 2-layer Kimi-K2 slice
 # and times `bench_gpu moe` under each setting of ENVS (space-separated VAR=value words, "-" for none), REPEAT rounds
-# (default 2) in turn: A B A B. Prints each table's rows side by side as time in us per setting.
+# (default 2) in turn: A B A B. Prints each table's rows side by side as time in us per setting, alone (one call
+# synchronized) and queued (calls back to back).
 #   run: ENVS="KSCOPE_FEW_BY_ROWS=1 KSCOPE_FEW_BY_ROWS=0" FORMATS="int4 fp8" bash scripts/gpu/moe_env.sh  (carry .deps)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -45,12 +46,19 @@ for i in range(1, len(envs) + 1):
         on = False
         for line in open(f"{out}/moe-{f}-{i}-r{r}.txt"):
             if line.startswith("MoE block"): on = True; continue
-            m = re.match(r"\s+(\d+)\s+([\d.]+)\s+\d+\s+([\d.]+)", line) if on else None
-            if m: rows.setdefault(int(m[1]), {"floor": float(m[3])}).setdefault(i, []).append(float(m[2]))
-print(" tokens  floor us  " + "  ".join(f"{e[:28]:>28}" for e in envs))
+            # tokens, time alone, experts, bw floor, tc floor, of floor, queued time, of floor
+            m = re.match(r"\s+(\d+)\s+([\d.]+)\s+\d+\s+([\d.]+)\s+[\d.]+\s+\d+%\s+([\d.]+)", line) if on else None
+            if m:
+                row = rows.setdefault(int(m[1]), {"floor": float(m[3])})
+                row.setdefault(i, []).append(float(m[2]))
+                row.setdefault(-i, []).append(float(m[4]))
+print("time alone / queued, us, per round; (floor / the best queued time)")
+print(" tokens  floor us  " + "  ".join(f"{e[:36]:>36}" for e in envs))
 for t in sorted(rows):
-    cells = ["/".join(f"{v:.0f}" for v in rows[t].get(i, [])) + f" ({rows[t]['floor'] / min(rows[t].get(i, [1e9])):.0%})" for i in range(1, len(envs) + 1)]
-    print(f"{t:7d} {rows[t]['floor']:9.1f}  " + "  ".join(f"{c:>28}" for c in cells))
+    r = rows[t]
+    cells = ["/".join(f"{v:.0f}" for v in r.get(i, [])) + " q " + "/".join(f"{v:.0f}" for v in r.get(-i, [])) +
+             f" ({r['floor'] / min(r.get(-i, [1e9])):.0%})" for i in range(1, len(envs) + 1)]
+    print(f"{t:7d} {r['floor']:9.1f}  " + "  ".join(f"{c:>36}" for c in cells))
 EOF
   echo "($f: $(( $(date +%s) - t0 )) s)"
 done

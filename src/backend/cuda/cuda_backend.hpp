@@ -106,9 +106,14 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: the most rows of one streamed expert tile, 32 (default) or 16 (the experts' tiles of 17-32
   // rows run as two 16-row pieces; the same bits).
   static void set_few_piece(int rows);
+  // Tests and benchmarks: the streamed FP8/INT4 expert launches of 9-16 rows (bit 1) and 17-32 rows (bit 2) per
+  // tile in 8-warp blocks of 128 output features sharing one X stage, or (bit clear) 4-warp blocks of 64 (the same
+  // bits); -1 the default by format (INT4 both, FP8 neither). bench_gpu reads KSCOPE_FEW_WIDE.
+  static void set_few_wide(int classes);
+  static int few_wide();
   // Tests and benchmarks: from how many rows the many-row matmul kernel takes over from the streamed one (the same
   // bits; cuda::set_tile_rows): dense matmuls of >= dense_rows rows, grouped ones averaging >= group_rows per group.
-  // 0 never, 1 always, negative the default (48 and 8; 24 with the warpgroup kernel off). bench_gpu reads
+  // 0 never, 1 always, negative the default (48 and 8, INT4 16; 24 with the warpgroup kernel off). bench_gpu reads
   // KSCOPE_TILE_ROWS=dense,group.
   static void set_tile_rows(int dense_rows, int group_rows);
   // Tests and benchmarks: the many-row matmul on warpgroup MMA (every format; the default) or, off, on the mma.sync

@@ -2585,7 +2585,7 @@ __global__ void __launch_bounds__(256) k_sample_rows(const float* lg, int64_t V,
 // added in split order by the tile's last block). Each output element's chain of operations depends only on its own row,
 // the weights and the shape, so it is the same alone or batched. The dequantized weight values are those of the
 // tile kernels (bf16(fp8 · scale), bf16((q − 8) · scale)); the fp32 sums are grouped differently.
-constexpr int kFewWarps = 4, kFewCols = 16 * kFewWarps;
+constexpr int kFewWarps = 4, kFewCols = 16 * kFewWarps, kFewWideWarps = 8;
 template <int FMT>
 __host__ __device__ constexpr int few_kc() { return FMT == kInt4 ? 512 : 256; }  // K per stage
 template <int FMT>
@@ -2690,16 +2690,17 @@ __device__ __forceinline__ void few_prefetch(const DLin& W, int ct, int ks, int 
 // that an expert of a few rows runs at NT = 1's occupancy beside one of 30 (NOTES 64).
 // One block's tile: rows [r0, r0 + rows) of group g (rows <= 8·NT), output features ct·64 .. +64, K split part ks
 // (SPLIT: the split counters are per (blockIdx.z, blockIdx.y, column tile)); L2B: ld_weights' L2 hint (dense).
-template <int FMT, int NT, bool SB, bool SPLIT, bool L2B>
+template <int FMT, int NT, bool SB, bool SPLIT, bool L2B, int WB>
 __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, const DLin& W, int ksplit,
                                          float* part, int* cnt, int g, int r0, int rows, int ct, int ks) {
   constexpr int KC = few_kc<FMT>(), E16 = few_per16<FMT>(), CH = few_chunks<FMT>(), CW = 4 * E16;
   constexpr int XLD = few_xld<FMT>(), R = 8 * NT, P = E16 / 8;  // P: a lane's 16-byte X pieces per chunk
+  constexpr int C = 16 * WB, NTH = 32 * WB;                      // the block's output features and threads
   const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps, st1 = min(nst, st0 + sps);
   extern __shared__ __align__(16) uint8_t few_sm[];
   bf16* xs = reinterpret_cast<bf16*>(few_sm);  // [2][R][XLD]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, gq = lane >> 2, tq = lane & 3;
-  const int nA = ct * kFewCols + warp * 16 + gq, nB = nA + 8;
+  const int nA = ct * C + warp * 16 + gq, nB = nA + 8;
   const bool okA = nA < W.N, okB = nB < W.N;
   const uint8_t* wb = W.w + g * W.w_stride;
   const SPtr sb = scales_of(W, g);
@@ -2708,7 +2709,7 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
   auto stage_x = [&](int st, int buf) {
     bf16* dst = xs + buf * R * XLD;
     constexpr int cpr = KC / 8;  // 16-byte pieces per row
-    for (int c = threadIdx.x; c < R * cpr; c += 128) {
+    for (int c = threadIdx.x; c < R * cpr; c += NTH) {
       const int r = c / cpr, q = c - r * cpr;
       const bool ok = r < rows;
       cp_async16(dst + r * XLD + (q ^ few_swz<P>(r, q)) * 8,
@@ -2758,7 +2759,7 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
       // (each piece's 16 bytes permuted), instead of each warp doing it with two byte permutes per mma and row tile
       uint4* xp = reinterpret_cast<uint4*>(xs + buf * R * XLD);
       const int n = (rows + 7) / 8 * 8 * (XLD / 8);
-      for (int i = threadIdx.x; i < n; i += 128) {
+      for (int i = threadIdx.x; i < n; i += NTH) {
         const uint4 v = xp[i];
         xp[i] = make_uint4(int4_pair_word(v, 0), int4_pair_word(v, 1), int4_pair_word(v, 2), int4_pair_word(v, 3));
       }
@@ -2870,8 +2871,8 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
     if (!last) return;
     __threadfence();
     const int64_t plane = static_cast<int64_t>(M) * W.N;
-    for (int i = threadIdx.x; i < rows * kFewCols; i += 128) {
-      const int tok = i / kFewCols, n = ct * kFewCols + i % kFewCols;
+    for (int i = threadIdx.x; i < rows * C; i += NTH) {
+      const int tok = i / C, n = ct * C + i % C;
       if (n >= W.N) continue;
       const int64_t o = static_cast<int64_t>(r0 + tok) * W.N + n;
       float a = 0;
@@ -2886,8 +2887,8 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
 // matrices at up to 8 rows (lm_head, the attention's and dense MLP's projections at decode) take four, where the
 // kernel does not spill (40 bytes at five): the batch-1 step 1722-1748 -> 1661-1687 us (NOTES 68). The grouped bf16
 // expert launches keep five (their gate+up at one token is one wave of 576 blocks at five, not at four).
-template <int FMT, int NT, bool SB, bool SPLIT, int MINB, bool L2B>
-__global__ void __launch_bounds__(128, MINB) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
+template <int FMT, int NT, bool SB, bool SPLIT, int MINB, bool L2B, int WB = kFewWarps>
+__global__ void __launch_bounds__(32 * WB, MINB) k_gemm_few(const bf16* __restrict__ X, int M, float* __restrict__ Y, DLin W,
                                                      float* __restrict__ Y2, DLin W2, Groups gr, int ksplit,
                                                      float* part, int* cnt) {
   if (blockIdx.z == 1) {
@@ -2911,7 +2912,7 @@ __global__ void __launch_bounds__(128, MINB) k_gemm_few(const bf16* __restrict__
   } else if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) {
     return;
   }
-  few_tile<FMT, NT, SB, SPLIT, L2B>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks);
+  few_tile<FMT, NT, SB, SPLIT, L2B, WB>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks);
 }
 
 // ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
@@ -3588,6 +3589,7 @@ int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int6
 bool g_few_rows = true;
 bool g_few_by_rows = true;  // the expert launches by tile size (gemm_few)
 int g_few_piece = kBM;       // the most rows of a listed tile (moe_permute): 32, or 16 (no 32-row launch)
+int g_few_wide = -1;         // bit c: class c's expert launch (8·2^c rows) in wide blocks (gemm_few); -1: by format
 int sm_count() {
   static int n = 0;
   if (n == 0) {
@@ -3601,13 +3603,21 @@ int sm_count() {
 bool same_shape(const DLin& a, const DLin& b) {
   return a.fmt == b.fmt && a.N == b.N && a.K == b.K && a.bo == b.bo && a.bi == b.bi && a.g == b.g && a.scales_bf16() == b.scales_bf16();
 }
-template <int FMT, int NT, bool SB>
+// The expert launch classes (bit c: tiles of up to 8·2^c rows) that run 8-warp blocks of 128 features: INT4's 9-16
+// and 17-32-row launches (MoE 256 tokens 2672 -> 2538 us, NOTES 71); FP8's keep 4 warps (no gain at 128-256 tokens,
+// 2-3% slower at 16-32).
+int few_wide_classes(int fmt) { return g_few_wide >= 0 ? g_few_wide : fmt == kInt4 ? 6 : 0; }
+template <int FMT, int NT, bool SB, int WB = kFewWarps>
 void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                 const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
   auto go = [&](auto kernel) {
     allow_smem(reinterpret_cast<const void*>(kernel), int(few_smem<FMT>(NT)));
-    launch_k(kernel, grid, 128, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+    launch_k(kernel, grid, 32 * WB, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
   };
+  if constexpr (WB != kFewWarps) {  // wide blocks: grouped launches, K whole, two blocks per multiprocessor
+    go(k_gemm_few<FMT, NT, SB, false, 2, false, WB>);
+    return;
+  }
   constexpr int kMinB = NT == 1 ? 5 : 4;
   if (!gr.row_off) {  // dense: the L2 hint of ld_weights; bf16 at NT = 1 four blocks per multiprocessor (MINB)
     constexpr int kMinBD = FMT == kBf16 && NT == 1 ? 4 : kMinB;
@@ -3619,9 +3629,13 @@ void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, fl
   else go(k_gemm_few<FMT, NT, SB, false, kMinB, false>);
 }
 template <int FMT, bool SB>
-void launch_few_nt(int nt, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
+void launch_few_nt(int nt, bool wide, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
                    const DLin& W2, const Groups& gr, int ksplit, float* part, int* cnt) {
   const size_t smem = few_smem<FMT>(nt);
+  if constexpr (FMT != kBf16) {
+    if (wide && nt == 2) return launch_few<FMT, 2, SB, kFewWideWarps>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+    if (wide && nt == 4) return launch_few<FMT, 4, SB, kFewWideWarps>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
+  }
   if (nt == 1) launch_few<FMT, 1, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
   else if (nt == 2) launch_few<FMT, 2, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
   else launch_few<FMT, 4, SB>(grid, smem, s, X, M, Y, W, Y2, W2, gr, ksplit, part, cnt);
@@ -3673,14 +3687,14 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
   const dim3 grid(static_cast<unsigned>(col_tiles * ksplit), static_cast<unsigned>(max_row_tiles), W2 ? 2u : 1u);
   int* cnt = part ? split_counters(s, static_cast<size_t>(col_tiles) * grid.y * grid.z) : nullptr;
   const DLin& w2 = W2 ? *W2 : W;
-  auto launch = [&](int nt_, dim3 grid_, const Groups& gr) {
+  auto launch = [&](int nt_, dim3 grid_, const Groups& gr, bool wide = false) {
     switch (W.fmt) {
-      case kFp8: launch_few_nt<kFp8, false>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt); break;
+      case kFp8: launch_few_nt<kFp8, false>(nt_, wide, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt); break;
       case kInt4:
-        if (W.scales_bf16()) launch_few_nt<kInt4, true>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt);
-        else launch_few_nt<kInt4, false>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt);
+        if (W.scales_bf16()) launch_few_nt<kInt4, true>(nt_, wide, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt);
+        else launch_few_nt<kInt4, false>(nt_, wide, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt);
         break;
-      default: launch_few_nt<kBf16, false>(nt_, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt); break;
+      default: launch_few_nt<kBf16, false>(nt_, wide, grid_, s, X, M, Y, W, Y2, w2, gr, ksplit, part, cnt); break;
     }
   };
   bool by_size = false;
@@ -3701,8 +3715,12 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
       gy[c] = c == 2 ? int64_t(M) / 17 : c == 1 ? (pieces16 ? int64_t(M) / 9 : std::min<int64_t>(groups.G, M / 9)) : std::min<int64_t>(groups.G, M);
     by_size = gy[0] <= 65535 && gy[1] <= 65535 && gy[2] <= 65535;
     if (by_size)
-      for (int c = 2; c >= 0; --c)
-        if (gy[c] > 0) launch(1 << c, dim3(grid.x, static_cast<unsigned>(gy[c]), grid.z), groups);
+      for (int c = 2; c >= 0; --c) {
+        if (gy[c] == 0) continue;
+        const bool wide = c > 0 && (few_wide_classes(W.fmt) >> c & 1);  // 8-warp blocks of 128 features (K whole)
+        const unsigned gx = wide ? static_cast<unsigned>(cdiv(W.N, 16 * kFewWideWarps)) : grid.x;
+        launch(1 << c, dim3(gx, static_cast<unsigned>(gy[c]), grid.z), groups, wide);
+      }
   }
   if (!by_size) {
     Groups plain = groups;  // one launch over every row tile
@@ -3852,12 +3870,13 @@ void gemm_wg(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups
 bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
 // Defaults: dense from 48 rows; grouped from 8 rows per group on average on the warpgroup kernel (a block
 // streams its expert's weights once for up to 64 rows, where the streamed kernel's 32-row tiles run at a fraction
-// of the bandwidth: bench/NOTES.md 39), 24 on the mma.sync tile kernel. -1: the default.
-constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8;
+// of the bandwidth: bench/NOTES.md 39), INT4 from 16 (its streamed launches by tile size in 8-warp blocks: MoE 512
+// tokens, 12 rows per group, 3995-4043 -> 3730-3772 us; NOTES 71), 24 on the mma.sync tile kernel. -1: the default.
+constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8, kWgGroupRowsInt4 = 16;
 int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = -1;
-int tile_group_rows() {
+int tile_group_rows(int fmt) {
   if (g_tile_group_rows >= 0) return g_tile_group_rows;
-  return g_wg_gemm ? kWgGroupRows : kTileGroupRows;
+  return !g_wg_gemm ? kTileGroupRows : fmt == kInt4 ? kWgGroupRowsInt4 : kWgGroupRows;
 }
 
 }  // namespace
@@ -3897,6 +3916,8 @@ bool few_rows_ok(const DLin& W) {
 void set_few_rows(bool on) { g_few_rows = on; }
 void set_few_by_rows(bool on) { g_few_by_rows = on; }
 void set_few_piece(int rows) { g_few_piece = rows == 16 ? 16 : kBM; }
+void set_few_wide(int classes) { g_few_wide = classes < 0 ? -1 : classes & 6; }
+int few_wide() { return g_few_wide; }
 int few_piece() { return g_few_piece; }
 
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
@@ -3909,7 +3930,7 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   }
   if (few_rows_ok(W)) {
     if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
-      const int group_rows = tile_group_rows();
+      const int group_rows = tile_group_rows(W.fmt);
       if (tile_ok(W) && group_rows > 0 && M >= static_cast<int64_t>(group_rows) * groups.G) {
         gemm_tile(X, M, Y, W, groups, max_row_tiles, 1, s, Y2, W2);
         return;
