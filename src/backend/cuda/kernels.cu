@@ -2647,8 +2647,9 @@ __device__ __forceinline__ uint32_t int4_pair_word(const uint4& v, int i) {  // 
 constexpr int kFewPrefetch = 2;
 // A streamed weight load (16 bytes, read once). L2B: through the read-only path without a place in L1, asking L2
 // for the 256-byte block around it (a quad's four lanes read 64 contiguous bytes of a row per chunk and the next
-// chunks follow): the dense launches (the batch-1 step 1659-1728 -> 1584-1627 us, NOTES 70); the expert launches
-// keep __ldg (with the hint they were 2-4% slower at 64-256 tokens) and their code: L2B is a template argument.
+// chunks follow): the dense launches (the batch-1 step 1659-1728 -> 1584-1627 us, NOTES 70) and INT4's expert
+// launches of up to 8 rows (NOTES 71); the other expert launches keep __ldg (with the hint they were 2-4% slower at
+// 64-256 tokens) and their code: L2B is a template argument.
 template <bool L2B>
 __device__ __forceinline__ uint4 ld_weights(const uint8_t* p) {
   if constexpr (L2B) {
@@ -2689,7 +2690,7 @@ __device__ __forceinline__ void few_prefetch(const DLin& W, int ct, int ks, int 
 // Grouped launches with the row tiles by size (Groups::cls_tiles) run one launch per size, each over its list, so
 // that an expert of a few rows runs at NT = 1's occupancy beside one of 30 (NOTES 64).
 // One block's tile: rows [r0, r0 + rows) of group g (rows <= 8·NT), output features ct·64 .. +64, K split part ks
-// (SPLIT: the split counters are per (blockIdx.z, blockIdx.y, column tile)); L2B: ld_weights' L2 hint (dense).
+// (SPLIT: the split counters are per (blockIdx.z, blockIdx.y, column tile)); L2B: ld_weights' L2 hint.
 template <int FMT, int NT, bool SB, bool SPLIT, bool L2B, int WB>
 __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, float* __restrict__ Y, const DLin& W, int ksplit,
                                          float* part, int* cnt, int g, int r0, int rows, int ct, int ks) {
@@ -3625,8 +3626,11 @@ void launch_few(dim3 grid, size_t smem, cudaStream_t s, const bf16* X, int M, fl
     else go(k_gemm_few<FMT, NT, SB, false, kMinBD, true>);
     return;
   }
-  if (part) go(k_gemm_few<FMT, NT, SB, true, kMinB, false>);
-  else go(k_gemm_few<FMT, NT, SB, false, kMinB, false>);
+  // INT4 experts of 1-8 rows take the L2 hint too (MoE 1-4 tokens queued 1% faster, NOTES 71; at 9-32 rows it made
+  // them slower, NOTES 70)
+  constexpr bool kL2B = FMT == kInt4 && NT == 1;
+  if (part) go(k_gemm_few<FMT, NT, SB, true, kMinB, kL2B>);
+  else go(k_gemm_few<FMT, NT, SB, false, kMinB, kL2B>);
 }
 template <int FMT, bool SB>
 void launch_few_nt(int nt, bool wide, dim3 grid, cudaStream_t s, const bf16* X, int M, float* Y, const DLin& W, float* Y2,
