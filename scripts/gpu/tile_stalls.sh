@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Warp stall reasons (issue-stall cycles per issued instruction, by reason) and pipe utilizations of KERNEL (default
-# k_gemm_tile) on one dense case of `bench_gpu gemm` (default gate+up, bf16, 4096 rows; GEMM_MATRIX / GEMM_FMT /
+# k_gemm_tile), each execution pipe's use, on one dense case of `bench_gpu gemm` (default gate+up, bf16, 4096 rows; GEMM_MATRIX / GEMM_FMT /
 # GEMM_ROWS; space-separated GEMM_FMT and GEMM_ROWS profile each pair in turn). No checkpoint needed.
 #   run: bash scripts/gpu/tile_stalls.sh   KERNEL=k_gemm_few GEMM_ROWS="8 32" GEMM_FMT="int4 fp8" ...   (carry .deps)
 set -uo pipefail
@@ -18,6 +18,11 @@ m="${m#,},sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active
 m="$m,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum"
 m="$m,lts__t_bytes.sum,dram__bytes.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum"
 m="$m,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active"
+# each execution pipe's share of its peak issue rate (the names this ncu knows for the device)
+for p in $(ncu --query-metrics --chip gh100 2>/dev/null | awk '{print $1}' |
+           grep -E '^sm__inst_executed_pipe_(alu|fma|fmaheavy|fmalite|fp16|xu|lsu|uniform|cbu|adu|tensor_op_hmma)$'); do
+  m="$m,$p.avg.pct_of_peak_sustained_active,$p.sum"
+done
 for f in ${GEMM_FMT:-bf16}; do
   for r in ${GEMM_ROWS:-4096}; do
     echo "== $KERNEL, $GEMM_MATRIX, $f, $r rows"

@@ -2605,6 +2605,13 @@ __device__ __forceinline__ int few_swz(int r, int q) { return P == 1 ? 4 * (r & 
 template <int FMT>
 __host__ __device__ constexpr size_t few_smem(int nt) { return size_t(2) * 8 * nt * few_xld<FMT>() * 2; }
 
+// n / d for d > 0 with m = (2^32 − 1) / d taken once: floor(n·m / 2^32) is n / d or one less (its error
+// n·(2^32 − m·d) / (d·2^32) < n / 2^32 < 1), so one compare corrects it — four integer instructions where a division
+// by a run-time divisor is a dozen (the streamed kernel's scale index per chunk and row)
+__device__ __forceinline__ uint32_t div_by(uint32_t n, uint32_t d, uint32_t m) {
+  const uint32_t q = __umulhi(n, m);
+  return q + (n - q * d >= d ? 1u : 0u);
+}
 __device__ __forceinline__ uint32_t word_of(const uint4& v, int i) { return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w; }
 // two e4m3 bytes (low byte first) -> bf16x2 of bf16(fp8 · sc), as load_w_tile computes each
 __device__ __forceinline__ uint32_t fp8x2_deq(uint32_t two, float sc) {
@@ -2707,6 +2714,11 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
   const SPtr sb = scales_of(W, g);
   const uint8_t* rowA = wb + static_cast<int64_t>(okA ? nA : 0) * W.w_ld;
   const uint8_t* rowB = wb + static_cast<int64_t>(okB ? nB : 0) * W.w_ld;
+  // the scales' rows of the lane's two weight rows, once; k's scale column by a reciprocal taken once (div_by)
+  // (32-bit: a matrix holds fewer than 2^31 scales; the group's offset is in sb)
+  const uint32_t kmul = FMT == kBf16 ? 0u : 0xffffffffu / static_cast<uint32_t>(FMT == kFp8 ? W.bi : W.g);
+  const int srA = (FMT == kFp8 ? (okA ? nA / W.bo : 0) : (okA ? nA : 0)) * W.s_cols;
+  const int srB = (FMT == kFp8 ? (okB ? nB / W.bo : 0) : (okB ? nB : 0)) * W.s_cols;
   auto stage_x = [&](int st, int buf) {
     bf16* dst = xs + buf * R * XLD;
     constexpr int cpr = KC / 8;  // 16-byte pieces per row
@@ -2733,14 +2745,16 @@ __device__ __forceinline__ void few_tile(const bf16* __restrict__ X, int M, floa
       wa[c] = okA ? ld_weights<L2B>(rowA + off) : make_uint4(0, 0, 0, 0);
       wv[c] = okB ? ld_weights<L2B>(rowB + off) : make_uint4(0, 0, 0, 0);
       if constexpr (FMT == kFp8) {
-        sa[c] = okA ? sb.ld<false>((nA / W.bo) * W.s_cols + k / W.bi) : 0.0f;
-        sv[c] = okB ? sb.ld<false>((nB / W.bo) * W.s_cols + k / W.bi) : 0.0f;
+        const uint32_t kb = div_by(k, W.bi, kmul);
+        sa[c] = okA ? sb.ld<false>(srA + kb) : 0.0f;
+        sv[c] = okB ? sb.ld<false>(srB + kb) : 0.0f;
       } else if constexpr (FMT == kInt4) {
         // bf16 scales: kept as their raw bits (low half) until the chunk's dequantization builds the bf16x2 from
         // them with one multiply. Shifted into a float right at the load instead, the same kernel was far slower
         // (gate+up at 16 rows 155 us against 93, and 110 with fp32 scales; NOTES 58) — presumably the conversion
         // was placed right after the load, so each stage waited for it before staging the next X
-        const int64_t ia = static_cast<int64_t>(nA) * W.s_cols + k / W.g, ib = static_cast<int64_t>(nB) * W.s_cols + k / W.g;
+        const uint32_t kg = div_by(k, W.g, kmul);
+        const int64_t ia = srA + kg, ib = srB + kg;
         if constexpr (SB) {
           sa[c] = okA ? __uint_as_float(__ldg(sb.h + ia)) : 0.0f;
           sv[c] = okB ? __uint_as_float(__ldg(sb.h + ib)) : 0.0f;
@@ -3914,7 +3928,7 @@ void set_tile_rows(int dense_rows, int group_rows) {
 
 bool few_rows_ok(const DLin& W) {
   if (!g_few_rows || g_simple_gemm) return false;
-  return W.K % few_stage_k(W) == 0 && (W.fmt != kFp8 || (W.bi % 16 == 0 && W.bo > 0)) && (W.fmt != kInt4 || W.g % 32 == 0) &&
+  return W.K % few_stage_k(W) == 0 && (W.fmt != kFp8 || (W.bi > 0 && W.bi % 16 == 0 && W.bo > 0)) && (W.fmt != kInt4 || (W.g > 0 && W.g % 32 == 0)) &&
          W.w_ld % 16 == 0;
 }
 void set_few_rows(bool on) { g_few_rows = on; }
