@@ -212,6 +212,23 @@ class CudaOps : public ::testing::Test {
 const WeightFormat kFormats[] = {WeightFormat::dense, WeightFormat::fp8_block, WeightFormat::int4_group};
 ModelConfig router_config(ScoringFunc f, TopkMethod m, int64_t E, int64_t K, int64_t G, int64_t TG);
 
+// Routing of n tokens skewed so that expert 0 takes every token (the others share the rest), and the CPU's MoE
+// output for it
+struct SkewedMoe {
+  std::vector<int32_t> idx;
+  std::vector<float> wt, want;
+};
+SkewedMoe skewed_moe(CpuBackend& cpu, const MoeWeights& moe, const ModelConfig& cfg, const std::vector<float>& x, int64_t n) {
+  const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, H = moe.router.in;
+  SkewedMoe r{std::vector<int32_t>(n * K), std::vector<float>(n * K), std::vector<float>(n * H)};
+  std::vector<float> rl(n * E);
+  cpu.linear(moe.router, x.data(), n, rl.data());
+  for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;
+  cpu.route(cfg, rl.data(), {}, n, r.idx.data(), r.wt.data());
+  cpu.moe_experts(moe, x.data(), n, K, r.idx.data(), r.wt.data(), r.want.data());
+  return r;
+}
+
 TEST_F(CudaOps, linear_in_every_format_and_odd_shape) {
   struct Shape { int64_t out, in; };
   for (auto wf : kFormats)
@@ -334,18 +351,13 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
         CudaBackend::set_tile_rows(0, 0);
         EXPECT_EQ(ot.host(), mlp_got) << "tile mlp " << format_name(wf) << " n=" << n;
       }
-      std::vector<float> rl(n * E), wt(n * K);
-      std::vector<int32_t> idx(n * K);
-      cpu_.linear(moe.router, x.data(), n, rl.data());
-      for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;
-      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
-      cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
+      const auto [idx, wt, want_moe] = skewed_moe(cpu_, moe, cfg, x, n);
       Buf<int32_t> id(*gpu_, idx);
       auto wd = dev(wt);
       auto md = poisoned(n * H);
       gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), md.data());
       const auto got = md.host();
-      expect_close(got, want, kChainTol, fmt::format("streamed moe {} n={}", format_name(wf), n));
+      expect_close(got, want_moe, kChainTol, fmt::format("streamed moe {} n={}", format_name(wf), n));
       {  // one launch sized for the most rows instead of one per tile size, and tiles of at most 16 rows: the same bits
         auto mo = poisoned(n * H);
         CudaBackend::set_few_by_rows(false);
@@ -405,12 +417,7 @@ TEST_F(CudaOps, wide_expert_blocks_give_the_narrow_ones_bits_at_partial_feature_
     for (int64_t n : {40, 300}) {
       const auto x = randn(n * H);
       auto xd = dev(x);
-      std::vector<float> rl(n * E), wt(n * K), want(n * H);
-      std::vector<int32_t> idx(n * K);
-      cpu_.linear(moe.router, x.data(), n, rl.data());
-      for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;
-      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
-      cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
+      const auto [idx, wt, want] = skewed_moe(cpu_, moe, cfg, x, n);
       Buf<int32_t> id(*gpu_, idx);
       auto wd = dev(wt);
       std::vector<float> got[2];
