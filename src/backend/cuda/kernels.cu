@@ -2669,22 +2669,19 @@ __device__ __forceinline__ uint4 ld_weights(const uint8_t* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 template <int FMT>
-__device__ __forceinline__ void few_prefetch_stage(const uint8_t* wb, const DLin& W, int ct, int st) {
+__device__ __forceinline__ void few_prefetch(const DLin& W, int ct, int ks, int ksplit) {
   constexpr int KC = few_kc<FMT>();
   constexpr int BPR = FMT == kBf16 ? KC * 2 : FMT == kFp8 ? KC : KC / 2;  // bytes of a row's stage
   constexpr int LPR = BPR / 128;                                          // 128-byte lines per row and stage
-  for (int i = threadIdx.x; i < kFewCols * LPR; i += blockDim.x) {
-    const int n = ct * kFewCols + i / LPR;
-    if (n < W.N)
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(wb + static_cast<int64_t>(n) * W.w_ld + static_cast<int64_t>(st) * BPR +
-                                                      (i % LPR) * 128));
-  }
-}
-template <int FMT>
-__device__ __forceinline__ void few_prefetch(const DLin& W, int ct, int ks, int ksplit) {
-  const int nst = W.K / few_kc<FMT>(), sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps;
+  const int nst = W.K / KC, sps = (nst + ksplit - 1) / ksplit, st0 = ks * sps;
   const int st1 = min(nst, st0 + min(sps, kFewPrefetch));
-  for (int st = st0; st < st1; ++st) few_prefetch_stage<FMT>(W.w, W, ct, st);
+  for (int st = st0; st < st1; ++st)
+    for (int i = threadIdx.x; i < kFewCols * LPR; i += blockDim.x) {
+      const int n = ct * kFewCols + i / LPR;
+      if (n < W.N)
+        asm volatile("prefetch.global.L2 [%0];" ::"l"(W.w + static_cast<int64_t>(n) * W.w_ld + static_cast<int64_t>(st) * BPR +
+                                                        (i % LPR) * 128));
+    }
 }
 
 // Five blocks per multiprocessor at up to 8 rows (NT = 1; 96 registers): the gate+up pair at one row has 576 blocks
