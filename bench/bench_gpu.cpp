@@ -22,7 +22,7 @@
 // from 64 tokens with the experts on the streamed kernel only.
 // Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
 // large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
-// 1..2048 tokens, MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
+// 1..2048 tokens (one call synchronized, and calls queued back to back: the kernels' time), MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
 // 4 x 1024 tokens, and peak device memory.
 #include <cublas_v2.h>
 #include <cuda_profiler_api.h>
