@@ -212,20 +212,25 @@ class CudaOps : public ::testing::Test {
 const WeightFormat kFormats[] = {WeightFormat::dense, WeightFormat::fp8_block, WeightFormat::int4_group};
 ModelConfig router_config(ScoringFunc f, TopkMethod m, int64_t E, int64_t K, int64_t G, int64_t TG);
 
-// Routing of n tokens skewed so that expert 0 takes every token (the others share the rest), and the CPU's MoE
-// output for it
+// Routing of n tokens skewed so that expert 0 takes every token (the others share the rest) and, by skewed_moe,
+// the CPU's MoE output for it
 struct SkewedMoe {
   std::vector<int32_t> idx;
   std::vector<float> wt, want;
 };
-SkewedMoe skewed_moe(CpuBackend& cpu, const MoeWeights& moe, const ModelConfig& cfg, const std::vector<float>& x, int64_t n) {
-  const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok, H = moe.router.in;
-  SkewedMoe r{std::vector<int32_t>(n * K), std::vector<float>(n * K), std::vector<float>(n * H)};
+SkewedMoe skewed_routing(CpuBackend& cpu, const MoeWeights& moe, const ModelConfig& cfg, const std::vector<float>& x, int64_t n) {
+  const int64_t E = cfg.n_routed_experts, K = cfg.num_experts_per_tok;
+  SkewedMoe r{std::vector<int32_t>(n * K), std::vector<float>(n * K), {}};
   std::vector<float> rl(n * E);
   cpu.linear(moe.router, x.data(), n, rl.data());
   for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;
   cpu.route(cfg, rl.data(), {}, n, r.idx.data(), r.wt.data());
-  cpu.moe_experts(moe, x.data(), n, K, r.idx.data(), r.wt.data(), r.want.data());
+  return r;
+}
+SkewedMoe skewed_moe(CpuBackend& cpu, const MoeWeights& moe, const ModelConfig& cfg, const std::vector<float>& x, int64_t n) {
+  SkewedMoe r = skewed_routing(cpu, moe, cfg, x, n);
+  r.want.resize(n * moe.router.in);
+  cpu.moe_experts(moe, x.data(), n, cfg.num_experts_per_tok, r.idx.data(), r.wt.data(), r.want.data());
   return r;
 }
 
@@ -513,11 +518,7 @@ TEST_F(CudaOps, tile_matmul_gives_the_bits_of_the_streamed_one) {
     for (int64_t n : {70, 300}) {
       const auto x = randn(n * H);
       auto xd = dev(x);
-      std::vector<float> rl(n * E), wt(n * K);
-      std::vector<int32_t> idx(n * K);
-      cpu_.linear(moe.router, x.data(), n, rl.data());
-      for (int64_t t = 0; t < n; ++t) rl[t * E] += 4.0f;  // expert 0 takes every token
-      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
+      const auto [idx, wt, unused] = skewed_routing(cpu_, moe, cfg, x, n);
       Buf<int32_t> id(*gpu_, idx);
       auto wd = dev(wt);
       CudaBackend::set_tile_rows(0, 0);
