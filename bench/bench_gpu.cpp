@@ -19,7 +19,7 @@
 // KSCOPE_INVARIANT_ATTENTION=1 runs any of them with decode attention split per row
 // (CudaBackend::set_batch_invariant_attention); KSCOPE_TILE_ROWS=dense,group sets when the many-row matmul kernel
 // takes over (CudaBackend::set_tile_rows; 0 never, 1 always); MOE_COMPARE=1 also times each MoE block of `run`
-// from 64 tokens with the experts on the streamed kernel only.
+// from 64 tokens with the experts on the streamed kernel only; MOE_TOKENS=1,8,256 narrows the MoE table's token counts.
 // Measures the device's own floors (HBM bandwidth from a large device-to-device copy, BF16 tensor-core rate from a
 // large cuBLAS matmul), load time, the MoE block of layer 1 (router, top-8 routing, 8 routed + shared expert) for
 // 1..2048 tokens (one call synchronized, and calls queued back to back: the kernels' time), MLA absorbed decode attention at batch 64 x 4k context, decode steps at batch 1..256, prefill of
@@ -63,6 +63,18 @@ namespace {
   } while (0)
 
 // An environment switch: set and not empty or "0".
+// The comma-separated integers of an environment variable (A/B runs narrowing a table), else `def`
+std::vector<int> env_list(const char* name, std::vector<int> def) {
+  const char* e = std::getenv(name);
+  if (!e || !*e) return def;
+  std::vector<int> v;
+  for (std::string s = e; !s.empty();) {
+    const size_t c = s.find(',');
+    v.push_back(std::atoi(s.substr(0, c).c_str()));
+    s = c == std::string::npos ? "" : s.substr(c + 1);
+  }
+  return v;
+}
 bool env_on(const char* name) {
   const char* v = std::getenv(name);
   return v && *v && std::string(v) != "0";
@@ -315,7 +327,7 @@ int run(const std::string& dir, const std::string& json_path, bool moe_only = fa
   // decode step's layers run (the host's work overlaps the device's: the kernels' time), and its fraction of the floor
   std::printf("%7s %10s %9s %12s %12s %9s %10s %9s%s\n", "tokens", "time us", "experts", "bw floor us", "tc floor us",
               "of floor", "queued us", "of floor", compare ? "  streamed only us" : "");
-  for (int64_t T : {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048}) {
+  for (int64_t T : env_list("MOE_TOKENS", {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048})) {
     MoeStep step(be, cfg, mw, T);
     const double s = time_it(step, T <= 256 ? 50 : 20);
     const double sq = time_queued(step, T <= 256 ? 50 : 20);
@@ -715,15 +727,8 @@ int run_gemm(const std::string& json_out) {
   struct Shape { const char* name; int N, K; bool pair; };
   const Shape shapes[] = {{"q_a 1536x7168", 1536, 7168, false}, {"o_proj 7168x8192", 7168, 8192, false},
                           {"gate+up 2x18432x7168", 18432, 7168, true}, {"down 7168x18432", 7168, 18432, false}};
-  std::vector<int> rows = {1, 8, 32, 64, 128, 256, 512, 1024, 4096};
-  if (const char* e = std::getenv("GEMM_ROWS")) {  // some row counts (profiling): GEMM_ROWS=4096 or 128,4096,
-    rows.clear();
-    for (std::string v = e; !v.empty();) {
-      const size_t c = v.find(',');
-      rows.push_back(std::atoi(v.substr(0, c).c_str()));
-      v = c == std::string::npos ? "" : v.substr(c + 1);
-    }
-  }
+  // some row counts (profiling): GEMM_ROWS=4096 or 128,4096
+  const std::vector<int> rows = env_list("GEMM_ROWS", {1, 8, 32, 64, 128, 256, 512, 1024, 4096});
   const char* only_matrix = std::getenv("GEMM_MATRIX");                  // GEMM_MATRIX (a part of its name),
   const char* only_fmt = std::getenv("GEMM_FMT");                        // GEMM_FMT (bf16, fp8, int4)
   const int maxM = 4096;

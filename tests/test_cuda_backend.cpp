@@ -676,14 +676,15 @@ ModelConfig router_config(ScoringFunc f, TopkMethod m, int64_t E, int64_t K, int
   return c;
 }
 
-// The router in its four methods; then the router's fp32 matmul at 384 experts (8 warps per expert) and at a K that
+// The router in its four methods, and with more experts than a warp holds in registers; then the router's fp32 matmul at 384 experts (8 warps per expert) and at a K that
 // is not a multiple of 64 (the 4-row kernel).
 TEST_F(CudaOps, router_choices_are_identical_and_weights_match) {
   struct Case { ScoringFunc f; TopkMethod m; int64_t E, K, G, TG; };
   for (Case c : {Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 384, 8, 1, 1},
                  Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 256, 8, 8, 4},
                  Case{ScoringFunc::softmax, TopkMethod::greedy, 64, 6, 1, 1},
-                 Case{ScoringFunc::softmax, TopkMethod::group_limited_greedy, 160, 6, 8, 3}}) {
+                 Case{ScoringFunc::softmax, TopkMethod::group_limited_greedy, 160, 6, 8, 3},
+                 Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 600, 8, 1, 1}}) {  // 600: past the registers' 512
     const auto cfg = router_config(c.f, c.m, c.E, c.K, c.G, c.TG);
     const int64_t n = 133;
     const auto logits = randn(n * c.E, 2.0f);
@@ -782,41 +783,44 @@ TEST_F(CudaOps, shared_expert_in_the_expert_launches_or_beside_them) {
     const std::string what = fmt::format("shared expert, routed {} shared {}", format_name(c.routed), format_name(c.shared));
     EXPECT_EQ(gpu_->moe_includes_shared(moe), c.stacked) << what;
     const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, E, K, 1, 1);
-    const int64_t n = 37;
-    const auto x = randn(n * H);
-    std::vector<float> rl(n * E);
-    cpu_.linear(moe.router, x.data(), n, rl.data());
-    std::vector<int32_t> idx(n * K);
-    std::vector<float> wt(n * K);
-    cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
-    std::vector<float> want(n * H), sh(n * H);
-    cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
-    cpu_.mlp(*moe.shared, x.data(), n, sh.data());
-    for (int64_t i = 0; i < n * H; ++i) want[i] += sh[i];
-    auto xd = dev(x);
-    Buf<int32_t> id(*gpu_, idx);
-    auto wd = dev(wt);
-    auto yd = poisoned(n * H);
-    gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), yd.data());
-    if (!gpu_->moe_includes_shared(moe)) {
-      auto sd = poisoned(n * H);
-      gpu_->mlp(*moe.shared, xd.data(), n, sd.data());
-      gpu_->add(yd.data(), sd.data(), n * H);
+    // 37 tokens: the one-block permutation; 1100: 4400 slots (4 per token with the stacked shared one), the
+    // count / scan / scatter launches
+    for (int64_t n : {37, 1100}) {
+      const auto x = randn(n * H);
+      std::vector<float> rl(n * E);
+      cpu_.linear(moe.router, x.data(), n, rl.data());
+      std::vector<int32_t> idx(n * K);
+      std::vector<float> wt(n * K);
+      cpu_.route(cfg, rl.data(), {}, n, idx.data(), wt.data());
+      std::vector<float> want(n * H), sh(n * H);
+      cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
+      cpu_.mlp(*moe.shared, x.data(), n, sh.data());
+      for (int64_t i = 0; i < n * H; ++i) want[i] += sh[i];
+      auto xd = dev(x);
+      Buf<int32_t> id(*gpu_, idx);
+      auto wd = dev(wt);
+      auto yd = poisoned(n * H);
+      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), yd.data());
+      if (!gpu_->moe_includes_shared(moe)) {
+        auto sd = poisoned(n * H);
+        gpu_->mlp(*moe.shared, xd.data(), n, sd.data());
+        gpu_->add(yd.data(), sd.data(), n * H);
+      }
+      const auto got = yd.host();
+      expect_close(got, want, kChainTol, fmt::format("{} n={}", what, n));
+      // the last token alone
+      auto x1 = dev(std::vector<float>(x.end() - H, x.end()));
+      Buf<int32_t> id1(*gpu_, std::vector<int32_t>(idx.end() - K, idx.end()));
+      auto wd1 = dev(std::vector<float>(wt.end() - K, wt.end()));
+      auto y1 = poisoned(H);
+      gpu_->moe_experts(moe, x1.data(), 1, K, id1.data(), wd1.data(), y1.data());
+      if (!gpu_->moe_includes_shared(moe)) {
+        auto s1 = poisoned(H);
+        gpu_->mlp(*moe.shared, x1.data(), 1, s1.data());
+        gpu_->add(y1.data(), s1.data(), H);
+      }
+      EXPECT_EQ(y1.host(), std::vector<float>(got.end() - H, got.end())) << what << ": token alone vs in " << n;
     }
-    const auto got = yd.host();
-    expect_close(got, want, kChainTol, what);
-    // the last token alone
-    auto x1 = dev(std::vector<float>(x.end() - H, x.end()));
-    Buf<int32_t> id1(*gpu_, std::vector<int32_t>(idx.end() - K, idx.end()));
-    auto wd1 = dev(std::vector<float>(wt.end() - K, wt.end()));
-    auto y1 = poisoned(H);
-    gpu_->moe_experts(moe, x1.data(), 1, K, id1.data(), wd1.data(), y1.data());
-    if (!gpu_->moe_includes_shared(moe)) {
-      auto s1 = poisoned(H);
-      gpu_->mlp(*moe.shared, x1.data(), 1, s1.data());
-      gpu_->add(y1.data(), s1.data(), H);
-    }
-    EXPECT_EQ(y1.host(), std::vector<float>(got.end() - H, got.end())) << what << ": token alone vs in " << n;
   }
 }
 

@@ -849,7 +849,7 @@ void CudaBackend::route(const ModelConfig& cfg, const float* logits, const std::
   a.method = cfg.topk_method == TopkMethod::greedy ? 0 : cfg.topk_method == TopkMethod::noaux_tc ? 2 : 1;
   a.norm_topk = cfg.norm_topk_prob;
   a.scaling = static_cast<float>(cfg.routed_scaling_factor);
-  KSCOPE_CHECK(a.K <= 64 && a.G <= 64 && a.K <= a.E, unsupported, "cuda", "router with top-{} of {} experts in {} groups unsupported",
+  KSCOPE_CHECK(a.K <= 64 && a.G <= 64 && a.K <= a.E && a.E <= 4096, unsupported, "cuda", "router with top-{} of {} experts in {} groups unsupported",
                a.K, a.E, a.G);
   const float* b = nullptr;
   Buf<float> tmp;
@@ -877,17 +877,9 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   const int64_t H = dm.down.N, I = dm.gate.N;
   KSCOPE_CHECK(k + (dm.shared ? 1 : 0) <= 64, unsupported, "cuda", "top-{} routing unsupported", k);
   if (n == 0) return;
-  Buf<int32_t> idx_ext;
-  Buf<float> w_ext;
-  if (dm.shared) {  // each token's slots, then one for the shared expert (id E, weight 1)
-    idx_ext = Buf<int32_t>(*this, n * (k + 1));
-    w_ext = Buf<float>(*this, n * (k + 1));
-    cuda::moe_add_shared_slot(idx, weight, n, static_cast<int>(k), static_cast<int>(w.experts.size()), idx_ext.data(),
-                              w_ext.data(), m.stream);
-    idx = idx_ext.data();
-    weight = w_ext.data();
-    ++k;
-  }
+  // each token's slots, then (where the shared expert is stacked as expert E) one for it, weight 1
+  const cuda::Slots sl{idx, weight, static_cast<int>(k + (dm.shared ? 1 : 0)), static_cast<int>(k), static_cast<int>(w.experts.size())};
+  k = sl.k;
   const int E = static_cast<int>(w.experts.size()) + (dm.shared ? 1 : 0);  // row groups
   const int64_t M = n * k;
   const int tiles = static_cast<int>(cuda::group_row_tiles(M, E));
@@ -898,7 +890,7 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   const int piece = cuda::few_piece();
   const int cap = piece == cuda::kBM ? tiles : static_cast<int>(cdiv(M, 8) + std::min<int64_t>(E, M));
   Buf<int2> cls_tiles(*this, 3 * static_cast<int64_t>(cap));
-  cuda::moe_permute(idx, M, E, counts.data(), row_off.data(), tile_off.data(), cursor.data(), perm.data(), slot_pos.data(),
+  cuda::moe_permute(sl, M, E, counts.data(), row_off.data(), tile_off.data(), cursor.data(), perm.data(), slot_pos.data(),
                     cls_count.data(), cls_tiles.data(), cap, piece, m.stream);
   Buf<bf16> xp(*this, M * H);
   cuda::moe_gather(x, perm.data(), M, static_cast<int>(k), H, xp.data(), m.stream);
@@ -910,7 +902,7 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   cuda::silu_mul(gt.data(), up.data(), M * I, act.data(), m.stream);
   Buf<float> dn(*this, M * H);
   cuda::gemm(act.data(), static_cast<int>(M), dn.data(), dm.down, g, tiles, m.stream, nullptr, nullptr, max_rows);
-  cuda::moe_combine(dn.data(), slot_pos.data(), idx, weight, n, static_cast<int>(k), H, out, m.stream);
+  cuda::moe_combine(dn.data(), slot_pos.data(), sl, n, H, out, m.stream);
 }
 
 void CudaBackend::mlp(const MlpWeights& w, const float* x, int64_t n, float* out) { mlp_bf16(w, x, nullptr, n, out); }

@@ -388,8 +388,7 @@ __global__ void __launch_bounds__(128) k_gemm_pipe(const bf16* __restrict__ X, i
 bool g_simple_gemm = false;
 
 // 8 bf16 weights (one 16-byte load) as floats
-__device__ __forceinline__ void load_w8(const bf16* w, float (&wf)[8]) {
-  const uint4 wv = __ldg(reinterpret_cast<const uint4*>(w));
+__device__ __forceinline__ void unpack_w8(const uint4& wv, float (&wf)[8]) {
   const uint32_t ws[4] = {wv.x, wv.y, wv.z, wv.w};
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -398,6 +397,7 @@ __device__ __forceinline__ void load_w8(const bf16* w, float (&wf)[8]) {
     wf[2 * i + 1] = f.y;
   }
 }
+__device__ __forceinline__ void load_w8(const bf16* w, float (&wf)[8]) { unpack_w8(__ldg(reinterpret_cast<const uint4*>(w)), wf); }
 // x[0..8) · w[0..8), left to right (the fp32 matmuls' piece: its order is part of their bits)
 __device__ __forceinline__ float dot8(const float4& a, const float4& b, const float (&wf)[8]) {
   return a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
@@ -531,43 +531,80 @@ __device__ __forceinline__ bool route_better(float v, int i, float w, int j) {
   return i >= 0 && (j < 0 || v > w || (v == w && i < j));
 }
 
-// One block of kRouteThreads per token. Scores and group scores are computed in parallel; each of the K picks is
-// a block-wide argmax over the untaken experts with the serial scan's order (larger, then lower index), so the
-// choices and the weights' summation order are those of a one-thread scan.
-constexpr int kRouteThreads = 128;
-__global__ void __launch_bounds__(kRouteThreads) k_route(RouteArgs a, const float* logits, const float* bias,
-                                                         int32_t* idx, float* weight) {
-  pdl_entry();
+// One warp per token, kRouteWarps tokens per block, no block-wide barriers: the token's scores, choices and taken
+// flags in its warp's shared memory. Each of the K picks is a warp-wide argmax over the untaken experts with the
+// serial scan's order (larger, then lower index), so the choices and the weights' summation order are those of a
+// one-thread scan; the softmax's sum too is taken serially, in expert order, by one lane. The bias is a weight (no
+// kernel writes it): staged before the wait for the logits. A warp runs its token alone (one token per decode
+// step), so its time is its instruction count times their latency (ncu: ~6.5 cycles per instruction, 3200
+// instructions per token when every pick scanned every candidate): up to kRouteCap · 32 experts the candidates sit
+// in registers. kRouteLoads: loads in flight per lane.
+constexpr int kRouteWarps = 4, kRouteLoads = 16, kRouteCap = 16;
+__host__ __device__ constexpr int route_warp_floats(int E) { return 2 * E + 64 + 64 + (E + 3) / 4; }
+__global__ void __launch_bounds__(kRouteWarps * 32) k_route(RouteArgs a, const float* logits, const float* bias,
+                                                            int64_t n, int32_t* idx, float* weight) {
   extern __shared__ float sm[];
-  float* scores = sm;
-  float* choice = sm + a.E;
-  float* gscore = sm + 2 * a.E;  // [G]
-  char* taken = reinterpret_cast<char*>(sm + 2 * a.E + a.G);
-  __shared__ float wv[kRouteThreads / 32];
-  __shared__ int wi[kRouteThreads / 32];
-  __shared__ int sel[64];
-  const int64_t t = blockIdx.x;
-  const float* l = logits + t * a.E;
-  if (a.sigmoid) {
-    for (int i = threadIdx.x; i < a.E; i += blockDim.x) scores[i] = 1.0f / (1.0f + expf(-l[i]));
-  } else {
-    if (threadIdx.x == 0) {
-      float mx = -INFINITY;
-      for (int i = 0; i < a.E; ++i) mx = fmaxf(mx, l[i]);
-      float s = 0;
-      for (int i = 0; i < a.E; ++i) s += (scores[i] = expf(l[i] - mx));
-      for (int i = 0; i < a.E; ++i) scores[i] /= s;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, E = a.E;
+  float* scores = sm + warp * route_warp_floats(E);
+  float* choice = scores + E;
+  float* gscore = choice + E;                            // [G <= 64]
+  int* sel = reinterpret_cast<int*>(gscore + 64);        // [K <= 64]
+  char* taken = reinterpret_cast<char*>(sel + 64);       // [E]
+  // v[i] for the lane's i < E into f(i, v[i]): kRouteLoads loads in flight per lane (one memory latency for
+  // E <= 512 where a loop of dependent iterations waits once per element)
+  auto each = [&](const float* v, auto f) {
+    for (int i0 = 0; i0 < E; i0 += 32 * kRouteLoads) {
+      float r[kRouteLoads];
+#pragma unroll
+      for (int u = 0; u < kRouteLoads; ++u) r[u] = i0 + u * 32 + lane < E ? v[i0 + u * 32 + lane] : 0.0f;
+#pragma unroll
+      for (int u = 0; u < kRouteLoads; ++u)
+        if (i0 + u * 32 + lane < E) f(i0 + u * 32 + lane, r[u]);
     }
+  };
+  if (bias) each(bias, [&](int i, float b) { choice[i] = b; });
+  else
+    for (int i = lane; i < E; i += 32) choice[i] = 0.0f;
+  for (int i = lane; i < E; i += 32) taken[i] = 0;
+  pdl_entry();
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * (blockDim.x >> 5) + warp;
+  if (t >= n) return;
+  const float* l = logits + t * E;
+  if (a.sigmoid) {
+    each(l, [&](int i, float x) { scores[i] = 1.0f / (1.0f + expf(-x)); });
+  } else {
+    float mx = -INFINITY;
+    each(l, [&](int i, float x) {
+      scores[i] = x;
+      mx = fmaxf(mx, x);
+    });
+    for (int m = 16; m >= 1; m >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, m));
+    for (int i = lane; i < E; i += 32) scores[i] = expf(scores[i] - mx);
+    __syncwarp();
+    float s = 0;
+    if (lane == 0)
+      for (int i = 0; i < E; ++i) s += scores[i];
+    s = __shfl_sync(0xffffffffu, s, 0);
+    for (int i = lane; i < E; i += 32) scores[i] /= s;
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < a.E; i += blockDim.x) {
-    choice[i] = scores[i] + (bias ? bias[i] : 0.0f);
-    taken[i] = 0;
-  }
-  __syncthreads();
+  for (int i = lane; i < E; i += 32) choice[i] += scores[i];  // (the bias + the score: scores[i] + bias[i])
+  __syncwarp();
+  // the warp's best untaken candidate among v[0, cnt) (flag: taken), by route_better; every lane gets it
+  auto argmax = [&](auto value, auto skip, int cnt) {
+    float bv = 0.0f;
+    int bi = -1;
+    for (int i = lane; i < cnt; i += 32)
+      if (!skip(i) && route_better(value(i), i, bv, bi)) { bv = value(i); bi = i; }
+    for (int m = 16; m >= 1; m >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
+      if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+    }
+    return bi;
+  };
   if (a.method != 0 && a.G > 1 && a.topk_group < a.G) {
-    const int per = a.E / a.G;
-    for (int g = threadIdx.x; g < a.G; g += blockDim.x) {
+    const int per = E / a.G;
+    for (int g = lane; g < a.G; g += 32) {
       const float* c = (a.method == 2 ? choice : scores) + g * per;
       if (a.method == 2) {  // sum of the group's two best
         float x = -INFINITY, y = -INFINITY;
@@ -581,49 +618,66 @@ __global__ void __launch_bounds__(kRouteThreads) k_route(RouteArgs a, const floa
         gscore[g] = x;
       }
     }
-    __syncthreads();
-    __shared__ unsigned long long keep_s;
-    if (threadIdx.x == 0) {  // keep the topk_group best groups (ties to the lower index)
-      unsigned long long keep = 0;
-      for (int s = 0; s < a.topk_group; ++s) {
-        int best = -1;
-        for (int g = 0; g < a.G; ++g)
-          if (!((keep >> g) & 1ull) && (best < 0 || gscore[g] > gscore[best])) best = g;
-        keep |= 1ull << best;
-      }
-      keep_s = keep;
-    }
-    __syncthreads();
-    const unsigned long long keep = keep_s;
-    for (int i = threadIdx.x; i < a.E; i += blockDim.x)
+    __syncwarp();
+    unsigned long long keep = 0;  // the topk_group best groups (ties to the lower index)
+    for (int s = 0; s < a.topk_group; ++s)
+      keep |= 1ull << argmax([&](int g) { return gscore[g]; }, [&](int g) { return (keep >> g) & 1ull; }, a.G);
+    for (int i = lane; i < E; i += 32)
       if (!((keep >> (i / per)) & 1ull)) choice[i] = -INFINITY;
-    __syncthreads();
+    __syncwarp();
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  for (int s = 0; s < a.K; ++s) {
-    float bv = 0.0f;
-    int bi = -1;
-    for (int i = threadIdx.x; i < a.E; i += blockDim.x)
-      if (!taken[i] && route_better(choice[i], i, bv, bi)) { bv = choice[i]; bi = i; }
-    for (int m = 16; m >= 1; m >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
-      if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+  if (E <= 32 * kRouteCap) {
+    // the lane's candidates (experts lane + 32·j) in registers and its best untaken one kept: a pick is one warp
+    // argmax over the lanes' bests, then only the lane whose expert was taken looks again (at K2's 384 experts a
+    // third of the instructions of an argmax over every candidate per pick)
+    float v[kRouteCap];
+    unsigned avail = 0;
+#pragma unroll
+    for (int j = 0; j < kRouteCap; ++j) {
+      const bool in = j * 32 + lane < E;
+      v[j] = in ? choice[j * 32 + lane] : 0.0f;
+      avail |= in ? 1u << j : 0u;
     }
-    if (lane == 0) { wv[warp] = bv; wi[warp] = bi; }
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int w = 1; w < kRouteThreads / 32; ++w)
-        if (route_better(wv[w], wi[w], wv[0], wi[0])) { wv[0] = wv[w]; wi[0] = wi[w]; }
-      sel[s] = wi[0];
-      taken[wi[0]] = 1;
+    float lv = 0.0f;
+    int li = -1;
+    auto mine = [&] {
+      lv = 0.0f;
+      li = -1;
+#pragma unroll
+      for (int j = 0; j < kRouteCap; ++j)
+        if (((avail >> j) & 1u) && route_better(v[j], j * 32 + lane, lv, li)) { lv = v[j]; li = j * 32 + lane; }
+    };
+    mine();
+    for (int s = 0; s < a.K; ++s) {
+      float bv = lv;
+      int bi = li;
+      for (int m = 16; m >= 1; m >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
+        if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+      }
+      if (lane == 0) sel[s] = bi;
+      if ((bi & 31) == lane) {
+        avail &= ~(1u << (bi >> 5));
+        mine();
+      }
     }
-    __syncthreads();
+  } else {
+    for (int s = 0; s < a.K; ++s) {
+      const int bi = argmax([&](int i) { return choice[i]; }, [&](int i) { return taken[i] != 0; }, E);
+      if (lane == 0) {
+        sel[s] = bi;
+        taken[bi] = 1;
+      }
+      __syncwarp();
+    }
   }
-  if (threadIdx.x != 0) return;
+  __syncwarp();
   float sum = 0;
-  for (int s = 0; s < a.K; ++s) sum += scores[sel[s]];
-  for (int s = 0; s < a.K; ++s) {
+  if (lane == 0)
+    for (int s = 0; s < a.K; ++s) sum += scores[sel[s]];
+  sum = __shfl_sync(0xffffffffu, sum, 0);
+  for (int s = lane; s < a.K; s += 32) {
     float w = scores[sel[s]];
     if (a.norm_topk) w /= (sum + 1e-20f);
     idx[t * a.K + s] = sel[s];
@@ -631,10 +685,23 @@ __global__ void __launch_bounds__(kRouteThreads) k_route(RouteArgs a, const floa
   }
 }
 
-__global__ void k_moe_count(const int32_t* idx, int64_t n, int* counts) {
+// Slot i's expert and weight (Slots: the shared expert's slot, where there is one, last of each token's)
+__device__ __forceinline__ int slot_expert(const Slots& sl, int64_t i) {
+  if (sl.k == sl.kr) return sl.idx[i];
+  const int64_t t = i / sl.k;
+  const int j = static_cast<int>(i - t * sl.k);
+  return j < sl.kr ? sl.idx[t * sl.kr + j] : sl.shared;
+}
+__device__ __forceinline__ float slot_weight(const Slots& sl, int64_t i) {
+  if (sl.k == sl.kr) return sl.weight[i];
+  const int64_t t = i / sl.k;
+  const int j = static_cast<int>(i - t * sl.k);
+  return j < sl.kr ? sl.weight[t * sl.kr + j] : 1.0f;
+}
+__global__ void k_moe_count(Slots sl, int64_t n, int* counts) {
   pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
-    atomicAdd(&counts[idx[i]], 1);
+    atomicAdd(&counts[slot_expert(sl, i)], 1);
 }
 // Offsets of each expert's rows and row tiles, in expert order: one block, each thread a run of experts, a
 // Hillis-Steele scan over the threads' sums. counts and cursor may be shared or global memory. Also the row tiles
@@ -642,12 +709,10 @@ __global__ void k_moe_count(const int32_t* idx, int64_t n, int* counts) {
 // in one 64-bit word (21 bits each: at most 65535 tiles in all), scanned with the rest. A listed tile has at most
 // `piece` rows (32 or 16: an expert's rows in pieces of that many, the last piece the rest; its kernel takes
 // min(8·NT, the group's rows from the piece's first) rows).
-constexpr int kScanThreads = 512;
+constexpr int kScanThreads = 512;  // a multiple of 32, at most 1024 (moe_offsets: one warp scans the warps)
 __device__ __forceinline__ int tile_class(int rows) { return rows <= 8 ? 0 : rows <= 16 ? 1 : 2; }
 __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_off, int* cursor, int* cls_count,
                             int2* cls_tiles, int cls_cap, int piece) {
-  __shared__ int sr[kScanThreads], st[kScanThreads];
-  __shared__ unsigned long long sc[kScanThreads];
   const int per = (E + kScanThreads - 1) / kScanThreads;
   const int e0 = min(E, static_cast<int>(threadIdx.x) * per), e1 = min(E, e0 + per);
   int r = 0, t = 0;
@@ -657,23 +722,39 @@ __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_of
     t += (counts[e] + kBM - 1) / kBM;
     for (int left = counts[e]; left > 0; left -= piece) c += 1ull << (21 * tile_class(min(left, piece)));
   }
-  sr[threadIdx.x] = r;
-  st[threadIdx.x] = t;
-  sc[threadIdx.x] = c;
-  __syncthreads();
-  for (int d = 1; d < kScanThreads; d <<= 1) {
-    int ar = 0, at = 0;
-    unsigned long long ac = 0;
-    if (threadIdx.x >= d) { ar = sr[threadIdx.x - d]; at = st[threadIdx.x - d]; ac = sc[threadIdx.x - d]; }
-    __syncthreads();
-    sr[threadIdx.x] += ar;
-    st[threadIdx.x] += at;
-    sc[threadIdx.x] += ac;
-    __syncthreads();
+  // the threads' inclusive sums: within each warp by shuffles, then the warps' totals by warp 0 (two barriers)
+  constexpr int kWarps = kScanThreads / 32;
+  __shared__ int wr[kWarps], wt[kWarps];
+  __shared__ unsigned long long wc[kWarps];
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
+  int ir = r, it = t;
+  unsigned long long ic = c;
+  for (int d = 1; d < 32; d <<= 1) {
+    const int ar = __shfl_up_sync(0xffffffffu, ir, d), at = __shfl_up_sync(0xffffffffu, it, d);
+    const unsigned long long ac = __shfl_up_sync(0xffffffffu, ic, d);
+    if (lane >= d) { ir += ar; it += at; ic += ac; }
   }
-  r = sr[threadIdx.x] - r;  // exclusive
-  t = st[threadIdx.x] - t;
-  c = sc[threadIdx.x] - c;
+  if (lane == 31) { wr[w] = ir; wt[w] = it; wc[w] = ic; }
+  __syncthreads();
+  if (w == 0) {  // the warps' exclusive offsets
+    int xr = lane < kWarps ? wr[lane] : 0, xt = lane < kWarps ? wt[lane] : 0;
+    unsigned long long xc = lane < kWarps ? wc[lane] : 0;
+    const int or_ = xr, ot = xt;
+    const unsigned long long oc = xc;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int ar = __shfl_up_sync(0xffffffffu, xr, d), at = __shfl_up_sync(0xffffffffu, xt, d);
+      const unsigned long long ac = __shfl_up_sync(0xffffffffu, xc, d);
+      if (lane >= d) { xr += ar; xt += at; xc += ac; }
+    }
+    if (lane < kWarps) { wr[lane] = xr - or_; wt[lane] = xt - ot; wc[lane] = xc - oc; }
+  }
+  __syncthreads();
+  ir += wr[w];
+  it += wt[w];
+  ic += wc[w];
+  r = ir - r;  // exclusive
+  t = it - t;
+  c = ic - c;
   int ci[3] = {static_cast<int>(c & 0x1fffff), static_cast<int>((c >> 21) & 0x1fffff), static_cast<int>(c >> 42)};
   for (int e = e0; e < e1; ++e) {
     row_off[e] = r;
@@ -688,9 +769,9 @@ __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_of
     t += (counts[e] + kBM - 1) / kBM;
   }
   if (threadIdx.x == kScanThreads - 1) {
-    row_off[E] = sr[threadIdx.x];
-    tile_off[E] = st[threadIdx.x];
-    const unsigned long long all = sc[threadIdx.x];
+    row_off[E] = ir;
+    tile_off[E] = it;
+    const unsigned long long all = ic;
     cls_count[0] = static_cast<int>(all & 0x1fffff);
     cls_count[1] = static_cast<int>((all >> 21) & 0x1fffff);
     cls_count[2] = static_cast<int>(all >> 42);
@@ -706,7 +787,7 @@ __global__ void __launch_bounds__(kScanThreads) k_moe_scan(const int* counts, in
 // The whole permutation in one block for few routed slots (decode steps): counts, offsets and cursors in shared
 // memory, one launch instead of a memset and three.
 constexpr int kPermuteSmallSlots = 4096, kPermuteSmallExperts = 2048;
-__global__ void __launch_bounds__(kScanThreads) k_moe_permute_small(const int32_t* idx, int n, int E, int* row_off,
+__global__ void __launch_bounds__(kScanThreads) k_moe_permute_small(Slots sl, int n, int E, int* row_off,
                                                                     int* tile_off, int* perm, int* slot_pos,
                                                                     int* cls_count, int2* cls_tiles, int cls_cap,
                                                                     int piece) {
@@ -714,33 +795,21 @@ __global__ void __launch_bounds__(kScanThreads) k_moe_permute_small(const int32_
   __shared__ int counts[kPermuteSmallExperts], cursor[kPermuteSmallExperts];
   for (int e = threadIdx.x; e < E; e += blockDim.x) counts[e] = 0;
   __syncthreads();
-  for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&counts[idx[i]], 1);
+  for (int i = threadIdx.x; i < n; i += blockDim.x) atomicAdd(&counts[slot_expert(sl, i)], 1);
   __syncthreads();
   moe_offsets(counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap, piece);
   for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    const int p = atomicAdd(&cursor[idx[i]], 1);
+    const int p = atomicAdd(&cursor[slot_expert(sl, i)], 1);
     perm[p] = i;
     slot_pos[i] = p;
   }
 }
-__global__ void k_moe_scatter(const int32_t* idx, int64_t n, int* cursor, int* perm, int* slot_pos) {
+__global__ void k_moe_scatter(Slots sl, int64_t n, int* cursor, int* perm, int* slot_pos) {
   pdl_entry();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int p = atomicAdd(&cursor[idx[i]], 1);
+    const int p = atomicAdd(&cursor[slot_expert(sl, i)], 1);
     perm[p] = static_cast<int>(i);
     slot_pos[i] = p;
-  }
-}
-// Token t's k routed slots followed by the shared expert's (id E, weight 1): its output then comes last in the
-// combine's ascending-id sum, added once as acc + shared, as the reference adds the shared expert to the routed sum.
-__global__ void k_moe_add_shared_slot(const int32_t* idx, const float* weight, int64_t n, int k, int E, int32_t* idx_ext,
-                                      float* w_ext) {
-  pdl_entry();
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n * (k + 1); i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t t = i / (k + 1);
-    const int j = static_cast<int>(i - t * (k + 1));
-    idx_ext[i] = j < k ? idx[t * k + j] : E;
-    w_ext[i] = j < k ? weight[t * k + j] : 1.0f;
   }
 }
 // grid (slots, column blocks of 4 * blockDim); H % 4 == 0 takes 16-byte loads
@@ -760,40 +829,50 @@ __global__ void k_moe_gather(const float* x, const int* perm, int k, int64_t H, 
   }
 }
 // grid (tokens, column blocks of 4 * blockDim): each thread 4 columns, the token's slots in ascending expert id
-__global__ void k_moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int k,
-                              int64_t H, float* out) {
+__global__ void k_moe_combine(const float* D, const int* slot_pos, Slots sl, int64_t H, float* out) {
   pdl_entry();
-  __shared__ int order[64];
+  __shared__ int ids[64];
   __shared__ int64_t base[64];
   __shared__ float wgt[64];
   const int64_t t = blockIdx.x;
-  if (threadIdx.x == 0) {  // slots in ascending expert id (insertion sort, k is small)
-    for (int s = 0; s < k; ++s) {
-      int j = s;
-      while (j > 0 && idx[t * k + order[j - 1]] > idx[t * k + s]) {
-        order[j] = order[j - 1];
-        --j;
-      }
-      order[j] = s;
-    }
-    for (int s = 0; s < k; ++s) {
-      const int slot = static_cast<int>(t * k + order[s]);
-      base[s] = static_cast<int64_t>(slot_pos[slot]) * H;
-      wgt[s] = weight[slot];
-    }
+  // slots in ascending expert id, ties in slot order (a stable sort; k <= 64 <= blockDim): the k threads load
+  // their slot's id together, then each puts its slot at its rank
+  const int k = sl.k;
+  int my = 0, pos = 0;
+  float w = 0.0f;
+  if (threadIdx.x < k) {  // the slot's id, position and weight: loads in flight together
+    my = slot_expert(sl, t * k + threadIdx.x);
+    pos = slot_pos[t * k + threadIdx.x];
+    w = slot_weight(sl, t * k + threadIdx.x);
+    ids[threadIdx.x] = my;
+  }
+  __syncthreads();
+  if (threadIdx.x < k) {
+    const int s = threadIdx.x;
+    int rank = 0;
+    for (int j = 0; j < k; ++j) rank += ids[j] < my || (ids[j] == my && j < s);
+    base[rank] = static_cast<int64_t>(pos) * H;
+    wgt[rank] = w;
   }
   __syncthreads();
   const int64_t c = (static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x) * 4;
   if (c >= H) return;
   if ((H & 3) == 0) {
     float4 acc = make_float4(0, 0, 0, 0);
-    for (int s = 0; s < k; ++s) {
-      const float4 d = *reinterpret_cast<const float4*>(D + base[s] + c);
-      const float w = wgt[s];
-      acc.x += d.x * w;
-      acc.y += d.y * w;
-      acc.z += d.z * w;
-      acc.w += d.w * w;
+    for (int s0 = 0; s0 < k; s0 += 8) {  // eight slots' loads in flight, then their sum in slot order
+      float4 d[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (s0 + u < k) d[u] = *reinterpret_cast<const float4*>(D + base[s0 + u] + c);
+#pragma unroll
+      for (int u = 0; u < 8; ++u)
+        if (s0 + u < k) {
+          const float w = wgt[s0 + u];
+          acc.x += d[u].x * w;
+          acc.y += d[u].y * w;
+          acc.z += d[u].z * w;
+          acc.w += d[u].w * w;
+        }
     }
     *reinterpret_cast<float4*>(out + t * H + c) = acc;
   } else {
@@ -3519,16 +3598,37 @@ __global__ void __launch_bounds__(1024) k_rmsnorm_row(const float* x, int64_t ld
 
 // fp32-input matmul (routers) for bf16 weights with K % 64 == 0: a block of 8 warps per output feature and up to 4
 // rows, each warp a slice of K read 16 bytes per lane, the slices added in warp order.
+// The lane's first kF32Pre weight pieces (K up to 8192: all of them) are loaded before the wait for X — weights,
+// which no kernel writes — so their latency overlaps the kernel before (the router follows a norm).
+constexpr int kF32Pre = 4;
 __global__ void __launch_bounds__(256) k_gemm_f32_split(const float* __restrict__ X, int M, float* __restrict__ Y, DLin W) {
-  pdl_entry();
   __shared__ float red[8][4];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x, m0 = blockIdx.y * 4, mr = min(4, M - m0);
   const int slice = W.K / 8;  // a multiple of 8
   const bf16* wr = reinterpret_cast<const bf16*>(W.w + static_cast<int64_t>(n) * W.w_ld) + warp * slice;
+  uint4 pre[kF32Pre];
+#pragma unroll
+  for (int j = 0; j < kF32Pre; ++j)
+    if (lane * 8 + 256 * j < slice) pre[j] = __ldg(reinterpret_cast<const uint4*>(wr + lane * 8 + 256 * j));
+  pdl_entry();
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-  for (int k = lane * 8; k < slice; k += 256)
-    dot8_rows(wr + k, X + static_cast<int64_t>(m0) * W.K + warp * slice + k, W.K, mr, acc);
+  const float* xw = X + static_cast<int64_t>(m0) * W.K + warp * slice;
+#pragma unroll
+  for (int j = 0; j < kF32Pre; ++j) {
+    const int k = lane * 8 + 256 * j;
+    if (k < slice) {  // dot8_rows on the held piece
+      float wf[8];
+      unpack_w8(pre[j], wf);
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+        if (r < mr) {
+          const float4* xp = reinterpret_cast<const float4*>(xw + k + r * W.K);
+          acc[r] += dot8(xp[0], xp[1], wf);
+        }
+    }
+  }
+  for (int k = lane * 8 + 256 * kF32Pre; k < slice; k += 256) dot8_rows(wr + k, xw + k, W.K, mr, acc);
 #pragma unroll
   for (int r = 0; r < 4; ++r) {
     const float v = warp_sum(acc[r]);
@@ -4061,31 +4161,27 @@ void silu_mul(const float* g, const float* u, int64_t n, bf16* out, cudaStream_t
 void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n, int32_t* idx, float* weight,
            cudaStream_t s) {
   if (n == 0) return;
-  const size_t smem = (2 * a.E + a.G) * sizeof(float) + a.E;
-  launch_k(k_route, static_cast<unsigned>(n), kRouteThreads, smem, s, a, logits, bias, idx, weight);
+  const size_t smem = static_cast<size_t>(kRouteWarps) * route_warp_floats(a.E) * sizeof(float);
+  if (smem > 48 * 1024) allow_smem(reinterpret_cast<const void*>(k_route), static_cast<int>(smem));
+  launch_k(k_route, static_cast<unsigned>(cdiv(n, kRouteWarps)), kRouteWarps * 32, smem, s, a, logits, bias, n, idx, weight);
 }
-void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
+void moe_permute(const Slots& sl, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
                  int* perm, int* slot_pos, int* cls_count, int2* cls_tiles, int cls_cap, int piece, cudaStream_t s) {
   if (n_slots <= kPermuteSmallSlots && E <= kPermuteSmallExperts) {
-    launch_k(k_moe_permute_small, 1, kScanThreads, 0, s, idx, static_cast<int>(n_slots), E, row_off, tile_off, perm, slot_pos,
+    launch_k(k_moe_permute_small, 1, kScanThreads, 0, s, sl, static_cast<int>(n_slots), E, row_off, tile_off, perm, slot_pos,
              cls_count, cls_tiles, cls_cap, piece);
     return;
   }
   cudaMemsetAsync(counts, 0, E * sizeof(int), s);
-  if (n_slots) launch_k(k_moe_count, grid_for(n_slots), 256, 0, s, idx, n_slots, counts);
+  if (n_slots) launch_k(k_moe_count, grid_for(n_slots), 256, 0, s, sl, n_slots, counts);
   launch_k(k_moe_scan, 1, kScanThreads, 0, s, counts, E, row_off, tile_off, cursor, cls_count, cls_tiles, cls_cap, piece);
-  if (n_slots) launch_k(k_moe_scatter, grid_for(n_slots), 256, 0, s, idx, n_slots, cursor, perm, slot_pos);
+  if (n_slots) launch_k(k_moe_scatter, grid_for(n_slots), 256, 0, s, sl, n_slots, cursor, perm, slot_pos);
 }
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s) {
   if (n_slots) launch_k(k_moe_gather, dim3(static_cast<unsigned>(n_slots), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s, x, perm, k, H, xp);
 }
-void moe_add_shared_slot(const int32_t* idx, const float* weight, int64_t n, int k, int E, int32_t* idx_ext, float* w_ext,
-                         cudaStream_t s) {
-  if (n) launch_k(k_moe_add_shared_slot, grid_for(n * (k + 1)), 256, 0, s, idx, weight, n, k, E, idx_ext, w_ext);
-}
-void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int64_t n, int k,
-                 int64_t H, float* out, cudaStream_t s) {
-  if (n) launch_k(k_moe_combine, dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s, D, slot_pos, idx, weight, k, H, out);
+void moe_combine(const float* D, const int* slot_pos, const Slots& sl, int64_t n, int64_t H, float* out, cudaStream_t s) {
+  if (n) launch_k(k_moe_combine, dim3(static_cast<unsigned>(n), static_cast<unsigned>(cdiv(H, 1024))), 256, 0, s, D, slot_pos, sl, H, out);
 }
 void kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr, bf16* lat_dst,
                bf16* rope_dst, cudaStream_t s) {

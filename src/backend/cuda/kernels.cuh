@@ -133,22 +133,27 @@ struct RouteArgs {
 void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n, int32_t* idx, float* weight,
            cudaStream_t s);
 
+// The routed slots of one MoE call, token t's k slots in a row: the first kr are its routed experts (idx and
+// weight [n, kr], as the router wrote them); where kr < k (k = kr + 1) the last is the shared expert stacked as
+// expert `shared` with weight 1 — its output then comes last in the combine's ascending-id sum, added once as
+// acc + shared, as the reference adds the shared expert to the routed sum. No array of the extended slots is made.
+struct Slots {
+  const int32_t* idx;
+  const float* weight;
+  int k, kr, shared;
+};
 // MoE token permutation: counts -> offsets -> slots sorted by expert (order within an expert irrelevant: every
 // row is computed independently). Writes perm[pos] = slot, slot_pos[slot] = pos, row_off/tile_off [E+1], and the
 // row tiles by size (Groups::cls_*): cls_count [3], cls_tiles [3][cls_cap] with cls_cap >= the number of row tiles.
 // piece: the most rows of a listed tile (32: kBM; 16: an expert's rows in pieces of 16, no 32-row launch).
-void moe_permute(const int32_t* idx, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
+void moe_permute(const Slots& sl, int64_t n_slots, int E, int* counts, int* row_off, int* tile_off, int* cursor,
                  int* perm, int* slot_pos, int* cls_count, int2* cls_tiles, int cls_cap, int piece, cudaStream_t s);
 // The bound on a grouped launch's row tiles (of kBM rows) for M rows in G groups
 inline int64_t group_row_tiles(int64_t M, int64_t G) { return (M + kBM - 1) / kBM + (G < M ? G : M); }
 // Xp[pos] = bf16(x[perm[pos] / k])
 void moe_gather(const float* x, const int* perm, int64_t n_slots, int k, int64_t H, bf16* xp, cudaStream_t s);
 // out[t] = Σ over t's slots in ascending expert id: weight · D[slot_pos[slot]]
-// idx_ext/w_ext [n, k+1]: each token's k slots, then one for the shared expert stacked as expert E (weight 1)
-void moe_add_shared_slot(const int32_t* idx, const float* weight, int64_t n, int k, int E, int32_t* idx_ext, float* w_ext,
-                         cudaStream_t s);
-void moe_combine(const float* D, const int* slot_pos, const int32_t* idx, const float* weight, int64_t n, int k,
-                 int64_t H, float* out, cudaStream_t s);
+void moe_combine(const float* D, const int* slot_pos, const Slots& sl, int64_t n, int64_t H, float* out, cudaStream_t s);
 
 // KV append: latent rows (fp32 [*, C]) and rope keys (fp32 ckv [*, C+dr] at column C) -> bf16 cache at `past`.
 void kv_append(const float* latent, const float* ckv, int64_t row0, int64_t n, int64_t C, int64_t dr, bf16* lat_dst,
