@@ -3986,12 +3986,14 @@ bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
 // Defaults: dense from 48 rows; grouped from 8 rows per group on average on the warpgroup kernel (a block
 // streams its expert's weights once for up to 64 rows, where the streamed kernel's 32-row tiles run at a fraction
 // of the bandwidth: bench/NOTES.md 39), INT4 from 16 (its streamed launches by tile size in 8-warp blocks: MoE 512
-// tokens, 12 rows per group, 3995-4043 -> 3730-3772 us; NOTES 71), 24 on the mma.sync tile kernel. -1: the default.
-constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8, kWgGroupRowsInt4 = 16;
+// tokens, 12 rows per group, 3995-4043 -> 3730-3772 us; NOTES 71), bf16 from 1 (its experts wait on memory, and
+// the warpgroup kernel streams each touched expert once: MoE 64 / 128 / 256 tokens 4806 / 5796 / 6666 -> 4285 / 5173 / 5834 us;
+// FP8 there was slower, 2876 / 3524 -> 3375 / 3832: NOTES 75), 24 on the mma.sync tile kernel. -1: the default.
+constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8, kWgGroupRowsInt4 = 16, kWgGroupRowsBf16 = 1;
 int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = -1;
 int tile_group_rows(int fmt) {
   if (g_tile_group_rows >= 0) return g_tile_group_rows;
-  return !g_wg_gemm ? kTileGroupRows : fmt == kInt4 ? kWgGroupRowsInt4 : kWgGroupRows;
+  return !g_wg_gemm ? kTileGroupRows : fmt == kInt4 ? kWgGroupRowsInt4 : fmt == kBf16 ? kWgGroupRowsBf16 : kWgGroupRows;
 }
 
 }  // namespace
