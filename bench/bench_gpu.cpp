@@ -106,10 +106,11 @@ void apply_kernel_env() {
   if (!v || !*v) return;
   const std::string s = v;
   const size_t c = s.find(',');
-  const int d = std::stoi(s.substr(0, c)), g = c == std::string::npos ? d : std::stoi(s.substr(c + 1));
+  const int d = std::stoi(s.substr(0, c));
+  const double g = c == std::string::npos ? d : std::stod(s.substr(c + 1));  // may be a fraction: 48,0.5
   CudaBackend::set_tile_rows(d, g);
   static bool told = false;
-  if (!told) std::printf("many-row matmul from %d dense rows, %d rows per expert on average\n", d, g);
+  if (!told) std::printf("many-row matmul from %d dense rows, %g rows per expert on average\n", d, g);
   told = true;
 }
 

@@ -345,7 +345,7 @@ void CudaBackend::set_few_piece(int rows) { cuda::set_few_piece(rows); }
 void CudaBackend::set_few_wide(int classes) { cuda::set_few_wide(classes); }
 int CudaBackend::few_wide() { return cuda::few_wide(); }
 size_t CudaBackend::split_counter_streams() { return cuda::split_counter_streams(); }
-void CudaBackend::set_tile_rows(int dense_rows, int group_rows) { cuda::set_tile_rows(dense_rows, group_rows); }
+void CudaBackend::set_tile_rows(int dense_rows, double group_rows) { cuda::set_tile_rows(dense_rows, group_rows); }
 void CudaBackend::set_wg_gemm(bool on, int rows) { cuda::set_wg_gemm(on, rows); }
 void CudaBackend::set_f32_tile(bool on) { cuda::set_f32_tile(on); }
 void CudaBackend::set_batch_invariant_attention(bool on) { impl_->invariant_attention = on; }

@@ -3987,11 +3987,15 @@ bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
 // streams its expert's weights once for up to 64 rows, where the streamed kernel's 32-row tiles run at a fraction
 // of the bandwidth: bench/NOTES.md 39), INT4 from 16 (its streamed launches by tile size in 8-warp blocks: MoE 512
 // tokens, 12 rows per group, 3995-4043 -> 3730-3772 us; NOTES 71), bf16 from 1 (its experts wait on memory, and
-// the warpgroup kernel streams each touched expert once: MoE 64 / 128 / 256 tokens 4806 / 5796 / 6666 -> 4285 / 5173 / 5834 us;
-// FP8 there was slower, 2876 / 3524 -> 3375 / 3832: NOTES 75), 24 on the mma.sync tile kernel. -1: the default.
-constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8, kWgGroupRowsInt4 = 16, kWgGroupRowsBf16 = 1;
-int g_tile_dense_rows = kTileDenseRows, g_tile_group_rows = -1;
-int tile_group_rows(int fmt) {
+// the warpgroup kernel streams each touched expert once: MoE 64 / 128 / 256 tokens 4806 / 5796 / 6666 -> 4285 /
+// 5173 / 5834 us; from 0.35, measured but not yet the default — fewer rows than experts on that kernel had no op
+// test until 77 —, 16 / 32 tokens 2364 / 3430 -> 2229 / 3066 us;
+// FP8 there was slower, 2876 / 3524 -> 3375 / 3832: NOTES 75, 77), 24 on the mma.sync tile kernel. -1: the default.
+constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8, kWgGroupRowsInt4 = 16;
+constexpr double kWgGroupRowsBf16 = 1.0;
+int g_tile_dense_rows = kTileDenseRows;
+double g_tile_group_rows = -1;
+double tile_group_rows(int fmt) {
   if (g_tile_group_rows >= 0) return g_tile_group_rows;
   return !g_wg_gemm ? kTileGroupRows : fmt == kInt4 ? kWgGroupRowsInt4 : fmt == kBf16 ? kWgGroupRowsBf16 : kWgGroupRows;
 }
@@ -4020,7 +4024,7 @@ void set_wg_gemm(bool on, int rows) {
   g_wg_gemm = on;
   g_wg_rows = rows;
 }
-void set_tile_rows(int dense_rows, int group_rows) {
+void set_tile_rows(int dense_rows, double group_rows) {
   g_tile_dense_rows = dense_rows < 0 ? kTileDenseRows : dense_rows;
   g_tile_group_rows = group_rows < 0 ? -1 : group_rows;
 }
@@ -4047,8 +4051,8 @@ void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, i
   }
   if (few_rows_ok(W)) {
     if (groups.row_off) {  // grouped (MoE experts): one launch over the row tiles, K whole
-      const int group_rows = tile_group_rows(W.fmt);
-      if (tile_ok(W) && group_rows > 0 && M >= static_cast<int64_t>(group_rows) * groups.G) {
+      const double group_rows = tile_group_rows(W.fmt);
+      if (tile_ok(W) && group_rows > 0 && M >= group_rows * groups.G) {
         gemm_tile(X, M, Y, W, groups, max_row_tiles, 1, s, Y2, W2);
         return;
       }

@@ -85,7 +85,7 @@ int few_piece();
 // it): a dense matmul of at least dense_rows rows, a grouped one whose groups average at least group_rows rows.
 // 0 turns it off, 1 makes it take everything (tests), negative restores the default (48 and 8, INT4
 // 16; grouped 24 with the warpgroup kernel off).
-void set_tile_rows(int dense_rows, int group_rows);
+void set_tile_rows(int dense_rows, double group_rows);
 // The many-row matmul on warpgroup MMA (k_gemm_wg, every format) or,
 // off, on the mma.sync tile kernel (k_gemm_tile); the same bits either way. rows: the wgmma kernel's rows per block
 // (64, 128 or 256; 0: by shape).
