@@ -628,8 +628,8 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_route(RouteArgs a, const f
   }
   if (E <= 32 * kRouteCap) {
     // the lane's candidates (experts lane + 32·j) in registers and its best untaken one kept: a pick is one warp
-    // argmax over the lanes' bests, then only the lane whose expert was taken looks again (at K2's 384 experts a
-    // third of the instructions of an argmax over every candidate per pick)
+    // argmax over the lanes' bests, then only the lane whose expert was taken looks again (at K2's 384 experts,
+    // top-8: 2870 warp instructions per token against 3200 with an argmax over every candidate per pick)
     float v[kRouteCap];
     unsigned avail = 0;
 #pragma unroll
