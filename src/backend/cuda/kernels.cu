@@ -3157,61 +3157,61 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
               const uint32_t a[4] = {qf[hh][mt].x, qf[hh][mt].y, qf[hh][mt].z, qf[hh][mt].w};
               mma16816_nv(acc[mt][j], a, hh ? bx[j].z : bx[j].x, hh ? bx[j].w : bx[j].y);
             }
-      return;
-    }
-    uint4 wa[4][2];
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-      for (int hf = 0; hf < 2; ++hf)
-        wa[mt][hf] = *reinterpret_cast<const uint4*>(ws + (wf + mt * 16 + gq + 8 * hf) * 64 + tq * 16);
-#pragma unroll
-    for (int u = 0; u < PL; ++u) {
-      uint32_t a[4][2][4];  // [m-tile][mma of the piece]
+    } else {
+      uint4 wa[4][2];
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          if constexpr (FMT == kBf16) {
-            a[mt][hh][0] = word_of(wa[mt][0], 2 * hh);
-            a[mt][hh][1] = word_of(wa[mt][1], 2 * hh);
-            a[mt][hh][2] = word_of(wa[mt][0], 2 * hh + 1);
-            a[mt][hh][3] = word_of(wa[mt][1], 2 * hh + 1);
-          } else if constexpr (FMT == kFp8) {
-            const uint32_t pa = word_of(wa[mt][0], 2 * u + hh), pb = word_of(wa[mt][1], 2 * u + hh);
-            a[mt][hh][0] = fp8x2_deq(pa, sc[mt][0]);
-            a[mt][hh][1] = fp8x2_deq(pb, sc[mt][1]);
-            a[mt][hh][2] = fp8x2_deq(pa >> 16, sc[mt][0]);
-            a[mt][hh][3] = fp8x2_deq(pb >> 16, sc[mt][1]);
-          } else {
-            const uint32_t pa = word_of(wa[mt][0], u), pb = word_of(wa[mt][1], u);
-            const __nv_bfloat162 s2a = __floats2bfloat162_rn(sc[mt][0], sc[mt][0]), s2b = __floats2bfloat162_rn(sc[mt][1], sc[mt][1]);
-            a[mt][hh][0] = int4x2_deq<SB>(pa >> (8 * hh), sc[mt][0], s2a);
-            a[mt][hh][1] = int4x2_deq<SB>(pb >> (8 * hh), sc[mt][1], s2b);
-            a[mt][hh][2] = int4x2_deq<SB>(pa >> (8 * hh + 4), sc[mt][0], s2a);
-            a[mt][hh][3] = int4x2_deq<SB>(pb >> (8 * hh + 4), sc[mt][1], s2b);
-          }
-        }
+        for (int hf = 0; hf < 2; ++hf)
+          wa[mt][hf] = *reinterpret_cast<const uint4*>(ws + (wf + mt * 16 + gq + 8 * hf) * 64 + tq * 16);
 #pragma unroll
-      for (int j = 0; j < WN; ++j)
-        if (FULL || wr + j * 8 < rows) {
-          const int r = wr + j * 8 + gq;
-          const uint4 b = *reinterpret_cast<const uint4*>(xs + r * CW + ((u * 4 + tq) ^ ((r & 1) * SW)) * 8);
+      for (int u = 0; u < PL; ++u) {
+        uint32_t a[4][2][4];  // [m-tile][mma of the piece]
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
-            uint32_t b0, b1;
-            if constexpr (FMT == kInt4) {
-              const uint32_t lo = hh == 0 ? b.x : b.y, hi = hh == 0 ? b.z : b.w;
-              b0 = __byte_perm(lo, hi, 0x5410);
-              b1 = __byte_perm(lo, hi, 0x7632);
+            if constexpr (FMT == kBf16) {
+              a[mt][hh][0] = word_of(wa[mt][0], 2 * hh);
+              a[mt][hh][1] = word_of(wa[mt][1], 2 * hh);
+              a[mt][hh][2] = word_of(wa[mt][0], 2 * hh + 1);
+              a[mt][hh][3] = word_of(wa[mt][1], 2 * hh + 1);
+            } else if constexpr (FMT == kFp8) {
+              const uint32_t pa = word_of(wa[mt][0], 2 * u + hh), pb = word_of(wa[mt][1], 2 * u + hh);
+              a[mt][hh][0] = fp8x2_deq(pa, sc[mt][0]);
+              a[mt][hh][1] = fp8x2_deq(pb, sc[mt][1]);
+              a[mt][hh][2] = fp8x2_deq(pa >> 16, sc[mt][0]);
+              a[mt][hh][3] = fp8x2_deq(pb >> 16, sc[mt][1]);
             } else {
-              b0 = hh == 0 ? b.x : b.z;
-              b1 = hh == 0 ? b.y : b.w;
+              const uint32_t pa = word_of(wa[mt][0], u), pb = word_of(wa[mt][1], u);
+              const __nv_bfloat162 s2a = __floats2bfloat162_rn(sc[mt][0], sc[mt][0]), s2b = __floats2bfloat162_rn(sc[mt][1], sc[mt][1]);
+              a[mt][hh][0] = int4x2_deq<SB>(pa >> (8 * hh), sc[mt][0], s2a);
+              a[mt][hh][1] = int4x2_deq<SB>(pb >> (8 * hh), sc[mt][1], s2b);
+              a[mt][hh][2] = int4x2_deq<SB>(pa >> (8 * hh + 4), sc[mt][0], s2a);
+              a[mt][hh][3] = int4x2_deq<SB>(pb >> (8 * hh + 4), sc[mt][1], s2b);
             }
-#pragma unroll
-            for (int mt = 0; mt < 4; ++mt) mma16816_nv(acc[mt][j], a[mt][hh], b0, b1);
           }
-        }
+#pragma unroll
+        for (int j = 0; j < WN; ++j)
+          if (FULL || wr + j * 8 < rows) {
+            const int r = wr + j * 8 + gq;
+            const uint4 b = *reinterpret_cast<const uint4*>(xs + r * CW + ((u * 4 + tq) ^ ((r & 1) * SW)) * 8);
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh) {
+              uint32_t b0, b1;
+              if constexpr (FMT == kInt4) {
+                const uint32_t lo = hh == 0 ? b.x : b.y, hi = hh == 0 ? b.z : b.w;
+                b0 = __byte_perm(lo, hi, 0x5410);
+                b1 = __byte_perm(lo, hi, 0x7632);
+              } else {
+                b0 = hh == 0 ? b.x : b.z;
+                b1 = hh == 0 ? b.y : b.w;
+              }
+#pragma unroll
+              for (int mt = 0; mt < 4; ++mt) mma16816_nv(acc[mt][j], a[mt][hh], b0, b1);
+            }
+          }
+      }
     }
   };
   // scales: FP8 one per lane and chunk (the tile kernel takes FP8 only with bo % 64 == 0, so a warp's 64 features
