@@ -403,15 +403,18 @@ __device__ __forceinline__ float dot8(const float4& a, const float4& b, const fl
   return a.x * wf[0] + a.y * wf[1] + a.z * wf[2] + a.w * wf[3] + b.x * wf[4] + b.y * wf[5] + b.z * wf[6] + b.w * wf[7];
 }
 // acc[r] += x[r][0..8) · w[0..8) for up to 4 rows x (row stride ldx, 16-byte aligned) and 8 bf16 weights
-__device__ __forceinline__ void dot8_rows(const bf16* w, const float* x, int64_t ldx, int rows, float (&acc)[4]) {
-  float wf[8];
-  load_w8(w, wf);
+__device__ __forceinline__ void dot8_rows(const float (&wf)[8], const float* x, int64_t ldx, int rows, float (&acc)[4]) {
 #pragma unroll
   for (int r = 0; r < 4; ++r)
     if (r < rows) {
       const float4* xp = reinterpret_cast<const float4*>(x + r * ldx);
       acc[r] += dot8(xp[0], xp[1], wf);
     }
+}
+__device__ __forceinline__ void dot8_rows(const bf16* w, const float* x, int64_t ldx, int rows, float (&acc)[4]) {
+  float wf[8];
+  load_w8(w, wf);
+  dot8_rows(wf, x, ldx, rows, acc);
 }
 
 // One warp per output feature and up to 4 rows (the weights read once for them), fp32 inputs: exact dequantized
@@ -530,6 +533,14 @@ __global__ void k_rope(float* x, int64_t row_stride, int64_t head_stride, int64_
 __device__ __forceinline__ bool route_better(float v, int i, float w, int j) {
   return i >= 0 && (j < 0 || v > w || (v == w && i < j));
 }
+// the best of the warp's (bv, bi) by route_better; every lane ends with it
+__device__ __forceinline__ void warp_route_best(float& bv, int& bi) {
+  for (int m = 16; m >= 1; m >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
+    const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
+    if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
+  }
+}
 
 // One warp per token, kRouteWarps tokens per block, no block-wide barriers: the token's scores, choices and taken
 // flags in its warp's shared memory. Each of the K picks is a warp-wide argmax over the untaken experts with the
@@ -595,11 +606,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_route(RouteArgs a, const f
     int bi = -1;
     for (int i = lane; i < cnt; i += 32)
       if (!skip(i) && route_better(value(i), i, bv, bi)) { bv = value(i); bi = i; }
-    for (int m = 16; m >= 1; m >>= 1) {
-      const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
-      const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
-      if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-    }
+    warp_route_best(bv, bi);
     return bi;
   };
   if (a.method != 0 && a.G > 1 && a.topk_group < a.G) {
@@ -651,11 +658,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_route(RouteArgs a, const f
     for (int s = 0; s < a.K; ++s) {
       float bv = lv;
       int bi = li;
-      for (int m = 16; m >= 1; m >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, m);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, m);
-        if (route_better(ov, oi, bv, bi)) { bv = ov; bi = oi; }
-      }
+      warp_route_best(bv, bi);
       if (lane == 0) sel[s] = bi;
       if ((bi & 31) == lane) {
         avail &= ~(1u << (bi >> 5));
@@ -685,18 +688,16 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_route(RouteArgs a, const f
   }
 }
 
-// Slot i's expert and weight (Slots: the shared expert's slot, where there is one, last of each token's)
-__device__ __forceinline__ int slot_expert(const Slots& sl, int64_t i) {
-  if (sl.k == sl.kr) return sl.idx[i];
+// Slot i's place in the router's idx / weight, or -1 for the shared expert's slot (Slots: last of each token's)
+__device__ __forceinline__ int64_t routed_slot(const Slots& sl, int64_t i) {
+  if (sl.k == sl.kr) return i;
   const int64_t t = i / sl.k;
   const int j = static_cast<int>(i - t * sl.k);
-  return j < sl.kr ? sl.idx[t * sl.kr + j] : sl.shared;
+  return j < sl.kr ? t * sl.kr + j : -1;
 }
-__device__ __forceinline__ float slot_weight(const Slots& sl, int64_t i) {
-  if (sl.k == sl.kr) return sl.weight[i];
-  const int64_t t = i / sl.k;
-  const int j = static_cast<int>(i - t * sl.k);
-  return j < sl.kr ? sl.weight[t * sl.kr + j] : 1.0f;
+__device__ __forceinline__ int slot_expert(const Slots& sl, int64_t i) {
+  const int64_t r = routed_slot(sl, i);
+  return r >= 0 ? sl.idx[r] : sl.shared;
 }
 __global__ void k_moe_count(Slots sl, int64_t n, int* counts) {
   pdl_entry();
@@ -709,6 +710,15 @@ __global__ void k_moe_count(Slots sl, int64_t n, int* counts) {
 // in one 64-bit word (21 bits each: at most 65535 tiles in all), scanned with the rest. A listed tile has at most
 // `piece` rows (32 or 16: an expert's rows in pieces of that many, the last piece the rest; its kernel takes
 // min(8·NT, the group's rows from the piece's first) rows).
+// inclusive sums of three values over the warp's lanes, in lane order
+__device__ __forceinline__ void warp_scan3(int& a, int& b, unsigned long long& c) {
+  const int lane = threadIdx.x & 31;
+  for (int d = 1; d < 32; d <<= 1) {
+    const int oa = __shfl_up_sync(0xffffffffu, a, d), ob = __shfl_up_sync(0xffffffffu, b, d);
+    const unsigned long long oc = __shfl_up_sync(0xffffffffu, c, d);
+    if (lane >= d) { a += oa; b += ob; c += oc; }
+  }
+}
 constexpr int kScanThreads = 512;  // a multiple of 32, at most 1024 (moe_offsets: one warp scans the warps)
 __device__ __forceinline__ int tile_class(int rows) { return rows <= 8 ? 0 : rows <= 16 ? 1 : 2; }
 __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_off, int* cursor, int* cls_count,
@@ -729,11 +739,7 @@ __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_of
   const int lane = threadIdx.x & 31, w = threadIdx.x >> 5;
   int ir = r, it = t;
   unsigned long long ic = c;
-  for (int d = 1; d < 32; d <<= 1) {
-    const int ar = __shfl_up_sync(0xffffffffu, ir, d), at = __shfl_up_sync(0xffffffffu, it, d);
-    const unsigned long long ac = __shfl_up_sync(0xffffffffu, ic, d);
-    if (lane >= d) { ir += ar; it += at; ic += ac; }
-  }
+  warp_scan3(ir, it, ic);
   if (lane == 31) { wr[w] = ir; wt[w] = it; wc[w] = ic; }
   __syncthreads();
   if (w == 0) {  // the warps' exclusive offsets
@@ -741,11 +747,7 @@ __device__ void moe_offsets(const int* counts, int E, int* row_off, int* tile_of
     unsigned long long xc = lane < kWarps ? wc[lane] : 0;
     const int or_ = xr, ot = xt;
     const unsigned long long oc = xc;
-    for (int d = 1; d < 32; d <<= 1) {
-      const int ar = __shfl_up_sync(0xffffffffu, xr, d), at = __shfl_up_sync(0xffffffffu, xt, d);
-      const unsigned long long ac = __shfl_up_sync(0xffffffffu, xc, d);
-      if (lane >= d) { xr += ar; xt += at; xc += ac; }
-    }
+    warp_scan3(xr, xt, xc);
     if (lane < kWarps) { wr[lane] = xr - or_; wt[lane] = xt - ot; wc[lane] = xc - oc; }
   }
   __syncthreads();
@@ -841,9 +843,10 @@ __global__ void k_moe_combine(const float* D, const int* slot_pos, Slots sl, int
   int my = 0, pos = 0;
   float w = 0.0f;
   if (threadIdx.x < k) {  // the slot's id, position and weight: loads in flight together
-    my = slot_expert(sl, t * k + threadIdx.x);
+    const int64_t r = routed_slot(sl, t * k + threadIdx.x);
+    my = r >= 0 ? sl.idx[r] : sl.shared;
+    w = r >= 0 ? sl.weight[r] : 1.0f;
     pos = slot_pos[t * k + threadIdx.x];
-    w = slot_weight(sl, t * k + threadIdx.x);
     ids[threadIdx.x] = my;
   }
   __syncthreads();
@@ -3171,12 +3174,7 @@ __global__ void __launch_bounds__(kTileThreadsPerFW * FW, FW == 2 ? 2 : 1)
         for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
           for (int hh = 0; hh < 2; ++hh) {
-            if constexpr (FMT == kBf16) {
-              a[mt][hh][0] = word_of(wa[mt][0], 2 * hh);
-              a[mt][hh][1] = word_of(wa[mt][1], 2 * hh);
-              a[mt][hh][2] = word_of(wa[mt][0], 2 * hh + 1);
-              a[mt][hh][3] = word_of(wa[mt][1], 2 * hh + 1);
-            } else if constexpr (FMT == kFp8) {
+            if constexpr (FMT == kFp8) {
               const uint32_t pa = word_of(wa[mt][0], 2 * u + hh), pb = word_of(wa[mt][1], 2 * u + hh);
               a[mt][hh][0] = fp8x2_deq(pa, sc[mt][0]);
               a[mt][hh][1] = fp8x2_deq(pb, sc[mt][1]);
@@ -3617,15 +3615,10 @@ __global__ void __launch_bounds__(256) k_gemm_f32_split(const float* __restrict_
 #pragma unroll
   for (int j = 0; j < kF32Pre; ++j) {
     const int k = lane * 8 + 256 * j;
-    if (k < slice) {  // dot8_rows on the held piece
+    if (k < slice) {  // the held piece
       float wf[8];
       unpack_w8(pre[j], wf);
-#pragma unroll
-      for (int r = 0; r < 4; ++r)
-        if (r < mr) {
-          const float4* xp = reinterpret_cast<const float4*>(xw + k + r * W.K);
-          acc[r] += dot8(xp[0], xp[1], wf);
-        }
+      dot8_rows(wf, xw + k, W.K, mr, acc);
     }
   }
   for (int k = lane * 8 + 256 * kF32Pre; k < slice; k += 256) dot8_rows(wr + k, xw + k, W.K, mr, acc);
