@@ -45,3 +45,13 @@ gpu_op_tests() {
 }
 # the test binaries gpu_op_tests runs, for gpu_build
 gpu_test_targets() { echo test_cuda_backend; [ "${FULL:-0}" = 1 ] && echo test_parity; return 0; }
+# ncu_stall_metrics: ncu's warp stall reasons as issue-stall cycles per issued instruction (one metric per reason,
+# comma-separated), for the *_stalls.sh scripts
+ncu_stall_metrics() {
+  local m="" r
+  for r in barrier long_scoreboard short_scoreboard math_pipe_throttle mio_throttle wait not_selected selected \
+           dispatch_stall lg_throttle no_instruction drain branch_resolving imc_miss misc tex_throttle membar sleeping; do
+    m="$m,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
+  done
+  echo "${m#,}"
+}

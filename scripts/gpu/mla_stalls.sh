@@ -6,12 +6,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
 gpu_build bench_gpu || exit 1
-m=""
-for r in barrier long_scoreboard short_scoreboard math_pipe_throttle mio_throttle wait not_selected selected \
-         dispatch_stall lg_throttle no_instruction drain branch_resolving misc membar sleeping; do
-  m="$m,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
-done
-m="${m#,},sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
+m=$(ncu_stall_metrics)
+m="$m,sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active"
 m="$m,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,lts__t_bytes.sum,dram__bytes.sum,gpu__time_duration.sum"
 MLA_SIZES=${MLA_SIZES:-64x4096} MLA_SKIP_SIMPLE=1 timeout 300 ncu --clock-control none -k regex:'k_mla_(wg|decode)' \
   --launch-skip 2 --launch-count 1 --metrics "$m" build-gpu/bench/bench_gpu mla 2>&1 |

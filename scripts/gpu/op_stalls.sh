@@ -10,12 +10,8 @@ source scripts/gpu/env.sh
 gpu_build test_cuda_backend || exit 1
 KERNEL=${KERNEL:-k_route}
 FILTER=${FILTER:-*router_choices*}
-m=""
-for r in barrier long_scoreboard short_scoreboard math_pipe_throttle mio_throttle wait not_selected selected \
-         dispatch_stall lg_throttle no_instruction drain branch_resolving imc_miss misc membar sleeping; do
-  m="$m,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
-done
-m="${m#,},smsp__inst_executed.sum,gpu__time_duration.sum,launch__grid_size,launch__registers_per_thread"
+m=$(ncu_stall_metrics)
+m="$m,smsp__inst_executed.sum,gpu__time_duration.sum,launch__grid_size,launch__registers_per_thread"
 for cc in all none; do
   echo "== $KERNEL ($FILTER), cache control: $cc"
   KSCOPE_REQUIRE_CUDA=1 timeout 300 ncu --clock-control none --cache-control $cc -k regex:$KERNEL --launch-count 1 --metrics "$m" \

@@ -9,12 +9,8 @@ source scripts/gpu/env.sh
 gpu_build bench_gpu || exit 1
 export GEMM_MATRIX=${GEMM_MATRIX:-gate+up}
 KERNEL=${KERNEL:-k_gemm_tile}
-m=""
-for r in barrier long_scoreboard short_scoreboard math_pipe_throttle mio_throttle wait not_selected selected \
-         dispatch_stall lg_throttle no_instruction drain branch_resolving imc_miss misc tex_throttle membar sleeping; do
-  m="$m,smsp__average_warps_issue_stalled_${r}_per_issue_active.ratio"
-done
-m="${m#,},sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.sum"
+m=$(ncu_stall_metrics)
+m="$m,sm__pipe_tensor_op_hmma_cycles_active.avg.pct_of_peak_sustained_active,sm__inst_executed_pipe_tensor_op_hmma.sum"
 m="$m,smsp__inst_executed.sum,l1tex__data_pipe_lsu_wavefronts_mem_shared.sum,l1tex__data_bank_conflicts_pipe_lsu_mem_shared.sum"
 m="$m,lts__t_bytes.sum,dram__bytes.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed,gpu__time_duration.sum"
 m="$m,launch__registers_per_thread,sm__warps_active.avg.pct_of_peak_sustained_active,smsp__issue_active.avg.pct_of_peak_sustained_active"
