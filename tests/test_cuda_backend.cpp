@@ -796,30 +796,23 @@ TEST_F(CudaOps, shared_expert_in_the_expert_launches_or_beside_them) {
       cpu_.moe_experts(moe, x.data(), n, K, idx.data(), wt.data(), want.data());
       cpu_.mlp(*moe.shared, x.data(), n, sh.data());
       for (int64_t i = 0; i < n * H; ++i) want[i] += sh[i];
-      auto xd = dev(x);
-      Buf<int32_t> id(*gpu_, idx);
-      auto wd = dev(wt);
-      auto yd = poisoned(n * H);
-      gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), yd.data());
-      if (!gpu_->moe_includes_shared(moe)) {
-        auto sd = poisoned(n * H);
-        gpu_->mlp(*moe.shared, xd.data(), n, sd.data());
-        gpu_->add(yd.data(), sd.data(), n * H);
-      }
-      const auto got = yd.host();
+      // the block on the device for tokens [t0, t0 + m): routed experts, plus the shared MLP where not stacked
+      auto block = [&](int64_t t0, int64_t m) {
+        auto xd = dev(std::vector<float>(x.begin() + t0 * H, x.begin() + (t0 + m) * H));
+        Buf<int32_t> id(*gpu_, std::vector<int32_t>(idx.begin() + t0 * K, idx.begin() + (t0 + m) * K));
+        auto wd = dev(std::vector<float>(wt.begin() + t0 * K, wt.begin() + (t0 + m) * K));
+        auto yd = poisoned(m * H);
+        gpu_->moe_experts(moe, xd.data(), m, K, id.data(), wd.data(), yd.data());
+        if (!gpu_->moe_includes_shared(moe)) {
+          auto sd = poisoned(m * H);
+          gpu_->mlp(*moe.shared, xd.data(), m, sd.data());
+          gpu_->add(yd.data(), sd.data(), m * H);
+        }
+        return yd.host();
+      };
+      const auto got = block(0, n);
       expect_close(got, want, kChainTol, fmt::format("{} n={}", what, n));
-      // the last token alone
-      auto x1 = dev(std::vector<float>(x.end() - H, x.end()));
-      Buf<int32_t> id1(*gpu_, std::vector<int32_t>(idx.end() - K, idx.end()));
-      auto wd1 = dev(std::vector<float>(wt.end() - K, wt.end()));
-      auto y1 = poisoned(H);
-      gpu_->moe_experts(moe, x1.data(), 1, K, id1.data(), wd1.data(), y1.data());
-      if (!gpu_->moe_includes_shared(moe)) {
-        auto s1 = poisoned(H);
-        gpu_->mlp(*moe.shared, x1.data(), 1, s1.data());
-        gpu_->add(y1.data(), s1.data(), H);
-      }
-      EXPECT_EQ(y1.host(), std::vector<float>(got.end() - H, got.end())) << what << ": token alone vs in " << n;
+      EXPECT_EQ(block(n - 1, 1), std::vector<float>(got.end() - H, got.end())) << what << ": token alone vs in " << n;
     }
   }
 }
