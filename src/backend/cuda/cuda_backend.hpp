@@ -114,7 +114,7 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: from how many rows the many-row matmul kernel takes over from the streamed one (the same
   // bits; cuda::set_tile_rows): dense matmuls of >= dense_rows rows, grouped ones averaging >= group_rows per group
   // (routed rows over all the layer's experts; a fraction is allowed). 0 never, 1 always for dense ones, negative the
-  // default (48; groups bf16 1, FP8 8, INT4 16; 24 with the warpgroup kernel off). bench_gpu reads
+  // default (48; groups bf16 0.35, FP8 8, INT4 16; 24 with the warpgroup kernel off). bench_gpu reads
   // KSCOPE_TILE_ROWS=dense,group.
   static void set_tile_rows(int dense_rows, double group_rows);
   // Tests and benchmarks: the many-row matmul on warpgroup MMA (every format; the default) or, off, on the mma.sync

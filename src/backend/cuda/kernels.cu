@@ -3979,13 +3979,13 @@ bool tile_ok(const DLin& W) { return W.fmt != kFp8 || W.bo % 64 == 0; }
 // Defaults: dense from 48 rows; grouped from 8 rows per group on average on the warpgroup kernel (a block
 // streams its expert's weights once for up to 64 rows, where the streamed kernel's 32-row tiles run at a fraction
 // of the bandwidth: bench/NOTES.md 39), INT4 from 16 (its streamed launches by tile size in 8-warp blocks: MoE 512
-// tokens, 12 rows per group, 3995-4043 -> 3730-3772 us; NOTES 71), bf16 from 1 (its experts wait on memory, and
-// the warpgroup kernel streams each touched expert once: MoE 64 / 128 / 256 tokens 4806 / 5796 / 6666 -> 4285 /
-// 5173 / 5834 us; from 0.35, measured but not yet the default — fewer rows than experts on that kernel had no op
-// test until 77 —, 16 / 32 tokens 2364 / 3430 -> 2229 / 3066 us;
+// tokens, 12 rows per group, 3995-4043 -> 3730-3772 us; NOTES 71), bf16 from 0.35 (its experts wait on memory,
+// and the warpgroup kernel streams each touched expert once: MoE 64 / 128 / 256 tokens 4806 / 5796 / 6666 -> 4285 /
+// 5173 / 5834 us from 1 row; 16 / 32 tokens 2364 / 3430 -> 2229 / 3066 us from 0.35, fewer rows than experts
+// tested bit for bit since 77;
 // FP8 there was slower, 2876 / 3524 -> 3375 / 3832: NOTES 75, 77), 24 on the mma.sync tile kernel. -1: the default.
 constexpr int kTileDenseRows = 48, kTileGroupRows = 24, kWgGroupRows = 8, kWgGroupRowsInt4 = 16;
-constexpr double kWgGroupRowsBf16 = 1.0;
+constexpr double kWgGroupRowsBf16 = 0.35;
 int g_tile_dense_rows = kTileDenseRows;
 double g_tile_group_rows = -1;
 double tile_group_rows(int fmt) {
