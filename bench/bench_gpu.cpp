@@ -85,7 +85,7 @@ bool env_on(const char* name) {
 // (CudaBackend::set_wg_gemm); KSCOPE_FLASH_WG=0 (CudaBackend::set_flash_wg(false): prefill attention on mma.sync);
 // KSCOPE_PDL=0 (CudaBackend::set_pdl(false): plain kernel launches); KSCOPE_FEW_BY_ROWS=0
 // (CudaBackend::set_few_by_rows(false): the streamed expert matmuls as one launch, not one per tile size);
-// KSCOPE_FEW_PIECE=16 (CudaBackend::set_few_piece: expert tiles of at most 16 rows); KSCOPE_FEW_WIDE=0|2|4|6|-1
+// KSCOPE_FEW_PIECE=32|16|8 (CudaBackend::set_few_piece: expert tiles of at most 32, 16 or 8 rows); KSCOPE_FEW_WIDE=0|2|4|6|-1
 // (CudaBackend::set_few_wide: which expert launch classes run 8-warp blocks)
 void apply_kernel_env() {
   if (const char* f = std::getenv("KSCOPE_FEW_BY_ROWS"); f && std::string(f) == "0") CudaBackend::set_few_by_rows(false);

@@ -369,11 +369,13 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
         gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mo.data());
         CudaBackend::set_few_by_rows(true);
         EXPECT_EQ(mo.host(), got) << "moe " << format_name(wf) << " n=" << n << ": one streamed launch vs one per tile size";
-        auto mp = poisoned(n * H);
-        CudaBackend::set_few_piece(16);
-        gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mp.data());
-        CudaBackend::set_few_piece(32);
-        EXPECT_EQ(mp.host(), got) << "moe " << format_name(wf) << " n=" << n << ": tiles of 16 rows vs 32";
+        for (int piece : {32, 16, 8}) {  // tiles of at most 32 rows, 16 (no 32-row launch), or 8 (one launch)
+          auto mp = poisoned(n * H);
+          CudaBackend::set_few_piece(piece);
+          gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mp.data());
+          CudaBackend::set_few_piece(-1);
+          EXPECT_EQ(mp.host(), got) << "moe " << format_name(wf) << " n=" << n << ": tiles of " << piece << " rows vs the default";
+        }
         const int wide0 = CudaBackend::few_wide();
         for (int wide : {0, 6}) {  // the 9-32-row launches in 8-warp blocks of 128 features, or 4-warp ones of 64
           auto mw = poisoned(n * H);

@@ -887,7 +887,7 @@ void CudaBackend::moe_experts(const MoeWeights& w, const float* x, int64_t n, in
   Buf<int> counts(*this, E), row_off(*this, E + 1), tile_off(*this, E + 1), cursor(*this, E), perm(*this, M), slot_pos(*this, M);
   Buf<int> cls_count(*this, 4);
   // the row tiles by size (1-8, 9-16, 17-32 rows), in pieces of at most `piece` rows: at most one piece per 8 rows
-  const int piece = cuda::few_piece();
+  const int piece = cuda::few_piece(n);
   const int cap = piece == cuda::kBM ? tiles : static_cast<int>(cdiv(M, 8) + std::min<int64_t>(E, M));
   Buf<int2> cls_tiles(*this, 3 * static_cast<int64_t>(cap));
   cuda::moe_permute(sl, M, E, counts.data(), row_off.data(), tile_off.data(), cursor.data(), perm.data(), slot_pos.data(),

@@ -103,8 +103,9 @@ class CudaBackend final : public Backend {
   // Tests and benchmarks: the streamed FP8/INT4 expert matmuls as one launch per tile size (8, 16, 32 rows; the
   // default) or as one launch sized for the most rows an expert can have, as bf16's always are (the same bits).
   static void set_few_by_rows(bool on);
-  // Tests and benchmarks: the most rows of one streamed expert tile, 32 (default) or 16 (the experts' tiles of 17-32
-  // rows run as two 16-row pieces; the same bits).
+  // Tests and benchmarks: the most rows of one streamed expert tile, 32, 16 (the experts' tiles of 17-32 rows run as
+  // two 16-row pieces), 8 (every tile in the one-row-tile launch) or, any other value, by the call's tokens (8 up to
+  // 32 tokens, else 32: the default); the same bits.
   static void set_few_piece(int rows);
   // Tests and benchmarks: the streamed FP8/INT4 expert launches of 9-16 rows (bit 1) and 17-32 rows (bit 2) per
   // tile in 8-warp blocks of 128 output features sharing one X stage, or (bit clear) 4-warp blocks of 64 (the same

@@ -3693,7 +3693,7 @@ int grid_for(int64_t n, int block = 256) { return static_cast<int>(std::min<int6
 
 bool g_few_rows = true;
 bool g_few_by_rows = true;  // the expert launches by tile size (gemm_few)
-int g_few_piece = kBM;       // the most rows of a listed tile (moe_permute): 32, or 16 (no 32-row launch)
+int g_few_piece = -1;        // the most rows of a listed tile (moe_permute): 32, 16 (no 32-row launch), 8; -1: by tokens
 int g_few_wide = -1;         // bit c: class c's expert launch (8·2^c rows) in wide blocks (gemm_few); -1: by format
 int sm_count() {
   static int n = 0;
@@ -3817,10 +3817,14 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
     // rows, which bounds each list and so the launch's rows of blocks; the blocks past the list's length return at
     // once). A block per tile: a loop over tiles in the block made the kernels spill. Every tile's arithmetic is
     // what one launch would do (the same bits).
-    const bool pieces16 = groups.cls_piece == 16;  // every listed tile has at most 16 rows (no 32-row launch)
+    // every listed tile has at most piece rows: 8 (one launch, several 8-row tiles per expert), 16 (no 32-row
+    // launch) or 32
+    const int piece = groups.cls_piece;
     int64_t gy[3] = {0, 0, 0};
-    for (int c = 0; c <= (nt == 4 && !pieces16 ? 2 : nt >= 2 ? 1 : 0); ++c)
-      gy[c] = c == 2 ? int64_t(M) / 17 : c == 1 ? (pieces16 ? int64_t(M) / 9 : std::min<int64_t>(groups.G, M / 9)) : std::min<int64_t>(groups.G, M);
+    for (int c = 0; c <= (piece == 8 ? 0 : nt == 4 && piece == 32 ? 2 : nt >= 2 ? 1 : 0); ++c)
+      gy[c] = c == 2   ? int64_t(M) / 17
+              : c == 1 ? (piece == 16 ? int64_t(M) / 9 : std::min<int64_t>(groups.G, M / 9))
+                       : (piece == 8 ? int64_t(M) / 8 : 0) + std::min<int64_t>(groups.G, M);
     by_size = gy[0] <= 65535 && gy[1] <= 65535 && gy[2] <= 65535;
     if (by_size)
       for (int c = 2; c >= 0; --c) {
@@ -4029,10 +4033,16 @@ bool few_rows_ok(const DLin& W) {
 }
 void set_few_rows(bool on) { g_few_rows = on; }
 void set_few_by_rows(bool on) { g_few_by_rows = on; }
-void set_few_piece(int rows) { g_few_piece = rows == 16 ? 16 : kBM; }
+void set_few_piece(int rows) { g_few_piece = rows == 8 || rows == 16 || rows == 32 ? rows : -1; }
 void set_few_wide(int classes) { g_few_wide = classes < 0 ? -1 : classes & 6; }
 int few_wide() { return g_few_wide; }
-int few_piece() { return g_few_piece; }
+// Calls of up to 32 tokens list 8-row tiles: their only tiles of more than 8 rows are mostly the stacked shared
+// expert's (one per token), whose 9-16 or 17-32-row launch was a fraction of a wave of blocks, each waiting on
+// memory once per stage (FP8 16 tokens: 59 us for the gate+up of 2 tiles at 11% of the DRAM bandwidth, beside 553
+// us for every other expert at 82%); as 8-row tiles they join the one launch. FP8 16 / 32 tokens 976-996 / 1386-1395
+// -> 938-944 / 1343-1366 us (H200); from 64 tokens slower (1970 -> 2052, 256: 3290 -> 4424): NOTES 79.
+constexpr int kFewPiece8Tokens = 32;
+int few_piece(int64_t tokens) { return g_few_piece > 0 ? g_few_piece : tokens <= kFewPiece8Tokens ? 8 : kBM; }
 
 void gemm(const bf16* X, int M, float* Y, const DLin& W, const Groups& groups, int max_row_tiles, cudaStream_t s,
           float* Y2, const DLin* W2, int max_rows) {

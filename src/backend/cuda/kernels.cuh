@@ -72,15 +72,16 @@ void set_few_rows(bool on);
 // Tests and benchmarks: run the streamed FP8 and INT4 expert launches one per tile size (default), or as one
 // launch (bf16 expert launches are always one).
 void set_few_by_rows(bool on);
-// The most rows of a listed expert tile (32, or 16: the experts' tiles of 17-32 rows as pieces of 16, at 16-row
-// launches' occupancy); few_piece() for moe_permute.
+// The most rows of a listed expert tile: 32; 16 (the experts' tiles of 17-32 rows as pieces of 16, at 16-row
+// launches' occupancy); 8 (every tile in the 8-row launch); anything else: by the call's tokens (8 up to 32 tokens,
+// else 32; the default). few_piece(tokens) for moe_permute. The same bits either way.
 void set_few_piece(int rows);
 // The expert launches of 9-16 rows (bit 1) and 17-32 rows (bit 2) per tile in blocks of 8 warps and 128 output
 // features, which share one X stage, instead of 4 warps and 64 (the same bits); -1: the default by format (INT4 both,
 // FP8 neither).
 void set_few_wide(int classes);
 int few_wide();
-int few_piece();
+int few_piece(int64_t tokens);
 // When the many-row tile kernel takes a streamed-kernel shape (the same bits either way, so only speed depends on
 // it): a dense matmul of at least dense_rows rows, a grouped one whose groups average at least group_rows rows.
 // 0 turns it off, 1 makes it take everything (tests), negative restores the default (48 and 8, INT4
