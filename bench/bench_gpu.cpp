@@ -85,11 +85,13 @@ bool env_on(const char* name) {
 // (CudaBackend::set_wg_gemm); KSCOPE_FLASH_WG=0 (CudaBackend::set_flash_wg(false): prefill attention on mma.sync);
 // KSCOPE_PDL=0 (CudaBackend::set_pdl(false): plain kernel launches); KSCOPE_FEW_BY_ROWS=0
 // (CudaBackend::set_few_by_rows(false): the streamed expert matmuls as one launch, not one per tile size);
-// KSCOPE_FEW_PIECE=32|16|8 (CudaBackend::set_few_piece: expert tiles of at most 32, 16 or 8 rows); KSCOPE_FEW_WIDE=0|2|4|6|-1
+// KSCOPE_FEW_PIECE=32|16|8 (CudaBackend::set_few_piece: expert tiles of at most 32, 16 or 8 rows);
+// KSCOPE_FEW_LATE=1|0 (CudaBackend::set_few_late); KSCOPE_FEW_WIDE=0|2|4|6|-1
 // (CudaBackend::set_few_wide: which expert launch classes run 8-warp blocks)
 void apply_kernel_env() {
   if (const char* f = std::getenv("KSCOPE_FEW_BY_ROWS"); f && std::string(f) == "0") CudaBackend::set_few_by_rows(false);
   if (const char* f = std::getenv("KSCOPE_FEW_PIECE"); f && *f) CudaBackend::set_few_piece(std::atoi(f));
+  if (const char* f = std::getenv("KSCOPE_FEW_LATE"); f && *f) CudaBackend::set_few_late(std::string(f) != "0");
   if (const char* f = std::getenv("KSCOPE_FEW_WIDE"); f && *f) CudaBackend::set_few_wide(std::atoi(f));
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async

@@ -2992,21 +2992,35 @@ __global__ void __launch_bounds__(32 * WB, MINB) k_gemm_few(const bf16* __restri
   }
   const int ct = blockIdx.x / ksplit, ks = blockIdx.x - ct * ksplit;
   if (kFewPrefetch > 0 && !gr.row_off && blockIdx.y == 0) few_prefetch<FMT>(W, ct, ks, ksplit);
-  pdl_entry();
+  // gr.late: a launch per tile size after the first of its matmul (gemm_few). It reads only what the kernel before
+  // the first one wrote (X, the tile lists), complete once that launch's blocks were past their wait — and this
+  // launch starts only after every block of the launch before it has let it (pdl_entry's order: wait, then let the
+  // next start) — and it writes rows that the other sizes' launches do not. So it does not wait at the start: its
+  // blocks run beside the launches before it, whose tiles are few where they are slow (a fraction of a wave, NOTES
+  // 79). Block (0, 0, 0) waits for them at its end, so that this launch completes after them and what waits for
+  // it (the next kernel) waits for them too.
+  const bool first_block = blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0;
+  if (gr.late) asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  else pdl_entry();
   // a launch per tile size (gemm_few, gr.cls_tiles): tile blockIdx.y of this launch's list (tiles of 8·NT rows or
   // fewer, more than the next smaller size); else the row tile blockIdx.y
-  int g, r0, r1;
+  int g = 0, r0 = 0, r1 = 0;
+  bool mine = true;
   if (gr.cls_tiles) {
     constexpr int c = NT == 1 ? 0 : NT == 2 ? 1 : 2;
-    if (static_cast<int>(blockIdx.y) >= gr.cls_count[c]) return;
-    const int2 t = gr.cls_tiles[c * gr.cls_cap + blockIdx.y];
-    g = t.x;
-    r0 = t.y;
-    r1 = min(r0 + kBM, gr.row_off[g + 1]);
-  } else if (!row_tile(gr, M, blockIdx.y, g, r0, r1)) {
-    return;
+    if (static_cast<int>(blockIdx.y) >= gr.cls_count[c]) {
+      mine = false;
+    } else {
+      const int2 t = gr.cls_tiles[c * gr.cls_cap + blockIdx.y];
+      g = t.x;
+      r0 = t.y;
+      r1 = min(r0 + kBM, gr.row_off[g + 1]);
+    }
+  } else {
+    mine = row_tile(gr, M, blockIdx.y, g, r0, r1);
   }
-  few_tile<FMT, NT, SB, SPLIT, L2B, WB>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks);
+  if (mine) few_tile<FMT, NT, SB, SPLIT, L2B, WB>(X, M, Y, W, ksplit, part, cnt, g, r0, min(r1 - r0, 8 * NT), ct, ks);
+  if (gr.late && first_block) asm volatile("griddepcontrol.wait;\n" ::: "memory");
 }
 
 // ---- many-row matmul ("tile"): the streamed kernel's chain of mma operations per output element, on block tiles
@@ -3695,6 +3709,8 @@ bool g_few_rows = true;
 bool g_few_by_rows = true;  // the expert launches by tile size (gemm_few)
 int g_few_piece = -1;        // the most rows of a listed tile (moe_permute): 32, 16 (no 32-row launch), 8; -1: by tokens
 int g_few_wide = -1;         // bit c: class c's expert launch (8·2^c rows) in wide blocks (gemm_few); -1: by format
+bool g_few_late = false;     // the expert launches per tile size after the first run beside it (Groups::late; opt-in
+                             // until measured: NOTES 82)
 int sm_count() {
   static int n = 0;
   if (n == 0) {
@@ -3826,13 +3842,17 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
               : c == 1 ? (piece == 16 ? int64_t(M) / 9 : std::min<int64_t>(groups.G, M / 9))
                        : (piece == 8 ? int64_t(M) / 8 : 0) + std::min<int64_t>(groups.G, M);
     by_size = gy[0] <= 65535 && gy[1] <= 65535 && gy[2] <= 65535;
-    if (by_size)
+    if (by_size) {
+      // every launch after the first beside the ones before it (Groups::late, k_gemm_few; opt-in, set_few_late)
+      Groups gc = groups;
       for (int c = 2; c >= 0; --c) {
         if (gy[c] == 0) continue;
         const bool wide = c > 0 && (few_wide_classes(W.fmt) >> c & 1);  // 8-warp blocks of 128 features (K whole)
         const unsigned gx = wide ? static_cast<unsigned>(cdiv(W.N, 16 * kFewWideWarps)) : grid.x;
-        launch(1 << c, dim3(gx, static_cast<unsigned>(gy[c]), grid.z), groups, wide);
+        launch(1 << c, dim3(gx, static_cast<unsigned>(gy[c]), grid.z), gc, wide);
+        gc.late = g_few_late && g_pdl;
       }
+    }
   }
   if (!by_size) {
     Groups plain = groups;  // one launch over every row tile
@@ -4033,6 +4053,7 @@ bool few_rows_ok(const DLin& W) {
 }
 void set_few_rows(bool on) { g_few_rows = on; }
 void set_few_by_rows(bool on) { g_few_by_rows = on; }
+void set_few_late(bool on) { g_few_late = on; }
 void set_few_piece(int rows) { g_few_piece = rows == 8 || rows == 16 || rows == 32 ? rows : -1; }
 void set_few_wide(int classes) { g_few_wide = classes < 0 ? -1 : classes & 6; }
 int few_wide() { return g_few_wide; }

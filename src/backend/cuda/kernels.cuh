@@ -49,6 +49,7 @@ struct Groups {
   const int2* cls_tiles = nullptr;
   int cls_cap = 0;
   int cls_piece = 32;  // the most rows of a listed tile (moe_permute's piece)
+  bool late = false;   // (gemm_few sets it) a launch per tile size after the first: no wait at the start
 };
 
 constexpr int kBM = 32, kBN = 64, kBK = 64;  // tile kernels; kBM is also the row tile of the streamed one
@@ -76,6 +77,9 @@ void set_few_by_rows(bool on);
 // launches' occupancy); 8 (every tile in the 8-row launch); anything else: by the call's tokens (8 up to 32 tokens,
 // else 32; the default). few_piece(tokens) for moe_permute. The same bits either way.
 void set_few_piece(int rows);
+// The expert launches per tile size after the first of a matmul running beside the ones before it (with
+// programmatic dependent launch), or each after the one before it (the default; the same bits).
+void set_few_late(bool on);
 // The expert launches of 9-16 rows (bit 1) and 17-32 rows (bit 2) per tile in blocks of 8 warps and 128 output
 // features, which share one X stage, instead of 4 warps and 64 (the same bits); -1: the default by format (INT4 both,
 // FP8 neither).
