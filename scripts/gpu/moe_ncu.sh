@@ -23,12 +23,10 @@ for T in ${TOKENS:-64 256}; do
       build-gpu/bench/bench_gpu profile $d --tokens $T > "$f" 2>"$f.err" || { tail -5 "$f.err"; continue; }
     echo "== MoE block at $T tokens ($e)"
     python3 - "$f" <<'EOF'
-import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-h = rows[0]; ix = {k: h.index(k) for k in ("ID", "Kernel Name", "Metric Name", "Metric Value")}
-k = collections.OrderedDict()
-for r in rows[1:]:
-    kid = int(r[ix["ID"]]); k.setdefault(kid, {"name": r[ix["Kernel Name"]]})[r[ix["Metric Name"]]] = r[ix["Metric Value"]].replace(",", "")
+import sys
+sys.path.insert(0, "scripts/gpu")
+from ncu_csv import kernels
+k = kernels(sys.argv[1])
 # the MoE block: the kernels before the decode step's first (the profile runs the block, then one decode step);
 # the block ends at the first kernel after which the step's embedding starts: print until the first 'embed'
 tot = 0.0

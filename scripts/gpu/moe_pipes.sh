@@ -45,15 +45,13 @@ for FORMAT in ${FORMATS:-fp8 int4}; do
         { tail -5 "$f.err"; continue; }
       echo "== $FORMAT, MoE block at $T tokens ($e): matmul kernels, pipes above 3% of their peak"
       python3 - "$f" <<'EOF'
-import csv, sys, collections
-rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 10]
-h = rows[0]; ix = {k: h.index(k) for k in ("ID", "Kernel Name", "Metric Name", "Metric Value")}
-k = collections.OrderedDict()
-for r in rows[1:]:
-    k.setdefault(int(r[ix["ID"]]), {"name": r[ix["Kernel Name"]]})[r[ix["Metric Name"]]] = r[ix["Metric Value"]].replace(",", "")
+import sys
+sys.path.insert(0, "scripts/gpu")
+from ncu_csv import kernels
+k = kernels(sys.argv[1])
 for kid, v in k.items():
     t = float(v.get("gpu__time_duration.sum", 0)) / 1e3
-    pipes = sorted(((float(x), n.split("pipe_")[1].split(".")[0]) for n, x in v.items() if "inst_executed_pipe_" in n), reverse=True)
+    pipes = sorted(((float(x), n.split("pipe_")[1].split(".")[0]) for n, x in v.items() if "inst_executed_pipe_" in n and "realtime" not in n), reverse=True)
     print(f"  {v['name'][:60]:60s} {t:7.1f} us grid {v.get('launch__grid_size','?')} dram {float(v.get('dram__throughput.avg.pct_of_peak_sustained_elapsed',0)):.0f}% issue {float(v.get('sm__inst_issued.avg.pct_of_peak_sustained_active',0)):.0f}%")
     print("     " + ", ".join(f"{n} {p:.0f}%" for p, n in pipes if p >= 3))
 EOF
