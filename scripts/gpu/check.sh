@@ -6,7 +6,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+gpu_device
 t0=$(date +%s)
 gpu_build test_cuda_backend test_parity || exit 1
 echo "build: $(( $(date +%s) - t0 )) s"

@@ -11,6 +11,8 @@ export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu:${LD_LIBRARY_PATH:-}
 export PATH=/usr/local/cuda/bin:$PATH
 OUT=${OUT:-out/gpu}
 mkdir -p "$OUT"
+# gpu_device: the GPU's name, memory and driver, printed and kept in $OUT/device.txt
+gpu_device() { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"; }
 gpu_build() {
   local gen=()
   command -v ninja >/dev/null && gen=(-G Ninja)

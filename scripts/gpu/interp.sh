@@ -11,7 +11,7 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
 FORMAT=${FORMAT:-bf16}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+gpu_device
 echo "host threads: $(nproc)"
 gpu_build bench_gpu bench_interp || exit 1
 d=/tmp/k2-slice-$FORMAT-2

@@ -8,7 +8,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+gpu_device
 t0=$(date +%s)
 gpu_build bench_gpu || exit 1
 # SASS opcode mix per mma of each k_gemm_few instance (the function names carry the template arguments)

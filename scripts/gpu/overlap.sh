@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 source scripts/gpu/env.sh
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+gpu_device
 gpu_build test_cuda_backend test_parity bench_interp bench_gpu || exit 1
 status=0
 KSCOPE_REQUIRE_CUDA=1 build-gpu/tests/test_cuda_backend >"$OUT/ops.txt" 2>&1 || status=1
