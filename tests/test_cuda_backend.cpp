@@ -369,12 +369,12 @@ TEST_F(CudaOps, streamed_matmul_matches_the_cpu_and_does_not_depend_on_the_other
         gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), mo.data());
         CudaBackend::set_few_by_rows(true);
         EXPECT_EQ(mo.host(), got) << "moe " << format_name(wf) << " n=" << n << ": one streamed launch vs one per tile size";
-        {  // the launches per tile size after the first beside the ones before it, not each after the one before it
-           // (the same bits; a missing wait would show as rows read or combined too early)
+        {  // the launches per tile size each after the one before it, not (the default) after the first beside the
+           // ones before it (the same bits; a missing wait in the default would show as rows read or combined too early)
           auto ml = poisoned(n * H);
-          CudaBackend::set_few_late(true);
-          gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), ml.data());
           CudaBackend::set_few_late(false);
+          gpu_->moe_experts(moe, xd.data(), n, K, id.data(), wd.data(), ml.data());
+          CudaBackend::set_few_late(true);
           EXPECT_EQ(ml.host(), got) << "moe " << format_name(wf) << " n=" << n << ": tile-size launches beside each other or not";
         }
         for (int piece : {32, 16, 8}) {  // tiles of at most 32 rows, 16 (no 32-row launch), or 8 (one launch)

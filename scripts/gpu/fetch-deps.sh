@@ -4,7 +4,7 @@
 # small enough to travel with the working tree. The device scripts unpack it into a private prefix.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.deps/' .git/info/exclude 2>/dev/null || echo '/.deps/' >> .git/info/exclude
+mkdir -p .git/info && grep -qx '/.deps/' .git/info/exclude 2>/dev/null || echo '/.deps/' >> .git/info/exclude
 tmp=$(mktemp -d)
 (cd "$tmp" && apt-get download nlohmann-json3-dev libfmt-dev libfmt9 libicu-dev libicu72 libgtest-dev libgmock-dev)
 mkdir -p "$tmp/p"

@@ -108,8 +108,8 @@ class CudaBackend final : public Backend {
   // 32 tokens, else 32: the default); the same bits.
   static void set_few_piece(int rows);
   // Tests and benchmarks: the streamed FP8/INT4 expert launches per tile size after the first of a matmul start
-  // without waiting for the ones before it (they share no output) or each after the one before it (the default until
-  // measured); the same bits. bench_gpu reads KSCOPE_FEW_LATE=1.
+  // without waiting for the ones before it (they share no output; the default) or, false, each after the one before
+  // it; the same bits. bench_gpu reads KSCOPE_FEW_LATE=0|1.
   static void set_few_late(bool on);
   // Tests and benchmarks: the streamed FP8/INT4 expert launches of 9-16 rows (bit 1) and 17-32 rows (bit 2) per
   // tile in 8-warp blocks of 128 output features sharing one X stage, or (bit clear) 4-warp blocks of 64 (the same
