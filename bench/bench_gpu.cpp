@@ -87,12 +87,14 @@ bool env_on(const char* name) {
 // (CudaBackend::set_few_by_rows(false): the streamed expert matmuls as one launch, not one per tile size);
 // KSCOPE_FEW_PIECE=32|16|8 (CudaBackend::set_few_piece: expert tiles of at most 32, 16 or 8 rows);
 // KSCOPE_FEW_LATE=1|0 (CudaBackend::set_few_late); KSCOPE_FEW_WIDE=0|2|4|6|-1
-// (CudaBackend::set_few_wide: which expert launch classes run 8-warp blocks)
+// (CudaBackend::set_few_wide: which expert launch classes run 8-warp blocks); KSCOPE_ROUTE_BLOCK=0
+// (CudaBackend::set_route_block(false): the router's picks by one warp per token)
 void apply_kernel_env() {
   if (const char* f = std::getenv("KSCOPE_FEW_BY_ROWS"); f && std::string(f) == "0") CudaBackend::set_few_by_rows(false);
   if (const char* f = std::getenv("KSCOPE_FEW_PIECE"); f && *f) CudaBackend::set_few_piece(std::atoi(f));
   if (const char* f = std::getenv("KSCOPE_FEW_LATE"); f && *f) CudaBackend::set_few_late(std::string(f) != "0");
   if (const char* f = std::getenv("KSCOPE_FEW_WIDE"); f && *f) CudaBackend::set_few_wide(std::atoi(f));
+  if (const char* f = std::getenv("KSCOPE_ROUTE_BLOCK"); f && std::string(f) == "0") CudaBackend::set_route_block(false);
   if (env_on("KSCOPE_MLA_MMA_SYNC")) CudaBackend::force_mla_mma_sync(true);  // decode attention's previous kernels
   if (env_on("KSCOPE_MLA_NO_TMA")) CudaBackend::set_mla_tma(false);         // its tiles by cp.async
   if (const char* f = std::getenv("KSCOPE_MLA_SPECIALIZED")) CudaBackend::set_mla_specialized(std::atoi(f));  // 0, 1, 2

@@ -15,11 +15,14 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <deque>
+#include <limits>
 #include <condition_variable>
 #include <mutex>
 #include <random>
+#include <set>
 
 #include "backend/cpu/cpu_backend.hpp"
 #include "interp/capture.hpp"
@@ -686,28 +689,57 @@ ModelConfig router_config(ScoringFunc f, TopkMethod m, int64_t E, int64_t K, int
   return c;
 }
 
-// The router in its four methods, and with more experts than a warp holds in registers; then the router's fp32 matmul at 384 experts (8 warps per expert) and at a K that
-// is not a multiple of 64 (the 4-row kernel).
+// The router in its four methods, and with more experts than a warp holds in registers; by one block per token (the
+// default) and by one warp per token, which must give the same bits; then the router's fp32 matmul at 384 experts
+// (8 warps per expert) and at a K that is not a multiple of 64 (the 4-row kernel).
 TEST_F(CudaOps, router_choices_are_identical_and_weights_match) {
-  struct Case { ScoringFunc f; TopkMethod m; int64_t E, K, G, TG; };
+  struct RestoreRoute {
+    ~RestoreRoute() { CudaBackend::set_route_block(true); }
+  } restore_route;
+  struct Case { ScoringFunc f; TopkMethod m; int64_t E, K, G, TG; bool ties = false; };
   for (Case c : {Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 384, 8, 1, 1},
                  Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 256, 8, 8, 4},
                  Case{ScoringFunc::softmax, TopkMethod::greedy, 64, 6, 1, 1},
                  Case{ScoringFunc::softmax, TopkMethod::group_limited_greedy, 160, 6, 8, 3},
-                 Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 600, 8, 1, 1}}) {  // 600: past the registers' 512
+                 Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 600, 8, 1, 1},  // 600: past the registers' 512
+                 Case{ScoringFunc::sigmoid, TopkMethod::greedy, 40, 8, 1, 1},     // a part-filled warp
+                 Case{ScoringFunc::softmax, TopkMethod::greedy, 100, 40, 1, 1},   // K past a warp's 32 offers
+                 Case{ScoringFunc::sigmoid, TopkMethod::greedy, 384, 8, 1, 1, true},  // many equal values
+                 Case{ScoringFunc::sigmoid, TopkMethod::noaux_tc, 1100, 8, 1, 1}}) {  // past the block's 1024
     const auto cfg = router_config(c.f, c.m, c.E, c.K, c.G, c.TG);
-    const int64_t n = 133;
-    const auto logits = randn(n * c.E, 2.0f);
-    const auto bias = c.m == TopkMethod::noaux_tc ? randn(c.E, 0.1f) : std::vector<float>{};
-    std::vector<int32_t> idx(n * c.K);
-    std::vector<float> wt(n * c.K);
-    cpu_.route(cfg, logits.data(), bias, n, idx.data(), wt.data());
+    for (int64_t n : {int64_t{1}, int64_t{133}}) {
+      auto logits = randn(n * c.E, 2.0f);
+      if (c.ties)  // integers: equal choices, whose order is the lower index first
+        for (auto& v : logits) v = std::round(v);
+      const auto bias = c.m == TopkMethod::noaux_tc ? randn(c.E, 0.1f) : std::vector<float>{};
+      std::vector<int32_t> idx(n * c.K);
+      std::vector<float> wt(n * c.K);
+      cpu_.route(cfg, logits.data(), bias, n, idx.data(), wt.data());
+      auto ld = dev(logits);
+      const auto what = fmt::format("route E={} K={} G={} n={}", c.E, c.K, c.G, n);
+      Buf<int32_t> id(*gpu_, n * c.K), iw(*gpu_, n * c.K);
+      auto wd = poisoned(n * c.K), ww = poisoned(n * c.K);
+      gpu_->route(cfg, ld.data(), bias, n, id.data(), wd.data());
+      EXPECT_EQ(id.host(), idx) << what;
+      expect_close(wd.host(), wt, kF32Tol, what);
+      CudaBackend::set_route_block(false);
+      gpu_->route(cfg, ld.data(), bias, n, iw.data(), ww.data());
+      CudaBackend::set_route_block(true);
+      EXPECT_EQ(iw.host(), idx) << what << ", one warp per token";
+      EXPECT_EQ(ww.host(), wd.host()) << what << ": one block vs one warp per token";
+    }
+  }
+  {  // NaN logits (a broken input): the block router still picks K distinct experts, the numbers first
+    const auto cfg = router_config(ScoringFunc::sigmoid, TopkMethod::noaux_tc, 384, 8, 1, 1);
+    auto logits = randn(384, 2.0f);
+    for (int e = 0; e < 384; e += 2) logits[e] = std::numeric_limits<float>::quiet_NaN();
     auto ld = dev(logits);
-    Buf<int32_t> id(*gpu_, n * c.K);
-    auto wd = poisoned(n * c.K);
-    gpu_->route(cfg, ld.data(), bias, n, id.data(), wd.data());
-    EXPECT_EQ(id.host(), idx) << "E=" << c.E << " G=" << c.G;
-    expect_close(wd.host(), wt, kF32Tol, fmt::format("route E={} K={} G={}", c.E, c.K, c.G));
+    Buf<int32_t> id(*gpu_, 8);
+    auto wd = poisoned(8);
+    gpu_->route(cfg, ld.data(), randn(384, 0.1f), 1, id.data(), wd.data());
+    const auto got = id.host();
+    EXPECT_EQ(std::set<int32_t>(got.begin(), got.end()).size(), 8u);
+    for (int32_t e : got) EXPECT_TRUE(e >= 0 && e < 384 && e % 2 == 1) << "expert " << e;
   }
   // router logits (fp32 inputs): from 8 rows the tiled kernel, which must give the split kernel's bits (K 512:
   // the split kernel's path; 200: the generic one), rows that leave partial 8-row tiles, features past 384 / 8

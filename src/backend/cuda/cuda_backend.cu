@@ -343,6 +343,7 @@ void CudaBackend::force_few_rows(bool on) { cuda::set_few_rows(on); }
 void CudaBackend::set_few_by_rows(bool on) { cuda::set_few_by_rows(on); }
 void CudaBackend::set_few_piece(int rows) { cuda::set_few_piece(rows); }
 void CudaBackend::set_few_late(bool on) { cuda::set_few_late(on); }
+void CudaBackend::set_route_block(bool on) { cuda::set_route_block(on); }
 void CudaBackend::set_few_wide(int classes) { cuda::set_few_wide(classes); }
 int CudaBackend::few_wide() { return cuda::few_wide(); }
 size_t CudaBackend::split_counter_streams() { return cuda::split_counter_streams(); }

@@ -129,6 +129,10 @@ class CudaBackend final : public Backend {
   // Tests: fp32-input matmuls (routers) from 8 rows on the tiled kernel (the default) or on the one-feature split
   // kernel; the same bits.
   static void set_f32_tile(bool on);
+  // Tests and benchmarks: the router's picks by one block per token, each thread an expert and the picks by rank
+  // (the default up to 1024 experts in at most 64 groups), or, false, by one warp per token (K argmax rounds in a
+  // row); the same bits. bench_gpu reads KSCOPE_ROUTE_BLOCK=0.
+  static void set_route_block(bool on);
   // Decode attention split per row by its own length (cuda::mla_row_chunk), so a sequence's decode logits are the
   // same bits alone or batched at any context length. Off by default: it costs 5-50% more attention time at small
   // batches (bench/RESULTS.md, round 4), where the default split sizes the parts to fill the GPU, which depends on

@@ -78,7 +78,7 @@ void set_few_by_rows(bool on);
 // else 32; the default). few_piece(tokens) for moe_permute. The same bits either way.
 void set_few_piece(int rows);
 // The expert launches per tile size after the first of a matmul running beside the ones before it (with
-// programmatic dependent launch), or each after the one before it (the default; the same bits).
+// programmatic dependent launch; the default), or each after the one before it (the same bits).
 void set_few_late(bool on);
 // The expert launches of 9-16 rows (bit 1) and 17-32 rows (bit 2) per tile in blocks of 8 warps and 128 output
 // features, which share one X stage, instead of 4 warps and 64 (the same bits); -1: the default by format (INT4 both,
@@ -137,6 +137,9 @@ struct RouteArgs {
 };
 void route(const RouteArgs& a, const float* logits, const float* bias, int64_t n, int32_t* idx, float* weight,
            cudaStream_t s);
+// Tests and benchmarks: the router's choices by one block per token (each thread an expert, the picks by rank; the
+// default up to kRouteBlockCap experts in at most 64 groups) or by one warp per token; the same bits.
+void set_route_block(bool on);
 
 // The routed slots of one MoE call, token t's k slots in a row: the first kr are its routed experts (idx and
 // weight [n, kr], as the router wrote them); where kr < k (k = kr + 1) the last is the shared expert stacked as
