@@ -713,9 +713,10 @@ constexpr int kRouteBlockCap = 1024;
 __global__ void __launch_bounds__(kRouteBlockCap) k_route_block(RouteArgs a, const float* logits, const float* bias,
                                                                 int32_t* idx, float* weight) {
   __shared__ float scores[kRouteBlockCap];
-  __shared__ float cval[kRouteBlockCap];                  // the group stage's values; then the offered keys
-  __shared__ uint32_t keys[kRouteBlockCap];
-  __shared__ int offer[kRouteBlockCap];                   // the offered experts ([warp][min(K, 32)])
+  __shared__ float cval[kRouteBlockCap];                  // the group stage's values
+  __shared__ __align__(16) uint64_t comps[kRouteBlockCap];
+  __shared__ uint64_t offers[kRouteBlockCap];             // [warp][min(K, 32)], by rank in the warp
+  __shared__ int part[kRouteBlockCap];                    // the offers' partial ranks
   __shared__ float gscore[64];
   __shared__ int sel[64];
   __shared__ float red[32];
@@ -779,43 +780,45 @@ __global__ void __launch_bounds__(kRouteBlockCap) k_route_block(RouteArgs a, con
     if (in && !sel[i / per]) choice = -INFINITY;
     __syncthreads();  // sel is reused for the picks
   }
-  const uint32_t key = in ? route_key(choice) : 0u;
-  keys[i] = key;
+  // (key, then the lower index) as one 64-bit value: a larger value is the better expert; 0 for no expert
+  const uint64_t comp = (static_cast<uint64_t>(in ? route_key(choice) : 0u) << 32) | static_cast<uint32_t>(~i);
+  comps[i] = comp;
   __syncwarp();
-  int r = 0;  // rank in the warp
-#pragma unroll 8
-  for (int l = 0; l < 32; ++l) {
-    const uint32_t o = keys[warp * 32 + l];
-    r += o > key || (o == key && l < lane);
+  int r = 0, r2 = 0;  // rank in the warp
+  const ulonglong2* wc = reinterpret_cast<const ulonglong2*>(comps + warp * 32);
+#pragma unroll
+  for (int l = 0; l < 16; ++l) {
+    const ulonglong2 o = wc[l];
+    r += o.x > comp;
+    r2 += o.y > comp;
   }
+  r += r2;
   const int kc = min(a.K, 32), n_offer = (blockDim.x >> 5) * kc;
-  __syncthreads();  // every warp's keys read before the offers overwrite them
-  uint32_t* okey = reinterpret_cast<uint32_t*>(cval);
-  if (r < kc) {
-    okey[warp * kc + r] = key;
-    offer[warp * kc + r] = i;
+  if (r < kc) offers[warp * kc + r] = comp;
+  __syncthreads();
+  // each offer's rank among the offers, in P parts over the block's threads (K2: 96 offers, 4 parts of 24)
+  const int P = blockDim.x / n_offer, per = (n_offer + P - 1) / P, c = i % n_offer, q = i / n_offer;
+  if (q < P) {
+    const uint64_t mine = offers[c];
+    const int d1 = min(n_offer, (q + 1) * per);
+    int cnt = 0;
+#pragma unroll 4
+    for (int d = q * per; d < d1; ++d) cnt += offers[d] > mine;
+    part[q * n_offer + c] = cnt;
   }
   __syncthreads();
-  for (int c = i; c < n_offer; c += blockDim.x) {
-    const uint32_t k = okey[c];
-    const int e = offer[c];
+  if (i < n_offer) {
+    const uint64_t mine = offers[i];
     int rank = 0;
-    for (int d = 0; d < n_offer; ++d) {
-      const uint32_t o = okey[d];
-      rank += o > k || (o == k && offer[d] < e);
-    }
-    if (rank < a.K && e < E) sel[rank] = e;
+    for (int u = 0; u < P; ++u) rank += part[u * n_offer + i];
+    if (rank < a.K && (mine >> 32) != 0) sel[rank] = static_cast<int>(~static_cast<uint32_t>(mine));
   }
   __syncthreads();
-  if (i == 0) {
+  if (i < a.K) {  // the weights' sum in pick order, by each of the K threads alike
     float s = 0;
     for (int p = 0; p < a.K; ++p) s += scores[sel[p]];
-    red[0] = s;
-  }
-  __syncthreads();
-  if (i < a.K) {
     float w = scores[sel[i]];
-    if (a.norm_topk) w /= (red[0] + 1e-20f);
+    if (a.norm_topk) w /= (s + 1e-20f);
     idx[t * a.K + i] = sel[i];
     weight[t * a.K + i] = w * a.scaling;
   }
