@@ -2,7 +2,8 @@
 # Does a change of the CUDA sources change the code the GPU runs? Compiles each of FILES (default the kernels and the
 # backend) to PTX from the working tree and from REV (default HEAD) with the build's own nvcc command line (BUILD,
 # default build/, configured with KSCOPE_CUDA=ON) and compares them. Byte-identical PTX means identical SASS, so a
-# pure refactor (a comment, a restructured `if constexpr`) needs no device run; any difference is listed per file.
+# pure refactor (a comment, a restructured `if constexpr`) needs no device run; any difference is listed per file,
+# with the kernels whose PTX differs.
 # The working tree's uncommitted changes to tracked files count; untracked files do not.
 #   run: bash scripts/ptx_same.sh [REV]        (no GPU needed; ~1 minute per file)
 set -euo pipefail
@@ -41,7 +42,20 @@ for f in $FILES; do
   if cmp -s "$o" "$n"; then
     echo "$f: PTX identical to $REV"
   else
-    echo "$f: PTX differs from $REV ($(diff "$o" "$n" | grep -c '^[<>]') lines)"
+    echo "$f: PTX differs from $REV ($(diff "$o" "$n" | grep -c '^[<>]') lines); the kernels whose code differs:"
+    python3 - "$o" "$n" <<'PY' | c++filt | sed 's/^/  /'
+import re, sys
+def entries(path):  # each .entry's body by its mangled name
+    out, name = {}, None
+    for line in open(path):
+        m = re.match(r"\s*(?:\.\w+\s+)*\.entry\s+([^\s(]+)", line)
+        if m: name = m.group(1); out[name] = []
+        if name: out[name].append(line)
+    return out
+a, b = entries(sys.argv[1]), entries(sys.argv[2])
+for k in sorted(set(a) | set(b)):
+    if a.get(k) != b.get(k): print(("(new) " if k not in a else "(gone) " if k not in b else "") + k)
+PY
     status=1
   fi
 done

@@ -548,6 +548,20 @@ __device__ __forceinline__ void warp_route_best(float& bv, int& bi) {
   }
 }
 
+// A group's score for the group-limited methods: the sum of its two best choice values (noaux_tc, method 2) or
+// its best score (group_limited_greedy), as the reference's serial loop computes it.
+__device__ __forceinline__ float route_group_score(const float* c, int per, int method) {
+  float x = -INFINITY, y = -INFINITY;
+  if (method == 2) {
+    for (int i = 0; i < per; ++i) {
+      if (c[i] > x) { y = x; x = c[i]; } else if (c[i] > y) y = c[i];
+    }
+    return x + y;
+  }
+  for (int i = 0; i < per; ++i) x = fmaxf(x, c[i]);
+  return x;
+}
+
 // One warp per token, kRouteWarps tokens per block, no block-wide barriers: the token's scores, choices and taken
 // flags in its warp's shared memory. Each of the K picks is a warp-wide argmax over the untaken experts with the
 // serial scan's order (larger, then lower index), so the choices and the weights' summation order are those of a
@@ -617,20 +631,7 @@ __global__ void __launch_bounds__(kRouteWarps * 32) k_route(RouteArgs a, const f
   };
   if (a.method != 0 && a.G > 1 && a.topk_group < a.G) {
     const int per = E / a.G;
-    for (int g = lane; g < a.G; g += 32) {
-      const float* c = (a.method == 2 ? choice : scores) + g * per;
-      if (a.method == 2) {  // sum of the group's two best
-        float x = -INFINITY, y = -INFINITY;
-        for (int i = 0; i < per; ++i) {
-          if (c[i] > x) { y = x; x = c[i]; } else if (c[i] > y) y = c[i];
-        }
-        gscore[g] = x + y;
-      } else {
-        float x = -INFINITY;
-        for (int i = 0; i < per; ++i) x = fmaxf(x, c[i]);
-        gscore[g] = x;
-      }
-    }
+    for (int g = lane; g < a.G; g += 32) gscore[g] = route_group_score((a.method == 2 ? choice : scores) + g * per, per, a.method);
     __syncwarp();
     unsigned long long keep = 0;  // the topk_group best groups (ties to the lower index)
     for (int s = 0; s < a.topk_group; ++s)
@@ -754,20 +755,7 @@ __global__ void __launch_bounds__(kRouteBlockCap) k_route_block(RouteArgs a, con
     const int per = E / a.G;
     if (in) cval[i] = a.method == 2 ? choice : sc;
     __syncthreads();
-    if (i < a.G) {
-      const float* c = cval + i * per;
-      if (a.method == 2) {  // sum of the group's two best
-        float p = -INFINITY, q = -INFINITY;
-        for (int e = 0; e < per; ++e) {
-          if (c[e] > p) { q = p; p = c[e]; } else if (c[e] > q) q = c[e];
-        }
-        gscore[i] = p + q;
-      } else {
-        float p = -INFINITY;
-        for (int e = 0; e < per; ++e) p = fmaxf(p, c[e]);
-        gscore[i] = p;
-      }
-    }
+    if (i < a.G) gscore[i] = route_group_score(cval + i * per, per, a.method);
     __syncthreads();
     if (i < a.G) {  // the group's rank (ties to the lower index): kept if among the topk_group best
       const uint32_t k = route_key(gscore[i]);
