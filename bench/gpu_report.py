@@ -7,6 +7,7 @@ its floor, the fraction, HF's value and the ratio, met or not), then every measu
 """
 import glob
 import json
+import math
 import os
 import sys
 
@@ -35,6 +36,13 @@ def interp_ratios(path):
     return out
 
 
+def pct(f):
+    """A fraction as a whole percentage or, where rounding would lift it onto a round figure (a multiple of 5%, where
+    the targets lie), cut to one decimal: 0.798 is "79.8%" and 0.89996 "89.9%", not "80%" and "90%"."""
+    p = 100 * f
+    return f"{math.floor(p * 10) / 10:.1f}%" if round(p) % 5 == 0 and math.floor(p) != round(p) else f"{p:.0f}%"
+
+
 def targets(k, h, interp):
     """Issue 6's targets as rows: (target, measured, floor, fraction, HF, ratio, met)."""
     bw, tc = k["hbm_bytes_per_s"], k["bf16_flops"]
@@ -57,7 +65,7 @@ def targets(k, h, interp):
 
     def frac_shown(r):
         q = r.get("seconds_queued")
-        return f"{100 * r['bw_floor'] / r['seconds']:.0f}%" + (f" / {100 * r['bw_floor'] / q:.0f}%" if q else "")
+        return pct(r['bw_floor'] / r['seconds']) + (f" / {pct(r['bw_floor'] / q)}" if q else "")
 
     if 1 in moe:
         r = moe[1]
@@ -72,7 +80,7 @@ def targets(k, h, interp):
         hr = hm.get(worst["tokens"])
         rows.append((f"MoE layer, 16-256 tokens: ≥ 90% (worst: {worst['tokens']} tokens)",
                      shown(worst), f"{worst['bw_floor'] * 1e6:.0f} µs",
-                     f"{frac_shown(worst)} ({100 * min(map(frac_bw, mid)):.0f}-{100 * max(map(frac_bw, mid)):.0f}%)",
+                     f"{frac_shown(worst)} ({pct(min(map(frac_bw, mid)))[:-1]}-{pct(max(map(frac_bw, mid)))})",
                      f"{hr['seconds'] * 1e6:.0f} µs" if hr else "—", f"{hr['seconds'] / worst['seconds']:.1f}×" if hr else "—",
                      frac_bw(worst) >= 0.9))
     big = [moe[t] for t in sorted(moe) if t >= 2048]
@@ -89,7 +97,7 @@ def targets(k, h, interp):
     mq = m.get("seconds_queued")
     rows.append((f"MLA decode, batch {m['batch']} × {m['context']}: ≥ 75% of the bandwidth floor",
                  f"{m['seconds'] * 1e6:.0f} µs" + (f" alone, {mq * 1e6:.0f} µs queued" if mq else ""), f"{mf * 1e6:.0f} µs",
-                 f"{100 * mf / m['seconds']:.0f}%" + (f" / {100 * mf / mq:.0f}%" if mq else ""), "—", "—",
+                 pct(mf / m['seconds']) + (f" / {pct(mf / mq)}" if mq else ""), "—", "—",
                  mf / (mq or m["seconds"]) >= 0.75))
     dec = {r["batch"]: r for r in k["decode"] if "error" not in r}
     hd = {r["batch"]: r for r in h.get("decode", []) if "tokens_per_s" in r}
@@ -163,9 +171,9 @@ def main():
             bound = "bw" if r["bw_floor"] >= r["tc_floor"] else "tc"
             q = r.get("seconds_queued")
             qs = f" / {q * 1e6:.0f} µs" if q else ""
-            qf = f" / {100 * fl / q:.0f}%" if q else ""
+            qf = f" / {pct(fl / q)}" if q else ""
             print(f"| MoE block, {r['tokens']} tok ({r['experts']} experts) | {r['seconds'] * 1e6:.0f} µs{qs} | "
-                  f"{fl * 1e6:.0f} µs ({bound}) | {100 * fl / r['seconds']:.0f}%{qf} | {hs} | {ratio} |")
+                  f"{fl * 1e6:.0f} µs ({bound}) | {pct(fl / r['seconds'])}{qf} | {hs} | {ratio} |")
         m = k["mla_decode"]
         mf = m["bytes"] / bw
         print(f"| MLA decode attention, batch {m['batch']} × {m['context']} ctx | {m['seconds'] * 1e6:.0f} µs | "
