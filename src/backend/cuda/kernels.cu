@@ -3955,11 +3955,11 @@ void gemm_few(const bf16* X, int M, float* Y, const DLin& W, const Groups& group
     // multiprocessor; NT = 1: 16 KB, five), which their dequantization needs to keep the memory busy (NOTES 64:
     // MoE INT4 32-128 tokens 60-57% -> 82-70% of the floor, FP8 66-67% -> 78-80%). bf16 experts, whose kernel
     // waits on memory rather than on instructions, ran 2-6% slower that way (the launches' tails) and keep one
-    // launch. So one launch per tile size over moe_permute's lists of the tiles of that size: 17-32
-    // rows, 9-16, 1-8 (in pieces of 32 rows a group has at most one tile of fewer than 32 rows, and a tile of class
-    // c more than 8·c rows, which bounds each list and so the launch's rows of blocks; in pieces of 8, a group's
-    // tiles number at most its rows / 8 + 1; the blocks past the list's length do nothing). A block per tile: a loop over tiles in the block made the kernels spill. Every tile's arithmetic is
-    // what one launch would do (the same bits).
+    // launch. So one launch per tile size over moe_permute's lists of the tiles of that size: 17-32 rows, 9-16, 1-8
+    // (in pieces of 32 rows a group has at most one tile of fewer than 32 rows, and a tile of class c more than 8·c
+    // rows, which bounds each list and so the launch's rows of blocks; in pieces of 8, a group's tiles number at most
+    // its rows / 8 + 1; the blocks past the list's length do nothing). A block per tile: a loop over tiles in the
+    // block made the kernels spill. Every tile's arithmetic is what one launch would do (the same bits).
     // every listed tile has at most piece rows: 8 (one launch, several 8-row tiles per expert), 16 (no 32-row
     // launch) or 32
     const int piece = groups.cls_piece;
